@@ -1,0 +1,35 @@
+// The one TORCH_LIBRARY block of patchcore_fast: every operator schema lives here.
+// Backend kernels register themselves in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu with
+// TORCH_LIBRARY_IMPL, so a CPU-only build needs no #ifdef.
+//
+// The shared library is imported from Python only for this side effect (the ops land in
+// torch.ops.patchcore_fast); the empty module below lets `import patchcore_fast._C` work.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty Python module: the operators are reached through the dispatcher, not pybind11.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "patchcore_fast compiled operators (registered in torch.ops.patchcore_fast)",
+      -1,    // size
+      nullptr,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(patchcore_fast, m) {
+  // Exact greedy k-center (farthest-point) selection.
+  //   features: Tensor[N, D] float32, finite; k in [1, N]; start in [0, N).
+  //   returns indices: Tensor[k] int64, in selection order, indices[0] == start.
+  m.def("greedy_coreset(Tensor features, int k, int start=0) -> Tensor");
+  // Brute-force k nearest neighbours of each query row among the bank rows.
+  //   query: Tensor[Q, D] float32; bank: Tensor[M, D] float32; k in [1, M].
+  //   returns (distances: Tensor[Q, k] float32, Euclidean (not squared), ascending;
+  //            indices: Tensor[Q, k] int64).
+  m.def("knn(Tensor query, Tensor bank, int k) -> (Tensor, Tensor)");
+}

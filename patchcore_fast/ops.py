@@ -1,0 +1,160 @@
+"""The only door to the compiled kernels.
+
+Typed wrappers with input validation (a ``ValueError`` naming the argument, before any
+kernel runs), fake-tensor registrations so the ops work under ``torch.compile``, and the
+fallback to :mod:`patchcore_fast.reference` (with one warning) when the compiled library
+is missing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+try:  # the shared library registers torch.ops.patchcore_fast.* as a side effect
+    from . import _C  # noqa: F401
+
+    _LOAD_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _LOAD_ERROR = str(exc)
+
+_warned = False
+
+_OPS = ("greedy_coreset", "knn")
+
+
+def compiled() -> bool:
+    """True when the compiled extension is loaded."""
+    return _LOAD_ERROR is None
+
+
+def build_info() -> dict:
+    """Which backends of which ops were compiled, and why not when they were not.
+
+    Returns:
+        dict with keys ``compiled`` (bool), ``load_error`` (str or None), ``cpu`` and
+        ``cuda`` (lists of op names with a kernel for that device), ``cuda_available``
+        (a GPU is usable now) and ``torch`` (the torch version in use).
+    """
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    info = {"compiled": compiled(), "load_error": _LOAD_ERROR, "cpu": [], "cuda": [],
+            "cuda_available": torch.cuda.is_available(), "torch": torch.__version__}
+    if compiled():
+        for op in _OPS:
+            for key in ("cpu", "cuda"):
+                if has(f"patchcore_fast::{op}", key.upper()):
+                    info[key].append(op)
+    return info
+
+
+def _use_kernel(t: Tensor, op: str) -> bool:
+    global _warned
+    if compiled():
+        if t.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"patchcore_fast::{op}", "CUDA"):
+            raise RuntimeError(
+                f"patchcore_fast was built without CUDA kernels, so {op} cannot run on "
+                f"{t.device}; reinstall with CUDA_HOME set (see README), or use the CPU")
+        return True
+    if not _warned:
+        warnings.warn(
+            "patchcore_fast: compiled kernels not found (" + str(_LOAD_ERROR) + "); using "
+            "the slow pure-torch reference. Reinstall with `pip install --no-build-isolation .`",
+            RuntimeWarning, stacklevel=3)
+        _warned = True
+    return False
+
+
+def _check_points(t: Tensor, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} should be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} should be a 2-D tensor [rows, dim], got {t.dim()}-D "
+                         f"with shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} should be a floating-point tensor, got {t.dtype}")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has zero columns (shape {tuple(t.shape)})")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def greedy_coreset(features: Tensor, k: int, start: int = 0) -> Tensor:
+    """Exact greedy k-center (farthest-point) coreset selection.
+
+    Same selection as :func:`patchcore_fast.reference.greedy_coreset` (squared Euclidean
+    distance, ties to the lowest index), up to floating-point near-ties.
+
+    Args:
+        features (Tensor[N, D]): points; converted to float32.
+        k (int): number of centres, 1 <= k <= N.
+        start (int): index of the first centre, 0 <= start < N.
+
+    Returns:
+        Tensor[k] int64 on the device of ``features``: selected rows in selection order.
+    """
+    _check_points(features, "features")
+    n = features.shape[0]
+    if n == 0:
+        raise ValueError("features is empty (0 rows): nothing to select from")
+    k, start = int(k), int(start)
+    if not 1 <= k <= n:
+        raise ValueError(f"k should be between 1 and the number of rows {n}, got {k}")
+    if not 0 <= start < n:
+        raise ValueError(f"start should be a row index in [0, {n}), got {start}")
+    features = features.float()
+    if _use_kernel(features, "greedy_coreset"):
+        return torch.ops.patchcore_fast.greedy_coreset.default(features, k, start)
+    return reference.greedy_coreset(features, k, start)
+
+
+def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+    """k nearest bank rows of every query row, in bounded memory.
+
+    Args:
+        query (Tensor[Q, D]): query rows; converted to float32. Q may be 0.
+        bank (Tensor[M, D]): bank rows, same device; converted to float32.
+        k (int): neighbours per query, 1 <= k <= M.
+
+    Returns:
+        (Tensor[Q, k] float32, Tensor[Q, k] int64): Euclidean (not squared) distances in
+        ascending order, and the bank row of each.
+    """
+    _check_points(query, "query")
+    _check_points(bank, "bank")
+    if bank.shape[0] == 0:
+        raise ValueError("bank is empty (0 rows): fit a model first")
+    if query.shape[1] != bank.shape[1]:
+        raise ValueError(f"query and bank should have the same width, got query "
+                         f"{tuple(query.shape)} and bank {tuple(bank.shape)}")
+    if query.device != bank.device:
+        raise ValueError(f"query and bank should be on the same device, got {query.device} "
+                         f"and {bank.device}")
+    k = int(k)
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k should be between 1 and the bank size {bank.shape[0]}, got {k}")
+    query, bank = query.float(), bank.float()
+    if _use_kernel(query, "knn"):
+        return torch.ops.patchcore_fast.knn.default(query, bank, k)
+    return reference.knn(query, bank, k, exact=False)
+
+
+# Fake (meta) implementations: output shapes from input shapes, so the ops trace under
+# torch.compile and pass opcheck. Only when the library (and so the schemas) exists.
+if compiled():
+
+    @torch.library.register_fake("patchcore_fast::greedy_coreset")
+    def _greedy_coreset_fake(features, k, start=0):
+        torch._check(features.dim() == 2)
+        return features.new_empty((k,), dtype=torch.int64)
+
+    @torch.library.register_fake("patchcore_fast::knn")
+    def _knn_fake(query, bank, k):
+        torch._check(query.dim() == 2 and bank.dim() == 2)
+        torch._check(query.shape[1] == bank.shape[1])
+        return (query.new_empty((query.shape[0], k)),
+                query.new_empty((query.shape[0], k), dtype=torch.int64))
