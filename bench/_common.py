@@ -1,0 +1,72 @@
+"""Shared helpers of the benchmarks: what machine and versions ran them, and real data.
+
+Benchmarks print what they measured with the machine and versions beside it; figures in
+bench/RESULTS.md are copied from such runs, never typed in.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+import patchcore_fast
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """Machine, device and library versions, for the header of every benchmark run."""
+    info = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "patchcore_fast": patchcore_fast.__version__,
+        "build": patchcore_fast.build_info(),
+        "faiss-cpu": _version("faiss-cpu"),
+        "anomalib": _version("anomalib"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def describe() -> str:
+    i = machine_info()
+    b = i["build"]
+    gpu = f"{i['gpu']} (CUDA {i['cuda']})" if "gpu" in i else "none"
+    return (f"machine: {i['cpu']}, {i['cores']} cores ({i['torch_threads']} torch threads); "
+            f"GPU: {gpu}\nversions: python {i['python']}, torch {i['torch']}, patchcore-fast "
+            f"{i['patchcore_fast']} (kernels cpu={b['cpu']} cuda={b['cuda']}), faiss-cpu "
+            f"{i['faiss-cpu']}, anomalib {i['anomalib']}")
+
+
+def mvtec_root() -> Path:
+    """The MVTec AD root: $PATCHCORE_FAST_DATA, else ../shared/data/mvtec beside the repo."""
+    env = os.environ.get("PATCHCORE_FAST_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"
