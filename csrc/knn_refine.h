@@ -51,6 +51,18 @@ inline int64_t candidate_count(int64_t k, int64_t m) {
   return std::min<int64_t>(k + kExtraCandidates, m);
 }
 
+// NaN / Inf check in O(1) extra memory (at::isfinite on the whole input would allocate
+// several input-sized temporaries). A finite sum proves every element finite, since Inf
+// and NaN propagate through additions; only when the sum is not finite (a bad value, or a
+// rare overflow of finite ones) are the rows inspected, in bounded chunks.
+inline void check_finite_lowmem(const at::Tensor& t, const char* name) {
+  if (t.numel() == 0 || std::isfinite(t.sum().item<double>())) return;
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, t.size(1)));
+  for (int64_t r = 0; r < t.size(0); r += rows) {
+    check_finite(t.narrow(0, r, std::min(rows, t.size(0) - r)), name);
+  }
+}
+
 // All argument checks of knn(query, bank, k), with the bad value in each message.
 inline void check_knn_args(const at::Tensor& query, const at::Tensor& bank, int64_t k) {
   check_matrix(query, "query");
@@ -67,8 +79,8 @@ inline void check_knn_args(const at::Tensor& query, const at::Tensor& bank, int6
               "bank has too many rows (", bank.size(0), "); at most 2^31 - 2 supported");
   TORCH_CHECK(k >= 1 && k <= bank.size(0), "k should be between 1 and the bank size ",
               bank.size(0), ", got k=", k);
-  check_finite(query, "query");
-  check_finite(bank, "bank");
+  check_finite_lowmem(query, "query");
+  check_finite_lowmem(bank, "bank");
 }
 
 // Unit roundoff of the GEMM inputs under the current float32 matmul precision: 0 when the
