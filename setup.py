@@ -30,6 +30,24 @@ def _want_cuda() -> bool:
     return CUDA_HOME is not None and torch.version.cuda is not None
 
 
+def _cuda_library_includes() -> list:
+    """Headers of the CUDA math libraries that a bare toolkit may lack.
+
+    ATen's CUDA headers include cusparse.h / cublas_v2.h; a minimal toolkit install (nvcc
+    and the runtime only) does not ship them, but the NVIDIA wheels that torch depends on
+    do (site-packages/nvidia/<lib or cu13>/include). Add those only when needed.
+    """
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    found = []
+    for site in sys.path:
+        for inc in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")) or os.path.exists(
+                    os.path.join(inc, "cublas_v2.h")):
+                found.append(inc)
+    return found
+
+
 def extensions():
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
@@ -45,6 +63,7 @@ def extensions():
             "patchcore_fast._C",
             cpu_sources + cuda_sources,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            include_dirs=_cuda_library_includes(),
             libraries=libs,
             py_limited_api=True,
         )
