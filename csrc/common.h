@@ -26,7 +26,10 @@ inline void check_finite(const at::Tensor& t, const char* name) {
 // Arguments of greedy_coreset, shared by the CPU and CUDA kernels.
 //   features: Tensor[N, D] float32, N >= 1, D >= 1, finite; k in [1, N]; start in [0, N).
 // Indices are kept as 32-bit integers inside the kernels, so N must fit in int32.
-inline void check_greedy_coreset_args(const at::Tensor& features, int64_t k, int64_t start) {
+// check_values=false leaves the NaN / Inf check to a kernel that fuses it with its first
+// pass over the data (it must then raise the same message).
+inline void check_greedy_coreset_args(const at::Tensor& features, int64_t k, int64_t start,
+                                      bool check_values = true) {
   check_matrix(features, "features");
   const int64_t n = features.size(0);
   TORCH_CHECK(n > 0, "features is empty (shape ", features.sizes(),
@@ -38,7 +41,7 @@ inline void check_greedy_coreset_args(const at::Tensor& features, int64_t k, int
               ", got ", k);
   TORCH_CHECK(start >= 0 && start < n, "start should be a row index in [0, ", n, "), got ",
               start);
-  check_finite(features, "features");
+  if (check_values) check_finite(features, "features");
 }
 
 }  // namespace patchcore_fast

@@ -117,12 +117,30 @@ void greedy_coreset_impl(const float* x, int64_t n, int64_t dim, int64_t k, int6
   out[0] = start;
   const float* first = x + start * dim;
   std::memcpy(centres.data(), first, sizeof(float) * dim);
-  if (k == 1) return;
 
-  // First centre: one full pass, every point sees it.
+  // First centre: one full pass, every point sees it. The same pass checks the values:
+  // v * 0 is 0 for finite v and NaN for NaN or +-Inf, so the sum of a row's v * 0 is 0
+  // exactly when the row is finite (a check folded into a read the kernel makes anyway,
+  // instead of a separate isfinite() pass over the whole input).
   const int nthreads = std::max(1, at::get_num_threads());
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (n * dim > kParallelTerms)
-  for (int64_t i = 0; i < n; ++i) ub[i] = sqdist(x + i * dim, first, dim);
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : bad) \
+    if (n * dim > kParallelTerms)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * dim;
+    float s = 0.f, z = 0.f;
+#pragma omp simd reduction(+ : s, z)
+    for (int64_t j = 0; j < dim; ++j) {
+      const float t = xi[j] - first[j];
+      s += t * t;
+      z += xi[j] * 0.f;
+    }
+    ub[i] = s;
+    bad += (z != 0.f);
+  }
+  TORCH_CHECK(bad == 0, "features contains NaN or Inf values (", bad, " rows)");
+
+  if (k == 1) return;
 
   std::vector<uint64_t> heap;
   heap.reserve(static_cast<size_t>(n - 1));
@@ -179,7 +197,7 @@ void greedy_coreset_impl(const float* x, int64_t n, int64_t dim, int64_t k, int6
 }
 
 at::Tensor greedy_coreset_cpu(const at::Tensor& features, int64_t k, int64_t start) {
-  check_greedy_coreset_args(features, k, start);
+  check_greedy_coreset_args(features, k, start, /*check_values=*/false);  // fused below
   TORCH_CHECK(features.device().is_cpu(), "features should be on the CPU, got ",
               features.device());
   const at::Tensor x = features.contiguous();
