@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+
 namespace patchcore_fast {
 
 inline void check_matrix(const at::Tensor& t, const char* name) {
@@ -19,6 +21,27 @@ inline void check_finite(const at::Tensor& t, const char* name) {
   // meaningless (and NaN breaks the arg-max/min orderings), so refuse them up front.
   TORCH_CHECK(t.numel() == 0 || at::isfinite(t).all().item<bool>(), name,
               " contains NaN or Inf values");
+}
+
+// Arguments of greedy_coreset, shared by the CPU and CUDA kernels.
+//   features: Tensor[N, D] float32, N >= 1, D >= 1, finite; k in [1, N]; start in [0, N).
+// Indices are kept as 32-bit integers inside the kernels, so N must fit in int32.
+// check_values=false leaves the NaN / Inf check to a kernel that fuses it with its first
+// pass over the data (it must then raise the same message).
+inline void check_greedy_coreset_args(const at::Tensor& features, int64_t k, int64_t start,
+                                      bool check_values = true) {
+  check_matrix(features, "features");
+  const int64_t n = features.size(0);
+  TORCH_CHECK(n > 0, "features is empty (shape ", features.sizes(),
+              "): nothing to select from");
+  TORCH_CHECK(features.size(1) > 0, "features has zero columns (shape ", features.sizes(), ")");
+  TORCH_CHECK(n <= static_cast<int64_t>(INT32_MAX), "features has ", n,
+              " rows; at most 2^31 - 1 are supported");
+  TORCH_CHECK(k >= 1 && k <= n, "k should be between 1 and the number of rows ", n,
+              ", got ", k);
+  TORCH_CHECK(start >= 0 && start < n, "start should be a row index in [0, ", n, "), got ",
+              start);
+  if (check_values) check_finite(features, "features");
 }
 
 }  // namespace patchcore_fast
