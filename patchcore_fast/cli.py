@@ -1,0 +1,647 @@
+"""The ``patchcore-fast`` command: fit, score, evaluate, study, demo-data.
+
+Every problem with the user's input ends the run with one line on stderr,
+``patchcore-fast: error: <what is wrong>``, and exit code 2; every output file is written
+atomically, so a failed run leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import PatchCoreError, SkippedFileWarning
+from .files import atomic_path, write_text
+
+PROG = "patchcore-fast"
+
+_FIT_EXAMPLES = f"""examples:
+  {PROG} fit /data/mvtec --category bottle -o bottle.safetensors --backbone efficientnet_lite0
+  {PROG} fit /data/mvtec --category all -o models/            # one model per category
+  {PROG} fit photos/good -o line3.safetensors --weights wide_resnet50_2-95faca4d.pth
+"""
+_SCORE_EXAMPLES = f"""examples:
+  {PROG} score bottle.safetensors new/*.png -o out/
+  {PROG} score bottle.safetensors incoming/ -o out/ --threshold 4.2 --save-maps
+"""
+_EVAL_EXAMPLES = f"""examples:
+  {PROG} evaluate bottle.safetensors /data/mvtec --category bottle -o eval/
+  {PROG} evaluate models/ /data/mvtec --category all -o eval/   # plus summary.csv
+  {PROG} evaluate line3.safetensors --good test/ok --defective test/nok --masks test/masks -o eval/
+"""
+_STUDY_EXAMPLES = f"""examples:
+  {PROG} study /data/mvtec --category bottle --backbone efficientnet_lite0 \\
+      --coreset-ratio 0.01 0.1 0.25 -o study/
+"""
+_DEMO_EXAMPLES = f"""examples (offline, on a fresh machine):
+  {PROG} demo-data demo/
+  {PROG} fit demo --category widget -o demo/widget.safetensors --backbone efficientnet_lite0
+  {PROG} evaluate demo/widget.safetensors demo --category widget -o demo/eval
+"""
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the usage line dropped from errors (one line, exit code 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to run (auto: CUDA when available)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed of the coreset projection and start point (default 0)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per batch (default 8)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="image-reading worker processes (default 0)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
+
+
+def _model_options(p: argparse.ArgumentParser, many_ratios: bool = False) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="wide_resnet50_2",
+                   help="wide_resnet50_2 (paper, default), resnet18, efficientnet_lite0 "
+                        "(offline ImageNet weights from pip) or any timm model name")
+    g.add_argument("--weights", metavar="FILE", help="local backbone state dict "
+                   "(.pth/.pt/.safetensors), e.g. torchvision's wide_resnet50_2-95faca4d.pth")
+    g.add_argument("--pretrained", type=_bool, default=True, metavar="true|false",
+                   help="ImageNet weights (default true); false = random weights, for speed "
+                        "and memory tests only")
+    g.add_argument("--layers", nargs="+", metavar="LAYER",
+                   help="layers to use (ResNets: layer2 layer3; timm models: stage indices); "
+                        "default: the stride-8 and stride-16 stages")
+    if many_ratios:
+        g.add_argument("--coreset-ratio", type=_ratio, nargs="+", default=[0.01, 0.1, 0.25],
+                       metavar="R", help="coreset ratios to compare (default 0.01 0.1 0.25)")
+    else:
+        g.add_argument("--coreset-ratio", type=_ratio, default=0.1, metavar="R",
+                       help="fraction of training patches kept in the memory bank "
+                            "(default 0.1; 1 keeps all)")
+    g.add_argument("--image-size", type=int, default=256, help="shorter side after resizing")
+    g.add_argument("--crop", type=int, default=224, help="centre crop side")
+    g.add_argument("--num-neighbors", type=int, default=9,
+                   help="b of the image-score reweighting (paper Eq. 7); 0 turns it off")
+    g.add_argument("--embed-dim", type=int, default=1024,
+                   help="pretrain and target embedding width (default 1024)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``patchcore-fast`` command."""
+    parser = _Parser(prog=PROG, description="PatchCore anomaly detection (Roth et al., CVPR "
+                     "2022): fit on good images, score new ones, evaluate on labelled ones.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("fit", help="fit a model on good images", epilog=_FIT_EXAMPLES,
+                       formatter_class=raw, description="Fit a PatchCore memory bank on good "
+                       "images: a folder of images, or an MVTec-style root with --category.")
+    p.add_argument("data", help="folder of good images, or MVTec-style root / category folder")
+    p.add_argument("--category", nargs="+", metavar="C",
+                   help="MVTec categories under DATA (several, or 'all')")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL",
+                   help="model file (.safetensors), or a folder for several categories")
+    _model_options(p)
+    _common(p)
+
+    p = sub.add_parser("score", help="score images with a fitted model", epilog=_SCORE_EXAMPLES,
+                       formatter_class=raw, description="Score images: writes scores.csv, "
+                       "scores.json and a heatmap overlay per image.")
+    p.add_argument("model", help="model file written by fit")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("--threshold", type=float, help="image score above which an image is "
+                   "labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
+    p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
+                   "fitted with a local file that has moved")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="metrics on labelled test images",
+                       epilog=_EVAL_EXAMPLES, formatter_class=raw,
+                       description="Evaluate a model: metrics.json (image AUROC, pixel AUROC, "
+                       "PRO, F1-max), roc.png, scores.csv and overlays.")
+    p.add_argument("model", help="model file, or the folder of per-category models")
+    p.add_argument("data", nargs="?", help="MVTec-style root or category folder")
+    p.add_argument("--category", nargs="+", metavar="C", help="categories (several, or 'all')")
+    p.add_argument("--good", metavar="DIR", help="folder of good test images (folder layout)")
+    p.add_argument("--defective", metavar="DIR", help="folder of defective test images, or "
+                   "of one sub-folder per defect type")
+    p.add_argument("--masks", metavar="DIR", help="ground-truth masks named like the images")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
+                   "fitted with a local file that has moved")
+    _common(p)
+
+    p = sub.add_parser("study", help="accuracy and fit time against the coreset ratio",
+                       epilog=_STUDY_EXAMPLES, formatter_class=raw,
+                       description="Fit and evaluate at several coreset ratios (features are "
+                       "extracted once); writes study.csv, study.json and study.png.")
+    p.add_argument("data", help="MVTec-style root or category folder")
+    p.add_argument("--category", nargs="+", metavar="C", help="categories (several, or 'all')")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    _model_options(p, many_ratios=True)
+    _common(p)
+
+    p = sub.add_parser("demo-data", help="write a small synthetic MVTec-style data set",
+                       epilog=_DEMO_EXAMPLES, formatter_class=raw,
+                       description="Write a seeded synthetic data set (category 'widget': "
+                       "textured discs, with scratches and spots as defects, and masks).")
+    p.add_argument("output", metavar="DIR", help="folder to write (MVTec layout)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quiet", "-q", action="store_true", help="no messages")
+    return parser
+
+
+# ----- helpers ------------------------------------------------------------------------
+
+class _Log:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).strip().splitlines()
+    print(f"{PROG}: warning: {text[0] if text else category.__name__}", file=sys.stderr,
+          flush=True)
+
+
+def _config_from_args(args: argparse.Namespace, ratio: float | None = None):
+    from .model import PatchCoreConfig
+
+    config = PatchCoreConfig(
+        backbone=args.backbone, layers=args.layers, weights=args.weights,
+        pretrained=args.pretrained, image_size=args.image_size, crop=args.crop,
+        coreset_ratio=args.coreset_ratio if ratio is None else ratio,
+        num_neighbors=args.num_neighbors, pretrain_embed_dim=args.embed_dim,
+        target_embed_dim=args.embed_dim, device=args.device)
+    _runtime(config, args)
+    if args.weights and not Path(args.weights).is_file():
+        raise PatchCoreError(f"weights file {args.weights} does not exist")
+    return config
+
+
+def _runtime(config, args: argparse.Namespace) -> None:
+    if args.seed is not None:
+        config.seed = args.seed
+    if args.batch_size is not None:
+        config.batch_size = args.batch_size
+    if args.workers is not None:
+        config.num_workers = args.workers
+    config.device = args.device
+    config.validate()
+
+
+def _load(path: str | Path, args: argparse.Namespace):
+    from .model import PatchCore
+
+    model = PatchCore.load(path, device=args.device, weights=getattr(args, "weights", None))
+    _runtime(model.config, args)
+    return model
+
+
+def _overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Blend a jet-coloured map onto the image (half and half where the map is high)."""
+    import matplotlib
+
+    t = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    colour = matplotlib.colormaps["jet"](t)[..., :3] * 255.0
+    alpha = 0.25 + 0.35 * t[..., None]
+    return np.clip((1 - alpha) * image + alpha * colour, 0, 255).astype(np.uint8)
+
+
+def _write_overlay(path: Path, source: Path, amap: np.ndarray, preprocess, vmin: float,
+                   vmax: float) -> None:
+    from PIL import Image
+
+    from .data import read_image
+
+    img = preprocess.display(read_image(source)).astype(np.float64)
+    with atomic_path(path) as tmp:
+        Image.fromarray(_overlay(img, amap, vmin, vmax)).save(tmp, format="PNG")
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        names.append(p.stem if n == 0 else f"{p.stem}_{n}")
+    return names
+
+
+def _map_range(maps: np.ndarray) -> tuple[float, float]:
+    # A robust colour scale shared by all overlays of a run.
+    return float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9))
+
+
+# ----- verbs --------------------------------------------------------------------------
+
+def _fit_targets(args: argparse.Namespace) -> list[tuple[str, Path, Path]]:
+    """(name, training folder, model file) per model to fit."""
+    from .data import is_mvtec_category, resolve_categories
+
+    data, out = Path(args.data), Path(args.output)
+    if not data.exists():
+        raise PatchCoreError(f"data folder {data} does not exist")
+    if args.category:
+        cats = resolve_categories(data, args.category)
+    elif is_mvtec_category(data):
+        cats = [(data.name, data)]
+    else:
+        if not data.is_dir():
+            raise PatchCoreError(f"{data} is not a folder of images")
+        name = out.stem
+        if out.suffix != ".safetensors":
+            out = out / f"{data.name}.safetensors"
+        return [(name, data, out)]
+    many = len(cats) > 1 or out.suffix != ".safetensors"
+    return [(n, d / "train" / "good", out / f"{n}.safetensors" if many else out)
+            for n, d in cats]
+
+
+def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
+    from .model import PatchCore
+
+    config = _config_from_args(args)
+    targets = _fit_targets(args)
+    if not config.pretrained and not config.weights:
+        print(f"{PROG}: warning: --pretrained false: random backbone weights, for speed and "
+              f"memory tests only (scores are not meaningful)", file=sys.stderr)
+    for name, folder, out in targets:
+        if not folder.is_dir():
+            raise PatchCoreError(f"training folder {folder} does not exist")
+    for name, folder, out in targets:
+        skipped: list[str] = []
+        model = PatchCore(config)
+        log(f"fit {name}: {folder} ({config.backbone}, coreset ratio {config.coreset_ratio}, "
+            f"device {model.device})")
+        model.fit(folder, skipped=skipped, progress=not args.quiet)
+        model.save(out)
+        s = model.fit_stats
+        log(f"wrote {out}: {s['bank_rows']:,} of {s['patches']:,} patches x {s['embed_dim']} "
+            f"from {s['images']} images in {s['fit_seconds']:.1f} s"
+            + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace, log: _Log) -> int:
+    model = _load(args.model, args)
+    out = Path(args.output)
+    skipped: list[str] = []
+    paths, scores, maps = [], [], []
+    for p, s, m in model.predict_batches(args.inputs, skipped, progress=not args.quiet):
+        paths += p
+        scores.append(s)
+        maps.append(m)
+    if not paths:
+        raise PatchCoreError("none of the input images could be read")
+    scores_arr, maps_arr = np.concatenate(scores), np.concatenate(maps)
+    names = _unique_names(paths)
+    thr = args.threshold
+    rows, records = [], []
+    for path, score in zip(paths, scores_arr.tolist()):
+        rec = {"file": str(path), "score": score}
+        if thr is not None:
+            rec["label"] = "anomalous" if score >= thr else "good"
+        records.append(rec)
+        rows.append([rec[k] for k in rec])
+    if not args.no_overlays or args.save_maps:
+        vmin, vmax = _map_range(maps_arr)
+        for name, path, amap in zip(names, paths, maps_arr):
+            if not args.no_overlays:
+                _write_overlay(out / "overlays" / f"{name}.png", path, amap, model.preprocess,
+                               vmin, vmax)
+            if args.save_maps:
+                _write_npy(out / "maps" / f"{name}.npy", amap)
+    header = ["file", "score"] + (["label"] if thr is not None else [])
+    write_text(out / "scores.csv", _csv_text(header, rows))
+    write_text(out / "scores.json", json.dumps(
+        {"model": str(args.model), "threshold": thr, "images": records, "skipped": skipped},
+        indent=2))
+    log(f"scored {len(paths)} images -> {out}/scores.csv"
+        + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
+    return 0
+
+
+def _eval_sets(args: argparse.Namespace) -> list[tuple[str, Path | None, list, list[str]]]:
+    """(name, model file, test images, skipped) per evaluation."""
+    from .data import folder_test, is_mvtec_category, mvtec_test, resolve_categories
+
+    model = Path(args.model)
+    if args.good or args.defective:
+        if not (args.good and args.defective):
+            raise PatchCoreError("the folder layout needs both --good and --defective")
+        skipped: list[str] = []
+        items = folder_test(args.good, args.defective, args.masks, skipped)
+        return [(model.stem, model, items, skipped)]
+    if not args.data:
+        raise PatchCoreError("give DATA (MVTec-style) or --good and --defective folders")
+    data = Path(args.data)
+    if not data.exists():
+        raise PatchCoreError(f"data folder {data} does not exist")
+    if args.category:
+        cats = resolve_categories(data, args.category)
+    elif is_mvtec_category(data):
+        cats = [(data.name, data)]
+    else:
+        raise PatchCoreError(f"{data} is not an MVTec-style category (no train/good); give "
+                             f"--category, or --good and --defective folders")
+    out = []
+    for name, folder in cats:
+        skipped = []
+        items = mvtec_test(folder, skipped)
+        file = model / f"{name}.safetensors" if model.is_dir() else model
+        if len(cats) > 1 and not model.is_dir():
+            raise PatchCoreError(f"several categories need MODEL to be the folder of "
+                                 f"<category>.safetensors files, got {model}")
+        out.append((name, file, items, skipped))
+    return out
+
+
+def _masks_for(items, preprocess) -> np.ndarray | None:
+    from .data import UnreadableImage, read_mask
+
+    if not any(i.mask for i in items):
+        return None
+    masks = []
+    for i in items:
+        if i.label and i.mask is None:
+            return None  # a defective image without ground truth: no pixel metrics
+        try:
+            m = read_mask(i.mask) if i.mask else None
+        except UnreadableImage as exc:
+            raise PatchCoreError(f"cannot read mask {i.mask}: {exc}") from None
+        masks.append(preprocess.mask(m).numpy())
+    return np.stack(masks)
+
+
+def _evaluate_one(name: str, model, items, skipped: list[str], out: Path, args, log: _Log
+                  ) -> dict:
+    from . import metrics
+
+    by_path = {i.path: i for i in items}
+    t0 = time.perf_counter()
+    paths, scores, maps = [], [], []
+    for p, s, m in model.predict_batches([i.path for i in items], skipped,
+                                         progress=not args.quiet):
+        paths += p
+        scores.append(s)
+        maps.append(m)
+    if not paths:
+        raise PatchCoreError(f"none of the test images of {name} could be read")
+    seconds = time.perf_counter() - t0
+    kept = [by_path[p] for p in paths]
+    scores_arr, maps_arr = np.concatenate(scores), np.concatenate(maps)
+    masks = _masks_for(kept, model.preprocess)
+    labels = [i.label for i in kept]
+    result = metrics.evaluate(labels, scores_arr, [i.defect for i in kept], masks, maps_arr)
+    result = {"category": name, **result, "skipped": skipped,
+              "score_seconds": seconds, "seconds_per_image": seconds / len(paths),
+              "model": {"file": str(args.model), "config": json.loads(model.config.to_json()),
+                        "fit_stats": model.fit_stats}}
+    if not args.no_overlays:
+        vmin, vmax = _map_range(maps_arr)
+        for item, amap in zip(kept, maps_arr):
+            _write_overlay(out / "overlays" / item.defect / f"{item.path.stem}.png", item.path,
+                           amap, model.preprocess, vmin, vmax)
+    write_text(out / "scores.csv", _csv_text(
+        ["file", "defect", "label", "score"],
+        [[str(i.path), i.defect, i.label, s] for i, s in zip(kept, scores_arr.tolist())]))
+    metrics.save_roc_plot(out / "roc.png", labels, scores_arr, masks, maps_arr, title=name)
+    write_text(out / "metrics.json", json.dumps(result, indent=2))
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    log(f"{name}: image AUROC {fmt(result['image_auroc'])}, pixel AUROC "
+        f"{fmt(result['pixel_auroc'])}, PRO {fmt(result['pro'])}, F1-max "
+        f"{fmt(result['f1_max'])} ({len(paths)} images, {seconds:.1f} s) -> {out}/metrics.json")
+    return result
+
+
+def _write_summary(out: Path, results: list[dict], extra_cols: Sequence[str] = ()) -> None:
+    keys = ["image_auroc", "pixel_auroc", "pro", "f1_max", *extra_cols]
+    rows = [[r["category"]] + [r.get(k) for k in keys] for r in results]
+    mean = []
+    for j, _ in enumerate(keys):
+        vals = [row[j + 1] for row in rows if row[j + 1] is not None]
+        mean.append(float(np.mean(vals)) if vals else None)
+    rows.append(["mean"] + mean)
+    write_text(out / "summary.csv", _csv_text(["category", *keys], rows))
+    write_text(out / "summary.json", json.dumps(
+        {"categories": {r[0]: dict(zip(keys, r[1:])) for r in rows[:-1]},
+         "mean": dict(zip(keys, mean))}, indent=2))
+    lines = ["| category | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join([row[0]] + ["" if v is None else f"{v:.4f}"
+                                                    for v in row[1:]]) + " |")
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
+
+
+def cmd_evaluate(args: argparse.Namespace, log: _Log) -> int:
+    sets = _eval_sets(args)
+    for name, file, _, _ in sets:
+        if not file.is_file():
+            raise PatchCoreError(f"model file {file} does not exist")
+    out = Path(args.output)
+    results = []
+    for name, file, items, skipped in sets:
+        model = _load(file, args)
+        sub = out / name if len(sets) > 1 else out
+        results.append(_evaluate_one(name, model, items, skipped, sub, args, log))
+    if len(sets) > 1:
+        _write_summary(out, results)
+        log(f"summary of {len(results)} categories -> {out}/summary.csv")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace, log: _Log) -> int:
+    import torch
+
+    from . import metrics
+    from .data import is_mvtec_category, mvtec_test, resolve_categories
+    from .model import PatchCore
+
+    data = Path(args.data)
+    if not data.exists():
+        raise PatchCoreError(f"data folder {data} does not exist")
+    if args.category:
+        cats = resolve_categories(data, args.category)
+    elif is_mvtec_category(data):
+        cats = [(data.name, data)]
+    else:
+        raise PatchCoreError(f"{data} is not an MVTec-style category; give --category")
+    ratios = sorted(set(args.coreset_ratio))
+    out = Path(args.output)
+    base = _config_from_args(args, ratio=ratios[0])
+    rows = []
+    for name, folder in cats:
+        skipped: list[str] = []
+        items = mvtec_test(folder, skipped)
+        by_path = {i.path: i for i in items}
+        model = PatchCore(base)
+        t0 = time.perf_counter()
+        train = [p.reshape(-1, p.shape[-1]) for _, p in model.embed_batches(
+            folder / "train" / "good", skipped, not args.quiet, f"{name}: train features")]
+        if not train:
+            raise PatchCoreError(f"none of the training images of {name} could be read")
+        train_t = torch.cat(train)
+        feature_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        test = list(model.embed_batches([i.path for i in items], skipped, not args.quiet,
+                                        f"{name}: test features"))
+        test_seconds = time.perf_counter() - t0
+        kept = [by_path[p] for paths, _ in test for p in paths]
+        masks = _masks_for(kept, model.preprocess)
+        labels = [i.label for i in kept]
+        for ratio in ratios:
+            model.config.coreset_ratio = ratio
+            model.fit_embeddings(train_t, progress=not args.quiet)
+            fit_s = feature_seconds + model.fit_stats["coreset_seconds"] + \
+                model.fit_stats["neighbour_seconds"]
+            t0 = time.perf_counter()
+            pairs = [model.score_embeddings(p, model.grid) for _, p in test]
+            score_s = time.perf_counter() - t0 + test_seconds
+            scores = torch.cat([s for s, _ in pairs]).numpy()
+            maps = torch.cat([m for _, m in pairs]).numpy()
+            r = metrics.evaluate(labels, scores, [i.defect for i in kept], masks, maps)
+            rows.append({"category": name, "coreset_ratio": ratio,
+                         "bank_rows": model.fit_stats["bank_rows"],
+                         "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"],
+                         "pro": r["pro"], "f1_max": r["f1_max"], "fit_seconds": fit_s,
+                         "coreset_seconds": model.fit_stats["coreset_seconds"],
+                         "score_seconds_per_image": score_s / max(len(kept), 1)})
+            log(f"{name} ratio {ratio}: image AUROC {r['image_auroc']}, pixel AUROC "
+                f"{r['pixel_auroc']}, PRO {r['pro']}, fit {fit_s:.1f} s")
+    keys = list(rows[0])
+    write_text(out / "study.csv", _csv_text(keys, [[r[k] for k in keys] for r in rows]))
+    write_text(out / "study.json", json.dumps({"config": json.loads(base.to_json()),
+                                               "rows": rows}, indent=2))
+    _study_plot(out / "study.png", rows)
+    log(f"study of {len(ratios)} ratios -> {out}/study.csv, study.png")
+    return 0
+
+
+def _study_plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for cat in sorted({r["category"] for r in rows}):
+        sel = [r for r in rows if r["category"] == cat]
+        x = [r["coreset_ratio"] for r in sel]
+        for key, style in (("image_auroc", "o-"), ("pixel_auroc", "s--")):
+            y = [np.nan if r[key] is None else r[key] for r in sel]
+            ax.plot(x, y, style, label=f"{cat} {key.replace('_', ' ')}")
+        ax2.plot(x, [r["fit_seconds"] for r in sel], "o-", label=cat)
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xlabel("coreset ratio")
+        a.legend(fontsize=8)
+    ax.set_ylabel("AUROC")
+    ax2.set_ylabel("fit time (s)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def cmd_demo_data(args: argparse.Namespace, log: _Log) -> int:
+    from .demo import write_demo_data
+
+    counts = write_demo_data(args.output, seed=args.seed)
+    log(f"wrote synthetic category 'widget' to {args.output}: " +
+        ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+_VERBS = {"fit": cmd_fit, "score": cmd_score, "evaluate": cmd_evaluate, "study": cmd_study,
+          "demo-data": cmd_demo_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``patchcore-fast`` console script.
+
+    Returns:
+        exit code: 0 on success, 2 on a user error (one line on stderr).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and argparse errors
+        return int(exc.code or 0)
+    log = _Log(getattr(args, "quiet", False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SkippedFileWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return _VERBS[args.verb](args, log)
+        except PatchCoreError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # disk full, permission denied, ...
+            print(f"{PROG}: error: {exc.strerror or exc}"
+                  + (f": {exc.filename}" if getattr(exc, "filename", None) else ""),
+                  file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,462 @@
+"""PatchCore: fit a memory bank on good images, predict scores and maps, save and load.
+
+``PatchCore(config).fit(images)`` runs steps 1-7 (embed every training patch, keep a
+greedy coreset as the memory bank, and precompute each bank row's neighbourhood for the
+reweighting); ``predict(images)`` runs steps 8-10; ``save`` / ``load`` use one safetensors
+file holding the bank, the neighbourhoods, the embedding matrix and, as JSON metadata, the
+config and the backbone description. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import __version__
+from .backbone import Backbone, BackboneInfo, file_sha256, load_backbone
+from .coreset import select_coreset
+from .data import Preprocess, iterate_images, list_images
+from .errors import PatchCoreError
+from .features import PatchEmbedder
+from .files import atomic_path
+from .scoring import anomaly_maps, bank_neighbourhoods, image_scores, nearest_bank_rows
+
+FORMAT = "patchcore-fast"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PatchCoreConfig:
+    """Every setting of a PatchCore model; saved inside the model file.
+
+    Attributes:
+        backbone: ``wide_resnet50_2`` (paper), ``resnet18``, ``efficientnet_lite0`` or any
+            timm model name.
+        layers: layers whose maps are used (ResNets: ``layer2 layer3``; timm: stage
+            indices); None for the stride-8 and stride-16 pair.
+        weights: local state-dict file for the backbone, or None.
+        pretrained: ImageNet weights (True) or random weights (False: speed and memory
+            tests only; never accurate).
+        image_size: shorter image side after resizing.
+        crop: side of the centre crop the model sees.
+        mean: normalisation mean (RGB).
+        std: normalisation standard deviation (RGB).
+        patch_size: local aggregation neighbourhood p (step 3).
+        pretrain_embed_dim: per-layer pooled width (step 5).
+        target_embed_dim: embedding width (step 5).
+        compact: keep embeddings in an isometric basis when narrower than
+            ``target_embed_dim`` (same distances, less memory and time).
+        coreset_ratio: fraction of training patches kept in the bank (1.0 keeps all).
+        projection_dim: width of the random projection the coreset selection runs on.
+        num_neighbors: b of the reweighting (Eq. 7); 0 turns the reweighting off.
+        blur_sigma: Gaussian blur of the anomaly maps, in pixels.
+        seed: seeds the projection, the coreset start point and random backbones.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes for image reading.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (not saved as a
+            property of the model; chosen again when loading).
+    """
+
+    backbone: str = "wide_resnet50_2"
+    layers: list[str] | None = None
+    weights: str | None = None
+    pretrained: bool = True
+    image_size: int = 256
+    crop: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    patch_size: int = 3
+    pretrain_embed_dim: int = 1024
+    target_embed_dim: int = 1024
+    compact: bool = True
+    coreset_ratio: float = 0.1
+    projection_dim: int = 128
+    num_neighbors: int = 9
+    blur_sigma: float = 4.0
+    seed: int = 0
+    batch_size: int = 8
+    num_workers: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise :class:`PatchCoreError` naming the first invalid setting."""
+        if self.image_size < 16:
+            raise PatchCoreError(f"image size should be at least 16, got {self.image_size}")
+        if not 16 <= self.crop <= self.image_size:
+            raise PatchCoreError(f"crop should be between 16 and the image size "
+                                 f"{self.image_size}, got {self.crop}")
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise PatchCoreError(f"coreset ratio should be in (0, 1], got {self.coreset_ratio}")
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise PatchCoreError(f"patch size should be odd and positive, got {self.patch_size}")
+        if self.num_neighbors < 0:
+            raise PatchCoreError(f"num_neighbors should be >= 0, got {self.num_neighbors}")
+        for name in ("pretrain_embed_dim", "target_embed_dim", "projection_dim", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PatchCoreError(f"{name} should be positive, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise PatchCoreError(f"num_workers should be >= 0, got {self.num_workers}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise PatchCoreError(f"device should be auto, cpu or cuda, got {self.device!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise PatchCoreError("mean and std should hold three values, std positive")
+
+    def to_json(self) -> str:
+        """The settings as JSON (the model file's metadata)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PatchCoreConfig":
+        """Settings from :meth:`to_json`; unknown keys are an error (newer file)."""
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise PatchCoreError(f"model settings {', '.join(unknown)} are unknown to this "
+                                 f"version of patchcore-fast ({__version__}); upgrade it")
+        return cls(**data)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PatchCoreError("--device cuda was asked for, but no CUDA GPU is available "
+                             "(torch.cuda.is_available() is False); use --device cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class Prediction:
+    """Scores and maps of a set of images.
+
+    Attributes:
+        paths: the images that were read (unreadable ones are left out).
+        scores (float32 array[N]): image scores.
+        maps (float32 array[N, crop, crop]): anomaly maps at crop resolution.
+        skipped: the files that could not be read.
+    """
+
+    paths: list[Path]
+    scores: np.ndarray
+    maps: np.ndarray
+    skipped: list[str]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+class PatchCore:
+    """The PatchCore anomaly detector.
+
+    Args:
+        config: settings; defaults to :class:`PatchCoreConfig` ().
+        **overrides: settings to change, e.g. ``PatchCore(backbone="efficientnet_lite0")``.
+
+    Example:
+        >>> model = PatchCore(PatchCoreConfig(backbone="efficientnet_lite0"))
+        >>> model.fit("bottle/train/good")
+        >>> pred = model.predict(["bottle/test/broken_large/000.png"])
+        >>> model.save("bottle.safetensors"); same = PatchCore.load("bottle.safetensors")
+    """
+
+    def __init__(self, config: PatchCoreConfig | None = None, **overrides):
+        config = dataclasses.replace(config or PatchCoreConfig(), **overrides)
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.bank: Tensor | None = None            # [M, D]
+        self.neighbourhoods: Tensor | None = None  # [M, b]
+        self.grid: tuple[int, int] | None = None
+        self.backbone_info: BackboneInfo | None = None
+        self.fit_stats: dict = {}
+        self._embedder: PatchEmbedder | None = None
+        self._projection: Tensor | None = None     # [D, C], set when loading
+
+    # ----- steps 1-5: images -> patch embeddings -------------------------------------
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """Image geometry and normalisation of this model."""
+        c = self.config
+        return Preprocess(c.image_size, c.crop, tuple(c.mean), tuple(c.std))
+
+    def _build_backbone(self) -> Backbone:
+        c = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)  # random backbones (pretrained=False) are reproducible
+            return load_backbone(c.backbone, c.layers, c.weights, c.pretrained)
+
+    @property
+    def embedder(self) -> PatchEmbedder:
+        """The frozen backbone plus feature aggregation (built on first use)."""
+        if self._embedder is None:
+            backbone = self._build_backbone()
+            if self.backbone_info is not None and backbone.info != self.backbone_info:
+                raise PatchCoreError(
+                    f"the backbone built now ({backbone.info.weights}, layers "
+                    f"{backbone.info.layers}) differs from the one the model was fitted "
+                    f"with ({self.backbone_info.weights}, layers {self.backbone_info.layers})")
+            c = self.config
+            self._embedder = PatchEmbedder(backbone, c.pretrain_embed_dim, c.target_embed_dim,
+                                           c.patch_size, c.compact, self._projection)
+            self._embedder.to(self.device)
+            self.backbone_info = backbone.info
+        return self._embedder
+
+    def embed_batches(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
+                      skipped: list[str] | None = None, progress: bool = False,
+                      desc: str = "features") -> Iterator[tuple[list[Path], Tensor]]:
+        """Patch embeddings, batch by batch (bounded memory).
+
+        Args:
+            images: image files and/or folders.
+            skipped: list collecting unreadable files.
+            progress: show a progress bar.
+            desc: progress-bar label.
+
+        Yields:
+            (paths of the batch, Tensor[B, h * w, D] on the model's device).
+        """
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        paths = list_images(list(images), "input", skipped)
+        embedder = self.embedder
+        with _progress(len(paths), desc, progress) as bar, torch.inference_mode():
+            for idx, batch in iterate_images(paths, self.preprocess, self.config.batch_size,
+                                             self.config.num_workers, skipped, bar.update):
+                patches, grid = embedder(batch.to(self.device))
+                self.grid = grid
+                yield [paths[i] for i in idx], patches
+
+    # ----- steps 6-7: memory bank and coreset ---------------------------------------
+
+    def fit(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
+            skipped: list[str] | None = None, progress: bool = False) -> "PatchCore":
+        """Fit the memory bank on good images.
+
+        Args:
+            images: good image files and/or folders.
+            skipped: list collecting unreadable files.
+            progress: show progress bars.
+
+        Returns:
+            self.
+        """
+        t0 = time.perf_counter()
+        chunks, n_images = [], 0
+        for paths, patches in self.embed_batches(images, skipped, progress, "fit: features"):
+            chunks.append(patches.reshape(-1, patches.shape[-1]))
+            n_images += len(paths)
+        if not chunks:
+            raise PatchCoreError("none of the training images could be read")
+        t1 = time.perf_counter()
+        self.fit_embeddings(torch.cat(chunks), progress=progress)
+        self.fit_stats.update(images=n_images, feature_seconds=t1 - t0)
+        self.fit_stats["fit_seconds"] = time.perf_counter() - t0
+        return self
+
+    def fit_embeddings(self, patches: Tensor, progress: bool = False) -> "PatchCore":
+        """Steps 6-7 on given embeddings: coreset, bank, neighbourhoods.
+
+        Args:
+            patches (Tensor[N, D]): every training patch embedding.
+            progress: show a progress bar.
+
+        Returns:
+            self.
+        """
+        from tqdm.auto import tqdm
+
+        c = self.config
+        t0 = time.perf_counter()
+        with torch.inference_mode(), tqdm(total=2, desc="fit: coreset", disable=not progress,
+                                          leave=False) as bar:
+            idx = select_coreset(patches, c.coreset_ratio, c.projection_dim, c.seed)
+            bar.update()
+            self.bank = patches[idx.to(patches.device)].contiguous()
+            t1 = time.perf_counter()
+            self.neighbourhoods = (bank_neighbourhoods(self.bank, c.num_neighbors)
+                                   if c.num_neighbors > 0 else None)
+            bar.update()
+        self.fit_stats.update(patches=int(patches.shape[0]), bank_rows=int(self.bank.shape[0]),
+                              embed_dim=int(self.bank.shape[1]), coreset_seconds=t1 - t0,
+                              neighbour_seconds=time.perf_counter() - t1)
+        return self
+
+    # ----- steps 8-10: scores and maps ------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if self.bank is None:
+            raise PatchCoreError("the model is not fitted: call fit() or PatchCore.load()")
+
+    def score_embeddings(self, patches: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Steps 8-10 on embeddings.
+
+        Args:
+            patches (Tensor[B, h * w, D]): test embeddings.
+            grid: (h, w).
+
+        Returns:
+            (Tensor[B] image scores, Tensor[B, crop, crop] anomaly maps), on the CPU.
+        """
+        self._check_fitted()
+        b, p, d = patches.shape
+        bank = self.bank.to(patches.device)
+        dist, idx = nearest_bank_rows(patches.reshape(-1, d), bank)
+        dist, idx = dist.view(b, p), idx.view(b, p)
+        hood = None if self.neighbourhoods is None else self.neighbourhoods.to(patches.device)
+        scores = image_scores(patches, dist, idx, bank, hood)
+        maps = anomaly_maps(dist, grid, (self.config.crop, self.config.crop),
+                            self.config.blur_sigma)
+        return scores.cpu(), maps.cpu()
+
+    def predict_batches(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
+                        skipped: list[str] | None = None, progress: bool = False
+                        ) -> Iterator[tuple[list[Path], np.ndarray, np.ndarray]]:
+        """Scores and maps batch by batch (for large sets).
+
+        Yields:
+            (paths, float32 array[B] scores, float32 array[B, crop, crop] maps).
+        """
+        self._check_fitted()
+        with torch.inference_mode():
+            for paths, patches in self.embed_batches(images, skipped, progress, "score"):
+                scores, maps = self.score_embeddings(patches, self.grid)
+                yield paths, scores.numpy(), maps.numpy()
+
+    def predict(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
+                progress: bool = False) -> Prediction:
+        """Image scores and anomaly maps.
+
+        Args:
+            images: image files and/or folders.
+            progress: show a progress bar.
+
+        Returns:
+            :class:`Prediction` (unreadable files are skipped with a warning and listed).
+        """
+        skipped: list[str] = []
+        paths, scores, maps = [], [], []
+        for p, s, m in self.predict_batches(images, skipped, progress):
+            paths += p
+            scores.append(s)
+            maps.append(m)
+        if not paths:
+            raise PatchCoreError("none of the images could be read")
+        return Prediction(paths, np.concatenate(scores), np.concatenate(maps), skipped)
+
+    # ----- model file -----------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model as one safetensors file (atomically).
+
+        Tensors: ``bank`` [M, D] float32, ``neighbourhoods`` [M, b] int64 (when the
+        reweighting is on), ``projection`` [D, C] float32 (the embedding matrix). Metadata:
+        ``format``, ``format_version``, ``config`` (JSON), ``backbone`` (JSON), ``grid``,
+        ``fit_stats`` and the writing version.
+        """
+        from safetensors.torch import save_file
+
+        self._check_fitted()
+        tensors = {"bank": self.bank.detach().float().cpu().contiguous(),
+                   "projection": self.embedder.projection.detach().cpu().contiguous()}
+        if self.neighbourhoods is not None:
+            tensors["neighbourhoods"] = self.neighbourhoods.cpu().contiguous()
+        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                "config": self.config.to_json(),
+                "backbone": json.dumps(dataclasses.asdict(self.backbone_info)),
+                "grid": json.dumps(list(self.grid) if self.grid else None),
+                "fit_stats": json.dumps(self.fit_stats), "writer": f"patchcore-fast {__version__}"}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | None = None,
+             weights: str | None = None) -> "PatchCore":
+        """Read a model file written by :meth:`save`.
+
+        Args:
+            path: the ``.safetensors`` model file.
+            device: ``auto``, ``cpu`` or ``cuda``; None keeps ``auto``.
+            weights: the local backbone weights file, when the model was fitted with one
+                and it moved (checked against the SHA-256 stored at fit time).
+
+        Returns:
+            The fitted :class:`PatchCore`.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise PatchCoreError(f"model file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                meta = fh.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise PatchCoreError(f"{path} is not a patchcore-fast model file")
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except PatchCoreError:
+            raise
+        except Exception as exc:
+            raise PatchCoreError(f"{path} is not a patchcore-fast model file, or it is "
+                                 f"truncated ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+                                 ) from None
+        version = meta.get("format_version", "?")
+        if version != str(FORMAT_VERSION):
+            raise PatchCoreError(f"{path} has model format version {version}; this version of "
+                                 f"patchcore-fast ({__version__}) reads version {FORMAT_VERSION}")
+        try:
+            config = PatchCoreConfig.from_json(meta["config"])
+            info = json.loads(meta["backbone"])
+            info = BackboneInfo(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in info.items()})
+            grid = json.loads(meta.get("grid", "null"))
+            bank, projection = tensors["bank"], tensors["projection"]
+        except PatchCoreError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PatchCoreError(f"{path} is a damaged patchcore-fast model file "
+                                 f"(bad or missing {exc})") from None
+        if bank.dim() != 2 or projection.dim() != 2 or bank.shape[1] != projection.shape[0]:
+            raise PatchCoreError(f"{path} is a damaged patchcore-fast model file "
+                                 f"(bank {tuple(bank.shape)}, projection "
+                                 f"{tuple(projection.shape)})")
+        hood = tensors.get("neighbourhoods")
+        if hood is not None and (hood.dim() != 2 or hood.shape[0] != bank.shape[0]
+                                 or (hood.numel() and int(hood.max()) >= bank.shape[0])):
+            raise PatchCoreError(f"{path} is a damaged patchcore-fast model file "
+                                 f"(neighbourhoods {tuple(hood.shape)})")
+        if weights is not None:
+            config.weights = str(weights)
+        if info.weights.startswith("file:"):
+            if not config.weights or not Path(config.weights).is_file():
+                raise PatchCoreError(f"{path} was fitted with the backbone weights file "
+                                     f"{config.weights}, which is not there; pass --weights FILE")
+            if f"file:{file_sha256(config.weights)}" != info.weights:
+                raise PatchCoreError(f"backbone weights {config.weights} differ from the ones "
+                                     f"{path} was fitted with (SHA-256 mismatch)")
+        if device is not None:
+            config.device = device
+        model = cls(config)
+        model.backbone_info = info
+        model._projection = projection
+        model.bank = bank.to(model.device)
+        model.neighbourhoods = hood.to(model.device) if hood is not None else None
+        model.grid = tuple(grid) if grid else None
+        model.fit_stats = json.loads(meta.get("fit_stats", "{}"))
+        return model

@@ -1,0 +1,158 @@
+"""Steps 8-10 of the method: patch scores, the image score and the anomaly map.
+
+8. A test patch is as anomalous as it is far from the memory bank: its score is the
+   Euclidean distance to the nearest bank row.
+9. The image score is the largest patch score s*, reweighted (paper Eq. 7): with m_test the
+   most anomalous patch, m* its nearest bank row and N_b(m*) the b nearest bank rows of m*
+   (m* itself included),
+
+       s = (1 - exp(||m_test - m*||) / sum_{m in N_b(m*)} exp(||m_test - m||)) * s*.
+
+   If m* sits in a sparse part of the bank (its neighbours are far from m_test too) the
+   softmax weight of m* is small and s stays close to s*; if m* is surrounded by close
+   neighbours, the test patch is probably normal but rare and s is lowered.
+10. The map: patch scores on the feature grid, upsampled bilinearly to the image and
+    smoothed with a Gaussian (sigma = 4 pixels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+
+def nearest_bank_rows(patches: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 8: each patch's distance to, and index of, its nearest bank row.
+
+    Args:
+        patches (Tensor[Q, D]): test embeddings.
+        bank (Tensor[M, D]): memory bank.
+
+    Returns:
+        (Tensor[Q] float32, Tensor[Q] int64): Euclidean distances and bank rows.
+    """
+    dist, idx = ops.knn(patches, bank, 1)
+    return dist[:, 0], idx[:, 0]
+
+
+def bank_neighbourhoods(bank: Tensor, num_neighbors: int) -> Tensor:
+    """The b nearest bank rows of every bank row, computed once at fit time.
+
+    Args:
+        bank (Tensor[M, D]): memory bank.
+        num_neighbors: b; clamped to M.
+
+    Returns:
+        Tensor[M, min(b, M)] int64: neighbours by increasing distance; the row itself is
+        among them (distance 0).
+    """
+    b = min(int(num_neighbors), bank.shape[0])
+    return ops.knn(bank, bank, b)[1]
+
+
+def reweighting_factor(test_patch: Tensor, nearest_dist: Tensor, neighbours: Tensor
+                       ) -> Tensor:
+    """The factor ``1 - exp(s*) / sum_j exp(d_j)`` of Eq. 7, computed stably.
+
+    Subtracting the largest exponent ``c = max(s*, max_j d_j)`` from every exponent leaves
+    the ratio unchanged and keeps ``exp`` finite whatever the distance scale.
+
+    Args:
+        test_patch (Tensor[B, D]): the most anomalous patch m_test of each image.
+        nearest_dist (Tensor[B]): s* = ||m_test - m*||.
+        neighbours (Tensor[B, b, D]): the bank rows N_b(m*) of each image.
+
+    Returns:
+        Tensor[B]: the factor in [0, 1].
+    """
+    d = torch.linalg.vector_norm(neighbours.float() - test_patch.float()[:, None, :], dim=-1)
+    c = torch.maximum(d.max(dim=1).values, nearest_dist)
+    ratio = torch.exp(nearest_dist - c) / torch.exp(d - c[:, None]).sum(dim=1)
+    return (1.0 - ratio).clamp_(0.0, 1.0)
+
+
+def image_scores(patches: Tensor, patch_dist: Tensor, patch_idx: Tensor, bank: Tensor,
+                 neighbourhoods: Tensor | None) -> Tensor:
+    """Step 9: the image score of each image, reweighted when neighbourhoods are given.
+
+    Args:
+        patches (Tensor[B, P, D]): test embeddings per image.
+        patch_dist (Tensor[B, P]): patch scores.
+        patch_idx (Tensor[B, P]): nearest bank row of each patch.
+        bank (Tensor[M, D]): memory bank.
+        neighbourhoods (Tensor[M, b] or None): from :func:`bank_neighbourhoods`; None
+            turns the reweighting off (score = s*, as the official code).
+
+    Returns:
+        Tensor[B] float32.
+    """
+    s_star, where = patch_dist.max(dim=1)
+    if neighbourhoods is None or neighbourhoods.shape[1] == 0:
+        return s_star
+    rows = torch.arange(patches.shape[0], device=patches.device)
+    m_test = patches[rows, where]                               # [B, D]
+    m_star = patch_idx[rows, where]                             # [B]
+    support = bank[neighbourhoods[m_star].to(bank.device)]      # [B, b, D]
+    return reweighting_factor(m_test, s_star, support) * s_star
+
+
+def gaussian_kernel1d(sigma: float) -> Tensor:
+    """Normalised 1-D Gaussian of size ``2 * round(4 sigma) + 1`` (4 sigma each side)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Blur maps with a separable Gaussian (a 2-D Gaussian is the product of two 1-D ones).
+
+    Borders are reflected, as torchvision's ``gaussian_blur``.
+
+    Args:
+        maps (Tensor[B, H, W]): maps.
+        sigma: standard deviation in pixels; <= 0 returns the maps unchanged.
+
+    Returns:
+        Tensor[B, H, W].
+    """
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma).to(maps.device)
+    r = k.numel() // 2
+    x = maps[:, None].float()
+    mode = "reflect" if r < min(x.shape[-2:]) else "replicate"
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def anomaly_maps(patch_dist: Tensor, grid: tuple[int, int], size: tuple[int, int],
+                 sigma: float = 4.0) -> Tensor:
+    """Step 10: patch scores -> image-sized, smoothed anomaly maps.
+
+    Args:
+        patch_dist (Tensor[B, h * w]): patch scores in row-major grid order.
+        grid: (h, w) of the feature grid.
+        size: (H, W) of the (cropped) input image.
+        sigma: Gaussian blur in pixels.
+
+    Returns:
+        Tensor[B, H, W] float32.
+    """
+    b = patch_dist.shape[0]
+    m = patch_dist.float().view(b, 1, *grid)
+    m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(m, sigma)
+
+
+def blur_kernel_size(sigma: float) -> int:
+    """Kernel size used for ``sigma`` (for documentation and tests)."""
+    return 2 * int(4.0 * sigma + 0.5) + 1 if sigma > 0 else 1
+
+
+__all__ = ["nearest_bank_rows", "bank_neighbourhoods", "reweighting_factor", "image_scores",
+           "gaussian_blur", "anomaly_maps", "gaussian_kernel1d", "blur_kernel_size"]

@@ -1,0 +1,206 @@
+"""The command line: a small end-to-end run, save/load/score identity and bad input."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchcore_fast import PatchCore, PatchCoreConfig
+from patchcore_fast.cli import main
+from patchcore_fast.demo import write_demo_data
+
+SMALL = ["--image-size", "64", "--crop", "64", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_data(root, seed=1, n_train=8, n_test_good=3, n_test_defect=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(demo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "widget.safetensors"
+    rc = main(["fit", str(demo), "--category", "widget", "-o", str(out),
+               "--backbone", "efficientnet_lite0", "--coreset-ratio", "0.25", *SMALL])
+    assert rc == 0 and out.is_file()
+    return out
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert "Traceback" not in err
+    # Exactly one error line, last; anything before it is a one-line warning naming a file.
+    assert lines and lines[-1].startswith("patchcore-fast: error: "), err
+    assert all(l.startswith("patchcore-fast: warning: skipping ") for l in lines[:-1]), err
+    return lines[-1]
+
+
+def test_help_of_every_verb(capsys):
+    for verb in ("fit", "score", "evaluate", "study", "demo-data"):
+        assert main([verb, "--help"]) == 0
+        assert "examples" in capsys.readouterr().out
+
+
+def test_evaluate_and_score_outputs(fitted, demo, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(fitted), str(demo), "--category", "widget", "-o", str(out),
+                 *SMALL[4:]]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "pro", "f1_max", "f1_threshold", "counts",
+                "per_defect"):
+        assert key in m
+    assert m["counts"] == {"images": 9, "good": 3, "defective": 6}
+    assert set(m["per_defect"]) == {"scratch", "spot"}
+    assert (out / "roc.png").is_file() and len(list((out / "overlays").rglob("*.png"))) == 9
+    sc = tmp_path / "score"
+    imgs = demo / "widget" / "test" / "spot"
+    assert main(["score", str(fitted), str(imgs), "-o", str(sc), "--threshold",
+                 str(m["f1_threshold"]), "--save-maps", *SMALL[4:]]) == 0
+    rows = list(csv.DictReader((sc / "scores.csv").open()))
+    assert len(rows) == 3 and set(rows[0]) == {"file", "score", "label"}
+    js = json.loads((sc / "scores.json").read_text())
+    assert len(js["images"]) == 3 and js["threshold"] == m["f1_threshold"]
+    assert np.load(sc / "maps" / "000.npy").shape == (64, 64)
+    assert len(list((sc / "overlays").glob("*.png"))) == 3
+    assert not [p for p in _files(tmp_path) if p.name.endswith(".tmp")]
+
+
+def test_save_load_score_identical(demo, tmp_path):
+    cfg = PatchCoreConfig(backbone="efficientnet_lite0", image_size=64, crop=64,
+                          coreset_ratio=0.2, device="cpu")
+    model = PatchCore(cfg).fit(demo / "widget" / "train" / "good")
+    images = demo / "widget" / "test" / "scratch"
+    before = model.predict(images)
+    model.save(tmp_path / "m.safetensors")
+    again = PatchCore.load(tmp_path / "m.safetensors", device="cpu")
+    assert again.config == cfg
+    assert torch.equal(again.bank, model.bank)
+    after = again.predict(images)
+    np.testing.assert_array_equal(after.scores, before.scores)
+    np.testing.assert_array_equal(after.maps, before.maps)
+    # And through the CLI, twice: identical scores.csv.
+    for name in ("a", "b"):
+        assert main(["score", str(tmp_path / "m.safetensors"), str(images), "-o",
+                     str(tmp_path / name), "--no-overlays", "--quiet"]) == 0
+    assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
+    got = [float(r["score"]) for r in csv.DictReader((tmp_path / "a" / "scores.csv").open())]
+    np.testing.assert_allclose(got, before.scores, rtol=0, atol=0)
+
+
+def test_fit_skips_bad_files_and_counts_them(demo, tmp_path, capsys):
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted((demo / "widget" / "train" / "good").glob("*.png"))[:4]:
+        (good / p.name).write_bytes(p.read_bytes())
+    (good / "zero.png").write_bytes(b"")
+    (good / "trunc.png").write_bytes((good / "000.png").read_bytes()[:300])
+    (good / "fake.jpg").write_text("definitely not a jpeg")
+    out = tmp_path / "m.safetensors"
+    rc = main(["fit", str(good), "-o", str(out), "--backbone", "efficientnet_lite0",
+               "--image-size", "64", "--crop", "64", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0 and out.is_file() and "Traceback" not in err
+    for name in ("zero.png", "trunc.png", "fake.jpg"):
+        assert any(name in l and "warning: skipping" in l for l in err.splitlines()), err
+    assert "skipped 3 unreadable files" in err
+    assert PatchCore.load(out).fit_stats["images"] == 4
+
+
+def _bad_cases(tmp, demo, fitted):
+    empty = tmp / "empty"
+    empty.mkdir()
+    notmodel = tmp / "notmodel.safetensors"
+    notmodel.write_text("hello, I am a text file")
+    truncated = tmp / "truncated.safetensors"
+    truncated.write_bytes(fitted.read_bytes()[:5000])
+    badimgs = tmp / "badimgs"
+    badimgs.mkdir()
+    (badimgs / "a.png").write_bytes(b"")
+    (badimgs / "b.png").write_text("nope")
+    out = tmp / "out"
+    model_out = str(tmp / "out" / "m.safetensors")
+    lite = ["--backbone", "efficientnet_lite0", "--quiet"]
+    return {
+        "fit missing folder": ["fit", str(tmp / "missing"), "-o", model_out, *lite],
+        "fit empty folder": ["fit", str(empty), "-o", model_out, *lite],
+        "fit unknown backbone": ["fit", str(demo), "--category", "widget", "-o", model_out,
+                                 "--backbone", "no_such_net_v9", "--quiet"],
+        "fit unknown category": ["fit", str(demo), "--category", "nope", "-o", model_out, *lite],
+        "fit all files bad": ["fit", str(badimgs), "-o", model_out, *lite],
+        "fit missing weights": ["fit", str(demo), "--category", "widget", "-o", model_out,
+                                "--weights", str(tmp / "w.pth"), "--quiet"],
+        "score not a model": ["score", str(notmodel), str(demo), "-o", str(out), "--quiet"],
+        "score truncated model": ["score", str(truncated), str(demo), "-o", str(out), "--quiet"],
+        "score missing model": ["score", str(tmp / "nope.safetensors"), str(demo), "-o",
+                                str(out), "--quiet"],
+        "score missing input": ["score", str(fitted), str(tmp / "nothing"), "-o", str(out),
+                                "--quiet"],
+        "score all inputs bad": ["score", str(fitted), str(badimgs), "-o", str(out), "--quiet"],
+        "evaluate not a model": ["evaluate", str(notmodel), str(demo), "--category", "widget",
+                                 "-o", str(out), "--quiet"],
+        "bad ratio": ["fit", str(demo), "-o", model_out, "--coreset-ratio", "2", "--quiet"],
+        "missing -o": ["fit", str(demo)],
+    }
+
+
+def test_bad_input_matrix(demo, fitted, tmp_path, capsys):
+    capsys.readouterr()
+    for name, argv in _bad_cases(tmp_path, demo, fitted).items():
+        rc = main(argv)
+        assert rc == 2, name
+        line = _error(capsys)
+        assert len(line) < 400, (name, line)
+        assert not _files(tmp_path / "out"), name
+
+
+def test_incompatible_model_version(fitted, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(fitted), "pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    meta["format_version"] = "99"
+    path = tmp_path / "future.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    assert main(["score", str(path), str(fitted.parent), "-o", str(tmp_path / "out"),
+                 "--quiet"]) == 2
+    assert "format version 99" in _error(capsys)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "something-else"})
+    assert main(["score", str(other), str(fitted.parent), "-o", str(tmp_path / "out"),
+                 "--quiet"]) == 2
+    assert "not a patchcore-fast model" in _error(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_device_cuda_without_gpu(demo, fitted, tmp_path, capsys):
+    for argv in (["fit", str(demo), "--category", "widget", "-o", str(tmp_path / "m.safetensors"),
+                  "--backbone", "efficientnet_lite0", "--device", "cuda", "--quiet"],
+                 ["score", str(fitted), str(demo / "widget" / "test" / "good"), "-o",
+                  str(tmp_path / "o"), "--device", "cuda", "--quiet"]):
+        assert main(argv) == 2
+        assert "no CUDA GPU" in _error(capsys)
+    assert not _files(tmp_path)
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", "fit",
+                           str(tmp_path / "missing"), "-o", str(tmp_path / "m.safetensors")],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
