@@ -1,10 +1,12 @@
 """Benchmark of the greedy k-center coreset: kernel vs the plain torch loop vs anomalib.
 
 Workloads stand for the bottle category of MVTec AD: its memory bank has 163,856 patch
-embeddings, projected to 128 dims before selection (here: Gaussian data of that shape).
+embeddings, projected to 128 dims before selection. Two data sets of that shape: Gaussian
+(``-gauss``) and the real bottle features (``-real``: EfficientNet-Lite0 embeddings of the
+209 good training images, projected to 128 dims; see _common.bottle_projected).
 
-    bottle-1pct:  163,856 x 128, k = 1,638
-    bottle-10pct: 163,856 x 128, k = 16,385
+    bottle-1pct-{gauss,real}:  163,856 x 128, k = 1,638
+    bottle-10pct-{gauss,real}: 163,856 x 128, k = 16,385
 
 Run:  python -m pytest bench/bench_coreset.py --benchmark-only [-m "not slow"] -s
 The reference loop takes minutes at 10 %: it is marked ``slow``. Each selection runs once
@@ -15,6 +17,7 @@ reorder the selection) and the outcome printed.
 
 from __future__ import annotations
 
+import _common
 import pytest
 import torch
 
@@ -33,9 +36,13 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 _selections: dict[tuple[str, str], torch.Tensor] = {}
 
 
-@pytest.fixture(scope="module")
-def features() -> torch.Tensor:
-    return torch.randn(N, D, generator=torch.Generator().manual_seed(0))
+@pytest.fixture(scope="module", params=["gauss", "real"])
+def data(request) -> tuple[str, torch.Tensor]:
+    if request.param == "real":
+        x = _common.bottle_projected(D)
+        assert x.shape == (N, D)
+        return "real", x
+    return "gauss", torch.randn(N, D, generator=torch.Generator().manual_seed(0))
 
 
 def _sync(device: str) -> None:
@@ -43,31 +50,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _radii_pair(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Covering radii of two selections, step by step, in float64: [2, k].
-
-    The same quantity as reference.covering_radii, with one pass over x per step for both
-    selections (norm expansion in float64: its rounding, ~1e-16 of the norms, is far below
-    the 1e-5 tolerance), so the check costs less than the reference loop itself.
-    """
-    xd = x.double()
-    sq = xd.pow(2).sum(1)
-    min_d = torch.full((2, x.shape[0]), float("inf"), dtype=torch.float64)
-    radii = torch.empty(2, a.numel(), dtype=torch.float64)
-    for t, (i, j) in enumerate(zip(a.tolist(), b.tolist())):
-        dots = xd @ xd[[i, j]].T  # [N, 2]
-        d = (sq[None] + sq[[i, j]][:, None] - 2.0 * dots.T).clamp_min_(0.0)
-        torch.minimum(min_d, d, out=min_d)
-        radii[:, t] = min_d.max(1).values
-    return radii
-
-
 def _compare(name: str, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> None:
     if torch.equal(got, want):
         print(f"\n{name}: kernel selection == reference selection ({got.numel()} indices)")
         return
     first = int((got != want).nonzero()[0])
-    r_got, r_want = _radii_pair(x, got, want)
+    r_got, r_want = reference.covering_radii(x, got, want)
     rel = float(((r_got - r_want).abs() / r_want.abs().clamp_min(1e-30)).max())
     print(f"\n{name}: selections part at step {first} (near-tie); covering radii max "
           f"relative difference {rel:.2e}")
@@ -76,8 +64,9 @@ def _compare(name: str, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
-def test_kernel(benchmark, features, workload, device):
-    benchmark.group = workload
+def test_kernel(benchmark, data, workload, device):
+    kind, features = data
+    benchmark.group = f"{workload}-{kind}"
     k = WORKLOADS[workload]
     x = features.to(device)
     _sync(device)
@@ -88,36 +77,38 @@ def test_kernel(benchmark, features, workload, device):
         return out
 
     out = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    _selections[(workload, device)] = out.cpu()
-    benchmark.extra_info.update(n=N, d=D, k=k, device=device)
+    _selections[(benchmark.group, device)] = out.cpu()
+    benchmark.extra_info.update(n=N, d=D, k=k, device=device, data=kind)
 
 
-def _reference_case(benchmark, features, workload):
-    benchmark.group = workload
+def _reference_case(benchmark, data, workload):
+    kind, features = data
+    benchmark.group = group = f"{workload}-{kind}"
     k = WORKLOADS[workload]
     out = benchmark.pedantic(reference.greedy_coreset_matvec, args=(features, k, 0),
                              rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(n=N, d=D, k=k, device="cpu")
+    benchmark.extra_info.update(n=N, d=D, k=k, device="cpu", data=kind)
     for device in DEVICES:
-        if (workload, device) not in _selections:  # kernel not run in this session
-            _selections[(workload, device)] = patchcore_fast.greedy_coreset(
+        if (group, device) not in _selections:  # kernel not run in this session
+            _selections[(group, device)] = patchcore_fast.greedy_coreset(
                 features.to(device), k, 0).cpu()
-        _compare(f"{workload} {device}", features, _selections[(workload, device)], out)
+        _compare(f"{group} {device}", features, _selections[(group, device)], out)
 
 
-def test_reference_matvec_1pct(benchmark, features):
-    _reference_case(benchmark, features, "bottle-1pct")
+def test_reference_matvec_1pct(benchmark, data):
+    _reference_case(benchmark, data, "bottle-1pct")
 
 
 @pytest.mark.slow
-def test_reference_matvec_10pct(benchmark, features):
-    _reference_case(benchmark, features, "bottle-10pct")
+def test_reference_matvec_10pct(benchmark, data):
+    _reference_case(benchmark, data, "bottle-10pct")
 
 
 @pytest.mark.skipif(KCenterGreedy is None, reason="anomalib is not installed")
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
-def test_anomalib(benchmark, features, workload):
-    benchmark.group = workload
+def test_anomalib(benchmark, data, workload):
+    kind, features = data
+    benchmark.group = f"{workload}-{kind}"
     k = WORKLOADS[workload]
     sampler = KCenterGreedy(embedding=features, sampling_ratio=k / N)
 
@@ -127,4 +118,4 @@ def test_anomalib(benchmark, features, workload):
         return sampler.sample_coreset()
 
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(n=N, d=D, k=k, device="cpu")
+    benchmark.extra_info.update(n=N, d=D, k=k, device="cpu", data=kind)
