@@ -17,8 +17,11 @@ Supported:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -171,8 +174,15 @@ def _torchvision_backbone(name: str, layers: Sequence[str], weights: str | None,
         source = f"file:{file_sha256(weights)}"
     elif pretrained:
         enum = getattr(tvm, _TORCHVISION[name][1]).IMAGENET1K_V1
+        # torch.hub announces a download (stdout or stderr, by version) before trying; hold
+        # that line back so an offline run ends with our single error line, and show it
+        # once the download worked.
+        said = io.StringIO()
         try:
-            state = enum.get_state_dict(progress=False, check_hash=True)
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                state = enum.get_state_dict(progress=False, check_hash=True)
+            if said.getvalue():
+                print(said.getvalue().rstrip(), file=sys.stderr)
         except Exception as exc:  # offline: URLError, socket errors, hub errors
             raise PatchCoreError(
                 f"cannot get the ImageNet weights of {name} ({_one_line(exc)}); offline, pass "

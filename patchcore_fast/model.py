@@ -362,6 +362,13 @@ class PatchCore:
 
     # ----- model file -----------------------------------------------------------------
 
+    def _embedding_matrix(self) -> Tensor:
+        if self._embedder is not None:
+            return self._embedder.projection
+        if self._projection is not None:
+            return self._projection
+        return self.embedder.projection
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the model as one safetensors file (atomically).
 
@@ -374,7 +381,7 @@ class PatchCore:
 
         self._check_fitted()
         tensors = {"bank": self.bank.detach().float().cpu().contiguous(),
-                   "projection": self.embedder.projection.detach().cpu().contiguous()}
+                   "projection": self._embedding_matrix().detach().cpu().contiguous()}
         if self.neighbourhoods is not None:
             tensors["neighbourhoods"] = self.neighbourhoods.cpu().contiguous()
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),

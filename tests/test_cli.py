@@ -204,3 +204,24 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_offline_torchvision_weights_one_line(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import torchvision.models as tvm
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("simulated offline")
+
+    monkeypatch.setattr(tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
+                        offline, raising=False)
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good / "a.png")
+    assert main(["fit", str(good), "-o", str(tmp_path / "out" / "m.safetensors"),
+                 "--quiet"]) == 2
+    line = _error(capsys)
+    assert "simulated offline" in line
+    assert "--weights FILE" in line and "efficientnet_lite0" in line
+    assert not _files(tmp_path / "out")
