@@ -20,7 +20,13 @@ try:  # the shared library registers torch.ops.patchcore_fast.* as a side effect
 
     _LOAD_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
-    _LOAD_ERROR = str(exc)
+    # Python words a missing submodule as a "circular import" of a partially initialised
+    # package; say what actually happened.
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _LOAD_ERROR = (f"no compiled library patchcore_fast/_C*.so in {_here}" if "_C" in str(exc)
+                   and not any(f.startswith("_C") for f in _os.listdir(_here)) else str(exc))
 
 _warned = False
 
