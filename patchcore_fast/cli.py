@@ -85,6 +85,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default 8)")
     g.add_argument("--workers", type=int, default=None,
                    help="image-reading worker processes (default 0)")
+    g.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                   help="unreadable images or masks: skip (default: a warning naming each "
+                        "file, a count at the end) or fail (stop with one error line)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
 
 
@@ -134,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MVTec categories under DATA (several, or 'all')")
     p.add_argument("-o", "--output", required=True, metavar="MODEL",
                    help="model file (.safetensors), or a folder for several categories")
+    g = p.add_argument_group("memory")
+    g.add_argument("--temp-dir", metavar="DIR", help="folder of the temporary feature file "
+                   "of the bounded-memory fit (default $TMPDIR; needs images x 3.2 MB at "
+                   "224 px, removed at the end)")
+    g.add_argument("--in-memory", action="store_true", help="hold every training patch in "
+                   "memory instead (images x 3.2 MB of RAM at 224 px; same bank)")
     _model_options(p)
     _common(p)
 
@@ -329,7 +338,8 @@ def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
         model = PatchCore(config)
         log(f"fit {name}: {folder} ({config.backbone}, coreset ratio {config.coreset_ratio}, "
             f"device {model.device})")
-        model.fit(folder, skipped=skipped, progress=not args.quiet)
+        model.fit(folder, skipped=skipped, progress=not args.quiet,
+                  streaming=not args.in_memory, temp_dir=args.temp_dir)
         model.save(out)
         s = model.fit_stats
         log(f"wrote {out}: {s['bank_rows']:,} of {s['patches']:,} patches x {s['embed_dim']} "
@@ -412,6 +422,38 @@ def _eval_sets(args: argparse.Namespace) -> list[tuple[str, Path | None, list, l
     return out
 
 
+def _usable_masks(items, skipped: list[str]) -> list:
+    """The test images whose mask (if any) is readable and as large as the image.
+
+    A mask of another size cannot be aligned with its image (resizing it would move the
+    defect), so the image is left out with a warning naming both files, like an unreadable
+    one (or, with ``--on-error fail``, the run stops).
+    """
+    from .data import UnreadableImage, image_size, warn_skipped
+
+    out = []
+    for i in items:
+        if i.mask is not None:
+            try:
+                mask_wh = image_size(i.mask)
+                why = None
+                try:
+                    image_wh = image_size(i.path)
+                except UnreadableImage:
+                    image_wh = None  # the image itself is reported when it is read
+                if image_wh is not None and mask_wh != image_wh:
+                    why = (f"its mask {i.mask} is {mask_wh[0]} x {mask_wh[1]}, the image "
+                           f"{image_wh[0]} x {image_wh[1]}")
+            except UnreadableImage as exc:
+                why = f"its mask {i.mask} cannot be read ({exc})"
+            if why is not None:
+                warn_skipped(i.path, why)
+                skipped.append(str(i.path))
+                continue
+        out.append(i)
+    return out
+
+
 def _masks_for(items, preprocess) -> np.ndarray | None:
     from .data import UnreadableImage, read_mask
 
@@ -433,6 +475,7 @@ def _evaluate_one(name: str, model, items, skipped: list[str], out: Path, args, 
                   ) -> dict:
     from . import metrics
 
+    items = _usable_masks(items, skipped)
     by_path = {i.path: i for i in items}
     t0 = time.perf_counter()
     paths, scores, maps = [], [], []
@@ -624,11 +667,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and argparse errors
         return int(exc.code or 0)
     log = _Log(getattr(args, "quiet", False))
+    fail = getattr(args, "on_error", "skip") == "fail"
     with warnings.catch_warnings():
-        warnings.simplefilter("always", SkippedFileWarning)
+        # --on-error fail turns the first skipped file into an exception, raised where the
+        # file is met: nothing after it is computed and no output file is written.
+        warnings.simplefilter("error" if fail else "always", SkippedFileWarning)
         warnings.showwarning = _show_warning
         try:
             return _VERBS[args.verb](args, log)
+        except SkippedFileWarning as exc:
+            why = str(exc).strip().splitlines()[0].removeprefix("skipping ")
+            print(f"{PROG}: error: cannot use {why} (--on-error fail; --on-error skip leaves "
+                  f"such files out)", file=sys.stderr)
+            return 2
         except PatchCoreError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 2
