@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import sys
 import time
 import warnings
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--resume", action="store_true", help="skip the images already scored "
+                   "in OUTDIR (by an earlier run, finished or killed)")
     p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
                    "fitted with a local file that has moved")
     _common(p)
@@ -348,41 +351,124 @@ def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
     return 0
 
 
+JOURNAL = ".scores.partial.csv"  # score's progress, for --resume (removed at the end)
+
+
+def _read_done(out: Path) -> dict[str, float]:
+    """Scores already in ``out`` (a finished scores.csv and/or the journal of a killed run).
+
+    A journal line cut short by the kill (no newline yet) is ignored: that image is scored
+    again.
+    """
+    done: dict[str, float] = {}
+    for name in ("scores.csv", JOURNAL):
+        f = out / name
+        if not f.is_file():
+            continue
+        text = f.read_text(encoding="utf-8")
+        if not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
+        for row in csv.DictReader(io.StringIO(text)):
+            try:
+                done[row["file"]] = float(row["score"])
+            except (KeyError, TypeError, ValueError):
+                raise PatchCoreError(f"{f} is not a scores file of patchcore-fast; "
+                                     f"score into another folder or without --resume") from None
+    return done
+
+
 def cmd_score(args: argparse.Namespace, log: _Log) -> int:
+    import tempfile
+
+    from .data import list_images
+
     model = _load(args.model, args)
     out = Path(args.output)
     skipped: list[str] = []
-    paths, scores, maps = [], [], []
-    for p, s, m in model.predict_batches(args.inputs, skipped, progress=not args.quiet):
-        paths += p
-        scores.append(s)
-        maps.append(m)
-    if not paths:
+    inputs = list_images(args.inputs, "input", skipped)
+    # Names from the whole input list, so that a resumed run names files the same way.
+    names = dict(zip(inputs, _unique_names(inputs)))
+    done = _read_done(out) if args.resume else {}
+    todo = [p for p in inputs if str(p) not in done]
+    if done:
+        log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
+    images = not args.no_overlays or args.save_maps
+    crop = model.config.crop
+    new: dict[str, float] = {}
+    # Pass 1 scores batch by batch; each batch's maps go to an anonymous temporary file
+    # (never all in memory) and a strided sample of their pixels sets the colour scale.
+    # Pass 2 writes the images. An image enters the journal once its files are written,
+    # so a killed run resumes exactly where its outputs stop.
+    with tempfile.TemporaryFile(prefix="patchcore-fast-maps-") as maps_file:
+        order: list[Path] = []
+        sample: list[np.ndarray] = []
+        journal = None
+
+        def record(paths: Sequence[Path]) -> None:
+            # Opened at the first finished image: a run that fails before leaves no file.
+            nonlocal journal
+            if journal is None:
+                out.mkdir(parents=True, exist_ok=True)
+                fresh = not (args.resume and (out / JOURNAL).is_file())
+                journal = open(out / JOURNAL, "w" if fresh else "a", encoding="utf-8",
+                               newline="")
+                if fresh:
+                    journal.write("file,score\n")
+            csv.writer(journal, lineterminator="\n").writerows(
+                [[str(p), new[str(p)]] for p in paths])
+            journal.flush()
+
+        try:
+            for paths, scores, maps in (model.predict_batches(todo, skipped,
+                                                              progress=not args.quiet)
+                                        if todo else ()):
+                for path, score in zip(paths, scores.tolist()):
+                    new[str(path)] = score
+                order += paths
+                if images:
+                    maps_file.write(np.ascontiguousarray(maps, dtype=np.float32).tobytes())
+                    sample.append(maps.reshape(len(maps), -1)[:, ::16].copy())
+                else:
+                    record(paths)
+            if images and order:
+                vmin, vmax = _map_range(np.concatenate(sample))
+                maps_file.flush()
+                size = crop * crop * 4
+                for i, path in enumerate(order):
+                    amap = np.frombuffer(os.pread(maps_file.fileno(), size, i * size),
+                                         dtype=np.float32).reshape(crop, crop)
+                    name = names[path]
+                    if not args.no_overlays:
+                        _write_overlay(out / "overlays" / f"{name}.png", path, amap,
+                                       model.preprocess, vmin, vmax)
+                    if args.save_maps:
+                        _write_npy(out / "maps" / f"{name}.npy", amap)
+                    record([path])
+        finally:
+            if journal is not None:
+                journal.close()
+    scores = {**done, **new}
+    if not scores:
         raise PatchCoreError("none of the input images could be read")
-    scores_arr, maps_arr = np.concatenate(scores), np.concatenate(maps)
-    names = _unique_names(paths)
     thr = args.threshold
     rows, records = [], []
-    for path, score in zip(paths, scores_arr.tolist()):
-        rec = {"file": str(path), "score": score}
+    for path in inputs:
+        if str(path) not in scores:
+            continue
+        rec = {"file": str(path), "score": scores[str(path)]}
         if thr is not None:
-            rec["label"] = "anomalous" if score >= thr else "good"
+            rec["label"] = "anomalous" if rec["score"] >= thr else "good"
         records.append(rec)
         rows.append([rec[k] for k in rec])
-    if not args.no_overlays or args.save_maps:
-        vmin, vmax = _map_range(maps_arr)
-        for name, path, amap in zip(names, paths, maps_arr):
-            if not args.no_overlays:
-                _write_overlay(out / "overlays" / f"{name}.png", path, amap, model.preprocess,
-                               vmin, vmax)
-            if args.save_maps:
-                _write_npy(out / "maps" / f"{name}.npy", amap)
     header = ["file", "score"] + (["label"] if thr is not None else [])
     write_text(out / "scores.csv", _csv_text(header, rows))
     write_text(out / "scores.json", json.dumps(
         {"model": str(args.model), "threshold": thr, "images": records, "skipped": skipped},
         indent=2))
-    log(f"scored {len(paths)} images -> {out}/scores.csv"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out / JOURNAL)
+    log(f"scored {len(new)} images -> {out}/scores.csv"
+        + (f" ({len(records) - len(new)} from the earlier run)" if args.resume else "")
         + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
     return 0
 
