@@ -11,6 +11,11 @@ in-memory bank alone would take (N x 784 x D x 4 bytes).
 
 Not a pytest-benchmark file: one run, one number; tests/test_memory.py is the small
 version that CI runs.
+
+Measured (2 shared x86_64 cores, CPU, torch 2.14, batch 8, streaming path):
+1,000 images -> 784,000 patches x 1,024, bank 7,840 rows: peak RSS 1,601 MiB, where the
+in-memory bank alone is 3,062 MiB (616 s). 56 images: streaming 1,243 MiB, in-memory
+1,495 MiB; 8 images: 1,126 and 1,144 MiB (the backbone and torch are about 1.1 GiB).
 """
 
 from __future__ import annotations
