@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import sys
 import time
 import warnings
@@ -85,6 +86,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default 8)")
     g.add_argument("--workers", type=int, default=None,
                    help="image-reading worker processes (default 0)")
+    g.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                   help="unreadable images or masks: skip (default: a warning naming each "
+                        "file, a count at the end) or fail (stop with one error line)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
 
 
@@ -134,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MVTec categories under DATA (several, or 'all')")
     p.add_argument("-o", "--output", required=True, metavar="MODEL",
                    help="model file (.safetensors), or a folder for several categories")
+    g = p.add_argument_group("memory")
+    g.add_argument("--temp-dir", metavar="DIR", help="folder of the temporary feature file "
+                   "of the bounded-memory fit (default $TMPDIR; needs images x 3.2 MB at "
+                   "224 px, removed at the end)")
+    g.add_argument("--in-memory", action="store_true", help="hold every training patch in "
+                   "memory instead (images x 3.2 MB of RAM at 224 px; same bank)")
     _model_options(p)
     _common(p)
 
@@ -147,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--resume", action="store_true", help="skip the images already scored "
+                   "in OUTDIR (by an earlier run, finished or killed)")
     p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
                    "fitted with a local file that has moved")
     _common(p)
@@ -329,7 +341,8 @@ def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
         model = PatchCore(config)
         log(f"fit {name}: {folder} ({config.backbone}, coreset ratio {config.coreset_ratio}, "
             f"device {model.device})")
-        model.fit(folder, skipped=skipped, progress=not args.quiet)
+        model.fit(folder, skipped=skipped, progress=not args.quiet,
+                  streaming=not args.in_memory, temp_dir=args.temp_dir)
         model.save(out)
         s = model.fit_stats
         log(f"wrote {out}: {s['bank_rows']:,} of {s['patches']:,} patches x {s['embed_dim']} "
@@ -338,41 +351,124 @@ def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
     return 0
 
 
+JOURNAL = ".scores.partial.csv"  # score's progress, for --resume (removed at the end)
+
+
+def _read_done(out: Path) -> dict[str, float]:
+    """Scores already in ``out`` (a finished scores.csv and/or the journal of a killed run).
+
+    A journal line cut short by the kill (no newline yet) is ignored: that image is scored
+    again.
+    """
+    done: dict[str, float] = {}
+    for name in ("scores.csv", JOURNAL):
+        f = out / name
+        if not f.is_file():
+            continue
+        text = f.read_text(encoding="utf-8")
+        if not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
+        for row in csv.DictReader(io.StringIO(text)):
+            try:
+                done[row["file"]] = float(row["score"])
+            except (KeyError, TypeError, ValueError):
+                raise PatchCoreError(f"{f} is not a scores file of patchcore-fast; "
+                                     f"score into another folder or without --resume") from None
+    return done
+
+
 def cmd_score(args: argparse.Namespace, log: _Log) -> int:
+    import tempfile
+
+    from .data import list_images
+
     model = _load(args.model, args)
     out = Path(args.output)
     skipped: list[str] = []
-    paths, scores, maps = [], [], []
-    for p, s, m in model.predict_batches(args.inputs, skipped, progress=not args.quiet):
-        paths += p
-        scores.append(s)
-        maps.append(m)
-    if not paths:
+    inputs = list_images(args.inputs, "input", skipped)
+    # Names from the whole input list, so that a resumed run names files the same way.
+    names = dict(zip(inputs, _unique_names(inputs)))
+    done = _read_done(out) if args.resume else {}
+    todo = [p for p in inputs if str(p) not in done]
+    if done:
+        log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
+    images = not args.no_overlays or args.save_maps
+    crop = model.config.crop
+    new: dict[str, float] = {}
+    # Pass 1 scores batch by batch; each batch's maps go to an anonymous temporary file
+    # (never all in memory) and a strided sample of their pixels sets the colour scale.
+    # Pass 2 writes the images. An image enters the journal once its files are written,
+    # so a killed run resumes exactly where its outputs stop.
+    with tempfile.TemporaryFile(prefix="patchcore-fast-maps-") as maps_file:
+        order: list[Path] = []
+        sample: list[np.ndarray] = []
+        journal = None
+
+        def record(paths: Sequence[Path]) -> None:
+            # Opened at the first finished image: a run that fails before leaves no file.
+            nonlocal journal
+            if journal is None:
+                out.mkdir(parents=True, exist_ok=True)
+                fresh = not (args.resume and (out / JOURNAL).is_file())
+                journal = open(out / JOURNAL, "w" if fresh else "a", encoding="utf-8",
+                               newline="")
+                if fresh:
+                    journal.write("file,score\n")
+            csv.writer(journal, lineterminator="\n").writerows(
+                [[str(p), new[str(p)]] for p in paths])
+            journal.flush()
+
+        try:
+            for paths, scores, maps in (model.predict_batches(todo, skipped,
+                                                              progress=not args.quiet)
+                                        if todo else ()):
+                for path, score in zip(paths, scores.tolist()):
+                    new[str(path)] = score
+                order += paths
+                if images:
+                    maps_file.write(np.ascontiguousarray(maps, dtype=np.float32).tobytes())
+                    sample.append(maps.reshape(len(maps), -1)[:, ::16].copy())
+                else:
+                    record(paths)
+            if images and order:
+                vmin, vmax = _map_range(np.concatenate(sample))
+                maps_file.flush()
+                size = crop * crop * 4
+                for i, path in enumerate(order):
+                    amap = np.frombuffer(os.pread(maps_file.fileno(), size, i * size),
+                                         dtype=np.float32).reshape(crop, crop)
+                    name = names[path]
+                    if not args.no_overlays:
+                        _write_overlay(out / "overlays" / f"{name}.png", path, amap,
+                                       model.preprocess, vmin, vmax)
+                    if args.save_maps:
+                        _write_npy(out / "maps" / f"{name}.npy", amap)
+                    record([path])
+        finally:
+            if journal is not None:
+                journal.close()
+    scores = {**done, **new}
+    if not scores:
         raise PatchCoreError("none of the input images could be read")
-    scores_arr, maps_arr = np.concatenate(scores), np.concatenate(maps)
-    names = _unique_names(paths)
     thr = args.threshold
     rows, records = [], []
-    for path, score in zip(paths, scores_arr.tolist()):
-        rec = {"file": str(path), "score": score}
+    for path in inputs:
+        if str(path) not in scores:
+            continue
+        rec = {"file": str(path), "score": scores[str(path)]}
         if thr is not None:
-            rec["label"] = "anomalous" if score >= thr else "good"
+            rec["label"] = "anomalous" if rec["score"] >= thr else "good"
         records.append(rec)
         rows.append([rec[k] for k in rec])
-    if not args.no_overlays or args.save_maps:
-        vmin, vmax = _map_range(maps_arr)
-        for name, path, amap in zip(names, paths, maps_arr):
-            if not args.no_overlays:
-                _write_overlay(out / "overlays" / f"{name}.png", path, amap, model.preprocess,
-                               vmin, vmax)
-            if args.save_maps:
-                _write_npy(out / "maps" / f"{name}.npy", amap)
     header = ["file", "score"] + (["label"] if thr is not None else [])
     write_text(out / "scores.csv", _csv_text(header, rows))
     write_text(out / "scores.json", json.dumps(
         {"model": str(args.model), "threshold": thr, "images": records, "skipped": skipped},
         indent=2))
-    log(f"scored {len(paths)} images -> {out}/scores.csv"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out / JOURNAL)
+    log(f"scored {len(new)} images -> {out}/scores.csv"
+        + (f" ({len(records) - len(new)} from the earlier run)" if args.resume else "")
         + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
     return 0
 
@@ -412,6 +508,38 @@ def _eval_sets(args: argparse.Namespace) -> list[tuple[str, Path | None, list, l
     return out
 
 
+def _usable_masks(items, skipped: list[str]) -> list:
+    """The test images whose mask (if any) is readable and as large as the image.
+
+    A mask of another size cannot be aligned with its image (resizing it would move the
+    defect), so the image is left out with a warning naming both files, like an unreadable
+    one (or, with ``--on-error fail``, the run stops).
+    """
+    from .data import UnreadableImage, image_size, warn_skipped
+
+    out = []
+    for i in items:
+        if i.mask is not None:
+            try:
+                mask_wh = image_size(i.mask)
+                why = None
+                try:
+                    image_wh = image_size(i.path)
+                except UnreadableImage:
+                    image_wh = None  # the image itself is reported when it is read
+                if image_wh is not None and mask_wh != image_wh:
+                    why = (f"its mask {i.mask} is {mask_wh[0]} x {mask_wh[1]}, the image "
+                           f"{image_wh[0]} x {image_wh[1]}")
+            except UnreadableImage as exc:
+                why = f"its mask {i.mask} cannot be read ({exc})"
+            if why is not None:
+                warn_skipped(i.path, why)
+                skipped.append(str(i.path))
+                continue
+        out.append(i)
+    return out
+
+
 def _masks_for(items, preprocess) -> np.ndarray | None:
     from .data import UnreadableImage, read_mask
 
@@ -433,6 +561,7 @@ def _evaluate_one(name: str, model, items, skipped: list[str], out: Path, args, 
                   ) -> dict:
     from . import metrics
 
+    items = _usable_masks(items, skipped)
     by_path = {i.path: i for i in items}
     t0 = time.perf_counter()
     paths, scores, maps = [], [], []
@@ -624,11 +753,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and argparse errors
         return int(exc.code or 0)
     log = _Log(getattr(args, "quiet", False))
+    fail = getattr(args, "on_error", "skip") == "fail"
     with warnings.catch_warnings():
-        warnings.simplefilter("always", SkippedFileWarning)
+        # --on-error fail turns the first skipped file into an exception, raised where the
+        # file is met: nothing after it is computed and no output file is written.
+        warnings.simplefilter("error" if fail else "always", SkippedFileWarning)
         warnings.showwarning = _show_warning
         try:
             return _VERBS[args.verb](args, log)
+        except SkippedFileWarning as exc:
+            why = str(exc).strip().splitlines()[0].removeprefix("skipping ")
+            print(f"{PROG}: error: cannot use {why} (--on-error fail; --on-error skip leaves "
+                  f"such files out)", file=sys.stderr)
+            return 2
         except PatchCoreError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 2

@@ -39,6 +39,57 @@ def gaussian_projection(dim_in: int, dim_out: int, generator: torch.Generator) -
     return torch.randn(dim_in, dim_out, generator=generator) / math.sqrt(dim_out)
 
 
+#: Rows projected per matrix product. Part of the definition of the selection: a GEMM's
+#: rounding can depend on the block it is given, so the in-memory and the streaming fit
+#: both project exactly these row blocks of the bank in order (bit-identical selections).
+PROJECTION_CHUNK = 8192
+
+#: The start draw consumes the same random words for every N below this (measured; torch
+#: draws more for larger ranges), so the projection drawn after it does not depend on N
+#: and the streaming fit can draw it before N is known. 2**28 patches are 342,000 images
+#: of 784 patches; above it the streaming projection is still a valid, seeded
+#: Johnson-Lindenstrauss map, only not the one the in-memory path (1 TB of RAM) would draw.
+START_DRAW_LIMIT = 2 ** 28
+
+
+def coreset_start_and_projection(n: int | None, dim_in: int, projection_dim: int,
+                                 seed: int) -> tuple[int | None, Tensor | None]:
+    """The seeded start row and Gaussian projection of the selection.
+
+    The generator draws the start index first, then the projection. For N < 2**31 the
+    start draw consumes a fixed number of random words, so the projection is the same for
+    every N below :data:`START_DRAW_LIMIT`: the streaming fit calls this with ``n=None``
+    before it knows N.
+
+    Args:
+        n: number of patches, or None (start not drawn; projection only).
+        dim_in: embedding width D.
+        projection_dim: projection width; no projection when D is not larger.
+        seed: the model's seed.
+
+    Returns:
+        (start index or None, Tensor[D, projection_dim] float32 or None).
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    start = int(torch.randint(n if n is not None else 2, (1,), generator=generator))
+    proj = gaussian_projection(dim_in, projection_dim, generator) \
+        if dim_in > projection_dim else None
+    return (start if n is not None else None), proj
+
+
+def project_rows(rows: Tensor, proj: Tensor | None) -> Tensor:
+    """Rows in the selection's space: ``rows @ proj`` in float32 (or the rows, as float32).
+
+    Args:
+        rows (Tensor[n, D]): at most :data:`PROJECTION_CHUNK` rows (one block of the bank).
+        proj (Tensor[D, C] | None): the projection, on ``rows``' device.
+
+    Returns:
+        Tensor[n, C] float32 (C = D without a projection).
+    """
+    return rows.float() @ proj if proj is not None else rows.float()
+
+
 def select_coreset(features: Tensor, ratio: float, projection_dim: int = 128,
                    seed: int = 0) -> Tensor:
     """Indices of the coreset rows.
@@ -57,11 +108,10 @@ def select_coreset(features: Tensor, ratio: float, projection_dim: int = 128,
     k = coreset_size(n, ratio)
     if k == n:
         return torch.arange(n, device=features.device)
-    generator = torch.Generator().manual_seed(int(seed))
-    start = int(torch.randint(n, (1,), generator=generator))
-    if d > projection_dim:
-        proj = gaussian_projection(d, projection_dim, generator).to(features.device)
-        reduced = torch.cat([chunk.float() @ proj for chunk in features.split(65536)])
+    start, proj = coreset_start_and_projection(n, d, projection_dim, seed)
+    if proj is not None:
+        proj = proj.to(features.device)
+        reduced = torch.cat([project_rows(c, proj) for c in features.split(PROJECTION_CHUNK)])
     else:
-        reduced = features.float()
+        reduced = project_rows(features, None)
     return ops.greedy_coreset(reduced, k, start)

@@ -77,18 +77,49 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise UnreadableImage("empty file (0 bytes)")
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Between Pillow's warning (89 M pixels) and error (179 M pixels) limits a
+            # photo is big, not hostile: read it (a 10,000 x 10,000 RGB image is 300 MB
+            # for a moment). Above the error limit the file is skipped, naming its size.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             img.load()  # decode now: truncated files fail here, not later in a worker
             img = ImageOps.exif_transpose(img)
             return _to_8bit_rgb(img)
     except UnreadableImage:
         raise
+    except Image.DecompressionBombError:
+        raise UnreadableImage(f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's "
+                              f"decompression-bomb limit)") from None
     except Exception as exc:  # Pillow raises many types for broken files
         text = str(exc).strip().splitlines()
         why = text[0] if text else type(exc).__name__
         if "cannot identify image file" in why:
             why = "not an image"
         raise UnreadableImage(why) from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file as :func:`read_image` returns it (upright), read
+    from the header without decoding the pixels.
+
+    Raises:
+        UnreadableImage: not an image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            # EXIF orientations 5-8 are transposed by exif_transpose: width and height swap.
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
+            return w, h
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise UnreadableImage(text[0] if text else type(exc).__name__) from None
 
 
 def read_mask(path: str | os.PathLike) -> Image.Image:

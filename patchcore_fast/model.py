@@ -246,27 +246,80 @@ class PatchCore:
     # ----- steps 6-7: memory bank and coreset ---------------------------------------
 
     def fit(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
-            skipped: list[str] | None = None, progress: bool = False) -> "PatchCore":
+            skipped: list[str] | None = None, progress: bool = False,
+            streaming: bool = True, temp_dir: str | os.PathLike | None = None
+            ) -> "PatchCore":
         """Fit the memory bank on good images.
 
         Args:
             images: good image files and/or folders.
             skipped: list collecting unreadable files.
-            progress: show progress bars.
+            progress: show progress bars (one per pass).
+            streaming: bounded memory (default): keep only the 128-d projection of each
+                training patch in memory and the full-width rows in a temporary file, read
+                back for the chosen rows (:class:`~patchcore_fast.streaming.StreamingCoreset`).
+                False holds every patch in memory (N x D floats) as the reference does.
+                Both give the bit-identical bank.
+            temp_dir: folder of the temporary feature file (default: $TMPDIR); it needs
+                N x D x 4 bytes (3.2 GB per 1,000 images at 224 px and D = 1,024).
 
         Returns:
             self.
         """
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        paths = list_images(list(images), "input", skipped)
+        if streaming:
+            return self._fit_streaming(paths, skipped, progress, temp_dir)
         t0 = time.perf_counter()
         chunks, n_images = [], 0
-        for paths, patches in self.embed_batches(images, skipped, progress, "fit: features"):
+        for batch, patches in self.embed_batches(paths, skipped, progress, "fit: features"):
             chunks.append(patches.reshape(-1, patches.shape[-1]))
-            n_images += len(paths)
+            n_images += len(batch)
         if not chunks:
             raise PatchCoreError("none of the training images could be read")
         t1 = time.perf_counter()
         self.fit_embeddings(torch.cat(chunks), progress=progress)
-        self.fit_stats.update(images=n_images, feature_seconds=t1 - t0)
+        self.fit_stats.update(images=n_images, feature_seconds=t1 - t0, streaming=False)
+        self.fit_stats["fit_seconds"] = time.perf_counter() - t0
+        return self
+
+    def _fit_streaming(self, paths: list[Path], skipped: list[str] | None, progress: bool,
+                       temp_dir: str | os.PathLike | None) -> "PatchCore":
+        """Steps 1-7 in bounded memory (see :meth:`fit`)."""
+        from tqdm.auto import tqdm
+
+        from .streaming import StreamingCoreset
+
+        c = self.config
+        t0 = time.perf_counter()
+        n_images = 0
+        with StreamingCoreset(c.coreset_ratio, c.projection_dim, c.seed,
+                              temp_dir=temp_dir) as sc:
+            # Pass 1: features -> temporary file + projections in memory.
+            for batch, patches in self.embed_batches(paths, skipped, progress,
+                                                     "fit: features"):
+                if sc.expected_rows is None:
+                    # Every image has the same grid, so this bounds N (skipped files only
+                    # lower it) and the projected bank is allocated once.
+                    sc.expected_rows = len(paths) * patches.shape[1]
+                sc.add(patches.reshape(-1, patches.shape[-1]))
+                n_images += len(batch)
+            if sc.n == 0:
+                raise PatchCoreError("none of the training images could be read")
+            t1 = time.perf_counter()
+            # Pass 2: the greedy selection on the projections, then the chosen rows.
+            with torch.inference_mode(), tqdm(total=2, desc="fit: coreset and gather",
+                                              disable=not progress, leave=False) as bar:
+                idx = sc.select()
+                bar.update()
+                bank = sc.gather(idx).contiguous()
+                bar.update()
+            n_patches = sc.n
+        t2 = time.perf_counter()
+        self._set_bank(bank, progress)
+        self.fit_stats.update(patches=n_patches, images=n_images, feature_seconds=t1 - t0,
+                              coreset_seconds=t2 - t1, streaming=True)
         self.fit_stats["fit_seconds"] = time.perf_counter() - t0
         return self
 
@@ -284,18 +337,29 @@ class PatchCore:
 
         c = self.config
         t0 = time.perf_counter()
-        with torch.inference_mode(), tqdm(total=2, desc="fit: coreset", disable=not progress,
+        with torch.inference_mode(), tqdm(total=1, desc="fit: coreset", disable=not progress,
                                           leave=False) as bar:
             idx = select_coreset(patches, c.coreset_ratio, c.projection_dim, c.seed)
             bar.update()
-            self.bank = patches[idx.to(patches.device)].contiguous()
-            t1 = time.perf_counter()
-            self.neighbourhoods = (bank_neighbourhoods(self.bank, c.num_neighbors)
-                                   if c.num_neighbors > 0 else None)
+            bank = patches[idx.to(patches.device)].contiguous()
+        self.fit_stats.update(patches=int(patches.shape[0]),
+                              coreset_seconds=time.perf_counter() - t0)
+        return self._set_bank(bank, progress)
+
+    def _set_bank(self, bank: Tensor, progress: bool = False) -> "PatchCore":
+        """Keep ``bank`` (Tensor[M, D]) and precompute its reweighting neighbourhoods."""
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        with torch.inference_mode(), tqdm(total=1, desc="fit: neighbourhoods",
+                                          disable=not progress, leave=False) as bar:
+            self.bank = bank
+            self.neighbourhoods = (bank_neighbourhoods(self.bank, self.config.num_neighbors)
+                                   if self.config.num_neighbors > 0 else None)
             bar.update()
-        self.fit_stats.update(patches=int(patches.shape[0]), bank_rows=int(self.bank.shape[0]),
-                              embed_dim=int(self.bank.shape[1]), coreset_seconds=t1 - t0,
-                              neighbour_seconds=time.perf_counter() - t1)
+        self.fit_stats.update(bank_rows=int(self.bank.shape[0]),
+                              embed_dim=int(self.bank.shape[1]),
+                              neighbour_seconds=time.perf_counter() - t0)
         return self
 
     # ----- steps 8-10: scores and maps ------------------------------------------------

@@ -1,0 +1,104 @@
+"""Peak resident memory of ``patchcore-fast fit`` on N generated images (issue #5).
+
+Generates N seeded 224 x 224 PNGs in a temporary folder, runs the CLI in a child process
+(``--backbone wide_resnet50_2 --pretrained false --coreset-ratio 0.01 --image-size 224
+--crop 224`` by default) and reports the child's peak RSS (``getrusage(RUSAGE_SELF)`` taken in
+the child as it exits: this script's own memory is not counted), next to what the
+in-memory bank alone would take (N x 784 x D x 4 bytes).
+
+    python bench/bench_memory.py --images 1000             # the acceptance run (< 2 GB)
+    python bench/bench_memory.py --images 200 --in-memory  # the old path, to compare
+
+Not a pytest-benchmark file: one run, one number; tests/test_memory.py is the small
+version that CI runs.
+
+Measured (2 shared x86_64 cores, CPU, torch 2.14, batch 8, streaming path):
+1,000 images -> 784,000 patches x 1,024, bank 7,840 rows: peak RSS 1,601 MiB, where the
+in-memory bank alone is 3,062 MiB (616 s). 56 images: streaming 1,243 MiB, in-memory
+1,495 MiB; 8 images: 1,126 and 1,144 MiB (the backbone and torch are about 1.1 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_images(folder: Path, n: int, size: int = 224, seed: int = 0) -> None:
+    """N seeded noise-and-gradient RGB PNGs of size x size."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    for i in range(n):
+        noise = rng.normal(0, 20, (size, size, 3)).astype(np.float32)
+        img = np.clip(ramp[None, :, None] * 0.5 + 64 + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+
+
+def fit_peak_rss(folder: Path, model: Path, args: list[str]) -> tuple[int, float, str]:
+    """Run ``patchcore-fast fit`` in a fresh child; (its peak RSS in bytes, seconds, stderr).
+
+    The child reports its own ``getrusage(RUSAGE_SELF).ru_maxrss`` as it exits, so the
+    figure is that of this one fit, whatever other children the caller has run.
+    """
+    code = ("import resource, sys\n"
+            "from patchcore_fast.cli import main\n"
+            "rc = main(sys.argv[1:])\n"
+            "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            "sys.exit(rc)\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, "fit", str(folder), "-o", str(model),
+                           *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"fit failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    kib = int(proc.stdout.split("peak_rss_kib")[-1].split()[0])  # ru_maxrss: KiB on Linux
+    return kib * 1024, seconds, proc.stderr
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--backbone", default="wide_resnet50_2")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--coreset-ratio", default="0.01")
+    p.add_argument("--batch-size", default="8")
+    p.add_argument("--in-memory", action="store_true",
+                   help="fit with the in-memory path (fit --in-memory), for comparison")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="patchcore-bench-mem-") as tmp:
+        folder = Path(tmp) / "good"
+        write_images(folder, a.images, a.size)
+        rss, seconds, _ = fit_peak_rss(folder, Path(tmp) / "m.safetensors", [
+            "--backbone", a.backbone, "--pretrained", "false", "--coreset-ratio",
+            a.coreset_ratio, "--image-size", str(a.size), "--crop", str(a.size),
+            "--batch-size", a.batch_size, "--device", "cpu", "--quiet",
+            *(["--in-memory"] if a.in_memory else [])])
+        from safetensors import safe_open
+
+        with safe_open(str(Path(tmp) / "m.safetensors"), "pt") as fh:
+            stats = json.loads(fh.metadata()["fit_stats"])
+    naive = stats["patches"] * stats["embed_dim"] * 4
+    print(json.dumps({"machine": platform.processor() or platform.machine(),
+                      "cpus": os.cpu_count(), "images": a.images, "backbone": a.backbone,
+                      "path": "in-memory" if a.in_memory else "streaming",
+                      "patches": stats["patches"], "embed_dim": stats["embed_dim"],
+                      "bank_rows": stats["bank_rows"], "peak_rss_mb": round(rss / 2**20),
+                      "in_memory_bank_mb": round(naive / 2**20),
+                      "fit_seconds": round(seconds, 1)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
