@@ -105,7 +105,8 @@ def test_reference_matvec_10pct(benchmark, data):
 
 
 @pytest.mark.skipif(KCenterGreedy is None, reason="anomalib is not installed")
-@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+@pytest.mark.parametrize("workload", [
+    "bottle-1pct", pytest.param("bottle-10pct", marks=pytest.mark.slow)])  # 10 %: ~20 min
 def test_anomalib(benchmark, data, workload):
     kind, features = data
     benchmark.group = f"{workload}-{kind}"
