@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,21 +49,33 @@ def write_images(folder: Path, n: int, size: int = 224, seed: int = 0) -> None:
 def fit_peak_rss(folder: Path, model: Path, args: list[str]) -> tuple[int, float, str]:
     """Run ``patchcore-fast fit`` in a fresh child; (its peak RSS in bytes, seconds, stderr).
 
-    The child reports its own ``getrusage(RUSAGE_SELF).ru_maxrss`` as it exits, so the
-    figure is that of this one fit, whatever other children the caller has run.
+    The child reports its own peak (``VmHWM`` of /proc/self/status, the high-water mark of
+    its address space) as it exits, so the figure is that of this one fit. Not
+    ``getrusage().ru_maxrss``: Linux carries the parent's peak into a child started by
+    vfork + exec (as subprocess does), so a big caller would mask the child's own figure.
     """
-    code = ("import resource, sys\n"
+    code = ("import sys\n"
             "from patchcore_fast.cli import main\n"
             "rc = main(sys.argv[1:])\n"
-            "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+            "print('peak_rss_kib', hwm.split()[1])\n"
             "sys.exit(rc)\n")
     t0 = time.perf_counter()
+    # The child imports the same patchcore_fast as this process, and runs outside the
+    # repository (`python -c` puts the working directory first on the path, where a source
+    # tree without its compiled library would shadow the package).
+    import patchcore_fast
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = (os.path.dirname(os.path.dirname(os.path.abspath(
+        patchcore_fast.__file__))) + os.pathsep + env.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code, "fit", str(folder), "-o", str(model),
-                           *args], capture_output=True, text=True)
+                           *args], capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir())
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"fit failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    kib = int(proc.stdout.split("peak_rss_kib")[-1].split()[0])  # ru_maxrss: KiB on Linux
+    kib = int(proc.stdout.split("peak_rss_kib")[-1].split()[0])  # VmHWM is in kB
     return kib * 1024, seconds, proc.stderr
 
 

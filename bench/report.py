@@ -1,6 +1,7 @@
 """Turn pytest-benchmark JSON files into the markdown tables of bench/RESULTS.md.
 
     python bench/report.py /tmp/bench_coreset.json /tmp/bench_knn.json >> bench/RESULTS.md
+    python bench/report.py run.json:bottle-10pct   # only the groups whose name contains it
 
 Each group becomes a table: every entry's median, and its ratio to the kernel's median in
 the same group (so ratios always compare figures measured side by side in one run). The
@@ -24,7 +25,8 @@ def _label(name: str) -> str:
     return f"{base} [{params}]" if params else base
 
 
-def report(path: str) -> str:
+def report(arg: str) -> str:
+    path, _, only = arg.partition(":")
     data = json.load(open(path))
     mi = data.get("machine_info", {}).get("patchcore_fast", {})
     build = mi.get("build", {})
@@ -36,7 +38,8 @@ def report(path: str) -> str:
              f"{mi.get('faiss-cpu')}, anomalib {mi.get('anomalib')}.", ""]
     groups = defaultdict(list)
     for b in data["benchmarks"]:
-        groups[b["group"]].append(b)
+        if only in b["group"]:
+            groups[b["group"]].append(b)
     for group in sorted(groups):
         entries = groups[group]
         kernel = next((b for b in entries if "kernel" in b["name"]), None)
@@ -46,7 +49,7 @@ def report(path: str) -> str:
             ratio = (f"{med / kernel['stats']['median']:.2f}x" if kernel else "")
             extra = b.get("extra_info", {})
             note = ", ".join(f"{k}={v}" for k, v in extra.items()
-                             if k in ("peak_extra_mb", "max_rel_diff_vs_faiss", "images_per_s"))
+                             if k in ("max_rel_diff_vs_faiss", "images_per_s"))
             lines.append(f"| {_label(b['name'])}{' (' + note + ')' if note else ''} | "
                          f"{_fmt(med)} | {b['stats']['rounds']} | {ratio} |")
         lines.append("")

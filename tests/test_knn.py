@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -297,8 +298,10 @@ def test_large_problem_bounded_memory():
     # tree with its library built in place), not whatever the repository root holds.
     root = os.path.dirname(os.path.dirname(os.path.abspath(patchcore_fast.__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    # Run outside the repository too: `python -c` puts the working directory first on the
+    # path, where a source tree without its compiled library would shadow the package.
     res = subprocess.run([sys.executable, "-c", _LARGE_SCRIPT], capture_output=True,
-                         text=True, env=env, timeout=600)
+                         text=True, env=env, timeout=600, cwd=tempfile.gettempdir())
     assert res.returncode == 0, res.stderr
     extra = float(res.stdout.split("EXTRA_MB")[1])
     assert extra < 256, f"peak memory grew by {extra:.0f} MB"

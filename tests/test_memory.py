@@ -2,7 +2,7 @@
 
 The small version of ``bench/bench_memory.py`` (the 1,000-image acceptance run). Absolute
 peaks depend on the machine's torch build and allocator, so the test compares how the peak
-grows from 8 to 56 images on both paths: the in-memory path by at least the full bank
+grows from 8 to 120 images on both paths: the in-memory path by at least the full bank
 (N x 784 x 1,024 x 4 bytes, twice while it is concatenated); the streaming path by the
 128-d projections (an eighth of it) plus allocator noise.
 """
@@ -24,7 +24,9 @@ BANK_BYTES_PER_IMAGE = 784 * 1024 * 4  # full-width rows of one 224 x 224 image
 
 @pytest.mark.slow
 def test_streaming_fit_peak_rss_grows_with_projections_only(tmp_path):
-    small, large = 8, 56
+    # A wide gap (112 images: 343 MiB of full-width rows) keeps the comparison far above
+    # the allocator's noise (70-140 MiB seen between runs of the same fit).
+    small, large = 8, 120
     peaks = {}
     for n in (small, large):
         folder = tmp_path / f"good{n}"
@@ -34,14 +36,13 @@ def test_streaming_fit_peak_rss_grows_with_projections_only(tmp_path):
                 folder, tmp_path / f"m{n}.safetensors", ARGS + extra)
     growth = {path: peaks[path, large] - peaks[path, small]
               for path in ("streaming", "in-memory")}
-    full = (large - small) * BANK_BYTES_PER_IMAGE  # 147 MiB of full-width rows
+    full = (large - small) * BANK_BYTES_PER_IMAGE  # 343 MiB of full-width rows
     print("peak RSS (MiB): " + ", ".join(f"{path} {n} images {v / 2**20:.0f}"
                                          for (path, n), v in peaks.items())
           + f"; full-width rows added: {full / 2**20:.0f}")
     # The in-memory path holds the rows (and a second copy while concatenating them): the
     # measurement sees at least them. Streaming adds (large - small) x 784 x 128 x 4 bytes
-    # (18 MiB) of projections plus allocator noise (about 70 MiB measured on 2 cores);
-    # measured 94 MiB against 300+ MiB.
+    # (43 MiB) of projections plus allocator noise (70-140 MiB measured on 2 cores).
     assert growth["in-memory"] >= full
     assert growth["streaming"] < growth["in-memory"] / 2
     assert peaks["streaming", large] < peaks["in-memory", large]
