@@ -92,6 +92,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
 
 
+def _loaded_model_options(p: argparse.ArgumentParser) -> None:
+    """Options of the verbs that run a fitted model (score, evaluate)."""
+    p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
+                   "fitted with a local file that has moved")
+    _common(p)
+
+
 def _model_options(p: argparse.ArgumentParser, many_ratios: bool = False) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="wide_resnet50_2",
@@ -159,9 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     p.add_argument("--resume", action="store_true", help="skip the images already scored "
                    "in OUTDIR (by an earlier run, finished or killed)")
-    p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
-                   "fitted with a local file that has moved")
-    _common(p)
+    _loaded_model_options(p)
 
     p = sub.add_parser("evaluate", help="metrics on labelled test images",
                        epilog=_EVAL_EXAMPLES, formatter_class=raw,
@@ -176,9 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", metavar="DIR", help="ground-truth masks named like the images")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
-    p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
-                   "fitted with a local file that has moved")
-    _common(p)
+    _loaded_model_options(p)
 
     p = sub.add_parser("study", help="accuracy and fit time against the coreset ratio",
                        epilog=_STUDY_EXAMPLES, formatter_class=raw,
@@ -302,18 +305,25 @@ def _map_range(maps: np.ndarray) -> tuple[float, float]:
 
 # ----- verbs --------------------------------------------------------------------------
 
-def _fit_targets(args: argparse.Namespace) -> list[tuple[str, Path, Path]]:
-    """(name, training folder, model file) per model to fit."""
+def _mvtec_categories(data: Path, category: list[str] | None) -> list[tuple[str, Path]] | None:
+    """(name, folder) of the MVTec-style categories that DATA and --category name; None when
+    DATA is neither a data set root with --category nor a category folder itself."""
     from .data import is_mvtec_category, resolve_categories
 
-    data, out = Path(args.data), Path(args.output)
     if not data.exists():
         raise PatchCoreError(f"data folder {data} does not exist")
-    if args.category:
-        cats = resolve_categories(data, args.category)
-    elif is_mvtec_category(data):
-        cats = [(data.name, data)]
-    else:
+    if category:
+        return resolve_categories(data, category)
+    if is_mvtec_category(data):
+        return [(data.name, data)]
+    return None
+
+
+def _fit_targets(args: argparse.Namespace) -> list[tuple[str, Path, Path]]:
+    """(name, training folder, model file) per model to fit."""
+    data, out = Path(args.data), Path(args.output)
+    cats = _mvtec_categories(data, args.category)
+    if cats is None:
         if not data.is_dir():
             raise PatchCoreError(f"{data} is not a folder of images")
         name = out.stem
@@ -475,7 +485,7 @@ def cmd_score(args: argparse.Namespace, log: _Log) -> int:
 
 def _eval_sets(args: argparse.Namespace) -> list[tuple[str, Path | None, list, list[str]]]:
     """(name, model file, test images, skipped) per evaluation."""
-    from .data import folder_test, is_mvtec_category, mvtec_test, resolve_categories
+    from .data import folder_test, mvtec_test
 
     model = Path(args.model)
     if args.good or args.defective:
@@ -487,13 +497,8 @@ def _eval_sets(args: argparse.Namespace) -> list[tuple[str, Path | None, list, l
     if not args.data:
         raise PatchCoreError("give DATA (MVTec-style) or --good and --defective folders")
     data = Path(args.data)
-    if not data.exists():
-        raise PatchCoreError(f"data folder {data} does not exist")
-    if args.category:
-        cats = resolve_categories(data, args.category)
-    elif is_mvtec_category(data):
-        cats = [(data.name, data)]
-    else:
+    cats = _mvtec_categories(data, args.category)
+    if cats is None:
         raise PatchCoreError(f"{data} is not an MVTec-style category (no train/good); give "
                              f"--category, or --good and --defective folders")
     out = []
@@ -639,17 +644,12 @@ def cmd_study(args: argparse.Namespace, log: _Log) -> int:
     import torch
 
     from . import metrics
-    from .data import is_mvtec_category, mvtec_test, resolve_categories
+    from .data import mvtec_test
     from .model import PatchCore
 
     data = Path(args.data)
-    if not data.exists():
-        raise PatchCoreError(f"data folder {data} does not exist")
-    if args.category:
-        cats = resolve_categories(data, args.category)
-    elif is_mvtec_category(data):
-        cats = [(data.name, data)]
-    else:
+    cats = _mvtec_categories(data, args.category)
+    if cats is None:
         raise PatchCoreError(f"{data} is not an MVTec-style category; give --category")
     ratios = sorted(set(args.coreset_ratio))
     out = Path(args.output)

@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "sqdist.h"
 
 namespace patchcore_fast {
 namespace {
@@ -54,16 +55,6 @@ namespace {
 // Below this many distance terms the first pass runs on one thread.
 constexpr int64_t kParallelTerms = 1 << 16;
 
-// Squared Euclidean distance with direct differences (the accurate form of the reference).
-inline float sqdist(const float* __restrict a, const float* __restrict b, int64_t d) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < d; ++i) {
-    const float t = a[i] - b[i];
-    s += t * t;
-  }
-  return s;
-}
 
 // Squared distances from a to kGroup consecutive rows b[0..kGroup) (row stride d), each
 // summed exactly as sqdist sums it. Independent accumulators keep the FMA units busy where

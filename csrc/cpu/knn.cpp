@@ -28,6 +28,7 @@
 
 #include "../common.h"
 #include "../knn_refine.h"
+#include "sqdist.h"
 
 namespace patchcore_fast {
 namespace {
@@ -77,17 +78,6 @@ inline void pool_push(Pool& p, int64_t kc, int64_t cap, float v, int64_t i) {
   }
 }
 
-// ||a - b||^2 with direct differences: every term is >= 0, so the relative error is at
-// most gamma_D (no cancellation), whatever the norms. Vector lanes give a blocked sum.
-inline float sqdist_exact(const float* a, const float* b, int64_t d) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t t = 0; t < d; ++t) {
-    const float x = a[t] - b[t];
-    s += x * x;
-  }
-  return s;
-}
 
 inline double sqnorm_double(const float* a, int64_t d) {
   double s = 0.0;
@@ -141,7 +131,7 @@ void exact_scan_row(const float* q, const float* bank, int64_t m, int64_t d, int
                     Entry* scratch, float* od, int64_t* oi) {
   Pool p{scratch, 0, kInf};
   for (int64_t j = 0; j < m; ++j) {
-    pool_push(p, k, 2 * k, euclid(sqdist_exact(q, bank + j * d, d)), j);
+    pool_push(p, k, 2 * k, euclid(sqdist(q, bank + j * d, d)), j);
   }
   write_best(p.e, p.n, k, od, oi);
 }
@@ -164,7 +154,7 @@ void finish_row(const Problem& P, int64_t row, Pool& p, std::vector<Entry>& scan
   int64_t* oi = P.out_i + row * P.k;
   const float thr = p.thr;  // every bank row outside the pool has e(q, b) >= thr
   for (int64_t t = 0; t < p.n; ++t) {
-    p.e[t].v = euclid(sqdist_exact(q, P.bank + p.e[t].i * P.d, P.d));
+    p.e[t].v = euclid(sqdist(q, P.bank + p.e[t].i * P.d, P.d));
   }
   std::partial_sort(p.e, p.e + P.k, p.e + p.n);
   bool certified = p.n == P.m;  // the pool holds the whole bank
@@ -172,7 +162,7 @@ void finish_row(const Problem& P, int64_t row, Pool& p, std::vector<Entry>& scan
     const double qn = sqnorm_double(q, P.d);
     const double lower = static_cast<double>(thr) + qn - P.bound(std::sqrt(qn), P.bmax);
     // The k-th winner's squared distance (recomputed: the same deterministic value).
-    const float kth_sq = sqdist_exact(q, P.bank + p.e[P.k - 1].i * P.d, P.d);
+    const float kth_sq = sqdist(q, P.bank + p.e[P.k - 1].i * P.d, P.d);
     certified = static_cast<double>(kth_sq) <= lower;
   }
   if (certified) {
