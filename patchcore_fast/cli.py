@@ -89,6 +89,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="unreadable images or masks: skip (default: a warning naming each "
                         "file, a count at the end) or fail (stop with one error line)")
+    g.add_argument("--temp-dir", metavar="DIR", help="folder of the temporary files that keep "
+                   "memory bounded (fit: training features, images x 3.2 MB at 224 px; score "
+                   "and evaluate: maps, images x 0.2 MB); default $TMPDIR; always removed")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
 
 
@@ -146,9 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="MODEL",
                    help="model file (.safetensors), or a folder for several categories")
     g = p.add_argument_group("memory")
-    g.add_argument("--temp-dir", metavar="DIR", help="folder of the temporary feature file "
-                   "of the bounded-memory fit (default $TMPDIR; needs images x 3.2 MB at "
-                   "224 px, removed at the end)")
     g.add_argument("--in-memory", action="store_true", help="hold every training patch in "
                    "memory instead (images x 3.2 MB of RAM at 224 px; same bank)")
     _model_options(p)
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", metavar="DIR", help="ground-truth masks named like the images")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--save-maps", action="store_true", help="also write each raw map as "
+                   "maps/<defect>/<image>.npy (crop x crop float32)")
     _loaded_model_options(p)
 
     p = sub.add_parser("study", help="accuracy and fit time against the coreset ratio",
@@ -298,12 +300,17 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def _map_range(maps: np.ndarray) -> tuple[float, float]:
-    # A robust colour scale shared by all overlays of a run.
-    return float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9))
+def _map_range(pixels) -> tuple[float, float]:
+    """Colour scale of the overlays: the 1st and 99.9th percentile of all map pixels.
+
+    Args:
+        pixels (metrics.PixelHistogram): every pixel of the maps drawn.
+    """
+    return pixels.quantile(0.01), pixels.quantile(0.999)
 
 
 # ----- verbs --------------------------------------------------------------------------
+
 
 def _mvtec_categories(data: Path, category: list[str] | None) -> list[tuple[str, Path]] | None:
     """(name, folder) of the MVTec-style categories that DATA and --category name; None when
@@ -388,9 +395,9 @@ def _read_done(out: Path) -> dict[str, float]:
 
 
 def cmd_score(args: argparse.Namespace, log: _Log) -> int:
-    import tempfile
-
     from .data import list_images
+    from .files import ArraySpool
+    from .metrics import PixelHistogram
 
     model = _load(args.model, args)
     out = Path(args.output)
@@ -406,12 +413,12 @@ def cmd_score(args: argparse.Namespace, log: _Log) -> int:
     crop = model.config.crop
     new: dict[str, float] = {}
     # Pass 1 scores batch by batch; each batch's maps go to an anonymous temporary file
-    # (never all in memory) and a strided sample of their pixels sets the colour scale.
-    # Pass 2 writes the images. An image enters the journal once its files are written,
-    # so a killed run resumes exactly where its outputs stop.
-    with tempfile.TemporaryFile(prefix="patchcore-fast-maps-") as maps_file:
+    # (never all in memory) and into a histogram of their pixels that sets the colour
+    # scale. Pass 2 writes the images. An image enters the journal once its files are
+    # written, so a killed run resumes exactly where its outputs stop.
+    with ArraySpool((crop, crop), np.float32, args.temp_dir) as spool:
         order: list[Path] = []
-        sample: list[np.ndarray] = []
+        pixels = PixelHistogram()
         journal = None
 
         def record(paths: Sequence[Path]) -> None:
@@ -436,17 +443,15 @@ def cmd_score(args: argparse.Namespace, log: _Log) -> int:
                     new[str(path)] = score
                 order += paths
                 if images:
-                    maps_file.write(np.ascontiguousarray(maps, dtype=np.float32).tobytes())
-                    sample.append(maps.reshape(len(maps), -1)[:, ::16].copy())
+                    spool.append(maps)
+                    for amap in maps:
+                        pixels.add(amap)
                 else:
                     record(paths)
             if images and order:
-                vmin, vmax = _map_range(np.concatenate(sample))
-                maps_file.flush()
-                size = crop * crop * 4
+                vmin, vmax = _map_range(pixels)
                 for i, path in enumerate(order):
-                    amap = np.frombuffer(os.pread(maps_file.fileno(), size, i * size),
-                                         dtype=np.float32).reshape(crop, crop)
+                    amap = spool.read(i)[0]
                     name = names[path]
                     if not args.no_overlays:
                         _write_overlay(out / "overlays" / f"{name}.png", path, amap,
@@ -545,62 +550,86 @@ def _usable_masks(items, skipped: list[str]) -> list:
     return out
 
 
-def _masks_for(items, preprocess) -> np.ndarray | None:
+def _mask_of(item, preprocess) -> np.ndarray:
+    """Ground truth of one test image at crop resolution (all False without a mask)."""
     from .data import UnreadableImage, read_mask
 
-    if not any(i.mask for i in items):
-        return None
-    masks = []
-    for i in items:
-        if i.label and i.mask is None:
-            return None  # a defective image without ground truth: no pixel metrics
-        try:
-            m = read_mask(i.mask) if i.mask else None
-        except UnreadableImage as exc:
-            raise PatchCoreError(f"cannot read mask {i.mask}: {exc}") from None
-        masks.append(preprocess.mask(m).numpy())
-    return np.stack(masks)
+    try:
+        m = read_mask(item.mask) if item.mask else None
+    except UnreadableImage as exc:
+        raise PatchCoreError(f"cannot read mask {item.mask}: {exc}") from None
+    return preprocess.mask(m).numpy()
+
+
+def _has_ground_truth(kept) -> bool:
+    """Pixel metrics need a mask for every defective image (good ones may have none)."""
+    return any(i.mask for i in kept) and all(i.mask for i in kept if i.label)
 
 
 def _evaluate_one(name: str, model, items, skipped: list[str], out: Path, args, log: _Log
                   ) -> dict:
     from . import metrics
+    from .files import ArraySpool
+    from .metrics import PixelHistogram
 
     items = _usable_masks(items, skipped)
     by_path = {i.path: i for i in items}
-    t0 = time.perf_counter()
-    paths, scores, maps = [], [], []
-    for p, s, m in model.predict_batches([i.path for i in items], skipped,
-                                         progress=not args.quiet):
-        paths += p
-        scores.append(s)
-        maps.append(m)
-    if not paths:
-        raise PatchCoreError(f"none of the test images of {name} could be read")
-    seconds = time.perf_counter() - t0
-    kept = [by_path[p] for p in paths]
-    scores_arr, maps_arr = np.concatenate(scores), np.concatenate(maps)
-    masks = _masks_for(kept, model.preprocess)
-    labels = [i.label for i in kept]
-    result = metrics.evaluate(labels, scores_arr, [i.defect for i in kept], masks, maps_arr)
-    result = {"category": name, **result, "skipped": skipped,
-              "score_seconds": seconds, "seconds_per_image": seconds / len(paths),
-              "model": {"file": str(args.model), "config": json.loads(model.config.to_json()),
-                        "fit_stats": model.fit_stats}}
-    if not args.no_overlays:
-        vmin, vmax = _map_range(maps_arr)
-        for item, amap in zip(kept, maps_arr):
-            _write_overlay(out / "overlays" / item.defect / f"{item.path.stem}.png", item.path,
-                           amap, model.preprocess, vmin, vmax)
+    crop = model.config.crop
+    kept, scores = [], []
+    # Bounded memory: each map is counted into the histogram of its defect type (pixel
+    # AUROC, PRO, colour scale) and parked in a temporary file for the overlays; no
+    # array of all maps or masks is ever built.
+    pixels: dict[str, PixelHistogram] = {}
+    seconds = 0.0
+    with ArraySpool((crop, crop), np.float32, args.temp_dir) as spool:
+        batches = model.predict_batches([i.path for i in items], skipped,
+                                        progress=not args.quiet)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            seconds += time.perf_counter() - t0  # scoring time (not the bookkeeping)
+            if batch is None:
+                break
+            paths, batch_scores, maps = batch
+            for path, amap in zip(paths, maps):
+                item = by_path[path]
+                kept.append(item)
+                pixels.setdefault(item.defect, PixelHistogram()).add(
+                    amap, _mask_of(item, model.preprocess) if item.mask else None)
+            scores.append(batch_scores)
+            if not args.no_overlays or args.save_maps:
+                spool.append(maps)
+        if not kept:
+            raise PatchCoreError(f"none of the test images of {name} could be read")
+        scores_arr = np.concatenate(scores)
+        labels = [i.label for i in kept]
+        truth = _has_ground_truth(kept)
+        result = metrics.evaluate(labels, scores_arr, [i.defect for i in kept],
+                                  pixels=pixels if truth else None)
+        result = {"category": name, **result, "skipped": skipped,
+                  "score_seconds": seconds, "seconds_per_image": seconds / len(kept),
+                  "model": {"file": str(args.model),
+                            "config": json.loads(model.config.to_json()),
+                            "fit_stats": model.fit_stats}}
+        everything = PixelHistogram.combined(list(pixels.values()))
+        vmin, vmax = _map_range(everything)
+        for i, item in enumerate(kept if spool.count else ()):
+            amap = spool.read(i)[0]
+            if not args.no_overlays:
+                _write_overlay(out / "overlays" / item.defect / f"{item.path.stem}.png",
+                               item.path, amap, model.preprocess, vmin, vmax)
+            if args.save_maps:
+                _write_npy(out / "maps" / item.defect / f"{item.path.stem}.npy", amap)
     write_text(out / "scores.csv", _csv_text(
         ["file", "defect", "label", "score"],
         [[str(i.path), i.defect, i.label, s] for i, s in zip(kept, scores_arr.tolist())]))
-    metrics.save_roc_plot(out / "roc.png", labels, scores_arr, masks, maps_arr, title=name)
+    metrics.save_roc_plot(out / "roc.png", labels, scores_arr, everything if truth else None,
+                          title=name)
     write_text(out / "metrics.json", json.dumps(result, indent=2))
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     log(f"{name}: image AUROC {fmt(result['image_auroc'])}, pixel AUROC "
         f"{fmt(result['pixel_auroc'])}, PRO {fmt(result['pro'])}, F1-max "
-        f"{fmt(result['f1_max'])} ({len(paths)} images, {seconds:.1f} s) -> {out}/metrics.json")
+        f"{fmt(result['f1_max'])} ({len(kept)} images, {seconds:.1f} s) -> {out}/metrics.json")
     return result
 
 
@@ -645,6 +674,8 @@ def cmd_study(args: argparse.Namespace, log: _Log) -> int:
 
     from . import metrics
     from .data import mvtec_test
+    from .files import ArraySpool
+    from .metrics import PixelHistogram
     from .model import PatchCore
 
     data = Path(args.data)
@@ -657,42 +688,59 @@ def cmd_study(args: argparse.Namespace, log: _Log) -> int:
     rows = []
     for name, folder in cats:
         skipped: list[str] = []
-        items = mvtec_test(folder, skipped)
+        items = _usable_masks(mvtec_test(folder, skipped), skipped)
         by_path = {i.path: i for i in items}
         model = PatchCore(base)
-        t0 = time.perf_counter()
-        train = [p.reshape(-1, p.shape[-1]) for _, p in model.embed_batches(
-            folder / "train" / "good", skipped, not args.quiet, f"{name}: train features")]
-        if not train:
-            raise PatchCoreError(f"none of the training images of {name} could be read")
-        train_t = torch.cat(train)
-        feature_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        test = list(model.embed_batches([i.path for i in items], skipped, not args.quiet,
-                                        f"{name}: test features"))
-        test_seconds = time.perf_counter() - t0
-        kept = [by_path[p] for paths, _ in test for p in paths]
-        masks = _masks_for(kept, model.preprocess)
-        labels = [i.label for i in kept]
-        for ratio in ratios:
-            model.config.coreset_ratio = ratio
-            model.fit_embeddings(train_t, progress=not args.quiet)
-            fit_s = feature_seconds + model.fit_stats["coreset_seconds"] + \
-                model.fit_stats["neighbour_seconds"]
+        crop = base.crop
+        # Bounded memory: the test embeddings (scored again at every ratio) and their
+        # masks wait in temporary files; the training features stream through the fit
+        # once (PatchCore.fit_each_ratio) and every ratio's bank is read back from there.
+        with contextlib.ExitStack() as stack:
             t0 = time.perf_counter()
-            pairs = [model.score_embeddings(p, model.grid) for _, p in test]
-            score_s = time.perf_counter() - t0 + test_seconds
-            scores = torch.cat([s for s, _ in pairs]).numpy()
-            maps = torch.cat([m for _, m in pairs]).numpy()
-            r = metrics.evaluate(labels, scores, [i.defect for i in kept], masks, maps)
-            rows.append({"category": name, "coreset_ratio": ratio,
-                         "bank_rows": model.fit_stats["bank_rows"],
-                         "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"],
-                         "pro": r["pro"], "f1_max": r["f1_max"], "fit_seconds": fit_s,
-                         "coreset_seconds": model.fit_stats["coreset_seconds"],
-                         "score_seconds_per_image": score_s / max(len(kept), 1)})
-            log(f"{name} ratio {ratio}: image AUROC {r['image_auroc']}, pixel AUROC "
-                f"{r['pixel_auroc']}, PRO {r['pro']}, fit {fit_s:.1f} s")
+            embeddings = masks = None
+            kept = []
+            for paths, patches in model.embed_batches([i.path for i in items], skipped,
+                                                      not args.quiet, f"{name}: test features"):
+                if embeddings is None:
+                    embeddings = stack.enter_context(ArraySpool(
+                        patches.shape[1:], np.float32, args.temp_dir))
+                    masks = stack.enter_context(ArraySpool((crop, crop), np.bool_,
+                                                           args.temp_dir))
+                embeddings.append(patches.float().cpu().numpy())
+                kept += [by_path[p] for p in paths]
+                masks.append(np.stack([_mask_of(by_path[p], model.preprocess)
+                                       for p in paths]))
+            if not kept:
+                raise PatchCoreError(f"none of the test images of {name} could be read")
+            test_seconds = time.perf_counter() - t0
+            grid = model.grid
+            labels = [i.label for i in kept]
+            defects = [i.defect for i in kept]
+            truth = _has_ground_truth(kept)
+            for ratio in model.fit_each_ratio(folder / "train" / "good", ratios, skipped,
+                                              not args.quiet, args.temp_dir):
+                t0 = time.perf_counter()
+                scores, pixels, at = [], {}, 0
+                for batch in embeddings.batches(base.batch_size):
+                    s, maps = model.score_embeddings(
+                        torch.from_numpy(batch).to(model.device), grid)
+                    scores.append(s.numpy())
+                    for amap, mask in zip(maps.numpy(), masks.read(at, at + len(batch))):
+                        pixels.setdefault(defects[at], PixelHistogram()).add(amap, mask)
+                        at += 1
+                score_s = time.perf_counter() - t0 + test_seconds
+                scores = np.concatenate(scores)
+                r = metrics.evaluate(labels, scores, defects, pixels=pixels if truth else None)
+                st = model.fit_stats
+                rows.append({"category": name, "coreset_ratio": ratio,
+                             "bank_rows": st["bank_rows"],
+                             "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"],
+                             "pro": r["pro"], "f1_max": r["f1_max"],
+                             "fit_seconds": st["fit_seconds"],
+                             "coreset_seconds": st["coreset_seconds"],
+                             "score_seconds_per_image": score_s / len(kept)})
+                log(f"{name} ratio {ratio}: image AUROC {r['image_auroc']}, pixel AUROC "
+                    f"{r['pixel_auroc']}, PRO {r['pro']}, fit {st['fit_seconds']:.1f} s")
     keys = list(rows[0])
     write_text(out / "study.csv", _csv_text(keys, [[r[k] for k in keys] for r in rows]))
     write_text(out / "study.json", json.dumps({"config": json.loads(base.to_json()),

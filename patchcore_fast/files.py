@@ -1,4 +1,5 @@
-"""Atomic output files: a reader never sees half a file, and a failed run leaves none."""
+"""Files: atomic outputs (a reader never sees half a file, a failed run leaves none) and
+anonymous temporary spools for results too large to keep in memory."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
+
+from .errors import PatchCoreError
 
 
 @contextlib.contextmanager
@@ -46,3 +51,80 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a binary file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+class ArraySpool:
+    """Equal-shaped arrays parked in an anonymous temporary file, read back one by one.
+
+    For results too many to hold in memory (the anomaly maps of a whole test set, test
+    embeddings reused at several coreset ratios). The file is unlinked from the start, so
+    the operating system removes it even when the run is killed; it is read with
+    ``pread`` (page cache, not the process's resident memory).
+
+    Args:
+        shape: shape of one item, e.g. ``(crop, crop)``.
+        dtype: numpy dtype of the items.
+        temp_dir: folder of the file (default: $TMPDIR).
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype=np.float32,
+                 temp_dir: str | os.PathLike | None = None):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.item_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.temp_dir = temp_dir
+        self.count = 0
+        self._file = None
+
+    def append(self, items: np.ndarray) -> None:
+        """Add items (array[B, *shape]) after the ones already there."""
+        items = np.ascontiguousarray(items, dtype=self.dtype)
+        if items.shape[1:] != self.shape:
+            raise ValueError(f"items should be [B, {', '.join(map(str, self.shape))}], got "
+                             f"{list(items.shape)}")
+        where = self.temp_dir or tempfile.gettempdir()
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="patchcore-fast-spool-",
+                                                    dir=self.temp_dir)
+            self._file.write(memoryview(items).cast("B"))
+        except OSError as exc:
+            raise PatchCoreError(f"cannot write a temporary file in {where} "
+                                 f"({items.nbytes:,} bytes more): {exc.strerror or exc}; "
+                                 f"set TMPDIR to a folder with more space") from None
+        self.count += len(items)
+
+    def read(self, start: int, stop: int | None = None) -> np.ndarray:
+        """Items ``start`` to ``stop`` (default: just ``start``) as array[n, *shape]."""
+        stop = start + 1 if stop is None else stop
+        if not 0 <= start <= stop <= self.count:
+            raise IndexError(f"items [{start}, {stop}) out of range [0, {self.count})")
+        out = np.empty((stop - start, *self.shape), dtype=self.dtype)
+        if stop == start:
+            return out
+        self._file.flush()
+        view, got, offset = memoryview(out).cast("B"), 0, start * self.item_bytes
+        while got < len(view):
+            n = os.preadv(self._file.fileno(), [view[got:]], offset + got)
+            if n <= 0:
+                raise PatchCoreError("a temporary file is shorter than written (was it "
+                                     "removed or truncated?)")
+            got += n
+        return out
+
+    def batches(self, size: int) -> Iterator[np.ndarray]:
+        """All items in order, ``size`` at a time."""
+        for lo in range(0, self.count, size):
+            yield self.read(lo, min(lo + size, self.count))
+
+    def close(self) -> None:
+        """Remove the file (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "ArraySpool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import __version__
 from .backbone import Backbone, BackboneInfo, file_sha256, load_backbone
-from .coreset import select_coreset
+from .coreset import coreset_size, select_coreset
 from .data import Preprocess, iterate_images, list_images
 from .errors import PatchCoreError
 from .features import PatchEmbedder
@@ -287,11 +287,46 @@ class PatchCore:
     def _fit_streaming(self, paths: list[Path], skipped: list[str] | None, progress: bool,
                        temp_dir: str | os.PathLike | None) -> "PatchCore":
         """Steps 1-7 in bounded memory (see :meth:`fit`)."""
+        for _ in self._fit_ratios(paths, [self.config.coreset_ratio], skipped, progress,
+                                  temp_dir):
+            pass
+        return self
+
+    def fit_each_ratio(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
+                       ratios: Sequence[float], skipped: list[str] | None = None,
+                       progress: bool = False, temp_dir: str | os.PathLike | None = None
+                       ) -> Iterator[float]:
+        """Fit at several coreset ratios, extracting the training features once.
+
+        The bounded-memory fit of :meth:`fit` whose first pass (features -> temporary file
+        and projections) is shared: for each ratio the selection runs on the kept
+        projections and the chosen rows are read back. Each bank is the one :meth:`fit`
+        gives at that ratio.
+
+        Args:
+            images: good image files and/or folders.
+            ratios: coreset ratios, in (0, 1].
+            skipped, progress, temp_dir: as :meth:`fit`.
+
+        Yields:
+            each ratio, once the model holds its bank (``config.coreset_ratio`` is set to it;
+            ``fit_stats`` has its times).
+        """
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        paths = list_images(list(images), "input", skipped)
+        yield from self._fit_ratios(paths, ratios, skipped, progress, temp_dir)
+
+    def _fit_ratios(self, paths: list[Path], ratios: Sequence[float],
+                    skipped: list[str] | None, progress: bool,
+                    temp_dir: str | os.PathLike | None) -> Iterator[float]:
         from tqdm.auto import tqdm
 
         from .streaming import StreamingCoreset
 
         c = self.config
+        for r in ratios:
+            coreset_size(1, r)  # validates every ratio before any work
         t0 = time.perf_counter()
         n_images = 0
         with StreamingCoreset(c.coreset_ratio, c.projection_dim, c.seed,
@@ -307,21 +342,26 @@ class PatchCore:
                 n_images += len(batch)
             if sc.n == 0:
                 raise PatchCoreError("none of the training images could be read")
-            t1 = time.perf_counter()
-            # Pass 2: the greedy selection on the projections, then the chosen rows.
-            with torch.inference_mode(), tqdm(total=2, desc="fit: coreset and gather",
-                                              disable=not progress, leave=False) as bar:
-                idx = sc.select()
-                bar.update()
-                bank = sc.gather(idx).contiguous()
-                bar.update()
-            n_patches = sc.n
-        t2 = time.perf_counter()
-        self._set_bank(bank, progress)
-        self.fit_stats.update(patches=n_patches, images=n_images, feature_seconds=t1 - t0,
-                              coreset_seconds=t2 - t1, streaming=True)
-        self.fit_stats["fit_seconds"] = time.perf_counter() - t0
-        return self
+            feature_seconds = time.perf_counter() - t0
+            # Pass 2, per ratio: the greedy selection on the projections (kept for the
+            # next ratio unless this is the last), then the chosen rows.
+            for j, ratio in enumerate(ratios):
+                last = j == len(ratios) - 1
+                t1 = time.perf_counter()
+                with torch.inference_mode(), tqdm(total=2, desc="fit: coreset and gather",
+                                                  disable=not progress, leave=False) as bar:
+                    idx = sc.select(ratio, keep_projections=not last)
+                    bar.update()
+                    bank = sc.gather(idx).contiguous()
+                    bar.update()
+                t2 = time.perf_counter()
+                c.coreset_ratio = ratio
+                self._set_bank(bank, progress)
+                self.fit_stats.update(patches=sc.n, images=n_images,
+                                      feature_seconds=feature_seconds,
+                                      coreset_seconds=t2 - t1, streaming=True)
+                self.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
+                yield ratio
 
     def fit_embeddings(self, patches: Tensor, progress: bool = False) -> "PatchCore":
         """Steps 6-7 on given embeddings: coreset, bank, neighbourhoods.

@@ -73,6 +73,7 @@ class StreamingCoreset:
         self._reduced: Tensor | None = None     # [capacity, C] float32 projected rows
         self._reduced_rows = 0
         self._extra: list[Tensor] = []          # projected blocks beyond the capacity
+        self._freed = False                     # select() has dropped the projections
 
     # ----- pass 1 -------------------------------------------------------------------
 
@@ -152,6 +153,9 @@ class StreamingCoreset:
 
     def projected(self) -> Tensor:
         """The projected bank, Tensor[N, C] float32 (after the last :meth:`add`)."""
+        if self._freed:
+            raise RuntimeError("the projections were freed by select(); select with "
+                               "keep_projections=True to select again")
         self._project_block()
         self._block = None  # the last block is projected; free its memory
         parts = [] if self._reduced is None else [self._reduced[:self._reduced_rows]]
@@ -162,22 +166,28 @@ class StreamingCoreset:
         self._reduced, self._reduced_rows, self._extra = out, len(out), []
         return out
 
-    def select(self) -> Tensor:
+    def select(self, ratio: float | None = None, keep_projections: bool = False) -> Tensor:
         """Indices of the coreset rows, as :func:`select_coreset` gives on the whole bank.
+
+        Args:
+            ratio: fraction kept (default: the one given at construction).
+            keep_projections: keep the projected bank for another selection (at another
+                ratio); by default it is freed, as the rows are about to be read back.
 
         Returns:
             Tensor[k] int64 on the rows' device, in selection order.
         """
         if self.n == 0:
             raise ValueError("no rows were added")
-        k = coreset_size(self.n, self.ratio)
+        k = coreset_size(self.n, self.ratio if ratio is None else ratio)
         if k == self.n:
-            return torch.arange(self.n, device=self.device)
-        start, _ = coreset_start_and_projection(self.n, self.dim, self.projection_dim,
-                                                self.seed)
-        idx = ops.greedy_coreset(self.projected(), k, start)
-        # The projections are not needed any more; the bank rows are about to be read.
-        self._reduced, self._extra = None, []
+            idx = torch.arange(self.n, device=self.device)
+        else:
+            start, _ = coreset_start_and_projection(self.n, self.dim, self.projection_dim,
+                                                    self.seed)
+            idx = ops.greedy_coreset(self.projected(), k, start)
+        if not keep_projections:
+            self._reduced, self._extra, self._freed = None, [], True
         return idx
 
     def gather(self, idx: Tensor) -> Tensor:

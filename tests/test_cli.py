@@ -76,6 +76,26 @@ def test_evaluate_and_score_outputs(fitted, demo, tmp_path, capsys):
     assert not [p for p in _files(tmp_path) if p.name.endswith(".tmp")]
 
 
+def test_study_rows_match_fit_and_evaluate(fitted, demo, tmp_path):
+    # The study fits every ratio from one feature pass and scores spooled test features:
+    # each row must be what fit + evaluate give at that ratio.
+    out = tmp_path / "study"
+    assert main(["study", str(demo), "--category", "widget", "-o", str(out),
+                 "--backbone", "efficientnet_lite0", "--coreset-ratio", "0.25", "0.05",
+                 *SMALL]) == 0
+    rows = list(csv.DictReader((out / "study.csv").open()))
+    assert [float(r["coreset_ratio"]) for r in rows] == [0.05, 0.25]
+    assert (out / "study.png").is_file() and (out / "study.json").is_file()
+    ev = tmp_path / "eval"
+    assert main(["evaluate", str(fitted), str(demo), "--category", "widget", "-o", str(ev),
+                 "--no-overlays", *SMALL[4:]]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert int(rows[1]["bank_rows"]) == PatchCore.load(fitted).bank.shape[0]
+    for key in ("image_auroc", "pixel_auroc", "pro", "f1_max"):
+        assert float(rows[1][key]) == pytest.approx(m[key], abs=1e-12), key
+    assert int(rows[0]["bank_rows"]) < int(rows[1]["bank_rows"])
+
+
 def test_save_load_score_identical(demo, tmp_path):
     cfg = PatchCoreConfig(backbone="efficientnet_lite0", image_size=64, crop=64,
                           coreset_ratio=0.2, device="cpu")

@@ -1,4 +1,5 @@
-"""Bounded-memory fit: peak RSS grows with the projected bank, not with the full bank.
+"""Bounded memory: fit's peak RSS grows with the projected bank, not with the full bank;
+evaluate holds no arrays of the whole test set.
 
 The small version of ``bench/bench_memory.py`` (the 1,000-image acceptance run). Absolute
 peaks depend on the machine's torch build and allocator, so the test compares how the peak
@@ -8,8 +9,11 @@ grows from 8 to 120 images on both paths: the in-memory path by at least the ful
 """
 
 import importlib.util
+import json
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 _BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_memory.py"
@@ -46,3 +50,57 @@ def test_streaming_fit_peak_rss_grows_with_projections_only(tmp_path):
     assert growth["in-memory"] >= full
     assert growth["streaming"] < growth["in-memory"] / 2
     assert peaks["streaming", large] < peaks["in-memory", large]
+
+
+def _labelled_set(root: Path, n_good: int, n_defective: int, size: int = 224) -> list[str]:
+    """Folder layout with masks: good/, defective/ and masks/ (a square defect each)."""
+    from PIL import Image
+
+    bench_memory.write_images(root / "good", n_good, size, seed=1)
+    bench_memory.write_images(root / "defective", n_defective, size, seed=2)
+    (root / "masks").mkdir()
+    for i in range(n_defective):
+        mask = np.zeros((size, size), np.uint8)
+        mask[40 + i % 50:90 + i % 50, 60:100] = 255
+        Image.fromarray(mask).save(root / "masks" / f"{i:05d}.png")
+    return ["--good", str(root / "good"), "--defective", str(root / "defective"),
+            "--masks", str(root / "masks")]
+
+
+def test_evaluate_holds_no_maps_of_the_whole_set(tmp_path, monkeypatch):
+    # The numpy memory evaluate holds at its peak must not grow with the number of test
+    # images: maps are counted into histograms (kept tiny here by a small MAX_BINS) and
+    # parked in a temporary file. Holding the maps of 40 more 224 x 224 images would add
+    # 8 MB (and sorting all their pixels for exact metrics tens of MB more). tracemalloc
+    # sees numpy's buffers (not torch's, nor Pillow's: the backbone does not count).
+    from patchcore_fast import metrics
+    from patchcore_fast.cli import main
+
+    monkeypatch.setattr(metrics, "MAX_BINS", 4096)
+    bench_memory.write_images(tmp_path / "train", 3, 224, seed=0)
+    model = tmp_path / "m.safetensors"
+    args = ["--device", "cpu", "--quiet", "--batch-size", "4"]
+    assert main(["fit", str(tmp_path / "train"), "-o", str(model), "--backbone", "resnet18",
+                 "--pretrained", "false", "--image-size", "224", "--crop", "224",
+                 "--coreset-ratio", "0.1", *args]) == 0
+    peaks = {}
+    for n in (6, 46):
+        layout = _labelled_set(tmp_path / f"test{n}", n // 2, n - n // 2)
+        if not peaks:  # a first, untraced run: imports and one-off caches (matplotlib's)
+            assert main(["evaluate", str(model), *layout, "-o", str(tmp_path / "warm"),
+                         *args]) == 0
+        tracemalloc.start()
+        try:
+            assert main(["evaluate", str(model), *layout, "-o", str(tmp_path / f"eval{n}"),
+                         *args]) == 0
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        m = json.loads((tmp_path / f"eval{n}" / "metrics.json").read_text())
+        assert m["counts"]["images"] == n and m["pixel_auroc"] is not None
+        assert not m["pixel_binning"]["exact"]   # the small MAX_BINS was in force
+        assert len(list((tmp_path / f"eval{n}" / "overlays").rglob("*.png"))) == n
+    extra_maps = (46 - 6) * 224 * 224 * 4
+    print(f"traced numpy peak: 6 images {peaks[6] / 2**20:.1f} MiB, 46 images "
+          f"{peaks[46] / 2**20:.1f} MiB; the 40 extra maps alone: {extra_maps / 2**20:.1f} MiB")
+    assert peaks[46] - peaks[6] < extra_maps / 4

@@ -71,6 +71,133 @@ def test_evaluate_perfect_and_per_defect():
 def test_roc_plot(tmp_path):
     masks = np.zeros((2, 4, 4), dtype=bool)
     masks[1, 0, 0] = True
-    metrics.save_roc_plot(tmp_path / "roc.png", [0, 1], [0.1, 0.9], masks, masks * 1.0)
+    hist = metrics.PixelHistogram()
+    for m in masks:
+        hist.add(m * 1.0, m)
+    metrics.save_roc_plot(tmp_path / "roc.png", [0, 1], [0.1, 0.9], hist)
     assert (tmp_path / "roc.png").stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]
+
+
+# ----- PixelHistogram: pixel AUROC and PRO in bounded memory, against the exact oracle ----
+
+def _random_set(seed=0, n=24, size=48, levels=None):
+    """Maps and masks with several regions per image, some images defect-free."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), dtype=bool)
+    for i in range(n // 3, n):
+        for _ in range(int(rng.integers(1, 4))):
+            y, x = rng.integers(0, size - 12, 2)
+            masks[i, y:y + rng.integers(1, 12), x:x + rng.integers(1, 12)] = True
+    maps = rng.normal(size=masks.shape) + masks * rng.uniform(0, 2, (n, 1, 1))
+    if levels:  # many exact ties
+        maps = np.round(maps * levels) / levels
+    return masks, maps.astype(np.float32)
+
+
+def _hist(masks, maps, max_bins=None):
+    h = metrics.PixelHistogram(max_bins)
+    for m, a in zip(masks, maps):
+        h.add(a, m)
+    return h
+
+
+@pytest.mark.parametrize("levels", [None, 8])
+def test_histogram_is_exact_below_max_bins(levels):
+    masks, maps = _random_set(levels=levels)
+    h = _hist(masks, maps)
+    assert h.exact and h.auroc_error() == 0.0 and h.pro_error() == 0.0
+    assert h.auroc() == pytest.approx(metrics.pixel_auroc(masks, maps), abs=1e-12)
+    assert h.pro() == pytest.approx(metrics.pro_score(masks, maps), abs=1e-12)
+    for max_fpr in (0.05, 1.0):
+        assert h.pro(max_fpr) == pytest.approx(metrics.pro_score(masks, maps, max_fpr),
+                                               abs=1e-12)
+
+
+@pytest.mark.parametrize("max_bins", [64, 1000, 20_000])
+def test_histogram_coarse_bins_stay_within_their_bound(max_bins):
+    masks, maps = _random_set(seed=1)
+    h = _hist(masks, maps, max_bins)
+    assert not h.exact and h.keys.size <= max_bins
+    a_err, p_err = h.auroc_error(), h.pro_error()
+    assert 0 < a_err and 0 < p_err
+    assert abs(h.auroc() - metrics.pixel_auroc(masks, maps)) <= a_err + 1e-12
+    assert abs(h.pro() - metrics.pro_score(masks, maps)) <= p_err + 1e-12
+
+
+def test_histogram_bound_shrinks_with_more_bins():
+    masks, maps = _random_set(seed=2)
+    bounds = [_hist(masks, maps, b).auroc_error() for b in (100, 1000, 10_000)]
+    assert bounds[0] > bounds[1] > bounds[2]
+
+
+def test_histogram_negative_scores_and_signed_zero():
+    masks, maps = _random_set(seed=3)
+    maps = maps - 1.0                   # half the scores negative
+    maps[0, :4, :4] = -0.0              # ties with +0.0
+    maps[1, :4, :4] = 0.0
+    h = _hist(masks, maps)
+    assert h.auroc() == pytest.approx(metrics.pixel_auroc(masks, maps), abs=1e-12)
+    assert h.pro() == pytest.approx(metrics.pro_score(masks, maps), abs=1e-12)
+
+
+def test_histogram_combined_equals_one_histogram_in_any_order():
+    masks, maps = _random_set(seed=4)
+    whole = _hist(masks, maps, 5000)
+    parts = [_hist(masks[i::3], maps[i::3], b) for i, b in zip(range(3), (5000, 800, 5000))]
+    merged = metrics.PixelHistogram.combined(parts)
+    # A part with coarser bins coarsens the rest: compare with the whole at that shift.
+    assert merged.shift >= max(p.shift for p in parts)
+    assert merged.auroc() == pytest.approx(metrics.pixel_auroc(masks, maps),
+                                           abs=merged.auroc_error() + 1e-12)
+    exact = metrics.PixelHistogram.combined([_hist(masks[i::3], maps[i::3]) for i in range(3)])
+    assert exact.exact
+    assert exact.auroc() == pytest.approx(metrics.pixel_auroc(masks, maps), abs=1e-12)
+    assert exact.pro() == pytest.approx(metrics.pro_score(masks, maps), abs=1e-12)
+    assert whole.regions == merged.regions == exact.regions
+
+
+def test_histogram_quantile():
+    _, maps = _random_set(seed=5)
+    h = metrics.PixelHistogram()
+    for a in maps:
+        h.add(a)
+    values = np.sort(maps.ravel())
+    for q in (0.0, 0.01, 0.5, 0.999, 1.0):
+        j = min(int(np.ceil(q * values.size)) - 1, values.size - 1)
+        assert h.quantile(q) == values[max(j, 0)]   # an exact order statistic
+    coarse = metrics.PixelHistogram(256)
+    for a in maps:
+        coarse.add(a)
+    # A coarse bin's lower edge: within one bin width below the exact value.
+    assert coarse.quantile(0.5) <= h.quantile(0.5) < coarse.quantile(0.5) + 0.1
+
+
+def test_histogram_single_class_and_bad_input():
+    h = metrics.PixelHistogram()
+    h.add(np.ones((4, 4), np.float32))
+    assert h.auroc() is None and h.pro() is None
+    with pytest.raises(ValueError, match="differ in shape"):
+        h.add(np.ones((4, 4)), np.ones((3, 4), bool))
+    with pytest.raises(ValueError, match="NaN"):
+        h.add(np.full((2, 2), np.nan))
+    with pytest.raises(ValueError, match="max_bins"):
+        metrics.PixelHistogram(1)
+
+
+def test_evaluate_from_histograms_equals_whole_arrays():
+    masks, maps = _random_set(seed=6, n=12)
+    defects = ["good"] * 4 + ["a"] * 4 + ["b"] * 4
+    labels = [0] * 4 + [1] * 8
+    scores = maps.reshape(12, -1).max(1)
+    hists = metrics.pixel_histograms(masks, maps, defects)
+    r = metrics.evaluate(labels, scores, defects, pixels=hists)
+    assert r["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks, maps), abs=1e-12)
+    assert r["pro"] == pytest.approx(metrics.pro_score(masks, maps), abs=1e-12)
+    assert r["pixel_binning"]["exact"] and r["pixel_binning"]["pixel_auroc_error_bound"] == 0
+    sel = np.array([d in ("good", "a") for d in defects])
+    assert r["per_defect"]["a"]["pixel_auroc"] == pytest.approx(
+        metrics.pixel_auroc(masks[sel], maps[sel]), abs=1e-12)
+    assert r["per_defect"]["a"]["pro"] == pytest.approx(
+        metrics.pro_score(masks[sel], maps[sel]), abs=1e-12)
+    assert metrics.evaluate(labels, scores, defects, masks, maps) == r

@@ -112,3 +112,35 @@ def test_bottle_fit_twice_byte_identical(mvtec_root, tmp_path):
     assert out[0].keys() == out[1].keys() and "bank" in out[0]
     for k in out[0]:
         assert out[0][k] == out[1][k], k
+
+
+def test_select_again_at_other_ratios():
+    # The study selects at several ratios on one set of projections.
+    x = torch.randn(3000, 200, generator=torch.Generator().manual_seed(2))
+    with StreamingCoreset(0.01, 128, seed=3) as sc:
+        sc.add(x[:1234])
+        sc.add(x[1234:])
+        for ratio in (0.2, 0.01, 0.05):
+            idx = sc.select(ratio, keep_projections=True)
+            assert torch.equal(idx, select_coreset(x, ratio, 128, seed=3))
+            assert torch.equal(sc.gather(idx), x[idx])
+        sc.select()
+        with pytest.raises(RuntimeError, match="keep_projections"):
+            sc.select(0.1)
+
+
+def test_fit_each_ratio_gives_the_banks_of_fit(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        img = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    cfg = PatchCoreConfig(backbone="resnet18", pretrained=False, image_size=64, crop=64,
+                          device="cpu", pretrain_embed_dim=256, target_embed_dim=256)
+    model = PatchCore(cfg)
+    banks = {r: model.bank.clone() for r in model.fit_each_ratio(tmp_path, [0.5, 0.02, 0.2])}
+    assert list(banks) == [0.5, 0.02, 0.2]
+    for ratio, bank in banks.items():
+        ref = PatchCore(cfg, coreset_ratio=ratio).fit(tmp_path)
+        assert ref.bank.numpy().tobytes() == bank.numpy().tobytes(), ratio
