@@ -245,3 +245,32 @@ def test_offline_torchvision_weights_one_line(tmp_path, capsys, monkeypatch):
     assert "simulated offline" in line
     assert "--weights FILE" in line and "efficientnet_lite0" in line
     assert not _files(tmp_path / "out")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_fit_evaluate_score(demo, fitted, tmp_path):
+    # The default device on a GPU machine: bounded-memory fit, evaluate and score on CUDA.
+    gpu = ["--image-size", "64", "--crop", "64", "--quiet", "--device", "cuda"]
+    fit = ["fit", str(demo), "--category", "widget", "--backbone", "efficientnet_lite0",
+           "--coreset-ratio", "0.25", *gpu]
+    assert main([*fit, "-o", str(tmp_path / "s.safetensors")]) == 0
+    assert main([*fit, "-o", str(tmp_path / "m.safetensors"), "--in-memory"]) == 0
+    s, m = (PatchCore.load(tmp_path / f, device="cpu") for f in ("s.safetensors",
+                                                                  "m.safetensors"))
+    assert s.bank.numpy().tobytes() == m.bank.numpy().tobytes()
+    cpu_bank = PatchCore.load(fitted, device="cpu").bank
+    assert s.bank.shape == cpu_bank.shape
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tmp_path / "s.safetensors"), str(demo), "--category",
+                 "widget", "-o", str(out), *gpu[4:]]) == 0
+    ref = tmp_path / "eval_cpu"
+    assert main(["evaluate", str(fitted), str(demo), "--category", "widget", "-o", str(ref),
+                 *SMALL[4:]]) == 0
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, ref))
+    for key in ("image_auroc", "pixel_auroc", "pro"):
+        assert got[key] == pytest.approx(want[key], abs=0.02), key
+    assert main(["score", str(tmp_path / "s.safetensors"), str(demo / "widget" / "test"
+                                                              / "spot"),
+                 "-o", str(tmp_path / "score"), *gpu[4:]]) == 0
+    assert len(list(csv.DictReader((tmp_path / "score" / "scores.csv").open()))) == 3

@@ -13,7 +13,6 @@ import json
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 _BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_memory.py"
@@ -52,21 +51,6 @@ def test_streaming_fit_peak_rss_grows_with_projections_only(tmp_path):
     assert peaks["streaming", large] < peaks["in-memory", large]
 
 
-def _labelled_set(root: Path, n_good: int, n_defective: int, size: int = 224) -> list[str]:
-    """Folder layout with masks: good/, defective/ and masks/ (a square defect each)."""
-    from PIL import Image
-
-    bench_memory.write_images(root / "good", n_good, size, seed=1)
-    bench_memory.write_images(root / "defective", n_defective, size, seed=2)
-    (root / "masks").mkdir()
-    for i in range(n_defective):
-        mask = np.zeros((size, size), np.uint8)
-        mask[40 + i % 50:90 + i % 50, 60:100] = 255
-        Image.fromarray(mask).save(root / "masks" / f"{i:05d}.png")
-    return ["--good", str(root / "good"), "--defective", str(root / "defective"),
-            "--masks", str(root / "masks")]
-
-
 def test_evaluate_holds_no_maps_of_the_whole_set(tmp_path, monkeypatch):
     # The numpy memory evaluate holds at its peak must not grow with the number of test
     # images: maps are counted into histograms (kept tiny here by a small MAX_BINS) and
@@ -85,7 +69,8 @@ def test_evaluate_holds_no_maps_of_the_whole_set(tmp_path, monkeypatch):
                  "--coreset-ratio", "0.1", *args]) == 0
     peaks = {}
     for n in (6, 46):
-        layout = _labelled_set(tmp_path / f"test{n}", n // 2, n - n // 2)
+        layout = bench_memory.write_labelled_set(tmp_path / f"test{n}", n // 2,
+                                                  n - n // 2)
         if not peaks:  # a first, untraced run: imports and one-off caches (matplotlib's)
             assert main(["evaluate", str(model), *layout, "-o", str(tmp_path / "warm"),
                          *args]) == 0

@@ -9,6 +9,9 @@ from patchcore_fast import PatchCore, PatchCoreConfig, coreset, streaming
 from patchcore_fast.coreset import coreset_start_and_projection, select_coreset
 from patchcore_fast.streaming import StreamingCoreset
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])]
+
 
 @pytest.mark.parametrize("n", [1, 2, 163_856, 784_000, 7_840_000, coreset.START_DRAW_LIMIT - 1])
 def test_projection_does_not_depend_on_n(n):
@@ -38,13 +41,14 @@ def _stream(x, batches, ratio, proj_dim=128, seed=0, expected=None):
     return bank, idx
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dim", [200, 64])          # with and without the projection
 @pytest.mark.parametrize("expected", [None, 5000, 10])  # preallocated, none, too small
-def test_streaming_equals_in_memory(monkeypatch, dim, expected):
+def test_streaming_equals_in_memory(monkeypatch, dim, expected, device):
     # Small projection blocks so that batches straddle block boundaries.
     monkeypatch.setattr(coreset, "PROJECTION_CHUNK", 333)
     monkeypatch.setattr(streaming, "PROJECTION_CHUNK", 333)
-    x = torch.randn(2500, dim, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2500, dim, generator=torch.Generator().manual_seed(1)).to(device)
     batches = [100, 1, 333, 700, 7, 1000, 359]
     idx_ref = select_coreset(x, 0.05, 128, seed=4)
     bank, idx = _stream(x, batches, 0.05, 128, 4, expected)
@@ -129,7 +133,8 @@ def test_select_again_at_other_ratios():
             sc.select(0.1)
 
 
-def test_fit_each_ratio_gives_the_banks_of_fit(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_each_ratio_gives_the_banks_of_fit(tmp_path, device):
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
@@ -137,10 +142,11 @@ def test_fit_each_ratio_gives_the_banks_of_fit(tmp_path):
         img = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(img).save(tmp_path / f"{i}.png")
     cfg = PatchCoreConfig(backbone="resnet18", pretrained=False, image_size=64, crop=64,
-                          device="cpu", pretrain_embed_dim=256, target_embed_dim=256)
+                          device=device, pretrain_embed_dim=256, target_embed_dim=256)
     model = PatchCore(cfg)
-    banks = {r: model.bank.clone() for r in model.fit_each_ratio(tmp_path, [0.5, 0.02, 0.2])}
+    banks = {r: model.bank.cpu() for r in model.fit_each_ratio(tmp_path, [0.5, 0.02, 0.2])}
     assert list(banks) == [0.5, 0.02, 0.2]
     for ratio, bank in banks.items():
-        ref = PatchCore(cfg, coreset_ratio=ratio).fit(tmp_path)
-        assert ref.bank.numpy().tobytes() == bank.numpy().tobytes(), ratio
+        for streaming_fit in (True, False):
+            ref = PatchCore(cfg, coreset_ratio=ratio).fit(tmp_path, streaming=streaming_fit)
+            assert ref.bank.cpu().numpy().tobytes() == bank.numpy().tobytes(), ratio

