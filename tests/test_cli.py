@@ -112,7 +112,7 @@ def test_save_load_score_identical(demo, tmp_path):
     # And through the CLI, twice: identical scores.csv.
     for name in ("a", "b"):
         assert main(["score", str(tmp_path / "m.safetensors"), str(images), "-o",
-                     str(tmp_path / name), "--no-overlays", "--quiet"]) == 0
+                     str(tmp_path / name), "--no-overlays", "--quiet", "--device", "cpu"]) == 0
     assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
     got = [float(r["score"]) for r in csv.DictReader((tmp_path / "a" / "scores.csv").open())]
     np.testing.assert_allclose(got, before.scores, rtol=0, atol=0)
