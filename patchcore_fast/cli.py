@@ -416,7 +416,7 @@ def cmd_score(args: argparse.Namespace, log: _Log) -> int:
     # (never all in memory) and into a histogram of their pixels that sets the colour
     # scale. Pass 2 writes the images. An image enters the journal once its files are
     # written, so a killed run resumes exactly where its outputs stop.
-    with ArraySpool((crop, crop), np.float32, args.temp_dir) as spool:
+    with ArraySpool((crop, crop), np.float32, args.temp_dir, "map file") as spool:
         order: list[Path] = []
         pixels = PixelHistogram()
         journal = None
@@ -581,7 +581,7 @@ def _evaluate_one(name: str, model, items, skipped: list[str], out: Path, args, 
     # array of all maps or masks is ever built.
     pixels: dict[str, PixelHistogram] = {}
     seconds = 0.0
-    with ArraySpool((crop, crop), np.float32, args.temp_dir) as spool:
+    with ArraySpool((crop, crop), np.float32, args.temp_dir, "map file") as spool:
         batches = model.predict_batches([i.path for i in items], skipped,
                                         progress=not args.quiet)
         while True:
@@ -703,9 +703,9 @@ def cmd_study(args: argparse.Namespace, log: _Log) -> int:
                                                       not args.quiet, f"{name}: test features"):
                 if embeddings is None:
                     embeddings = stack.enter_context(ArraySpool(
-                        patches.shape[1:], np.float32, args.temp_dir))
+                        patches.shape[1:], np.float32, args.temp_dir, "test-feature file"))
                     masks = stack.enter_context(ArraySpool((crop, crop), np.bool_,
-                                                           args.temp_dir))
+                                                           args.temp_dir, "mask file"))
                 embeddings.append(patches.float().cpu().numpy())
                 kept += [by_path[p] for p in paths]
                 masks.append(np.stack([_mask_of(by_path[p], model.preprocess)

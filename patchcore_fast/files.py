@@ -54,25 +54,28 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 class ArraySpool:
-    """Equal-shaped arrays parked in an anonymous temporary file, read back one by one.
+    """Equal-shaped arrays parked in an anonymous temporary file, read back by index.
 
-    For results too many to hold in memory (the anomaly maps of a whole test set, test
-    embeddings reused at several coreset ratios). The file is unlinked from the start, so
-    the operating system removes it even when the run is killed; it is read with
+    For data too large to hold in memory: the full-width training features of the
+    bounded-memory fit, the anomaly maps of a whole test set, test embeddings reused at
+    several coreset ratios. The file is created at the first :meth:`append`, unlinked from
+    the start (the operating system removes it even when the run is killed) and read with
     ``pread`` (page cache, not the process's resident memory).
 
     Args:
         shape: shape of one item, e.g. ``(crop, crop)``.
         dtype: numpy dtype of the items.
         temp_dir: folder of the file (default: $TMPDIR).
+        what: the file's name in error messages ("temporary <what>").
     """
 
     def __init__(self, shape: tuple[int, ...], dtype=np.float32,
-                 temp_dir: str | os.PathLike | None = None):
+                 temp_dir: str | os.PathLike | None = None, what: str = "spool file"):
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.item_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.temp_dir = temp_dir
+        self.what = what
         self.count = 0
         self._file = None
 
@@ -83,23 +86,39 @@ class ArraySpool:
             raise ValueError(f"items should be [B, {', '.join(map(str, self.shape))}], got "
                              f"{list(items.shape)}")
         where = self.temp_dir or tempfile.gettempdir()
-        try:
-            if self._file is None:
-                self._file = tempfile.TemporaryFile(prefix="patchcore-fast-spool-",
+        if self._file is None:
+            try:
+                self._file = tempfile.TemporaryFile(prefix="patchcore-fast-",
                                                     dir=self.temp_dir)
+            except OSError as exc:
+                raise PatchCoreError(f"cannot create the temporary {self.what} in {where}: "
+                                     f"{exc.strerror or exc}; set TMPDIR to a writable "
+                                     f"folder") from None
+        try:
             self._file.write(memoryview(items).cast("B"))
         except OSError as exc:
-            raise PatchCoreError(f"cannot write a temporary file in {where} "
-                                 f"({items.nbytes:,} bytes more): {exc.strerror or exc}; "
-                                 f"set TMPDIR to a folder with more space") from None
+            raise PatchCoreError(
+                f"cannot write the temporary {self.what} ({self.count * self.item_bytes:,} "
+                f"bytes written, {items.nbytes:,} more needed) in {where}: "
+                f"{exc.strerror or exc}; set TMPDIR to a folder with more space") from None
         self.count += len(items)
 
-    def read(self, start: int, stop: int | None = None) -> np.ndarray:
-        """Items ``start`` to ``stop`` (default: just ``start``) as array[n, *shape]."""
+    def read(self, start: int, stop: int | None = None, out: np.ndarray | None = None
+             ) -> np.ndarray:
+        """Items ``start`` to ``stop`` (default: just ``start``), one ``pread``.
+
+        Args:
+            start, stop: item range.
+            out: C-contiguous array[stop - start, *shape] to fill (default: a new one).
+
+        Returns:
+            array[stop - start, *shape].
+        """
         stop = start + 1 if stop is None else stop
         if not 0 <= start <= stop <= self.count:
             raise IndexError(f"items [{start}, {stop}) out of range [0, {self.count})")
-        out = np.empty((stop - start, *self.shape), dtype=self.dtype)
+        if out is None:
+            out = np.empty((stop - start, *self.shape), dtype=self.dtype)
         if stop == start:
             return out
         self._file.flush()
@@ -107,8 +126,8 @@ class ArraySpool:
         while got < len(view):
             n = os.preadv(self._file.fileno(), [view[got:]], offset + got)
             if n <= 0:
-                raise PatchCoreError("a temporary file is shorter than written (was it "
-                                     "removed or truncated?)")
+                raise PatchCoreError(f"the temporary {self.what} is shorter than written "
+                                     f"(was it removed or truncated?)")
             got += n
         return out
 

@@ -24,7 +24,6 @@ with N x D. The temporary file needs N x D x 4 bytes of disk.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from torch import Tensor
 from . import ops
 from .coreset import (PROJECTION_CHUNK, coreset_size, coreset_start_and_projection,
                       project_rows)
-from .errors import PatchCoreError
+from .files import ArraySpool
 
 
 class StreamingCoreset:
@@ -66,7 +65,7 @@ class StreamingCoreset:
         self.dim: int | None = None
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
-        self._file = None
+        self._spool: ArraySpool | None = None   # the full-width rows, in bank order
         self._proj: Tensor | None = None        # [D, C] on the device
         self._block: Tensor | None = None       # [PROJECTION_CHUNK, D] rows awaiting projection
         self._fill = 0
@@ -79,14 +78,8 @@ class StreamingCoreset:
 
     def _open(self, rows: Tensor) -> None:
         self.dim, self.dtype, self.device = int(rows.shape[1]), rows.dtype, rows.device
-        try:
-            self._file = tempfile.TemporaryFile(prefix="patchcore-fast-features-",
-                                                dir=self.temp_dir)
-        except OSError as exc:
-            raise PatchCoreError(f"cannot create the temporary feature file in "
-                                 f"{self.temp_dir or tempfile.gettempdir()}: "
-                                 f"{exc.strerror or exc}; set TMPDIR to a writable folder"
-                                 ) from None
+        self._spool = ArraySpool((self.dim,), torch.empty(0, dtype=self.dtype).numpy().dtype,
+                                 self.temp_dir, what="feature file")
         _, proj = coreset_start_and_projection(None, self.dim, self.projection_dim,
                                                self.seed)
         self._proj = proj.to(self.device) if proj is not None else None
@@ -101,12 +94,12 @@ class StreamingCoreset:
         """
         if rows.dim() != 2:
             raise ValueError(f"rows should be a 2d tensor [n, D], got {tuple(rows.shape)}")
-        if self._file is None:
+        if self._spool is None:
             self._open(rows)
         if rows.shape[1] != self.dim or rows.dtype != self.dtype:
             raise ValueError(f"rows should be [n, {self.dim}] {self.dtype}, got "
                              f"{tuple(rows.shape)} {rows.dtype}")
-        self._write(rows)
+        self._spool.append(rows.detach().to("cpu").contiguous().numpy())
         self.n += int(rows.shape[0])
         done = 0
         while done < rows.shape[0]:
@@ -116,17 +109,6 @@ class StreamingCoreset:
             done += take
             if self._fill == PROJECTION_CHUNK:
                 self._project_block()
-
-    def _write(self, rows: Tensor) -> None:
-        data = rows.detach().to("cpu").contiguous().numpy()
-        try:
-            self._file.write(memoryview(data).cast("B"))
-        except OSError as exc:
-            need = self.row_bytes * int(rows.shape[0])
-            raise PatchCoreError(
-                f"cannot write the temporary feature file ({self.row_bytes * self.n:,} bytes "
-                f"written, {need:,} more needed) in {self.temp_dir or tempfile.gettempdir()}: "
-                f"{exc.strerror or exc}; set TMPDIR to a folder with more space") from None
 
     def _project_block(self) -> None:
         if self._fill == 0:
@@ -143,11 +125,6 @@ class StreamingCoreset:
             self._reduced_rows += len(reduced)
         else:
             self._extra.append(reduced)
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one full-width row in the temporary file."""
-        return self.dim * torch.empty(0, dtype=self.dtype).element_size()
 
     # ----- selection and gathering ------------------------------------------------------
 
@@ -203,23 +180,11 @@ class StreamingCoreset:
         if idx_np.size and (idx_np.min() < 0 or idx_np.max() >= self.n):
             raise IndexError(f"row index out of range [0, {self.n})")
         uniq, inverse = np.unique(idx_np, return_inverse=True)
-        dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
-        rows = np.empty((len(uniq), self.dim), dtype=dtype)
-        view = memoryview(rows).cast("B")
-        rb = self.row_bytes
-        fd = self._file.fileno()
-        self._file.flush()
+        rows = np.empty((len(uniq), self.dim), dtype=self._spool.dtype)
         # Read runs of consecutive rows with one pread each (all rows: one sequential read).
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(uniq)]):
-            dst = view[lo * rb:hi * rb]
-            offset, got = int(uniq[lo]) * rb, 0
-            while got < len(dst):
-                n = os.preadv(fd, [dst[got:]], offset + got)
-                if n <= 0:
-                    raise PatchCoreError("the temporary feature file is shorter than written "
-                                         "(was it removed or truncated?)")
-                got += n
+            self._spool.read(int(uniq[lo]), int(uniq[hi - 1]) + 1, out=rows[lo:hi])
         out = torch.from_numpy(rows)[torch.from_numpy(inverse.reshape(-1))]
         return out.to(self.device)
 
@@ -236,9 +201,8 @@ class StreamingCoreset:
 
     def close(self) -> None:
         """Remove the temporary file and free the buffers (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._spool is not None:
+            self._spool.close()
         self._block = self._reduced = None
         self._extra = []
 

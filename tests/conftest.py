@@ -1,4 +1,4 @@
-"""Fixtures of the pipeline tests (data locations only)."""
+"""Fixtures of the pipeline tests: data locations and a small fitted demo model."""
 
 import os
 from pathlib import Path
@@ -15,3 +15,27 @@ def mvtec_root() -> Path:
         pytest.skip(f"MVTec AD bottle not found under {root} (set PATCHCORE_FAST_DATA to the "
                     f"MVTec AD root that contains bottle/)")
     return root
+
+
+@pytest.fixture(scope="session")
+def fit_demo(tmp_path_factory):
+    """Factory: a seeded synthetic data set (category ``widget``) and a model fitted on it
+    through the CLI (efficientnet_lite0, 64 px, CPU).
+
+    Call ``fit_demo(name, seed=..., n_train=..., n_test_good=..., n_test_defect=...,
+    ratio=0.25)``; it returns (data root, model file).
+    """
+    from patchcore_fast.cli import main
+    from patchcore_fast.demo import write_demo_data
+
+    def make(name: str, ratio: float = 0.25, **demo) -> tuple[Path, Path]:
+        root = tmp_path_factory.mktemp(name)
+        write_demo_data(root, **demo)
+        model = root / "m.safetensors"
+        assert main(["fit", str(root), "--category", "widget", "-o", str(model),
+                     "--backbone", "efficientnet_lite0", "--coreset-ratio", str(ratio),
+                     "--image-size", "64", "--crop", "64", "--device", "cpu",
+                     "--quiet"]) == 0
+        return root, model
+
+    return make

@@ -24,7 +24,6 @@ from PIL import Image
 import patchcore_fast
 from patchcore_fast import PatchCore
 from patchcore_fast.cli import JOURNAL, main
-from patchcore_fast.demo import write_demo_data
 
 SMALL = ["--image-size", "64", "--crop", "64", "--device", "cpu", "--quiet"]
 
@@ -77,13 +76,8 @@ def _assert_whole(folder: Path, crop: int = 64) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("atomic")
-    write_demo_data(root, seed=5, n_train=6, n_test_good=2, n_test_defect=1)
-    model = root / "m.safetensors"
-    assert main(["fit", str(root), "--category", "widget", "-o", str(model), "--backbone",
-                 "efficientnet_lite0", "--coreset-ratio", "0.25", *SMALL]) == 0
-    return root, model
+def setup(fit_demo):
+    return fit_demo("atomic", seed=5, n_train=6, n_test_good=2, n_test_defect=1)
 
 
 def test_fit_killed_at_the_rename_keeps_the_old_model(setup, tmp_path):

@@ -8,18 +8,11 @@ import numpy as np
 import pytest
 
 from patchcore_fast.cli import JOURNAL, main
-from patchcore_fast.demo import write_demo_data
-
-SMALL = ["--image-size", "64", "--crop", "64", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    write_demo_data(root, seed=3, n_train=6, n_test_good=3, n_test_defect=2)
-    model = root / "m.safetensors"
-    assert main(["fit", str(root), "--category", "widget", "-o", str(model), "--backbone",
-                 "efficientnet_lite0", "--coreset-ratio", "0.25", *SMALL, "--quiet"]) == 0
+def setup(fit_demo):
+    root, model = fit_demo("resume", seed=3, n_train=6, n_test_good=3, n_test_defect=2)
     inputs = [str(root / "widget" / "test" / d) for d in ("good", "scratch", "spot")]
     full = root / "full"
     assert main(["score", str(model), *inputs, "-o", str(full), "--save-maps",

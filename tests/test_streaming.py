@@ -80,8 +80,8 @@ def test_temp_file_is_removed(tmp_path):
         sc.add(torch.randn(10, 140))
         # Anonymous (unlinked at creation): nothing to clean up even after a kill.
         assert list(tmp_path.iterdir()) == []
-        assert os.fstat(sc._file.fileno()).st_size == 10 * 140 * 4
-    assert sc._file is None
+        assert os.fstat(sc._spool._file.fileno()).st_size == 10 * 140 * 4
+    assert sc._spool._file is None
 
 
 def _bottle_cfg(**kw):
