@@ -31,9 +31,6 @@ from torch import Tensor, nn
 
 from .errors import PatchCoreError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 # torchvision networks: their layer names in forward order and the default pair.
 _TORCHVISION = {
     "wide_resnet50_2": ("wide_resnet50_2", "Wide_ResNet50_2_Weights"),

@@ -6,16 +6,23 @@ from the chosen ones), which is a 2-approximation of the minimax covering. To ma
 step cheap, distances are taken on a random Gaussian projection to ``projection_dim``
 (128) dimensions, which preserves pairwise distances up to a small factor
 (Johnson-Lindenstrauss); the bank then keeps the *full-width* rows of the chosen patches.
+
+The selection streams (:class:`StreamingCoreset`): the full bank (N x D floats: 3.2 GB for
+1,000 images at D = 1,024) need never be in memory at once; :func:`select_coreset` is the
+same code given the whole bank.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import ops
+from .files import ArraySpool
 
 
 def coreset_size(n: int, ratio: float) -> int:
@@ -40,15 +47,16 @@ def gaussian_projection(dim_in: int, dim_out: int, generator: torch.Generator) -
 
 
 #: Rows projected per matrix product. Part of the definition of the selection: a GEMM's
-#: rounding can depend on the block it is given, so the in-memory and the streaming fit
-#: both project exactly these row blocks of the bank in order (bit-identical selections).
+#: rounding can depend on the block it is given, so the bank is always projected in these
+#: row blocks, in order, however its rows arrive (a seed always selects the same rows).
 PROJECTION_CHUNK = 8192
 
 #: The start draw consumes the same random words for every N below this (measured; torch
 #: draws more for larger ranges), so the projection drawn after it does not depend on N
-#: and the streaming fit can draw it before N is known. 2**28 patches are 342,000 images
-#: of 784 patches; above it the streaming projection is still a valid, seeded
-#: Johnson-Lindenstrauss map, only not the one the in-memory path (1 TB of RAM) would draw.
+#: and the selection can draw it before N is known, with the very values that drawing it
+#: after the start of range N gives (how models were fitted before the selection
+#: streamed: their seeds still select the same rows). 2**28 patches are 342,000 images of
+#: 784 patches; above it the projection is still a valid, seeded Johnson-Lindenstrauss map.
 START_DRAW_LIMIT = 2 ** 28
 
 
@@ -58,8 +66,8 @@ def coreset_start_and_projection(n: int | None, dim_in: int, projection_dim: int
 
     The generator draws the start index first, then the projection. For N < 2**31 the
     start draw consumes a fixed number of random words, so the projection is the same for
-    every N below :data:`START_DRAW_LIMIT`: the streaming fit calls this with ``n=None``
-    before it knows N.
+    every N below :data:`START_DRAW_LIMIT`: :class:`StreamingCoreset` calls this with
+    ``n=None`` before it knows N, and with N for the start once every row is in.
 
     Args:
         n: number of patches, or None (start not drawn; projection only).
@@ -92,7 +100,11 @@ def project_rows(rows: Tensor, proj: Tensor | None) -> Tensor:
 
 def select_coreset(features: Tensor, ratio: float, projection_dim: int = 128,
                    seed: int = 0) -> Tensor:
-    """Indices of the coreset rows.
+    """Indices of the coreset rows of a bank held in memory.
+
+    The streaming selection (:class:`StreamingCoreset`) given the whole bank as one batch:
+    there is one selection code path, so a seed selects the same rows in memory and
+    streamed.
 
     Args:
         features (Tensor[N, D]): all training patch embeddings.
@@ -104,14 +116,222 @@ def select_coreset(features: Tensor, ratio: float, projection_dim: int = 128,
     Returns:
         Tensor[k] int64 (on ``features``' device): selected rows in selection order.
     """
-    n, d = features.shape
-    k = coreset_size(n, ratio)
-    if k == n:
-        return torch.arange(n, device=features.device)
-    start, proj = coreset_start_and_projection(n, d, projection_dim, seed)
-    if proj is not None:
-        proj = proj.to(features.device)
-        reduced = torch.cat([project_rows(c, proj) for c in features.split(PROJECTION_CHUNK)])
-    else:
-        reduced = project_rows(features, None)
-    return ops.greedy_coreset(reduced, k, start)
+    with StreamingCoreset(ratio, projection_dim, seed, in_memory=True) as sc:
+        sc.add(features)
+        return sc.select()
+
+
+class StreamingCoreset:
+    """Greedy coreset over patches that arrive batch by batch: the one selection path.
+
+    The selection only needs the 128-d projection of each row (N x 128 floats, an eighth of
+    the bank at D = 1,024); the bank needs the full-width rows of the k chosen patches only.
+    So the rows are taken batch by batch and
+
+    1. kept as they are: in an anonymous temporary file (default; unlinked from the start,
+       so the operating system removes it even when the run is killed, and read back with
+       ``pread``, so its pages are page cache, not the process's resident memory), or in
+       memory (``in_memory=True``, the reference's N x D floats);
+    2. gathered into blocks of :data:`PROJECTION_CHUNK` rows, each projected with one matrix
+       product (so the projected bank does not depend on how the rows were batched);
+    3. the greedy selection runs on the projections (:meth:`select`) and the chosen rows are
+       read back (:meth:`gather`). :func:`select_coreset` is this class with one batch.
+
+    Peak memory when streaming: the projected bank (N x 128 float32, 400 MB per 1,000
+    images at 224 px), one block of 8,192 full-width rows (32 MB at D = 1,024) and the
+    backbone; it does not grow with N x D. The temporary file needs N x D x 4 bytes of disk.
+
+    Args:
+        ratio: fraction of rows kept, in (0, 1].
+        projection_dim: width of the projection the selection runs on.
+        seed: seeds the projection and the start row.
+        expected_rows: an upper bound on N, if known (preallocates the projected bank so it
+            is never copied while growing); more rows than this are still accepted.
+        temp_dir: folder of the temporary feature file (default: the system's, $TMPDIR).
+        in_memory: keep the full-width rows in memory (on their device) instead of a file.
+
+    Example:
+        >>> with StreamingCoreset(0.01, 128, seed=0) as sc:
+        ...     for patches in batches:          # Tensor[B, h * w, D]
+        ...         sc.add(patches.reshape(-1, patches.shape[-1]))
+        ...     bank, idx = sc.bank()            # Tensor[k, D], Tensor[k]
+    """
+
+    def __init__(self, ratio: float, projection_dim: int = 128, seed: int = 0,
+                 expected_rows: int | None = None, temp_dir: str | os.PathLike | None = None,
+                 in_memory: bool = False):
+        coreset_size(1, ratio)  # validates the ratio
+        self.ratio = ratio
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.expected_rows = expected_rows
+        self.temp_dir = temp_dir
+        self.in_memory = in_memory
+        self.n = 0                              # rows added
+        self.dim: int | None = None
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+        self._spool: ArraySpool | None = None   # the full-width rows, in bank order (file)
+        self._rows: list[Tensor] = []           # ... or in memory
+        self._proj: Tensor | None = None        # [D, C] on the device
+        self._block: Tensor | None = None       # [PROJECTION_CHUNK, D] rows awaiting projection
+        self._fill = 0
+        self._reduced: Tensor | None = None     # [capacity, C] float32 projected rows
+        self._reduced_rows = 0
+        self._extra: list[Tensor] = []          # projected blocks beyond the capacity
+        self._freed = False                     # select() has dropped the projections
+
+    # ----- pass 1 -------------------------------------------------------------------
+
+    def _open(self, rows: Tensor) -> None:
+        self.dim, self.dtype, self.device = int(rows.shape[1]), rows.dtype, rows.device
+        if not self.in_memory:
+            self._spool = ArraySpool((self.dim,), torch.empty(0, dtype=self.dtype).numpy().dtype,
+                                     self.temp_dir, what="feature file")
+        _, proj = coreset_start_and_projection(None, self.dim, self.projection_dim,
+                                               self.seed)
+        self._proj = proj.to(self.device) if proj is not None else None
+        self._block = torch.empty(PROJECTION_CHUNK, self.dim, dtype=self.dtype,
+                                  device=self.device)
+
+    def add(self, rows: Tensor) -> None:
+        """Take the next rows of the bank (in bank order).
+
+        Args:
+            rows (Tensor[n, D]): patch embeddings (kept by reference when ``in_memory``).
+        """
+        if rows.dim() != 2:
+            raise ValueError(f"rows should be a 2d tensor [n, D], got {tuple(rows.shape)}")
+        if self.dim is None:
+            self._open(rows)
+        if rows.shape[1] != self.dim or rows.dtype != self.dtype:
+            raise ValueError(f"rows should be [n, {self.dim}] {self.dtype}, got "
+                             f"{tuple(rows.shape)} {rows.dtype}")
+        if self.in_memory:
+            self._rows.append(rows.detach())
+        else:
+            self._spool.append(rows.detach().to("cpu").contiguous().numpy())
+        self.n += int(rows.shape[0])
+        done = 0
+        while done < rows.shape[0]:
+            take = min(PROJECTION_CHUNK - self._fill, rows.shape[0] - done)
+            self._block[self._fill:self._fill + take].copy_(rows[done:done + take])
+            self._fill += take
+            done += take
+            if self._fill == PROJECTION_CHUNK:
+                self._project_block()
+
+    def _project_block(self) -> None:
+        if self._fill == 0:
+            return
+        reduced = project_rows(self._block[:self._fill], self._proj)
+        if self._proj is None and self.dtype == torch.float32:
+            reduced = reduced.clone()  # .float() was a view of the block, reused next
+        self._fill = 0
+        if self._reduced is None and self.expected_rows:
+            self._reduced = torch.empty(self.expected_rows, reduced.shape[1],
+                                        dtype=torch.float32, device=self.device)
+        if self._reduced is not None and self._reduced_rows + len(reduced) <= len(self._reduced):
+            self._reduced[self._reduced_rows:self._reduced_rows + len(reduced)] = reduced
+            self._reduced_rows += len(reduced)
+        else:
+            self._extra.append(reduced)
+
+    # ----- selection and gathering ------------------------------------------------------
+
+    def projected(self) -> Tensor:
+        """The projected bank, Tensor[N, C] float32 (after the last :meth:`add`)."""
+        if self._freed:
+            raise RuntimeError("the projections were freed by select(); select with "
+                               "keep_projections=True to select again")
+        self._project_block()
+        self._block = None  # the last block is projected; free its memory
+        parts = [] if self._reduced is None else [self._reduced[:self._reduced_rows]]
+        parts += self._extra
+        if len(parts) == 1:
+            return parts[0]
+        out = torch.cat(parts)
+        self._reduced, self._reduced_rows, self._extra = out, len(out), []
+        return out
+
+    def select(self, ratio: float | None = None, keep_projections: bool = False) -> Tensor:
+        """Indices of the coreset rows of everything added so far.
+
+        Args:
+            ratio: fraction kept (default: the one given at construction).
+            keep_projections: keep the projected bank for another selection (at another
+                ratio); by default it is freed, as the rows are about to be read back.
+
+        Returns:
+            Tensor[k] int64 on the rows' device, in selection order.
+        """
+        if self.n == 0:
+            raise ValueError("no rows were added")
+        k = coreset_size(self.n, self.ratio if ratio is None else ratio)
+        if k == self.n:
+            idx = torch.arange(self.n, device=self.device)
+        else:
+            start, _ = coreset_start_and_projection(self.n, self.dim, self.projection_dim,
+                                                    self.seed)
+            idx = ops.greedy_coreset(self.projected(), k, start)
+        if not keep_projections:
+            self._reduced, self._extra, self._freed = None, [], True
+        return idx
+
+    def gather(self, idx: Tensor) -> Tensor:
+        """Full-width rows of the bank, from memory or read back from the temporary file.
+
+        Args:
+            idx (Tensor[k] int64): row indices (any order, repeats allowed).
+
+        Returns:
+            Tensor[k, D] on the rows' device, ``rows[idx]`` of the concatenated bank.
+        """
+        idx_np = idx.detach().to("cpu").numpy().astype(np.int64)
+        if idx_np.size and (idx_np.min() < 0 or idx_np.max() >= self.n):
+            raise IndexError(f"row index out of range [0, {self.n})")
+        if self.in_memory:
+            return self._gather_memory(idx.to(self.device, torch.int64))
+        uniq, inverse = np.unique(idx_np, return_inverse=True)
+        rows = np.empty((len(uniq), self.dim), dtype=self._spool.dtype)
+        # Read runs of consecutive rows with one pread each (all rows: one sequential read).
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(uniq)]):
+            self._spool.read(int(uniq[lo]), int(uniq[hi - 1]) + 1, out=rows[lo:hi])
+        out = torch.from_numpy(rows)[torch.from_numpy(inverse.reshape(-1))]
+        return out.to(self.device)
+
+    def _gather_memory(self, idx: Tensor) -> Tensor:
+        # Row by row from the batches as added: no concatenated N x D copy of the bank.
+        out = torch.empty(len(idx), self.dim, dtype=self.dtype, device=self.device)
+        lo = 0
+        for part in self._rows:
+            hi = lo + len(part)
+            sel = ((idx >= lo) & (idx < hi)).nonzero()[:, 0]
+            out[sel] = part[idx[sel] - lo]
+            lo = hi
+        return out
+
+    def bank(self) -> tuple[Tensor, Tensor]:
+        """Select the coreset and gather its rows.
+
+        Returns:
+            (Tensor[k, D] bank rows in selection order, Tensor[k] int64 their indices).
+        """
+        idx = self.select()
+        return self.gather(idx).contiguous(), idx
+
+    # ----- clean-up -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove the temporary file and free the buffers (idempotent)."""
+        if self._spool is not None:
+            self._spool.close()
+        self._block = self._reduced = None
+        self._extra, self._rows = [], []
+
+    def __enter__(self) -> "StreamingCoreset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

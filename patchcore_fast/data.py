@@ -36,6 +36,10 @@ from .errors import PatchCoreError, SkippedFileWarning
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
+#: ImageNet normalisation (RGB), the statistics every supported backbone was trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class UnreadableImage(ValueError):
     """A file that is not a readable image (the message says why)."""
@@ -142,8 +146,8 @@ class Preprocess:
 
     image_size: int = 256
     crop: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def _geometry(self, img: Image.Image, resample: int) -> Image.Image:
         w, h = img.size
@@ -347,9 +351,18 @@ def resolve_categories(root: str | os.PathLike, categories: Sequence[str] | None
     return out
 
 
-def mvtec_train(category_dir: Path, skipped: list[str] | None = None) -> list[Path]:
-    """Training images of an MVTec-style category."""
-    return list_images([category_dir / "train" / "good"], "training folder", skipped)
+def mvtec_categories(data: Path, category: Sequence[str] | None
+                     ) -> list[tuple[str, Path]] | None:
+    """(name, folder) of the MVTec-style categories that a data path and ``--category``
+    name; None when the path is neither a data set root with categories nor a category
+    folder itself."""
+    if not data.exists():
+        raise PatchCoreError(f"data folder {data} does not exist")
+    if category:
+        return resolve_categories(data, category)
+    if is_mvtec_category(data):
+        return [(data.name, data)]
+    return None
 
 
 def mvtec_test(category_dir: Path, skipped: list[str] | None = None) -> list[TestImage]:

@@ -47,12 +47,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a binary file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 class ArraySpool:
     """Equal-shaped arrays parked in an anonymous temporary file, read back by index.
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import __version__
+from ._version import __version__
 from .backbone import Backbone, BackboneInfo, file_sha256, load_backbone
-from .coreset import coreset_size, select_coreset
-from .data import Preprocess, iterate_images, list_images
+from .coreset import StreamingCoreset, coreset_size
+from .data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, iterate_images, list_images
 from .errors import PatchCoreError
 from .features import PatchEmbedder
 from .files import atomic_path
@@ -60,10 +60,12 @@ class PatchCoreConfig:
         num_neighbors: b of the reweighting (Eq. 7); 0 turns the reweighting off.
         blur_sigma: Gaussian blur of the anomaly maps, in pixels.
         seed: seeds the projection, the coreset start point and random backbones.
-        batch_size: images per batch.
-        num_workers: DataLoader worker processes for image reading.
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (not saved as a
-            property of the model; chosen again when loading).
+        batch_size: images per batch (a runtime setting: :meth:`PatchCore.load` can
+            change it).
+        num_workers: DataLoader worker processes for image reading (runtime, as
+            ``batch_size``).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (runtime, as
+            ``batch_size``; the bank does not depend on it).
     """
 
     backbone: str = "wide_resnet50_2"
@@ -72,8 +74,8 @@ class PatchCoreConfig:
     pretrained: bool = True
     image_size: int = 256
     crop: int = 224
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     patch_size: int = 3
     pretrain_embed_dim: int = 1024
     target_embed_dim: int = 1024
@@ -151,6 +153,14 @@ class Prediction:
     scores: np.ndarray
     maps: np.ndarray
     skipped: list[str]
+
+
+def _list_inputs(images: Sequence[str | os.PathLike] | str | os.PathLike,
+                 skipped: list[str] | None) -> list[Path]:
+    """The image files that ``images`` (files and/or folders, or one of them) name."""
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    return list_images(list(images), "input", skipped)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -232,9 +242,11 @@ class PatchCore:
         Yields:
             (paths of the batch, Tensor[B, h * w, D] on the model's device).
         """
-        if isinstance(images, (str, os.PathLike)):
-            images = [images]
-        paths = list_images(list(images), "input", skipped)
+        yield from self._embed_paths(_list_inputs(images, skipped), skipped, progress, desc)
+
+    def _embed_paths(self, paths: list[Path], skipped: list[str] | None, progress: bool,
+                     desc: str) -> Iterator[tuple[list[Path], Tensor]]:
+        """:meth:`embed_batches` on image files already listed."""
         embedder = self.embedder
         with _progress(len(paths), desc, progress) as bar, torch.inference_mode():
             for idx, batch in iterate_images(paths, self.preprocess, self.config.batch_size,
@@ -249,7 +261,7 @@ class PatchCore:
             skipped: list[str] | None = None, progress: bool = False,
             streaming: bool = True, temp_dir: str | os.PathLike | None = None
             ) -> "PatchCore":
-        """Fit the memory bank on good images.
+        """Fit the memory bank on good images (steps 1-7, then the neighbourhoods).
 
         Args:
             images: good image files and/or folders.
@@ -257,38 +269,17 @@ class PatchCore:
             progress: show progress bars (one per pass).
             streaming: bounded memory (default): keep only the 128-d projection of each
                 training patch in memory and the full-width rows in a temporary file, read
-                back for the chosen rows (:class:`~patchcore_fast.streaming.StreamingCoreset`).
+                back for the chosen rows (:class:`~patchcore_fast.coreset.StreamingCoreset`).
                 False holds every patch in memory (N x D floats) as the reference does.
-                Both give the bit-identical bank.
+                Both run the same selection and give the bit-identical bank.
             temp_dir: folder of the temporary feature file (default: $TMPDIR); it needs
                 N x D x 4 bytes (3.2 GB per 1,000 images at 224 px and D = 1,024).
 
         Returns:
             self.
         """
-        if isinstance(images, (str, os.PathLike)):
-            images = [images]
-        paths = list_images(list(images), "input", skipped)
-        if streaming:
-            return self._fit_streaming(paths, skipped, progress, temp_dir)
-        t0 = time.perf_counter()
-        chunks, n_images = [], 0
-        for batch, patches in self.embed_batches(paths, skipped, progress, "fit: features"):
-            chunks.append(patches.reshape(-1, patches.shape[-1]))
-            n_images += len(batch)
-        if not chunks:
-            raise PatchCoreError("none of the training images could be read")
-        t1 = time.perf_counter()
-        self.fit_embeddings(torch.cat(chunks), progress=progress)
-        self.fit_stats.update(images=n_images, feature_seconds=t1 - t0, streaming=False)
-        self.fit_stats["fit_seconds"] = time.perf_counter() - t0
-        return self
-
-    def _fit_streaming(self, paths: list[Path], skipped: list[str] | None, progress: bool,
-                       temp_dir: str | os.PathLike | None) -> "PatchCore":
-        """Steps 1-7 in bounded memory (see :meth:`fit`)."""
-        for _ in self._fit_ratios(paths, [self.config.coreset_ratio], skipped, progress,
-                                  temp_dir):
+        for _ in self._fit(images, [self.config.coreset_ratio], skipped, progress,
+                           streaming, temp_dir):
             pass
         return self
 
@@ -309,31 +300,30 @@ class PatchCore:
             skipped, progress, temp_dir: as :meth:`fit`.
 
         Yields:
-            each ratio, once the model holds its bank (``config.coreset_ratio`` is set to it;
-            ``fit_stats`` has its times).
+            each ratio, once the model holds its bank (``config`` is then a copy of the
+            model's settings with that ``coreset_ratio``, so that :meth:`save` describes
+            the bank; ``fit_stats`` has its times).
         """
-        if isinstance(images, (str, os.PathLike)):
-            images = [images]
-        paths = list_images(list(images), "input", skipped)
-        yield from self._fit_ratios(paths, ratios, skipped, progress, temp_dir)
+        yield from self._fit(images, ratios, skipped, progress, True, temp_dir)
 
-    def _fit_ratios(self, paths: list[Path], ratios: Sequence[float],
-                    skipped: list[str] | None, progress: bool,
-                    temp_dir: str | os.PathLike | None) -> Iterator[float]:
+    def _fit(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
+             ratios: Sequence[float], skipped: list[str] | None, progress: bool,
+             streaming: bool, temp_dir: str | os.PathLike | None) -> Iterator[float]:
+        """The one fit path: embed every training image once, then per ratio select the
+        coreset, gather its rows and precompute their neighbourhoods."""
         from tqdm.auto import tqdm
 
-        from .streaming import StreamingCoreset
-
-        c = self.config
         for r in ratios:
             coreset_size(1, r)  # validates every ratio before any work
+        paths = _list_inputs(images, skipped)
+        c = self.config
         t0 = time.perf_counter()
         n_images = 0
-        with StreamingCoreset(c.coreset_ratio, c.projection_dim, c.seed,
-                              temp_dir=temp_dir) as sc:
-            # Pass 1: features -> temporary file + projections in memory.
-            for batch, patches in self.embed_batches(paths, skipped, progress,
-                                                     "fit: features"):
+        with StreamingCoreset(ratios[0], c.projection_dim, c.seed, temp_dir=temp_dir,
+                              in_memory=not streaming) as sc:
+            # Pass 1: features -> temporary file (or memory) + projections in memory.
+            for batch, patches in self._embed_paths(paths, skipped, progress,
+                                                    "fit: features"):
                 if sc.expected_rows is None:
                     # Every image has the same grid, so this bounds N (skipped files only
                     # lower it) and the projected bank is allocated once.
@@ -355,38 +345,16 @@ class PatchCore:
                     bank = sc.gather(idx).contiguous()
                     bar.update()
                 t2 = time.perf_counter()
-                c.coreset_ratio = ratio
+                if ratio != self.config.coreset_ratio:
+                    self.config = dataclasses.replace(self.config, coreset_ratio=ratio)
                 self._set_bank(bank, progress)
                 self.fit_stats.update(patches=sc.n, images=n_images,
                                       feature_seconds=feature_seconds,
-                                      coreset_seconds=t2 - t1, streaming=True)
+                                      coreset_seconds=t2 - t1, streaming=streaming)
                 self.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
                 yield ratio
 
-    def fit_embeddings(self, patches: Tensor, progress: bool = False) -> "PatchCore":
-        """Steps 6-7 on given embeddings: coreset, bank, neighbourhoods.
-
-        Args:
-            patches (Tensor[N, D]): every training patch embedding.
-            progress: show a progress bar.
-
-        Returns:
-            self.
-        """
-        from tqdm.auto import tqdm
-
-        c = self.config
-        t0 = time.perf_counter()
-        with torch.inference_mode(), tqdm(total=1, desc="fit: coreset", disable=not progress,
-                                          leave=False) as bar:
-            idx = select_coreset(patches, c.coreset_ratio, c.projection_dim, c.seed)
-            bar.update()
-            bank = patches[idx.to(patches.device)].contiguous()
-        self.fit_stats.update(patches=int(patches.shape[0]),
-                              coreset_seconds=time.perf_counter() - t0)
-        return self._set_bank(bank, progress)
-
-    def _set_bank(self, bank: Tensor, progress: bool = False) -> "PatchCore":
+    def _set_bank(self, bank: Tensor, progress: bool = False) -> None:
         """Keep ``bank`` (Tensor[M, D]) and precompute its reweighting neighbourhoods."""
         from tqdm.auto import tqdm
 
@@ -400,7 +368,6 @@ class PatchCore:
         self.fit_stats.update(bank_rows=int(self.bank.shape[0]),
                               embed_dim=int(self.bank.shape[1]),
                               neighbour_seconds=time.perf_counter() - t0)
-        return self
 
     # ----- steps 8-10: scores and maps ------------------------------------------------
 
@@ -498,14 +465,21 @@ class PatchCore:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None,
-             weights: str | None = None) -> "PatchCore":
-        """Read a model file written by :meth:`save`.
+             weights: str | None = None, batch_size: int | None = None,
+             num_workers: int | None = None) -> "PatchCore":
+        """Read a model file written by :meth:`save`, with this run's runtime settings.
+
+        The runtime settings are set before the model is built, so the model chooses its
+        device once and nothing changes its settings afterwards.
 
         Args:
             path: the ``.safetensors`` model file.
-            device: ``auto``, ``cpu`` or ``cuda``; None keeps ``auto``.
+            device: ``auto``, ``cpu`` or ``cuda``; None: the saved setting (``auto``
+                unless the model was fitted with another).
             weights: the local backbone weights file, when the model was fitted with one
                 and it moved (checked against the SHA-256 stored at fit time).
+            batch_size: images per batch; None: the saved setting.
+            num_workers: image-reading worker processes; None: the saved setting.
 
         Returns:
             The fitted :class:`PatchCore`.
@@ -561,9 +535,8 @@ class PatchCore:
             if f"file:{file_sha256(config.weights)}" != info.weights:
                 raise PatchCoreError(f"backbone weights {config.weights} differ from the ones "
                                      f"{path} was fitted with (SHA-256 mismatch)")
-        if device is not None:
-            config.device = device
-        model = cls(config)
+        runtime = {"device": device, "batch_size": batch_size, "num_workers": num_workers}
+        model = cls(config, **{k: v for k, v in runtime.items() if v is not None})
         model.backbone_info = info
         model._projection = projection
         model.bank = bank.to(model.device)

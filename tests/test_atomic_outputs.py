@@ -23,7 +23,8 @@ from PIL import Image
 
 import patchcore_fast
 from patchcore_fast import PatchCore
-from patchcore_fast.cli import JOURNAL, main
+from patchcore_fast.cli import main
+from patchcore_fast.outputs import JOURNAL
 
 SMALL = ["--image-size", "64", "--crop", "64", "--device", "cpu", "--quiet"]
 

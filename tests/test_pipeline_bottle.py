@@ -40,13 +40,13 @@ def _streaming_metrics_match_exact(m, mvtec_root, out, model_file):
     import numpy as np
 
     from patchcore_fast import PatchCore, metrics
-    from patchcore_fast.cli import _mask_of
+    from patchcore_fast.evaluation import mask_of
     from patchcore_fast.data import mvtec_test
 
     preprocess = PatchCore.load(model_file, device="cpu").preprocess
     items = mvtec_test(mvtec_root / "bottle")
     maps = np.stack([np.load(out / "maps" / i.defect / f"{i.path.stem}.npy") for i in items])
-    masks = np.stack([_mask_of(i, preprocess) for i in items])
+    masks = np.stack([mask_of(i, preprocess) for i in items])
     exact_auroc, exact_pro = metrics.pixel_auroc(masks, maps), metrics.pro_score(masks, maps)
     binning = m["pixel_binning"]
     print(f"pixel AUROC exact {exact_auroc:.8f} streaming {m['pixel_auroc']:.8f} (bound "

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchcore_fast.cli import JOURNAL, main
+from patchcore_fast.cli import main
+from patchcore_fast.outputs import JOURNAL
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from patchcore_fast import PatchCore, PatchCoreConfig, coreset, streaming
-from patchcore_fast.coreset import coreset_start_and_projection, select_coreset
-from patchcore_fast.streaming import StreamingCoreset
+from patchcore_fast import PatchCore, PatchCoreConfig, coreset
+from patchcore_fast.coreset import (StreamingCoreset, coreset_start_and_projection,
+                                    select_coreset)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device")])]
@@ -47,7 +47,6 @@ def _stream(x, batches, ratio, proj_dim=128, seed=0, expected=None):
 def test_streaming_equals_in_memory(monkeypatch, dim, expected, device):
     # Small projection blocks so that batches straddle block boundaries.
     monkeypatch.setattr(coreset, "PROJECTION_CHUNK", 333)
-    monkeypatch.setattr(streaming, "PROJECTION_CHUNK", 333)
     x = torch.randn(2500, dim, generator=torch.Generator().manual_seed(1)).to(device)
     batches = [100, 1, 333, 700, 7, 1000, 359]
     idx_ref = select_coreset(x, 0.05, 128, seed=4)

@@ -1,0 +1,305 @@
+"""Running a fitted model over image sets: the loops of score, evaluate and study.
+
+All three keep their memory bounded whatever the number of images: maps are counted into
+per-defect pixel histograms (:class:`~patchcore_fast.metrics.PixelHistogram`: pixel AUROC,
+PRO, the overlays' colour scale) and parked in a temporary file for the overlays
+(:func:`~patchcore_fast.outputs.write_map_files`); no array of all maps or masks is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import metrics
+from .data import (TestImage, UnreadableImage, folder_test, image_size, mvtec_categories,
+                   mvtec_test, read_mask, warn_skipped)
+from .errors import PatchCoreError
+from .files import ArraySpool
+from .metrics import PixelHistogram
+from .model import PatchCore, PatchCoreConfig
+from .outputs import Journal, write_evaluation, write_map_files
+
+
+# ----- test images and their masks --------------------------------------------------------
+
+def evaluation_sets(model: str | Path, data: str | Path | None, categories: Sequence[str] | None,
+              good: str | None = None, defective: str | None = None,
+              masks: str | None = None) -> list[tuple[str, Path, list[TestImage], list[str]]]:
+    """What evaluate runs over: (name, model file, test images, skipped) per category.
+
+    Args:
+        model: a model file, or the folder of ``<category>.safetensors`` files.
+        data: an MVTec-style root or category folder (or None with the folder layout).
+        categories: the categories under ``data`` (several, or ``all``).
+        good, defective, masks: the folder layout instead of MVTec's.
+    """
+    model = Path(model)
+    if good or defective:
+        if not (good and defective):
+            raise PatchCoreError("the folder layout needs both --good and --defective")
+        skipped: list[str] = []
+        items = folder_test(good, defective, masks, skipped)
+        return [(model.stem, model, items, skipped)]
+    if not data:
+        raise PatchCoreError("give DATA (MVTec-style) or --good and --defective folders")
+    data = Path(data)
+    cats = mvtec_categories(data, categories)
+    if cats is None:
+        raise PatchCoreError(f"{data} is not an MVTec-style category (no train/good); give "
+                             f"--category, or --good and --defective folders")
+    out = []
+    for name, folder in cats:
+        skipped = []
+        items = mvtec_test(folder, skipped)
+        file = model / f"{name}.safetensors" if model.is_dir() else model
+        if len(cats) > 1 and not model.is_dir():
+            raise PatchCoreError(f"several categories need MODEL to be the folder of "
+                                 f"<category>.safetensors files, got {model}")
+        out.append((name, file, items, skipped))
+    return out
+
+
+def usable_masks(items: Sequence[TestImage], skipped: list[str]) -> list[TestImage]:
+    """The test images whose mask (if any) is readable and as large as the image.
+
+    A mask of another size cannot be aligned with its image (resizing it would move the
+    defect), so the image is left out with a warning naming both files, like an unreadable
+    one (or, with ``--on-error fail``, the run stops).
+    """
+    out = []
+    for i in items:
+        if i.mask is not None:
+            try:
+                mask_wh = image_size(i.mask)
+                why = None
+                try:
+                    image_wh = image_size(i.path)
+                except UnreadableImage:
+                    image_wh = None  # the image itself is reported when it is read
+                if image_wh is not None and mask_wh != image_wh:
+                    why = (f"its mask {i.mask} is {mask_wh[0]} x {mask_wh[1]}, the image "
+                           f"{image_wh[0]} x {image_wh[1]}")
+            except UnreadableImage as exc:
+                why = f"its mask {i.mask} cannot be read ({exc})"
+            if why is not None:
+                warn_skipped(i.path, why)
+                skipped.append(str(i.path))
+                continue
+        out.append(i)
+    return out
+
+
+def mask_of(item: TestImage, preprocess) -> np.ndarray:
+    """Ground truth of one test image at crop resolution (all False without a mask)."""
+    try:
+        m = read_mask(item.mask) if item.mask else None
+    except UnreadableImage as exc:
+        raise PatchCoreError(f"cannot read mask {item.mask}: {exc}") from None
+    return preprocess.mask(m).numpy()
+
+
+def add_maps(pixels: dict[str, PixelHistogram], defects: Sequence[str],
+             maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> None:
+    """Count each map's pixels into the histogram of its defect type.
+
+    Args:
+        pixels: histogram per defect type (created on first use).
+        defects: defect type of each map (``good`` for good images).
+        maps (float32 array[B, crop, crop]): anomaly maps.
+        masks: ground truth of each map (bool array[crop, crop], or None: all normal).
+    """
+    for defect, amap, mask in zip(defects, maps, masks):
+        pixels.setdefault(defect, PixelHistogram()).add(amap, mask)
+
+
+def has_ground_truth(items: Sequence[TestImage]) -> bool:
+    """Pixel metrics need a mask for every defective image (good ones may have none)."""
+    return any(i.mask for i in items) and all(i.mask for i in items if i.label)
+
+
+def _metrics(items: Sequence[TestImage], scores: np.ndarray,
+             pixels: dict[str, PixelHistogram]) -> dict:
+    return metrics.evaluate([i.label for i in items], scores, [i.defect for i in items],
+                            pixels=pixels if has_ground_truth(items) else None)
+
+
+# ----- the loops ----------------------------------------------------------------------------
+
+def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str], out: Path,
+                 skipped: list[str], resume: bool = False, overlays: bool = True,
+                 save_maps: bool = False, temp_dir: str | None = None,
+                 progress: bool = False) -> dict[str, float]:
+    """Score images; write their overlays and maps and record each one in the journal.
+
+    Pass 1 scores batch by batch; each batch's maps go to a temporary file and into a
+    histogram of their pixels that sets the colour scale. Pass 2 writes the images. An
+    image enters the journal (:class:`~patchcore_fast.outputs.Journal`) once its files are
+    written, so a killed run resumes exactly where its outputs stop.
+
+    Args:
+        model: the fitted model.
+        paths: image files to score.
+        names: output name of each file (unique within the run).
+        out: output folder.
+        skipped: list collecting unreadable files.
+        resume: append to the journal of an earlier run.
+        overlays, save_maps: which image files to write.
+        temp_dir: folder of the temporary map file.
+        progress: show a progress bar.
+
+    Returns:
+        image score by file name.
+    """
+    images = overlays or save_maps
+    crop = model.config.crop
+    new: dict[str, float] = {}
+    with Journal(out, resume) as journal, \
+            ArraySpool((crop, crop), np.float32, temp_dir, "map file") as spool:
+        order: list[Path] = []
+        pixels = PixelHistogram()
+        for batch, scores, maps in (model.predict_batches(paths, skipped, progress)
+                                    if paths else ()):
+            new.update(zip(map(str, batch), scores.tolist()))
+            order += batch
+            if images:
+                spool.append(maps)
+                for amap in maps:
+                    pixels.add(amap)
+            else:
+                journal.record([(p, new[str(p)]) for p in batch])
+        if images and order:
+            write_map_files(out, spool, [(p, names[p]) for p in order], model.preprocess,
+                            pixels, overlays, save_maps,
+                            written=lambda p: journal.record([(p, new[str(p)])]))
+    return new
+
+
+def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
+                      skipped: list[str], out: Path, model_file: str,
+                      overlays: bool = True, save_maps: bool = False,
+                      temp_dir: str | None = None, progress: bool = False) -> dict:
+    """Metrics of one labelled test set; writes metrics.json, roc.png, scores.csv, overlays.
+
+    Args:
+        name: the category (in the files and messages).
+        model: the fitted model.
+        items: the labelled test images.
+        skipped: list collecting unreadable files (and images with unusable masks).
+        out: output folder.
+        model_file: the model as named on the command line (recorded in metrics.json).
+        overlays, save_maps: which image files to write.
+        temp_dir: folder of the temporary map file.
+        progress: show a progress bar.
+
+    Returns:
+        the contents of metrics.json.
+    """
+    items = usable_masks(items, skipped)
+    by_path = {i.path: i for i in items}
+    crop = model.config.crop
+    kept, scores = [], []
+    pixels: dict[str, PixelHistogram] = {}
+    seconds = 0.0
+    with ArraySpool((crop, crop), np.float32, temp_dir, "map file") as spool:
+        batches = model.predict_batches([i.path for i in items], skipped, progress=progress)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            seconds += time.perf_counter() - t0  # scoring time (not the bookkeeping)
+            if batch is None:
+                break
+            paths, batch_scores, maps = batch
+            done = [by_path[p] for p in paths]
+            kept += done
+            add_maps(pixels, [i.defect for i in done], maps,
+                     [mask_of(i, model.preprocess) if i.mask else None for i in done])
+            scores.append(batch_scores)
+            if overlays or save_maps:
+                spool.append(maps)
+        if not kept:
+            raise PatchCoreError(f"none of the test images of {name} could be read")
+        scores_arr = np.concatenate(scores)
+        result = _metrics(kept, scores_arr, pixels)
+        result = {"category": name, **result, "skipped": skipped,
+                  "score_seconds": seconds, "seconds_per_image": seconds / len(kept),
+                  "model": {"file": str(model_file),
+                            "config": json.loads(model.config.to_json()),
+                            "fit_stats": model.fit_stats}}
+        everything = PixelHistogram.combined(list(pixels.values()))
+        if spool.count:
+            write_map_files(out, spool, [(i.path, f"{i.defect}/{i.path.stem}") for i in kept],
+                            model.preprocess, everything, overlays, save_maps)
+    write_evaluation(out, result, kept, scores_arr,
+                     everything if has_ground_truth(kept) else None)
+    return result
+
+
+def study_category(name: str, folder: Path, config: PatchCoreConfig, ratios: Sequence[float],
+                   temp_dir: str | None = None, progress: bool = False) -> Iterator[dict]:
+    """Fit one MVTec-style category at several coreset ratios and evaluate each bank.
+
+    The test embeddings (scored again at every ratio) and their masks wait in temporary
+    files; the training features stream through the fit once
+    (:meth:`~patchcore_fast.model.PatchCore.fit_each_ratio`).
+
+    Args:
+        name: the category.
+        folder: its folder (``train/good``, ``test``, ``ground_truth``).
+        config: the model's settings (its ``coreset_ratio`` is replaced by each ratio).
+        ratios: coreset ratios, in the order to fit them.
+        temp_dir: folder of the temporary files.
+        progress: show progress bars.
+
+    Yields:
+        one row per ratio: ratio, bank size, image / pixel AUROC, PRO, F1-max and times.
+    """
+    skipped: list[str] = []
+    items = usable_masks(mvtec_test(folder, skipped), skipped)
+    by_path = {i.path: i for i in items}
+    model = PatchCore(config)
+    crop = config.crop
+    with contextlib.ExitStack() as stack:
+        t0 = time.perf_counter()
+        embeddings = masks = None
+        kept = []
+        for paths, patches in model.embed_batches([i.path for i in items], skipped,
+                                                  progress, f"{name}: test features"):
+            if embeddings is None:
+                embeddings = stack.enter_context(ArraySpool(
+                    patches.shape[1:], np.float32, temp_dir, "test-feature file"))
+                masks = stack.enter_context(ArraySpool((crop, crop), np.bool_, temp_dir,
+                                                       "mask file"))
+            embeddings.append(patches.float().cpu().numpy())
+            kept += [by_path[p] for p in paths]
+            masks.append(np.stack([mask_of(by_path[p], model.preprocess) for p in paths]))
+        if not kept:
+            raise PatchCoreError(f"none of the test images of {name} could be read")
+        test_seconds = time.perf_counter() - t0
+        grid = model.grid
+        defects = [i.defect for i in kept]
+        for ratio in model.fit_each_ratio(folder / "train" / "good", ratios, skipped,
+                                          progress, temp_dir):
+            t0 = time.perf_counter()
+            scores, pixels, at = [], {}, 0
+            for batch in embeddings.batches(config.batch_size):
+                s, maps = model.score_embeddings(torch.from_numpy(batch).to(model.device),
+                                                 grid)
+                scores.append(s.numpy())
+                add_maps(pixels, defects[at:at + len(batch)], maps.numpy(),
+                         masks.read(at, at + len(batch)))
+                at += len(batch)
+            score_s = time.perf_counter() - t0 + test_seconds
+            r = _metrics(kept, np.concatenate(scores), pixels)
+            st = model.fit_stats
+            yield {"category": name, "coreset_ratio": ratio, "bank_rows": st["bank_rows"],
+                   "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"],
+                   "pro": r["pro"], "f1_max": r["f1_max"], "fit_seconds": st["fit_seconds"],
+                   "coreset_seconds": st["coreset_seconds"],
+                   "score_seconds_per_image": score_s / len(kept)}
