@@ -160,7 +160,7 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
     images = overlays or save_maps
     crop = model.config.crop
     new: dict[str, float] = {}
-    with Journal(out, resume) as journal, \
+    with contextlib.closing(Journal(out, resume)) as journal, \
             ArraySpool((crop, crop), np.float32, temp_dir, "map file") as spool:
         order: list[Path] = []
         pixels = PixelHistogram()

@@ -270,7 +270,7 @@ class Journal:
 
     An image enters the journal once its files are written, so a killed run resumes exactly
     where its outputs stop. The file is opened at the first record: a run that fails before
-    leaves none.
+    leaves none. Use it under ``contextlib.closing``.
 
     Args:
         out: output folder.
@@ -300,9 +300,3 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-    def __enter__(self) -> "Journal":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
