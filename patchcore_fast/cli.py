@@ -14,8 +14,12 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from . import evaluation, outputs
 from ._version import __version__
+from .data import list_images, mvtec_categories
+from .demo import write_demo_data
 from .errors import PatchCoreError, SkippedFileWarning
+from .model import PatchCore, PatchCoreConfig
 
 PROG = "patchcore-fast"
 
@@ -215,10 +219,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
           flush=True)
 
 
-def _config_from_args(args: argparse.Namespace, ratio: float | None = None):
+def _config_from_args(args: argparse.Namespace, ratio: float | None = None
+                      ) -> PatchCoreConfig:
     """The settings of a model to fit, from the command line (validated)."""
-    from .model import PatchCoreConfig
-
     runtime = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size),
                                  ("num_workers", args.workers)) if v is not None}
     config = PatchCoreConfig(
@@ -233,22 +236,16 @@ def _config_from_args(args: argparse.Namespace, ratio: float | None = None):
     return config
 
 
-def _load(path: str | Path, args: argparse.Namespace):
+def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
     """A fitted model with this run's device, batch size and workers."""
-    from .model import PatchCore
-
     return PatchCore.load(path, device=args.device, weights=args.weights,
                           batch_size=args.batch_size, num_workers=args.workers)
 
 
 # ----- verbs --------------------------------------------------------------------------
-# Each verb imports the modules it needs when it runs, so that the command starts (and
-# answers --help) without importing torch.
 
 def _fit_targets(args: argparse.Namespace) -> list[tuple[str, Path, Path]]:
     """(name, training folder, model file) per model to fit."""
-    from .data import mvtec_categories
-
     data, out = Path(args.data), Path(args.output)
     cats = mvtec_categories(data, args.category)
     if cats is None:
@@ -264,8 +261,6 @@ def _fit_targets(args: argparse.Namespace) -> list[tuple[str, Path, Path]]:
 
 
 def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
-    from .model import PatchCore
-
     config = _config_from_args(args)
     targets = _fit_targets(args)
     if not config.pretrained and not config.weights:
@@ -290,9 +285,6 @@ def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
 
 
 def cmd_score(args: argparse.Namespace, log: _Log) -> int:
-    from . import evaluation, outputs
-    from .data import list_images
-
     model = _load(args.model, args)
     out = Path(args.output)
     skipped: list[str] = []
@@ -322,8 +314,6 @@ def _fmt(value: float | None) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace, log: _Log) -> int:
-    from . import evaluation, outputs
-
     sets = evaluation.evaluation_sets(args.model, args.data, args.category, args.good,
                                 args.defective, args.masks)
     for name, file, _, _ in sets:
@@ -349,9 +339,6 @@ def cmd_evaluate(args: argparse.Namespace, log: _Log) -> int:
 
 
 def cmd_study(args: argparse.Namespace, log: _Log) -> int:
-    from . import evaluation, outputs
-    from .data import mvtec_categories
-
     data = Path(args.data)
     cats = mvtec_categories(data, args.category)
     if cats is None:
@@ -372,8 +359,6 @@ def cmd_study(args: argparse.Namespace, log: _Log) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace, log: _Log) -> int:
-    from .demo import write_demo_data
-
     counts = write_demo_data(args.output, seed=args.seed)
     log(f"wrote synthetic category 'widget' to {args.output}: " +
         ", ".join(f"{k} {v}" for k, v in counts.items()))

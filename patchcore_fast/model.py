@@ -65,7 +65,7 @@ class PatchCoreConfig:
         num_workers: DataLoader worker processes for image reading (runtime, as
             ``batch_size``).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (runtime, as
-            ``batch_size``; the bank does not depend on it).
+            ``batch_size``).
     """
 
     backbone: str = "wide_resnet50_2"
