@@ -150,6 +150,46 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def check_state_dict(state: dict[str, Tensor], own: dict[str, Tensor], what: str,
+                     network: str, optional: Sequence[str] = ()) -> None:
+    """Raise :class:`PatchCoreError` unless ``state`` holds exactly the tensors of ``own``.
+
+    Loading with ``strict=False`` would accept the weights of a deeper network of the same
+    family (``resnet34.pth`` for ``resnet18``: every resnet18 tensor is there) and give a
+    network with the wrong features; loading a wider one fails deep in torch. Here any
+    missing or unexpected tensor, or a shape that differs, is one line naming the first.
+
+    Args:
+        state: the weights read from the file.
+        own: the network's state dict (names and shapes).
+        what: the file, for messages (``weights file resnet34.pth``).
+        network: the network's name, for messages.
+        optional: tensors that may be absent: names starting with one of these (a head,
+            ``fc.``) or ending with one (``num_batches_tracked``, which torch recreates).
+    """
+    def is_optional(key: str) -> bool:
+        return any(key.startswith(o) or key.endswith(o) for o in optional)
+
+    missing = [k for k in own if k not in state and not is_optional(k)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    if wrong:
+        k = wrong[0]
+        first = (f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in "
+                 f"{network}")
+    elif missing:
+        first = f"{network}'s tensor {missing[0]} is missing"
+    else:
+        first = f"the file's tensor {unexpected[0]} is not in {network}"
+    counts = ", ".join(f"{n} {label}" for n, label in ((len(missing), "missing"),
+                                                       (len(unexpected), "unexpected"),
+                                                       (len(wrong), "of another shape")) if n)
+    raise PatchCoreError(f"{what} does not fit {network}: {first} ({counts}); is it the "
+                         f"weights of another network?")
+
+
 def _torchvision_backbone(name: str, layers: Sequence[str], weights: str | None,
                           pretrained: bool) -> tuple[nn.Module, str]:
     import torchvision.models as tvm
@@ -163,11 +203,9 @@ def _torchvision_backbone(name: str, layers: Sequence[str], weights: str | None,
     if weights:
         state = read_state_dict(weights)
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        missing, _ = net.load_state_dict(state, strict=False)
-        needed = [k for k in missing if not k.startswith("fc.")]
-        if needed:
-            raise PatchCoreError(f"weights file {weights} does not fit {name} "
-                                 f"(missing {len(needed)} tensors, e.g. {needed[0]})")
+        check_state_dict(state, net.state_dict(), f"weights file {weights}", name,
+                         optional=("fc.", "num_batches_tracked"))
+        net.load_state_dict(state, strict=False)  # strict up to the optional tensors
         source = f"file:{file_sha256(weights)}"
     elif pretrained:
         enum = getattr(tvm, _TORCHVISION[name][1]).IMAGENET1K_V1
@@ -296,6 +334,11 @@ def _timm_backbone(name: str, layers: Sequence[str] | None, weights: str | None,
         own = body.state_dict()
         try:
             body.load_state_dict({k: state[k] for k in own}, strict=True)
+            if set(state) - set(own):
+                # The features model drops the head: the rest must be the full network's.
+                full = timm.create_model(arch, pretrained=False).state_dict()
+                check_state_dict(state, full, f"weights file {weights}" if weights
+                                 else f"package {_LITE0_PACKAGE}", name)
         except (KeyError, RuntimeError):
             # Not timm naming: map the full network's tensors by order (the features model
             # drops the head, which comes last in both).

@@ -20,6 +20,7 @@ Layouts:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -28,13 +29,24 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import PatchCoreError, SkippedFileWarning
+from .errors import LargeImageWarning, PatchCoreError, SkippedFileWarning
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# The Pillow decoders used, whatever the file's extension says; other formats Pillow knows
+# (GIF, WebP, ...) are named as unsupported rather than read or called unreadable.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "TIFF")
+# Image formats Pillow does not read either, named in messages by their extension.
+_OTHER_IMAGE_EXTENSIONS = {".heic": "HEIC", ".heif": "HEIF", ".svg": "SVG", ".raw": "RAW",
+                           ".cr2": "Canon RAW", ".nef": "Nikon RAW", ".dng": "DNG"}
+# Pixel budget of the resized image before the centre crop. Resizing the shorter side to
+# image_size makes an image of image_size^2 * aspect pixels: fine for photos, but a
+# 474-byte 1 x 100,000 PNG would become 256 x 25,600,000 (20 GB as RGB). Above the budget
+# only the source region behind the crop is resized (same crop, crop^2 pixels of memory).
+MAX_RESIZED_PIXELS = 50_000_000
 
 #: ImageNet normalisation (RGB), the statistics every supported backbone was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,7 +98,14 @@ def read_image(path: str | os.PathLike) -> Image.Image:
             # photo is big, not hostile: read it (a 10,000 x 10,000 RGB image is 300 MB
             # for a moment). Above the error limit the file is skipped, naming its size.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            try:
+                img = Image.open(path, formats=IMAGE_FORMATS)
+            except UnidentifiedImageError:
+                other = _other_format(path)
+                if other:
+                    raise UnreadableImage(f"unsupported image format {other} (read: PNG, "
+                                          f"JPEG, BMP, TIFF); convert it to PNG") from None
+                raise
         with img:
             img.load()  # decode now: truncated files fail here, not later in a worker
             img = ImageOps.exif_transpose(img)
@@ -102,6 +121,27 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         if "cannot identify image file" in why:
             why = "not an image"
         raise UnreadableImage(why) from None
+
+
+def _other_format(path: Path) -> str | None:
+    """The format of an image that Pillow can identify but this tool does not read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.format
+    except Exception:  # not an image at all
+        return None
+
+
+def unsupported_format(path: Path) -> str | None:
+    """``GIF``, ``WEBP``, ... when the extension names an image format this tool does not
+    read (Pillow's registry and a few camera / vector formats), else None."""
+    ext = path.suffix.lower()
+    if ext in IMAGE_EXTENSIONS or not ext:
+        return None
+    Image.init()
+    return Image.registered_extensions().get(ext) or _OTHER_IMAGE_EXTENSIONS.get(ext)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -148,15 +188,63 @@ class Preprocess:
     crop: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    max_pixels: int = MAX_RESIZED_PIXELS
+
+    def _resized_size(self, w: int, h: int) -> tuple[int, int]:
+        scale = self.image_size / min(w, h)
+        return max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
+
+    def oversize(self, size: tuple[int, int]) -> str | None:
+        """Why an image of ``size`` (width, height) takes the bounded path, or None.
+
+        Above :attr:`max_pixels` after resizing, :meth:`display` resizes only the region
+        behind the crop; the model then sees a sliver of an extreme panorama, which the
+        message says.
+        """
+        w, h = size
+        rw, rh = self._resized_size(w, h)
+        if rw * rh <= self.max_pixels:
+            return None
+        seen = 100.0 * (self.crop / rw) * (self.crop / rh)
+        return (f"{w:,} x {h:,} pixels would be {rw:,} x {rh:,} after resizing, above the "
+                f"budget of {self.max_pixels:,} pixels: only the region behind the centre "
+                f"crop is resized (the model sees {seen:.2g} % of the image)")
 
     def _geometry(self, img: Image.Image, resample: int) -> Image.Image:
         w, h = img.size
-        scale = self.image_size / min(w, h)
-        size = (max(self.crop, round(w * scale)), max(self.crop, round(h * scale)))
-        img = img.resize(size, resample)
+        size = self._resized_size(w, h)
         left = int(round((size[0] - self.crop) / 2.0))
         top = int(round((size[1] - self.crop) / 2.0))
+        if size[0] * size[1] > self.max_pixels:
+            return self._bounded_geometry(img, resample, size, left, top)
+        img = img.resize(size, resample)
         return img.crop((left, top, left + self.crop, top + self.crop))
+
+    def _bounded_geometry(self, img: Image.Image, resample: int, size: tuple[int, int],
+                          left: int, top: int) -> Image.Image:
+        """The crop of :meth:`_geometry` without making the resized image.
+
+        Pillow resizes in two separable passes, horizontal then vertical, rounding to 8 bits
+        in between. Output pixel (i, j) of the crop sits at source point
+        ((left + i + 0.5) sx, (top + j + 0.5) sy), sx = w / size[0]; a pass over the source
+        box that starts at (left sx, top sy) and spans crop pixels maps it to the same
+        point, and the filter is clipped at the image's edges, not the box's. So: keep the
+        source rows the vertical filter can reach (its support, ``max(sy, 1)`` rows either
+        side for bilinear, plus a margin), run the horizontal pass on the crop's columns,
+        then the vertical pass on the crop's rows. Memory: crop x (rows kept) pixels. The
+        box coordinates are floats, so filter weights can differ in the last bit: pixels
+        agree to within one 8-bit level (bilinear), nearest-neighbour picks within a pixel.
+        """
+        w, h = img.size
+        sx, sy = w / size[0], h / size[1]
+        reach = math.ceil(max(sy, 1.0)) + 2
+        y0 = max(0, math.floor(top * sy) - reach)
+        y1 = min(h, math.ceil((top + self.crop) * sy) + reach)
+        band = img.crop((0, y0, w, y1))
+        band = band.resize((self.crop, y1 - y0), resample,
+                           box=(left * sx, 0, (left + self.crop) * sx, y1 - y0))
+        return band.resize((self.crop, self.crop), resample,
+                           box=(0, top * sy - y0, self.crop, (top + self.crop) * sy - y0))
 
     def display(self, img: Image.Image) -> np.ndarray:
         """The resized, cropped image as uint8 [crop, crop, 3] (for overlays)."""
@@ -181,19 +269,34 @@ def warn_skipped(path: str | os.PathLike, why: str) -> None:
     warnings.warn(f"skipping {path}: {why}", SkippedFileWarning, stacklevel=2)
 
 
-def _is_candidate(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".")
+def _skip(path: Path, why: str, skipped: list[str] | None) -> None:
+    warn_skipped(path, why)
+    if skipped is not None:
+        skipped.append(str(path))
+
+
+def _not_a_file(p: Path) -> str | None:
+    """Why a folder entry cannot be an image file (None: a regular file, or a link to one)."""
+    if p.is_symlink() and not p.exists():
+        return f"dangling symbolic link (to {os.readlink(p)})"
+    if p.is_dir():
+        return None  # sub-folders are not searched (not an input file)
+    if not p.is_file():
+        return "not a regular file (a device, pipe or socket)"
+    return None
 
 
 def list_images(inputs: Sequence[str | os.PathLike], what: str = "input",
                 skipped: list[str] | None = None) -> list[Path]:
     """Expand files and folders into a sorted list of image files.
 
-    Files inside a folder without an image extension are skipped with a warning (and
-    appended to ``skipped``); hidden files are ignored.
+    Inside a folder, every entry left out is warned about, naming it, and appended to
+    ``skipped``: files with an extension that is not an image's, images in formats this
+    tool does not read (GIF, WebP, ...), dangling symbolic links, devices and pipes. Hidden
+    files and sub-folders are ignored (folders are not searched recursively).
 
     Args:
-        inputs: image files and/or folders (folders are not searched recursively).
+        inputs: image files and/or folders.
         what: what the inputs are, for messages (e.g. ``"training folder"``).
         skipped: list that collects the paths left out.
 
@@ -205,20 +308,33 @@ def list_images(inputs: Sequence[str | os.PathLike], what: str = "input",
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
+        if p.is_symlink() and not p.exists():
+            raise PatchCoreError(f"{what} {p} is a dangling symbolic link (to "
+                                 f"{os.readlink(p)})")
         if not p.exists():
             raise PatchCoreError(f"{what} {p} does not exist")
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if _is_candidate(f))
-            images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
-            for f in files:
-                if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                    warn_skipped(f, f"not an image file (extension {f.suffix or 'none'})")
-                    if skipped is not None:
-                        skipped.append(str(f))
+            images = []
+            for f in sorted(f for f in p.iterdir() if not f.name.startswith(".")):
+                why = _not_a_file(f)
+                if why:
+                    _skip(f, why, skipped)
+                elif f.is_dir():
+                    continue
+                elif f.suffix.lower() in IMAGE_EXTENSIONS:
+                    images.append(f)
+                elif unsupported_format(f):
+                    _skip(f, f"unsupported image format {unsupported_format(f)} (read: "
+                             f"{', '.join(IMAGE_EXTENSIONS)}); convert it to PNG", skipped)
+                else:
+                    _skip(f, f"not an image file (extension {f.suffix or 'none'})", skipped)
             if not images:
                 raise PatchCoreError(f"{what} {p} holds no images "
                                      f"({', '.join(IMAGE_EXTENSIONS)})")
             out.extend(images)
+        elif unsupported_format(p):
+            _skip(p, f"unsupported image format {unsupported_format(p)} (read: "
+                     f"{', '.join(IMAGE_EXTENSIONS)}); convert it to PNG", skipped)
         else:
             out.append(p)
     return out
@@ -239,18 +355,22 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None, str | None]:
+        """(index, Tensor[3, crop, crop] or None, why it was skipped, a note to warn)."""
         try:
-            return i, self.preprocess.image(read_image(self.paths[i])), None
+            img = read_image(self.paths[i])
+            return i, self.preprocess.image(img), None, self.preprocess.oversize(img.size)
         except UnreadableImage as exc:
-            return i, None, str(exc)
+            return i, None, str(exc), None
 
 
-def _collate(items: list) -> tuple[list[int], Tensor | None, list[tuple[int, str]]]:
-    good = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, why) for i, x, why in items if x is None]
+def _collate(items: list) -> tuple[list[int], Tensor | None, list[tuple[int, str]],
+                                   list[tuple[int, str]]]:
+    good = [(i, x) for i, x, _, _ in items if x is not None]
+    bad = [(i, why) for i, x, why, _ in items if x is None]
+    notes = [(i, note) for i, _, _, note in items if note]
     batch = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], batch, bad
+    return [i for i, _ in good], batch, bad, notes
 
 
 def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: int = 8,
@@ -272,7 +392,10 @@ def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: in
     """
     loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate, shuffle=False)
-    for indices, batch, bad in loader:
+    for indices, batch, bad, notes in loader:
+        # Warned here, in the main process (the readers may be worker processes).
+        for i, note in notes:
+            warnings.warn(f"{paths[i]}: {note}", LargeImageWarning, stacklevel=2)
         for i, why in bad:
             warn_skipped(paths[i], why)
             if skipped is not None:

@@ -10,3 +10,8 @@ class PatchCoreError(Exception):
 
 class SkippedFileWarning(UserWarning):
     """An input file that could not be read and was left out (the message names it)."""
+
+
+class LargeImageWarning(UserWarning):
+    """An image so elongated that only the region behind its crop is resized (the message
+    names it and says how much of it the model sees)."""

@@ -4,6 +4,7 @@ anonymous temporary spools for results too large to keep in memory."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -14,30 +15,70 @@ import numpy as np
 from .errors import PatchCoreError
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it where Linux allows)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _why(exc: OSError, tmp: str | None) -> str:
+    """An OS error in words, naming the file involved unless it is our temporary file."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    other = getattr(exc, "filename", None)
+    if other is not None and str(other) != str(tmp):
+        text += f" ({other})"
+    return text
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; move it onto ``path`` on success.
 
     The temporary file lives in the same folder so that ``os.replace`` is a rename on one
     file system (atomic). If the body raises, the temporary file is removed and ``path``
-    is left as it was.
+    is left as it was. The file gets the mode a plain ``open()`` would give it (0666 less
+    the umask), not ``mkstemp``'s 0600, so that a shared folder stays shared.
 
     Args:
         path: final location of the file.
 
     Yields:
         Path of the temporary file to write.
+
+    Raises:
+        PatchCoreError: the folder or the file cannot be created or written (disk full,
+            permission denied, read-only file system, a folder where the file goes): one
+            line naming ``path``; nothing is left behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PatchCoreError(f"cannot create the folder {path.parent} for {path.name}: "
+                             f"{_why(exc, None)}") from None
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+        finally:
+            os.close(fd)
         yield Path(tmp)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a folder of that name is in the way")
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise PatchCoreError(f"cannot write {path}: {_why(exc, tmp)}") from None
         raise
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from .scoring import anomaly_maps, bank_neighbourhoods, image_scores, nearest_ba
 
 FORMAT = "patchcore-fast"
 FORMAT_VERSION = 1
+# Largest image size (shorter side) and crop: a 2,048-pixel crop gives a 256 x 256 grid of
+# stride-8 patches per image, 65,536 embeddings of D floats (256 MB at D = 1,024).
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass
@@ -91,8 +95,11 @@ class PatchCoreConfig:
 
     def validate(self) -> None:
         """Raise :class:`PatchCoreError` naming the first invalid setting."""
-        if self.image_size < 16:
-            raise PatchCoreError(f"image size should be at least 16, got {self.image_size}")
+        if not 16 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise PatchCoreError(
+                f"image size should be between 16 and {MAX_IMAGE_SIZE:,} (a {MAX_IMAGE_SIZE:,}"
+                f"-pixel crop already gives {(MAX_IMAGE_SIZE // 8) ** 2:,} patch embeddings "
+                f"per image), got {self.image_size:,}")
         if not 16 <= self.crop <= self.image_size:
             raise PatchCoreError(f"crop should be between 16 and the image size "
                                  f"{self.image_size}, got {self.crop}")
@@ -111,6 +118,11 @@ class PatchCoreConfig:
             raise PatchCoreError(f"device should be auto, cpu or cuda, got {self.device!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise PatchCoreError("mean and std should hold three values, std positive")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std, self.blur_sigma)):
+            raise PatchCoreError(f"mean, std and blur_sigma should be finite, got mean "
+                                 f"{self.mean}, std {self.std}, blur_sigma {self.blur_sigma}")
+        if self.blur_sigma < 0:
+            raise PatchCoreError(f"blur_sigma should be >= 0, got {self.blur_sigma}")
 
     def to_json(self) -> str:
         """The settings as JSON (the model file's metadata)."""
@@ -461,7 +473,10 @@ class PatchCore:
                 "grid": json.dumps(list(self.grid) if self.grid else None),
                 "fit_stats": json.dumps(self.fit_stats), "writer": f"patchcore-fast {__version__}"}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            try:
+                save_file(tensors, str(tmp), metadata=meta)
+            except Exception as exc:  # SafetensorError wraps the OS error (disk full, ...)
+                raise OSError(_os_error_text(exc)) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None,
@@ -501,31 +516,9 @@ class PatchCore:
             raise PatchCoreError(f"{path} is not a patchcore-fast model file, or it is "
                                  f"truncated ({str(exc).splitlines()[0] if str(exc) else exc!r})"
                                  ) from None
-        version = meta.get("format_version", "?")
-        if version != str(FORMAT_VERSION):
-            raise PatchCoreError(f"{path} has model format version {version}; this version of "
-                                 f"patchcore-fast ({__version__}) reads version {FORMAT_VERSION}")
-        try:
-            config = PatchCoreConfig.from_json(meta["config"])
-            info = json.loads(meta["backbone"])
-            info = BackboneInfo(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in info.items()})
-            grid = json.loads(meta.get("grid", "null"))
-            bank, projection = tensors["bank"], tensors["projection"]
-        except PatchCoreError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PatchCoreError(f"{path} is a damaged patchcore-fast model file "
-                                 f"(bad or missing {exc})") from None
-        if bank.dim() != 2 or projection.dim() != 2 or bank.shape[1] != projection.shape[0]:
-            raise PatchCoreError(f"{path} is a damaged patchcore-fast model file "
-                                 f"(bank {tuple(bank.shape)}, projection "
-                                 f"{tuple(projection.shape)})")
-        hood = tensors.get("neighbourhoods")
-        if hood is not None and (hood.dim() != 2 or hood.shape[0] != bank.shape[0]
-                                 or (hood.numel() and int(hood.max()) >= bank.shape[0])):
-            raise PatchCoreError(f"{path} is a damaged patchcore-fast model file "
-                                 f"(neighbourhoods {tuple(hood.shape)})")
+        config, info, grid, fit_stats = _validate_loaded(path, meta, tensors)
+        bank, projection, hood = (tensors["bank"], tensors["projection"],
+                                  tensors.get("neighbourhoods"))
         if weights is not None:
             config.weights = str(weights)
         if info.weights.startswith("file:"):
@@ -542,5 +535,170 @@ class PatchCore:
         model.bank = bank.to(model.device)
         model.neighbourhoods = hood.to(model.device) if hood is not None else None
         model.grid = tuple(grid) if grid else None
-        model.fit_stats = json.loads(meta.get("fit_stats", "{}"))
+        model.fit_stats = fit_stats
         return model
+
+
+def _os_error_text(exc: BaseException) -> str:
+    """The OS's words inside a safetensors error, e.g. ``No space left on device``."""
+    import re
+
+    text = str(exc)
+    found = re.search(r'message: "([^"]+)"', text)
+    if found:
+        return found.group(1)
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+# ----- checking a loaded model file --------------------------------------------------------
+
+# Python types each config annotation admits (JSON has no tuples; ints pass as floats).
+_FIELD_TYPES = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+    "str | None": (str, type(None)), "list[str] | None": (list, type(None)),
+    "list[float]": (list,),
+}
+_ITEM_TYPES = {"list[str] | None": (str,), "list[float]": (int, float)}
+
+
+def _check_config_types(data: dict) -> None:
+    """Raise ValueError naming the first setting whose JSON value has the wrong type."""
+    for f in dataclasses.fields(PatchCoreConfig):
+        if f.name not in data:
+            continue
+        value, allowed = data[f.name], _FIELD_TYPES[f.type]
+        # bool is an int in Python, but true is not a number of pixels.
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if ok and isinstance(value, list):
+            ok = all(isinstance(v, _ITEM_TYPES[f.type]) and not isinstance(v, bool)
+                     for v in value)
+        if not ok:
+            raise ValueError(f"setting {f.name} should be {f.type}, got {json.dumps(value)}"[:200])
+
+
+def _tensor_problem(tensors: dict[str, Tensor], config: PatchCoreConfig,
+                    info: BackboneInfo) -> str | None:
+    """What is wrong with the tensors of a model file, or None.
+
+    Expected: ``bank`` float32 [M, D] (M >= 1, finite), ``projection`` float32 [D, C] with
+    C = sum(info.channels) and D <= target_embed_dim (== when not compact; finite), and
+    ``neighbourhoods`` int64 [M, min(b, M)] with values in [0, M) exactly when b > 0.
+    """
+    unknown = sorted(set(tensors) - {"bank", "projection", "neighbourhoods"})
+    if unknown:
+        return f"unknown tensor {unknown[0]!r}"
+    for name in ("bank", "projection"):
+        if name not in tensors:
+            return f"no {name} tensor"
+        t = tensors[name]
+        if t.dtype != torch.float32:
+            return f"{name} is {str(t.dtype).removeprefix('torch.')}, should be float32"
+        if t.dim() != 2:
+            return f"{name} has shape {tuple(t.shape)}, should be 2-D"
+    bank, projection = tensors["bank"], tensors["projection"]
+    m, d = bank.shape
+    if m == 0 or d == 0:
+        return f"the bank is empty (shape {tuple(bank.shape)})"
+    c = sum(info.channels)
+    if projection.shape[1] != c:
+        return (f"projection has shape {tuple(projection.shape)}, should have {c} columns "
+                f"(the channels of {info.name} layers {', '.join(info.layers)})")
+    if projection.shape[0] != d:
+        return f"bank {tuple(bank.shape)} and projection {tuple(projection.shape)} disagree"
+    if d > config.target_embed_dim or (not config.compact and d != config.target_embed_dim):
+        return (f"embedding width {d} does not fit the setting target_embed_dim "
+                f"{config.target_embed_dim}")
+    for name in ("bank", "projection"):
+        bad = int((~torch.isfinite(tensors[name])).sum())
+        if bad:
+            return f"{name} holds {bad:,} NaN or infinite values"
+    hood = tensors.get("neighbourhoods")
+    b = min(config.num_neighbors, m)
+    if hood is None:
+        return "no neighbourhoods tensor, but num_neighbors is {}".format(b) if b else None
+    if not b:
+        return "a neighbourhoods tensor, but num_neighbors is 0"
+    if hood.dtype != torch.int64:
+        return f"neighbourhoods is {str(hood.dtype).removeprefix('torch.')}, should be int64"
+    if tuple(hood.shape) != (m, b):
+        return f"neighbourhoods has shape {tuple(hood.shape)}, should be ({m}, {b})"
+    if int(hood.min()) < 0 or int(hood.max()) >= m:
+        return (f"neighbourhoods hold row numbers {int(hood.min())}..{int(hood.max())}, "
+                f"outside the bank's 0..{m - 1}")
+    return None
+
+
+def _validate_loaded(path: Path, meta: dict[str, str], tensors: dict[str, Tensor]
+                     ) -> tuple[PatchCoreConfig, BackboneInfo, list[int] | None, dict]:
+    """Parse and check everything inside a model file before any of it is used.
+
+    A file that loads but holds the wrong thing (a NaN bank, an int32 bank, a config with a
+    string where a number goes, an image size that would allocate tens of GB) would fail
+    later with a traceback, or worse, score silently wrong: every field is checked here.
+
+    Args:
+        path: the model file (for messages).
+        meta: its safetensors metadata.
+        tensors: its tensors.
+
+    Returns:
+        (config, backbone info, grid or None, fit_stats).
+
+    Raises:
+        PatchCoreError: one line naming the file and the first problem.
+    """
+    version = meta.get("format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise PatchCoreError(f"{path} has model format version {version}; this version of "
+                             f"patchcore-fast ({__version__}) reads version {FORMAT_VERSION}")
+
+    def damaged(why: str) -> PatchCoreError:
+        return PatchCoreError(f"{path} is a damaged patchcore-fast model file ({why})")
+
+    entry = "config"  # the metadata entry being parsed, for the message
+    try:
+        if "config" not in meta or "backbone" not in meta:
+            raise ValueError("no config or backbone entry")
+        data = json.loads(meta["config"])
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        _check_config_types(data)
+        config = PatchCoreConfig.from_json(meta["config"])
+        config.validate()
+        entry = "backbone"
+        raw = json.loads(meta["backbone"])
+        names = [f.name for f in dataclasses.fields(BackboneInfo)]
+        if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+            raise ValueError(f"should be an object with {', '.join(names)}")
+        if not (isinstance(raw["name"], str) and isinstance(raw["weights"], str)
+                and all(isinstance(raw[k], list) and raw[k] for k in names[1:4])
+                and all(isinstance(v, str) for v in raw["layers"])
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                        for k in ("channels", "strides") for v in raw[k])
+                and len(raw["layers"]) == len(raw["channels"]) == len(raw["strides"])):
+            raise ValueError("wrong types or lengths")
+        info = BackboneInfo(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in raw.items()})
+        entry = "grid"
+        grid = json.loads(meta.get("grid", "null"))
+        if grid is not None and not (
+                isinstance(grid, list) and len(grid) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                        for v in grid)):
+            raise ValueError(f"should be two positive integers, got {meta['grid'][:40]}")
+        entry = "fit_stats"
+        fit_stats = json.loads(meta.get("fit_stats", "{}"))
+        if not isinstance(fit_stats, dict):
+            raise ValueError("not a JSON object")
+    except PatchCoreError as exc:  # a setting out of range, or unknown to this version
+        raise PatchCoreError(f"{path}: {exc}") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise damaged(f"{entry}: {why[:200]}") from None
+    if info.name != config.backbone:
+        raise damaged(f"backbone {info.name!r} differs from the setting {config.backbone!r}")
+    problem = _tensor_problem(tensors, config, info)
+    if problem:
+        raise damaged(problem)
+    return config, info, grid, fit_stats
