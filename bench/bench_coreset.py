@@ -8,6 +8,10 @@ embeddings, projected to 128 dims before selection. Two data sets of that shape:
     bottle-1pct-{gauss,real}:  163,856 x 128, k = 1,638
     bottle-10pct-{gauss,real}: 163,856 x 128, k = 16,385
 
+    bottle-{1,10}pct-real-threads: the CPU kernel on the real features with one thread
+        (torch.set_num_threads(1)) and with all of torch's threads, side by side; the two
+        selections must be identical.
+
 Run:  python -m pytest bench/bench_coreset.py --benchmark-only [-m "not slow"] -s
 The reference loop takes minutes at 10 %: it is marked ``slow``. Each selection runs once
 (``pedantic(rounds=1)``); where the reference ran, the kernel's selection is checked
@@ -34,6 +38,7 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
     KCenterGreedy = None
 
 _selections: dict[tuple[str, str], torch.Tensor] = {}
+ALL_THREADS = torch.get_num_threads()  # torch's default: the cores of this machine
 
 
 @pytest.fixture(scope="module", params=["gauss", "real"])
@@ -79,6 +84,28 @@ def test_kernel(benchmark, data, workload, device):
     out = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     _selections[(benchmark.group, device)] = out.cpu()
     benchmark.extra_info.update(n=N, d=D, k=k, device=device, data=kind)
+
+
+@pytest.mark.parametrize("threads", [1, ALL_THREADS], ids=["1-thread", "all-threads"])
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_kernel_threads(benchmark, workload, threads):
+    features = _common.bottle_projected(D)
+    benchmark.group = group = f"{workload}-real-threads"
+    k = WORKLOADS[workload]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = benchmark.pedantic(patchcore_fast.greedy_coreset, args=(features, k, 0),
+                                 rounds=1, iterations=1, warmup_rounds=0)
+    finally:
+        torch.set_num_threads(before)
+    benchmark.extra_info.update(n=N, d=D, k=k, device="cpu", data="real", threads=threads)
+    _selections[(group, f"threads={threads}")] = out
+    other = _selections.get((group, f"threads={1 if threads != 1 else ALL_THREADS}"))
+    if other is not None:
+        same = torch.equal(out, other)
+        print(f"\n{group}: 1-thread and {ALL_THREADS}-thread selections identical: {same}")
+        assert same
 
 
 def _reference_case(benchmark, data, workload):

@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 _warned = False
 
-_OPS = ("greedy_coreset", "knn")
+_OPS = ("greedy_coreset", "coreset_shard_step", "knn")
 
 
 def compiled() -> bool:
@@ -129,6 +129,68 @@ def greedy_coreset(features: Tensor, k: int, start: int = 0) -> Tensor:
     return reference.greedy_coreset(features, k, start)
 
 
+def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Tensor,
+                       indices: Tensor, step: int) -> Tensor:
+    """One step of the exact distributed coreset on this rank's shard of the rows.
+
+    ``candidates`` holds every rank's record of the previous step (all-gathered): the
+    largest packed key names the new centre and carries its row. This lowers ``min_d``
+    with each row's squared distance to it (the same arithmetic as
+    :func:`greedy_coreset`, so the shards together hold a single process's values bit for
+    bit), sets ``indices[step]`` and returns this rank's record for the next step. See
+    :mod:`patchcore_fast.distributed` for the loop around it.
+
+    Only shapes, dtypes and devices are checked (no value is read, so on a GPU the step
+    never waits for the device).
+
+    Args:
+        shard (Tensor[N_r, D]): float32 rows of global indices ``offset .. offset + N_r-1``.
+        candidates (Tensor[R, D + 2]): int32 records, one per rank: words 0-1 a packed
+            (squared distance, global index) key (``reference.pack_keys``; 0 = none), then
+            the float32 bits of the row (integer words: the key would be a NaN as floats).
+        offset (int): global index of the shard's first row.
+        min_d (Tensor[N_r]): float32, each row's squared distance to its nearest centre
+            (+inf before the first step, -1 once selected); updated in place.
+        indices (Tensor[k]): int64 selection being built; ``indices[step]`` is written.
+        step (int): the step, 0 <= step < k.
+
+    Returns:
+        Tensor[D + 2] int32: this shard's record (its farthest unselected row's key and
+        row; key 0 and a zero row when none is left).
+    """
+    for t, name, dtype in ((shard, "shard", torch.float32), (min_d, "min_d", torch.float32),
+                           (candidates, "candidates", torch.int32)):
+        if not isinstance(t, Tensor) or t.dtype != dtype:
+            raise ValueError(f"{name} should be a {str(dtype)[6:]} tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
+    if shard.dim() != 2 or shard.shape[1] == 0:
+        raise ValueError(f"shard should be a 2-D tensor [rows, dim] with dim >= 1, got shape "
+                         f"{tuple(shard.shape)}")
+    if candidates.dim() != 2 or candidates.shape[0] == 0 or \
+            candidates.shape[1] != shard.shape[1] + 2:
+        raise ValueError(f"candidates should be [ranks, D + 2] = [ranks, {shard.shape[1] + 2}]"
+                         f", got shape {tuple(candidates.shape)}")
+    if min_d.shape != (shard.shape[0],):
+        raise ValueError(f"min_d should have shape ({shard.shape[0]},) (one per shard row), "
+                         f"got {tuple(min_d.shape)}")
+    if not isinstance(indices, Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
+        raise ValueError(f"indices should be a 1-D int64 tensor, got "
+                         f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    offset, step = int(offset), int(step)
+    if not 0 <= step < indices.shape[0]:
+        raise ValueError(f"step should be in [0, {indices.shape[0]}), got {step}")
+    if offset < 0 or offset + shard.shape[0] > 2**31 - 1:
+        raise ValueError(f"offset should be >= 0 with offset + rows <= 2^31 - 1, got {offset}")
+    devices = {t.device for t in (shard, candidates, min_d, indices)}
+    if len(devices) != 1:
+        raise ValueError(f"shard, candidates, min_d and indices should be on one device, got "
+                         f"{sorted(map(str, devices))}")
+    if _use_kernel(shard, "coreset_shard_step"):
+        return torch.ops.patchcore_fast.coreset_shard_step.default(
+            shard, candidates, offset, min_d, indices, step)
+    return reference.coreset_shard_step(shard, candidates, offset, min_d, indices, step)
+
+
 def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     """k nearest bank rows of every query row, in bounded memory.
 
@@ -168,6 +230,12 @@ if compiled():
     def _greedy_coreset_fake(features, k, start=0):
         torch._check(features.dim() == 2)
         return features.new_empty((k,), dtype=torch.int64)
+
+    @torch.library.register_fake("patchcore_fast::coreset_shard_step")
+    def _coreset_shard_step_fake(shard, candidates, offset, min_d, indices, step):
+        torch._check(shard.dim() == 2 and candidates.dim() == 2)
+        torch._check(candidates.shape[1] == shard.shape[1] + 2)
+        return candidates.new_empty((shard.shape[1] + 2,))
 
     @torch.library.register_fake("patchcore_fast::knn")
     def _knn_fake(query, bank, k):

@@ -45,6 +45,75 @@ def greedy_coreset(features: Tensor, k: int, start: int = 0) -> Tensor:
     return out
 
 
+def pack_keys(dist2: Tensor, index: Tensor) -> Tensor:
+    """Packed arg-max keys of the coreset kernels, as int64.
+
+    ``(float32 bits of dist2) << 32 | (2^32 - 1 - index)``: for ``dist2 >= 0`` a larger key
+    is a larger distance, then a lower index, so one integer max (an all-reduce MAX, say)
+    is an arg-max with the lowest-index tie rule. The sign bit of a non-negative float is
+    0, so keys are non-negative int64 values.
+
+    Args:
+        dist2 (Tensor[N]): float32 squared distances, >= 0.
+        index (Tensor[N]): int64 indices in [0, 2^31 - 1).
+
+    Returns:
+        Tensor[N] int64 keys.
+    """
+    bits = dist2.float().contiguous().view(torch.int32).to(torch.int64)
+    return (bits << 32) | (0xFFFFFFFF - index.to(torch.int64))
+
+
+def key_index(key: Tensor) -> Tensor:
+    """The index held in packed keys (see :func:`pack_keys`)."""
+    return 0xFFFFFFFF - (key & 0xFFFFFFFF)
+
+
+def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Tensor,
+                       indices: Tensor, step: int) -> Tensor:
+    """One step of the distributed coreset on one rank's shard (pure-torch twin of the op).
+
+    The candidate records (one per rank) name the new centre: the record with the largest
+    packed key. Every row's ``min_d`` is lowered with its squared distance to that centre
+    (direct differences; selected rows hold -1 and stay there), the centre is marked -1 if
+    this shard owns it, ``indices[step]`` is set to its global index, and this shard's
+    record for the next step is returned.
+
+    Args:
+        shard (Tensor[N_r, D]): float32 rows, global indices ``offset .. offset + N_r - 1``.
+        candidates (Tensor[R, D + 2]): int32 records: words 0-1 a packed key (int64 bits,
+            0 = no point), then the float32 bits of the row.
+        offset (int): global index of the shard's first row.
+        min_d (Tensor[N_r]): float32, updated in place.
+        indices (Tensor[k]): int64, ``indices[step]`` is written.
+        step (int): the step.
+
+    Returns:
+        Tensor[D + 2] int32: the record of this shard's farthest unselected row (key 0
+        and a zero row when none is left).
+    """
+    n, d = shard.shape
+    keys = candidates[:, :2].contiguous().view(torch.int64)[:, 0]
+    owner = int(torch.argmax(keys))
+    chosen = int(key_index(keys[owner]))
+    centre = candidates[owner, 2:].contiguous().view(torch.float32)
+    dist2 = (shard.float() - centre).pow(2).sum(1)
+    new = torch.where(min_d >= 0, torch.minimum(min_d, dist2), min_d)
+    if 0 <= chosen - offset < n:
+        new[chosen - offset] = -1.0
+    min_d.copy_(new)
+    indices[step] = chosen
+    record = torch.zeros(d + 2, dtype=torch.int32, device=shard.device)
+    live = new >= 0
+    if bool(live.any()):
+        rows = torch.arange(n, device=shard.device)
+        key = pack_keys(new.clamp_min(0), rows + offset).masked_fill(~live, 0)
+        best = int(torch.argmax(key))
+        record[:2] = key[best:best + 1].view(torch.int32)
+        record[2:] = shard[best].float().contiguous().view(torch.int32)
+    return record
+
+
 def greedy_coreset_matvec(features: Tensor, k: int, start: int = 0) -> Tensor:
     """The same selection through the norm expansion ``||x||^2 + ||c||^2 - 2 x.c``.
 

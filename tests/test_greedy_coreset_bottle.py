@@ -41,3 +41,20 @@ def test_bottle_1pct_same_selection_as_reference(bottle_projected):
     # swap harmless, and the selected sets are the same.
     missing = set(want.tolist()) - set(got.tolist())
     assert not missing, f"{len(missing)} of the reference's points not selected: {missing}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [2, 3])
+def test_bottle_1pct_threaded_equals_single_threaded(bottle_projected, threads):
+    # Real features (many near-ties): the threaded kernel must still pick the very same
+    # points in the same order as one thread, not merely equivalent ones.
+    x = bottle_projected
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = patchcore_fast.greedy_coreset(x, 1638, 0)
+        torch.set_num_threads(threads)
+        got = patchcore_fast.greedy_coreset(x, 1638, 0)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)

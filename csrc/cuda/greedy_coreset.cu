@@ -33,6 +33,7 @@
 #include <cstdint>
 
 #include "../common.h"
+#include "../coreset_shard_step.h"
 #include "reduce.cuh"
 
 namespace patchcore_fast {
@@ -164,9 +165,143 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& features, int64_t k, int64_t st
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// One step of the distributed coreset on one rank's shard (see csrc/cpu/greedy_coreset.cpp
+// for the record layout and patchcore_fast/distributed.py for the loop). Two kernels on
+// the current stream and no host synchronisation, so the host only enqueues work and the
+// step's collective (NCCL, also on the device) follows without a round trip:
+//   1. every block finds the largest candidate key (a handful of records), loads that
+//      row into shared memory, lowers min_d of its points with their squared distance to
+//      it, summed exactly as greedy_coreset_kernel sums it (fmaf over the coordinates in
+//      order, so a sharded run reproduces the fused kernel's values bit for bit), and
+//      atomicMax-es its block's best packed key into best_key (zeroed before);
+//   2. one block writes the record: best_key and the row it names (or a zero record).
+// The shard is read row-major, one thread per point (strided loads: this step is built
+// for exactness across processes, not tuned like the fused kernel's transposed layout).
+
+__device__ __forceinline__ unsigned long long record_key(const int32_t* record) {
+  // Records are D + 2 words: a row's start is only 4-byte aligned for odd D.
+  return (static_cast<unsigned long long>(static_cast<uint32_t>(record[1])) << 32) |
+         static_cast<uint32_t>(record[0]);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    coreset_shard_step_kernel(const float* __restrict__ x, const int32_t* __restrict__ cands,
+                              int64_t ranks, float* __restrict__ min_d,
+                              int64_t* __restrict__ indices, int64_t step,
+                              unsigned long long* __restrict__ best_key, int64_t n, int64_t d,
+                              int64_t offset) {
+  extern __shared__ float centre[];  // [d]
+  __shared__ unsigned long long scratch[kThreads / 32];
+  __shared__ int64_t owner_s;
+  if (threadIdx.x == 0) {
+    int64_t owner = 0;
+    for (int64_t r = 1; r < ranks; ++r) {
+      if (record_key(cands + r * (d + 2)) > record_key(cands + owner * (d + 2))) owner = r;
+    }
+    owner_s = owner;
+  }
+  __syncthreads();
+  const int32_t* rec = cands + owner_s * (d + 2);
+  const int64_t chosen = static_cast<int64_t>(cuda::argmax_key_index(record_key(rec)));
+  if (blockIdx.x == 0 && threadIdx.x == 0) indices[step] = chosen;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) centre[j] = __int_as_float(rec[2 + j]);
+  __syncthreads();
+
+  unsigned long long best = 0ull;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    float m = min_d[i];
+    if (offset + i == chosen) {
+      m = -1.f;
+    } else if (m >= 0.f) {
+      const float* p = x + i * d;
+      float s = 0.f;
+      for (int64_t j = 0; j < d; ++j) {
+        const float v = p[j] - centre[j];
+        s = fmaf(v, v, s);
+      }
+      m = fminf(m, s);
+    }
+    min_d[i] = m;
+    if (m >= 0.f) {
+      const unsigned long long key =
+          cuda::pack_argmax_key(m, static_cast<uint32_t>(offset + i));
+      best = key > best ? key : best;
+    }
+  }
+  best = cuda::block_max_key(best, scratch);
+  if (threadIdx.x == 0 && best != 0ull) atomicMax(best_key, best);
+}
+
+__global__ void coreset_shard_record_kernel(const float* __restrict__ x,
+                                            const unsigned long long* __restrict__ best_key,
+                                            int32_t* __restrict__ record, int64_t d,
+                                            int64_t offset) {
+  const unsigned long long key = *best_key;
+  if (threadIdx.x == 0) {
+    record[0] = static_cast<int32_t>(static_cast<uint32_t>(key & 0xFFFFFFFFull));
+    record[1] = static_cast<int32_t>(static_cast<uint32_t>(key >> 32));
+  }
+  const int64_t row = key == 0ull ? -1
+                                  : static_cast<int64_t>(cuda::argmax_key_index(key)) - offset;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    record[2 + j] = row < 0 ? 0 : __float_as_int(x[row * d + j]);
+  }
+}
+
+at::Tensor coreset_shard_step_cuda(const at::Tensor& shard, const at::Tensor& candidates,
+                                   int64_t offset, at::Tensor& min_d, at::Tensor& indices,
+                                   int64_t step) {
+  check_coreset_shard_step_args(shard, candidates, offset, min_d, indices, step);
+  TORCH_CHECK(shard.is_cuda(), "shard should be a CUDA tensor, got ", shard.device());
+  TORCH_CHECK(min_d.is_contiguous() && indices.is_contiguous(),
+              "coreset_shard_step: min_d and indices should be contiguous (they are updated "
+              "in place)");
+  const c10::cuda::CUDAGuard guard(shard.device());
+  const at::Tensor x = shard.contiguous();
+  const at::Tensor cands = candidates.contiguous();
+  const int64_t n = x.size(0), d = x.size(1), ranks = cands.size(0);
+  const int device = shard.get_device();
+
+  const size_t smem = static_cast<size_t>(d) * sizeof(float);
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        device));
+  TORCH_CHECK(smem + 1024 <= static_cast<size_t>(smem_optin),
+              "coreset_shard_step on CUDA keeps the centre row in shared memory: shard has ",
+              d, " columns (", smem, " bytes) but device ", device, " allows ", smem_optin,
+              " bytes per block; reduce the width (e.g. a random projection)");
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(coreset_shard_step_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t needed = (n + kThreads - 1) / kThreads;
+  const int blocks = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(needed, static_cast<int64_t>(sms) * 4)));
+
+  at::Tensor best_key = at::zeros({1}, x.options().dtype(at::kLong));
+  at::Tensor record = at::empty({d + 2}, cands.options());
+  auto* best_ptr = reinterpret_cast<unsigned long long*>(best_key.data_ptr<int64_t>());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  coreset_shard_step_kernel<<<blocks, kThreads, smem, stream>>>(
+      x.data_ptr<float>(), cands.data_ptr<int32_t>(), ranks, min_d.data_ptr<float>(),
+      indices.data_ptr<int64_t>(), step, best_ptr, n, d, offset);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  coreset_shard_record_kernel<<<1, kThreads, 0, stream>>>(
+      x.data_ptr<float>(), best_ptr, record.data_ptr<int32_t>(), d, offset);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return record;
+}
+
 }  // namespace
 }  // namespace patchcore_fast
 
 TORCH_LIBRARY_IMPL(patchcore_fast, CUDA, m) {
   m.impl("greedy_coreset", &patchcore_fast::greedy_coreset_cuda);
+  m.impl("coreset_shard_step", &patchcore_fast::coreset_shard_step_cuda);
 }

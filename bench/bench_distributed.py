@@ -1,0 +1,85 @@
+"""Benchmark of the exact distributed coreset: steps per second, 1 process vs 2 (gloo).
+
+Workload: bottle-real, the 163,856 x 128 projected bottle features (see
+_common.bottle_projected), split in rank order into equal shards; ``STEPS`` steps of
+patchcore_fast.distributed.greedy_coreset_sharded. Every configuration runs in freshly
+spawned processes on localhost (gloo); each rank times its own loop after a barrier, and
+rank 0 reports steps per second (the benchmark's own time also counts process start and
+data loading, so compare the printed steps/s). The selections of all configurations
+must be identical (and equal to ops.greedy_coreset's first STEPS picks).
+
+    1proc-1thread:   world 1, 1 torch thread
+    1proc-allthreads: world 1, all cores as torch threads
+    2proc-1thread:   world 2 on this machine, 1 torch thread each (gloo)
+
+Run:  python -m pytest bench/bench_distributed.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import _common
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import patchcore_fast
+
+STEPS = 400
+CONFIGS = {"1proc-1thread": (1, 1), "1proc-allthreads": (1, os.cpu_count() or 1),
+           "2proc-1thread": (2, 1)}
+_results: dict[str, torch.Tensor] = {}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, threads: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from patchcore_fast.distributed import greedy_coreset_sharded
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    x = _common.bottle_projected(128)
+    n = x.shape[0]
+    shard = x[n * rank // world:n * (rank + 1) // world].contiguous()
+    greedy_coreset_sharded(shard, 5, 0)  # warm-up (collective setup, first allocations)
+    dist.barrier()
+    t0 = time.perf_counter()
+    sel = greedy_coreset_sharded(shard, STEPS, 0)
+    elapsed = time.perf_counter() - t0
+    if rank == 0:
+        torch.save({"seconds": elapsed, "selection": sel}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_distributed_steps(benchmark, config, tmp_path):
+    world, threads = CONFIGS[config]
+    _common.bottle_projected(128)  # build the cache once, outside the timed processes
+    benchmark.group = f"bottle-real-distributed-{STEPS}-steps"
+    out = tmp_path / "result.pt"
+
+    def run():
+        mp.start_processes(_worker, args=(world, threads, _free_port(), str(out)),
+                           nprocs=world, join=True, start_method="spawn")
+
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    res = torch.load(out)
+    rate = STEPS / res["seconds"]
+    benchmark.extra_info.update(world=world, threads=threads, steps=STEPS,
+                                loop_seconds=res["seconds"], steps_per_second=rate)
+    print(f"\n{config}: {STEPS} steps in {res['seconds']:.3f} s = {rate:.1f} steps/s "
+          f"({res['seconds'] / STEPS * 1e3:.2f} ms per step)")
+    _results[config] = res["selection"]
+    want = patchcore_fast.greedy_coreset(_common.bottle_projected(128), STEPS, 0)
+    assert torch.equal(res["selection"], want)
