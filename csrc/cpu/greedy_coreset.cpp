@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../pack_key.h"  // pack_key, key_index: (distance, index) heap keys
 #include "sqdist.h"
 
 namespace patchcore_fast {
@@ -80,19 +81,6 @@ inline void sqdist_group(const float* __restrict a, const float* __restrict b, i
   }
   out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
   out[4] = s4, out[5] = s5, out[6] = s6, out[7] = s7;
-}
-
-// (distance, index) packed so that a larger key is a larger distance, then a lower index.
-// The distance is >= 0, so its IEEE bits order like its value.
-inline uint64_t pack_key(float dist2, int32_t index) {
-  uint32_t bits;
-  std::memcpy(&bits, &dist2, sizeof(bits));
-  return (static_cast<uint64_t>(bits) << 32) |
-         static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(index));
-}
-
-inline int32_t key_index(uint64_t key) {
-  return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
 }
 
 // Args:

@@ -15,7 +15,7 @@
 //
 // Accuracy: the winners (and the few extra candidates) are refined with direct
 // differences and certified against the expansion's error bound; rows that fail get an
-// exact scan. See csrc/knn_refine.h for the argument.
+// exact scan. See csrc/knn_bound.h for the argument.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "../common.h"
-#include "../knn_refine.h"
+#include "../knn_bound.h"
 #include "sqdist.h"
 
 namespace patchcore_fast {
@@ -147,7 +147,7 @@ struct Problem {
   int64_t* out_i;  // [Q, k]
 };
 
-// Refine, certify and write one query row from its pool (see knn_refine.h, steps 2-4).
+// Refine, certify and write one query row from its pool (see knn_bound.h, steps 2-4).
 void finish_row(const Problem& P, int64_t row, Pool& p, std::vector<Entry>& scan_scratch) {
   const float* q = P.query + row * P.d;
   float* od = P.out_d + row * P.k;
@@ -221,7 +221,7 @@ void knn_block(const Problem& P, const at::Tensor& query_t, const at::Tensor& ba
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query_in, const at::Tensor& bank_in,
                                            int64_t k) {
-  knn_detail::check_knn_args(query_in, bank_in, k);
+  check_knn_args(query_in, bank_in, k);
   TORCH_CHECK(query_in.device().is_cpu(), "query should be a CPU tensor, got ",
               query_in.device());
   at::NoGradGuard no_grad;  // the GEMMs below write into buffers (out= ops)

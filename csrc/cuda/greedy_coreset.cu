@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
       if (i == cur) m = -1.f;
       min_d[i] = m;
       if (m >= 0.f) {
-        const unsigned long long key = cuda::pack_argmax_key(m, static_cast<uint32_t>(i));
+        const unsigned long long key = pack_key(m, static_cast<uint32_t>(i));
         best = key > best ? key : best;
       }
     }
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads)
     grid.sync();
     // keys[t] was only ever written by atomics (in L2); read it past the L1 cache.
     const unsigned long long key = __ldcg(keys + t);
-    cur = static_cast<int64_t>(cuda::argmax_key_index(key));
+    cur = static_cast<int64_t>(key_index(key));
     if (blockIdx.x == 0 && threadIdx.x == 0) out[t + 1] = cur;
   }
 }

@@ -11,7 +11,7 @@
 //     rounds of a block-wide arg-min pop the winners in order.
 //   - larger kc: at::topk over the tile's values concatenated with the running buffer.
 // ||q||^2 is added only to the survivors, in the exact refinement and certificate that
-// follow (csrc/knn_refine.h): the winners are recomputed with direct differences and rows
+// follow (csrc/cuda/knn_refine.h, argument in csrc/knn_bound.h): the winners are recomputed with direct differences and rows
 // the expansion cannot settle get an exact scan, so the answer is exact.
 
 #include <ATen/ATen.h>
@@ -23,7 +23,7 @@
 #include <cmath>
 
 #include "../common.h"
-#include "../knn_refine.h"
+#include "knn_refine.h"
 #include "knn_select.cuh"
 
 namespace patchcore_fast {
@@ -198,7 +198,7 @@ void select_tile_topk(const at::Tensor& ip, const at::Tensor& bn, int64_t j0,
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in,
                                             const at::Tensor& bank_in, int64_t k) {
-  knn_detail::check_knn_args(query_in, bank_in, k);
+  check_knn_args(query_in, bank_in, k);
   TORCH_CHECK(query_in.is_cuda(), "query should be a CUDA tensor, got ", query_in.device());
   c10::cuda::CUDAGuard guard(query_in.device());
   at::NoGradGuard no_grad;
