@@ -116,11 +116,11 @@ def _cached(name: str, make) -> torch.Tensor:
     return out
 
 
-def _embed(folder: Path, **config) -> torch.Tensor:
+def _embed(folders, **config) -> torch.Tensor:
     from patchcore_fast.model import PatchCore, PatchCoreConfig
 
     model = PatchCore(PatchCoreConfig(device="cpu", **config))
-    return torch.cat([p.reshape(-1, p.shape[-1]) for _, p in model.embed_batches(folder)])
+    return torch.cat([p.reshape(-1, p.shape[-1]) for _, p in model.embed_batches(folders)])
 
 
 def random_backbone_features(backbone: str, n_images: int, seed: int = 0) -> torch.Tensor:
@@ -148,7 +148,8 @@ def random_backbone_features(backbone: str, n_images: int, seed: int = 0) -> tor
 
 def bottle_features(split: str = "train/good") -> torch.Tensor:
     """EfficientNet-Lite0 patch embeddings (full width) of MVTec AD bottle images in
-    ``split`` (``train/good``: 209 images, 163,856 x 152). Cached in bench/.cache.
+    ``split`` (``train/good``: 209 images, 163,856 x 152; ``test``: its defect and good
+    folders in name order, 83 images). Cached in bench/.cache.
 
     Returns:
         Tensor[images * 784, 152] float32.
@@ -158,5 +159,7 @@ def bottle_features(split: str = "train/good") -> torch.Tensor:
         import pytest
 
         pytest.skip(f"MVTec AD bottle not found at {folder} (set PATCHCORE_FAST_DATA)")
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
     return _cached(f"bottle_lite0_{split.replace('/', '_')}",
-                   lambda: _embed(folder, backbone="efficientnet_lite0"))
+                   lambda: _embed([str(p) for p in subdirs or [folder]],
+                                  backbone="efficientnet_lite0"))

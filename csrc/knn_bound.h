@@ -1,5 +1,5 @@
 #pragma once
-// The error bound of the k-NN kernels' norm expansion and the candidate count, shared by
+// The error bound of the k-NN kernels' norm expansion, shared by
 // the CPU kernel (csrc/cpu/knn.cpp) and the CUDA kernel (csrc/cuda/knn.cu, whose exact
 // refinement is csrc/cuda/knn_refine.h). Argument checks are in csrc/common.h.
 //
@@ -45,13 +45,8 @@
 namespace patchcore_fast {
 namespace knn_detail {
 
-// Candidates kept beyond k so that near-ties around the k-th place are refined exactly.
+// Candidates kept beyond k by the CPU kernel's first-pass pools (with a floor of 64).
 constexpr int64_t kExtraCandidates = 4;
-
-// Candidates selected by the expanded form: k + extra, capped at the bank size.
-inline int64_t candidate_count(int64_t k, int64_t m) {
-  return std::min<int64_t>(k + kExtraCandidates, m);
-}
 
 // Unit roundoff of the GEMM inputs under the current float32 matmul precision: 0 when the
 // GEMM is true fp32 (inputs used as they are), 2^-10 for TF32 and 2^-7 for bf16

@@ -61,6 +61,11 @@ constexpr int64_t kPoolBudgetBytes = int64_t{32} << 20;
 // Pool capacity of the first pass: at least this many entries per row.
 constexpr int64_t kMinPoolCap = 64;
 
+// Capacity of a first-pass pool (entries per query row).
+inline int64_t pool_cap(int64_t k) {
+  return std::max<int64_t>(kMinPoolCap, 4 * (k + knn_detail::kExtraCandidates));
+}
+
 // One candidate: value (expanded or exact distance) and bank row. Ordered by (value,
 // index), which is the "lower index first on exact ties" rule.
 struct Entry {
@@ -246,7 +251,7 @@ void knn_block(const Problem& P, const at::Tensor& bank_c, const int64_t* rows, 
     eb[r] = P.bound(std::sqrt(qn[r]), P.bmax);
   };
 
-  const int64_t cap = std::max<int64_t>(kMinPoolCap, 4 * (P.k + knn_detail::kExtraCandidates));
+  const int64_t cap = pool_cap(P.k);
   PoolStore store;
   std::vector<Pool> pools(tq);
   if (second) {
@@ -317,9 +322,7 @@ void run_rows(const Problem& P, const at::Tensor& bank_c, const int64_t* rows, i
               bool second, std::vector<int64_t>& failed) {
   if (n == 0) return;
   const int64_t nthreads = std::max(1, at::get_num_threads());
-  const int64_t pool_row_bytes =
-      std::max<int64_t>(kMinPoolCap, 4 * (P.k + knn_detail::kExtraCandidates)) *
-      static_cast<int64_t>(sizeof(Entry));
+  const int64_t pool_row_bytes = pool_cap(P.k) * static_cast<int64_t>(sizeof(Entry));
   if (nthreads > 1 && n >= 16 * nthreads) {
     // Equal blocks, a multiple of the thread count, so the static split is balanced.
     const int64_t rows_cap = std::max<int64_t>(

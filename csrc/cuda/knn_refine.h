@@ -8,38 +8,36 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
-#include <vector>
 
 #include "../knn_bound.h"
 
 namespace patchcore_fast {
 namespace knn_detail {
 
-// Exact refinement of selected candidates with ATen ops (used by the CUDA kernel).
+// Exact refinement of selected candidates, with the certificate of knn_bound.h (step 3).
 //
 // Args:
-//   query: Tensor[Q, D] float32 contiguous.
-//   bank: Tensor[M, D] float32 contiguous.
+//   query: Tensor[Q, D] float32 contiguous, the rows as given (direct differences).
+//   qn: Tensor[Q] float64, ||q - mu||^2 of the centred rows the selection used.
+//   bank: Tensor[M, D] float32 contiguous, as given.
 //   cand_idx: Tensor[Q, kc] int64, their bank rows (all valid, distinct per row).
-//   thresh: Tensor[Q] float32, T: every non-candidate b has e(q, b) >= T.
-//   k: neighbours to return; bmax: max bank row norm; u_in: matmul_input_roundoff().
+//   thresh: Tensor[Q] float32, T: every non-candidate b has e(q, b) >= T (centred).
+//   k: neighbours to return; bound: the expansion's bound; bmax: max ||b - mu||.
 //   budget_bytes: bound on the scratch memory of each step.
+//   out_d / out_i: Tensor[Q, k] float32 / int64, written for every row.
 // Returns:
-//   (Tensor[Q, k] float32 Euclidean distances ascending, Tensor[Q, k] int64 indices);
-//   rows that fail the certificate are recomputed with an exact scan of the bank.
-inline std::tuple<at::Tensor, at::Tensor> refine_candidates_aten(
-    const at::Tensor& query, const at::Tensor& bank, const at::Tensor& cand_idx,
-    const at::Tensor& thresh, int64_t k, double bmax, double u_in, int64_t budget_bytes) {
+//   Tensor[Q] bool: the rows whose certificate failed (their outputs are to be redone
+//   with a wider candidate set). All false when kc == M (the whole bank was refined).
+inline at::Tensor refine_candidates_aten(const at::Tensor& query, const at::Tensor& qn,
+                                         const at::Tensor& bank, const at::Tensor& cand_idx,
+                                         const at::Tensor& thresh, int64_t k,
+                                         const ExpansionBound& bound, double bmax,
+                                         int64_t budget_bytes, at::Tensor& out_d,
+                                         at::Tensor& out_i) {
   const int64_t q_rows = query.size(0), m = bank.size(0), d = bank.size(1);
   const int64_t kc = cand_idx.size(1);
-  auto out_d = at::empty({q_rows, k}, query.options());
-  auto out_i = at::empty({q_rows, k}, query.options().dtype(at::kLong));
-  if (q_rows == 0) return {out_d, out_i};
-  const ExpansionBound bound(d, u_in);
-  std::vector<at::Tensor> failed;
-
-  // Step 1-3: refine and certify, in query chunks so that the gathered [c, kc, D]
-  // candidate rows stay within the budget.
+  at::Tensor failed = at::zeros({q_rows}, query.options().dtype(at::kBool));
+  // In query chunks, so that the gathered [c, kc, D] candidate rows stay within the budget.
   const int64_t per_row = std::max<int64_t>(1, kc * d * 4 * 3);
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(q_rows, budget_bytes / per_row));
   for (int64_t s = 0; s < q_rows; s += chunk) {
@@ -58,33 +56,14 @@ inline std::tuple<at::Tensor, at::Tensor> refine_candidates_aten(
     out_d.narrow(0, s, c).copy_(std::get<0>(sorted).narrow(1, 0, k));
     out_i.narrow(0, s, c).copy_(idx.gather(1, perm));
     if (kc < m) {
-      // Certificate, in float64: k-th refined distance <= T + ||q||^2 - E(q).
-      auto qn = q.to(at::kDouble).square().sum(1);
-      auto lower = thresh.narrow(0, s, c).to(at::kDouble) + qn - bound(qn.sqrt(), bmax);
+      // Certificate, in float64: k-th refined distance <= T + ||q - mu||^2 - E(q).
+      auto qn_c = qn.narrow(0, s, c);
+      auto lower = thresh.narrow(0, s, c).to(at::kDouble) + qn_c - bound(qn_c.sqrt(), bmax);
       auto kth_sq = sq.gather(1, perm.narrow(1, k - 1, 1)).squeeze(1);
-      auto ok = kth_sq.to(at::kDouble).le(lower);
-      failed.push_back(ok.logical_not().nonzero().reshape({-1}) + s);
+      failed.narrow(0, s, c).copy_(kth_sq.to(at::kDouble).le(lower).logical_not());
     }
   }
-  if (failed.empty()) return {out_d, out_i};
-
-  // Step 4: exact scan for the rows whose k-th place the expansion could not resolve.
-  auto bad = at::cat(failed);  // one host sync below (its size)
-  const int64_t nbad = bad.numel();
-  if (nbad == 0) return {out_d, out_i};
-  const int64_t scan_chunk =
-      std::max<int64_t>(1, std::min<int64_t>(nbad, budget_bytes / std::max<int64_t>(1, m * 24)));
-  for (int64_t s = 0; s < nbad; s += scan_chunk) {
-    const int64_t c = std::min(scan_chunk, nbad - s);
-    auto rows = bad.narrow(0, s, c);
-    auto q = query.index_select(0, rows);
-    auto dist = at::cdist(q, bank, 2.0, /*compute_mode=donot_use_mm*/ 2);  // [c, M]
-    // Stable sort: equal distances keep the lower bank index first.
-    auto sorted = at::sort(dist, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-    out_d.index_copy_(0, rows, std::get<0>(sorted).narrow(1, 0, k).contiguous());
-    out_i.index_copy_(0, rows, std::get<1>(sorted).narrow(1, 0, k).contiguous());
-  }
-  return {out_d, out_i};
+  return failed;
 }
 
 }  // namespace knn_detail
