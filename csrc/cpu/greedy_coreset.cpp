@@ -73,6 +73,7 @@
 
 #include "../common.h"
 #include "../coreset_shard_step.h"
+#include "../pack_key.h"  // pack_key, key_index: (distance, index) heap keys
 #include "sqdist.h"
 
 namespace patchcore_fast {
@@ -81,19 +82,6 @@ namespace {
 // Below this many distance terms the first pass runs on one thread.
 constexpr int64_t kParallelTerms = 1 << 16;
 
-
-// (distance, index) packed so that a larger key is a larger distance, then a lower index.
-// The distance is >= 0, so its IEEE bits order like its value.
-inline uint64_t pack_key(float dist2, int32_t index) {
-  uint32_t bits;
-  std::memcpy(&bits, &dist2, sizeof(bits));
-  return (static_cast<uint64_t>(bits) << 32) |
-         static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(index));
-}
-
-inline int32_t key_index(uint64_t key) {
-  return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
-}
 
 // A barrier for the threads of one parallel region: spin a little (a step of a quiet
 // machine ends within microseconds of the others), then yield the core.

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
       if (i == cur) m = -1.f;
       min_d[i] = m;
       if (m >= 0.f) {
-        const unsigned long long key = cuda::pack_argmax_key(m, static_cast<uint32_t>(i));
+        const unsigned long long key = pack_key(m, static_cast<uint32_t>(i));
         best = key > best ? key : best;
       }
     }
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
     grid.sync();
     // keys[t] was only ever written by atomics (in L2); read it past the L1 cache.
     const unsigned long long key = __ldcg(keys + t);
-    cur = static_cast<int64_t>(cuda::argmax_key_index(key));
+    cur = static_cast<int64_t>(key_index(key));
     if (blockIdx.x == 0 && threadIdx.x == 0) out[t + 1] = cur;
   }
 }
@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int32_t* rec = cands + owner_s * (d + 2);
-  const int64_t chosen = static_cast<int64_t>(cuda::argmax_key_index(record_key(rec)));
+  const int64_t chosen = static_cast<int64_t>(key_index(record_key(rec)));
   if (blockIdx.x == 0 && threadIdx.x == 0) indices[step] = chosen;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) centre[j] = __int_as_float(rec[2 + j]);
   __syncthreads();
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
     min_d[i] = m;
     if (m >= 0.f) {
       const unsigned long long key =
-          cuda::pack_argmax_key(m, static_cast<uint32_t>(offset + i));
+          pack_key(m, static_cast<uint32_t>(offset + i));
       best = key > best ? key : best;
     }
   }
@@ -245,7 +245,7 @@ __global__ void coreset_shard_record_kernel(const float* __restrict__ x,
     record[1] = static_cast<int32_t>(static_cast<uint32_t>(key >> 32));
   }
   const int64_t row = key == 0ull ? -1
-                                  : static_cast<int64_t>(cuda::argmax_key_index(key)) - offset;
+                                  : static_cast<int64_t>(key_index(key)) - offset;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
     record[2 + j] = row < 0 ? 0 : __float_as_int(x[row * d + j]);
   }
