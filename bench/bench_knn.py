@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -107,10 +108,13 @@ def _peak_extra_mb(m: int, k: int) -> float | None:
     if not sys.platform.startswith("linux"):
         return None
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The package this process imported (installed, with its compiled library), run from
+    # outside the repository so that the source tree cannot shadow it.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(patchcore_fast.__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(m), str(k)],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=600,
+                         cwd=tempfile.gettempdir())
     if res.returncode != 0:
         return None
     return float(res.stdout.split("PEAK_EXTRA_MB")[1])
