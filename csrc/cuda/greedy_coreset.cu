@@ -97,6 +97,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Lets `kernel` use `smem` bytes of dynamic shared memory (plus `static_smem` of its own),
+// opting in above the 48 KiB default; `what` and `hint` word the error when the device
+// cannot give that much.
+template <typename Kernel>
+void reserve_dynamic_smem(Kernel kernel, size_t smem, size_t static_smem, int device,
+                          const char* what, const char* hint) {
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        device));
+  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(smem_optin), what,
+              " on CUDA keeps a feature row in shared memory: ", smem / sizeof(float),
+              " columns (", smem, " bytes) but device ", device, " allows ", smem_optin,
+              " bytes per block; ", hint);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+}
+
 at::Tensor greedy_coreset_cuda(const at::Tensor& features, int64_t k, int64_t start) {
   check_greedy_coreset_args(features, k, start);
   TORCH_CHECK(features.is_cuda(), "features should be a CUDA tensor, got ",
@@ -117,19 +136,9 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& features, int64_t k, int64_t st
 
   // The centre row lives in dynamic shared memory.
   const size_t smem = static_cast<size_t>(d) * sizeof(float);
-  int smem_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        device));
-  const size_t static_smem = sizeof(unsigned long long) * (kThreads / 32);
-  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(smem_optin),
-              "greedy_coreset on CUDA keeps a feature row in shared memory: features has ", d,
-              " columns (", smem, " bytes) but device ", device, " allows ", smem_optin,
-              " bytes per block; reduce the width (e.g. a random projection) or use the CPU");
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_coreset_kernel,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  reserve_dynamic_smem(greedy_coreset_kernel, smem, sizeof(unsigned long long) * (kThreads / 32),
+                       device, "greedy_coreset",
+                       "reduce the width (e.g. a random projection) or use the CPU");
 
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -266,18 +275,8 @@ at::Tensor coreset_shard_step_cuda(const at::Tensor& shard, const at::Tensor& ca
   const int device = shard.get_device();
 
   const size_t smem = static_cast<size_t>(d) * sizeof(float);
-  int smem_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        device));
-  TORCH_CHECK(smem + 1024 <= static_cast<size_t>(smem_optin),
-              "coreset_shard_step on CUDA keeps the centre row in shared memory: shard has ",
-              d, " columns (", smem, " bytes) but device ", device, " allows ", smem_optin,
-              " bytes per block; reduce the width (e.g. a random projection)");
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(coreset_shard_step_kernel,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  reserve_dynamic_smem(coreset_shard_step_kernel, smem, 1024, device, "coreset_shard_step",
+                       "reduce the width (e.g. a random projection)");
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t needed = (n + kThreads - 1) / kThreads;
