@@ -305,6 +305,7 @@ def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
 
 
 def cmd_score(args: argparse.Namespace, log: _Log) -> int:
+    model = _load(args.model, args)  # its errors first; nothing is read or written yet
     out = Path(args.output)
     skipped: list[str] = []
     inputs = list_images(args.inputs, "input", skipped)
@@ -315,7 +316,6 @@ def cmd_score(args: argparse.Namespace, log: _Log) -> int:
         out, list(names.values()), overlays, args.save_maps),
         [p for p in args.inputs if Path(p).is_dir()],
         [*inputs, args.model, *([args.weights] if args.weights else [])])
-    model = _load(args.model, args)
     run = outputs.run_record(file_sha256(args.model), args.weights and
                              file_sha256(args.weights), args.threshold, overlays, args.save_maps)
     done = outputs.read_done(out, run) if args.resume else {}

@@ -50,7 +50,8 @@ def test_resume_after_a_kill(setup, tmp_path, capsys):
     out.mkdir()
     lines = (full / "scores.csv").read_text().splitlines()
     # A killed run: three images finished, the fourth's line cut short.
-    run = json.loads((full / "scores.json").read_text())["run"]
+    # Its header records the run: the same model, without --save-maps (as resumed below).
+    run = {**json.loads((full / "scores.json").read_text())["run"], "save_maps": False}
     (out / JOURNAL).write_text(JOURNAL_TAG + json.dumps(run) + "\n" + "\n".join(lines[:4])
                                + "\n" + lines[4][:10])
     capsys.readouterr()
