@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Sequence
 
 from . import evaluation, outputs
 from ._version import __version__
+from .backbone import file_sha256
 from .data import list_images, mvtec_categories
 from .demo import write_demo_data
 from .errors import PatchCoreError, SkippedFileWarning
+from .files import check_outputs
 from .model import PatchCore, PatchCoreConfig
 
 PROG = "patchcore-fast"
@@ -57,14 +60,37 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+def _number(kind: type, ok, expected: str):
+    """An argparse type: ``kind(text)`` within ``ok``, else one line saying what is."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+_ratio = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+# NaN would label every image good and is not JSON; inf labels all alike.
+_finite = _number(float, math.isfinite, "a finite number")
+_seed = _number(int, lambda v: 0 <= v < 2 ** 64, "an integer from 0 to 2**64 - 1 (a 64-bit "
+                "seed)")
+
+
+def _categories(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--category", nargs="+", metavar="C", type=_category,
+                   help="MVTec categories under DATA (several, or 'all')")
+
+
+def _category(text: str) -> str:
+    name = text.rstrip("/\\")  # a shell completion's trailing slash: "widget/"
+    if not name or name in (".", "..") or any(c in name for c in "/\\"):
+        raise argparse.ArgumentTypeError(f"a category is the name of a folder under DATA, "
+                                         f"not a path, got {text!r}")
+    return name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,7 +105,7 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (auto: CUDA when available)")
     if seed:  # a fitted model keeps the seed it was fitted with
-        g.add_argument("--seed", type=int, default=None, help="random seed of the coreset "
+        g.add_argument("--seed", type=_seed, default=None, help="random seed of the coreset "
                        "projection and start point (default 0)")
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default 8)")
     g.add_argument("--workers", type=int, default=None,
@@ -141,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=raw, description="Fit a PatchCore memory bank on good "
                        "images: a folder of images, or an MVTec-style root with --category.")
     p.add_argument("data", help="folder of good images, or MVTec-style root / category folder")
-    p.add_argument("--category", nargs="+", metavar="C",
-                   help="MVTec categories under DATA (several, or 'all')")
+    _categories(p)
     p.add_argument("-o", "--output", required=True, metavar="MODEL",
                    help="model file (.safetensors), or a folder for several categories")
     g = p.add_argument_group("memory")
@@ -157,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file written by fit")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
-    p.add_argument("--threshold", type=float, help="image score above which an image is "
+    p.add_argument("--threshold", type=_finite, help="image score above which an image is "
                    "labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
@@ -171,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "PRO, F1-max), roc.png, scores.csv and overlays.")
     p.add_argument("model", help="model file, or the folder of per-category models")
     p.add_argument("data", nargs="?", help="MVTec-style root or category folder")
-    p.add_argument("--category", nargs="+", metavar="C", help="categories (several, or 'all')")
+    _categories(p)
     p.add_argument("--good", metavar="DIR", help="folder of good test images (folder layout)")
     p.add_argument("--defective", metavar="DIR", help="folder of defective test images, or "
                    "of one sub-folder per defect type")
@@ -187,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fit and evaluate at several coreset ratios (features are "
                        "extracted once); writes study.csv, study.json and study.png.")
     p.add_argument("data", help="MVTec-style root or category folder")
-    p.add_argument("--category", nargs="+", metavar="C", help="categories (several, or 'all')")
+    _categories(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     _model_options(p, many_ratios=True)
     _common(p)
@@ -197,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a seeded synthetic data set (category 'widget': "
                        "textured discs, with scratches and spots as defects, and masks).")
     p.add_argument("output", metavar="DIR", help="folder to write (MVTec layout)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed")
+    p.add_argument("--overwrite", action="store_true", help="write into DIR even if it is "
+                   "not empty (files of the same name are replaced)")
     p.add_argument("--quiet", "-q", action="store_true", help="no messages")
     return parser
 
@@ -236,6 +263,13 @@ def _config_from_args(args: argparse.Namespace, ratio: float | None = None
     return config
 
 
+def _skipped(skipped: list[str]) -> str:
+    """The end-of-run count of the inputs left out (each was named in a warning)."""
+    n = len(skipped)
+    return (f"; skipped {n} file{'s' if n != 1 else ''} (unreadable, unsupported, not "
+            f"images or dangling links: each named above)" if n else "")
+
+
 def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
     """A fitted model with this run's device, batch size and workers."""
     return PatchCore.load(path, device=args.device, weights=args.weights,
@@ -244,31 +278,17 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 
 # ----- verbs --------------------------------------------------------------------------
 
-def _fit_targets(args: argparse.Namespace) -> list[tuple[str, Path, Path]]:
-    """(name, training folder, model file) per model to fit."""
-    data, out = Path(args.data), Path(args.output)
-    cats = mvtec_categories(data, args.category)
-    if cats is None:
-        if not data.is_dir():
-            raise PatchCoreError(f"{data} is not a folder of images")
-        name = out.stem
-        if out.suffix != ".safetensors":
-            out = out / f"{data.name}.safetensors"
-        return [(name, data, out)]
-    many = len(cats) > 1 or out.suffix != ".safetensors"
-    return [(n, d / "train" / "good", out / f"{n}.safetensors" if many else out)
-            for n, d in cats]
-
-
 def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
     config = _config_from_args(args)
-    targets = _fit_targets(args)
+    targets = outputs.fit_targets(args.data, args.category, args.output)
     if not config.pretrained and not config.weights:
         print(f"{PROG}: warning: --pretrained false: random backbone weights, for speed and "
               f"memory tests only (scores are not meaningful)", file=sys.stderr)
     for name, folder, out in targets:
         if not folder.is_dir():
             raise PatchCoreError(f"training folder {folder} does not exist")
+    check_outputs(f"-o {args.output}", args.output, [t[2] for t in targets],
+                  [t[1] for t in targets], [args.weights] if args.weights else [])
     for name, folder, out in targets:
         skipped: list[str] = []
         model = PatchCore(config)
@@ -280,32 +300,38 @@ def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
         s = model.fit_stats
         log(f"wrote {out}: {s['bank_rows']:,} of {s['patches']:,} patches x {s['embed_dim']} "
             f"from {s['images']} images in {s['fit_seconds']:.1f} s"
-            + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
+            + _skipped(skipped))
     return 0
 
 
 def cmd_score(args: argparse.Namespace, log: _Log) -> int:
-    model = _load(args.model, args)
+    model = _load(args.model, args)  # its errors first; nothing is read or written yet
     out = Path(args.output)
     skipped: list[str] = []
     inputs = list_images(args.inputs, "input", skipped)
     # Names from the whole input list, so that a resumed run names files the same way.
     names = dict(zip(inputs, outputs.unique_names(inputs)))
-    done = outputs.read_done(out) if args.resume else {}
+    overlays = not args.no_overlays
+    check_outputs(f"-o {args.output}", out, outputs.score_files(
+        out, list(names.values()), overlays, args.save_maps),
+        [p for p in args.inputs if Path(p).is_dir()],
+        [*inputs, args.model, *([args.weights] if args.weights else [])])
+    run = outputs.run_record(file_sha256(args.model), args.weights and
+                             file_sha256(args.weights), args.threshold, overlays, args.save_maps)
+    done = outputs.read_done(out, run) if args.resume else {}
     todo = [p for p in inputs if str(p) not in done]
     if done:
         log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
-    new = evaluation.score_images(model, todo, names, out, skipped, args.resume,
-                                  not args.no_overlays, args.save_maps, args.temp_dir,
-                                  progress=not args.quiet)
+    new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
+                                  args.save_maps, args.temp_dir, not args.quiet, run)
     scores = {**done, **new}
     if not scores:
         raise PatchCoreError("none of the input images could be read")
     written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
-                                   skipped)
+                                   skipped, run)
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")
-        + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
+        + _skipped(skipped))
     return 0
 
 
@@ -316,10 +342,9 @@ def _fmt(value: float | None) -> str:
 def cmd_evaluate(args: argparse.Namespace, log: _Log) -> int:
     sets = evaluation.evaluation_sets(args.model, args.data, args.category, args.good,
                                 args.defective, args.masks)
-    for name, file, _, _ in sets:
-        if not file.is_file():
-            raise PatchCoreError(f"model file {file} does not exist")
     out = Path(args.output)
+    evaluation.check_evaluation_outputs(f"-o {args.output}", out, sets, not args.no_overlays,
+                                        args.save_maps, args.weights)
     results = []
     for name, file, items, skipped in sets:
         model = _load(file, args)
@@ -346,6 +371,8 @@ def cmd_study(args: argparse.Namespace, log: _Log) -> int:
     ratios = sorted(set(args.coreset_ratio))
     out = Path(args.output)
     base = _config_from_args(args, ratio=ratios[0])
+    check_outputs(f"-o {args.output}", out, [out / f"study.{e}" for e in ("csv", "json", "png")],
+                  [folder for _, folder in cats], [args.weights] if args.weights else [])
     rows = []
     for name, folder in cats:
         for r in evaluation.study_category(name, folder, base, ratios, args.temp_dir,
@@ -359,7 +386,7 @@ def cmd_study(args: argparse.Namespace, log: _Log) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace, log: _Log) -> int:
-    counts = write_demo_data(args.output, seed=args.seed)
+    counts = write_demo_data(args.output, seed=args.seed, overwrite=args.overwrite)
     log(f"wrote synthetic category 'widget' to {args.output}: " +
         ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
@@ -370,11 +397,20 @@ _VERBS = {"fit": cmd_fit, "score": cmd_score, "evaluate": cmd_evaluate, "study":
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``patchcore-fast`` console script.
+    """Entry point of the ``patchcore-fast`` command (the console script installs its
+    Ctrl-C handler first: ``patchcore_fast_entry``).
 
     Returns:
-        exit code: 0 on success, 2 on a user error (one line on stderr).
+        exit code: 0 on success, 2 on a user error (one line on stderr), 130 on Ctrl-C.
     """
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # the run's finally blocks have removed its temporary files
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -388,23 +424,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("error" if fail else "always", SkippedFileWarning)
         warnings.showwarning = _show_warning
         try:
+            if getattr(args, "temp_dir", None) and not Path(args.temp_dir).is_dir():
+                raise PatchCoreError(f"--temp-dir {args.temp_dir} is not an existing folder")
             return _VERBS[args.verb](args, log)
         except SkippedFileWarning as exc:
             why = str(exc).strip().splitlines()[0].removeprefix("skipping ")
             print(f"{PROG}: error: cannot use {why} (--on-error fail; --on-error skip leaves "
                   f"such files out)", file=sys.stderr)
-            return 2
         except PatchCoreError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return 2
         except OSError as exc:  # disk full, permission denied, ...
             print(f"{PROG}: error: {exc.strerror or exc}"
                   + (f": {exc.filename}" if getattr(exc, "filename", None) else ""),
                   file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

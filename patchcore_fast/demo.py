@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .errors import PatchCoreError
 from .files import atomic_path
 
 SIZE = 256
@@ -71,7 +72,8 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def write_demo_data(root: str | os.PathLike, seed: int = 0, n_train: int = 40,
-                    n_test_good: int = 12, n_test_defect: int = 10) -> dict[str, int]:
+                    n_test_good: int = 12, n_test_defect: int = 10, overwrite: bool = False
+                    ) -> dict[str, int]:
     """Write ``<root>/widget`` in the MVTec AD layout.
 
     Args:
@@ -80,10 +82,21 @@ def write_demo_data(root: str | os.PathLike, seed: int = 0, n_train: int = 40,
         n_train: good training images.
         n_test_good: good test images.
         n_test_defect: test images per defect type (``scratch``, ``spot``).
+        overwrite: write into ``root`` even if it is not empty (a user's own files of the
+            same names would be replaced, so this is refused unless asked for).
 
     Returns:
         dict of folder -> number of images written.
+
+    Raises:
+        PatchCoreError: ``root`` is a file, or a non-empty folder without ``overwrite``.
     """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise PatchCoreError(f"demo-data: {root} is a file, not a folder")
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise PatchCoreError(f"demo-data: {root} is not empty; choose an empty or new folder, "
+                             f"or give --overwrite to write into it anyway")
     rng = np.random.default_rng(seed)
     base = Path(root) / "widget"
     counts: dict[str, int] = {}

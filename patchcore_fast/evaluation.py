@@ -21,10 +21,11 @@ from . import metrics
 from .data import (TestImage, UnreadableImage, folder_test, image_size, mvtec_categories,
                    mvtec_test, read_mask, warn_skipped)
 from .errors import PatchCoreError
-from .files import ArraySpool
+from .files import ArraySpool, check_outputs
 from .metrics import PixelHistogram
 from .model import PatchCore, PatchCoreConfig
-from .outputs import Journal, write_evaluation, write_map_files
+from .outputs import (Journal, evaluation_files, evaluation_names, summary_files,
+                      write_evaluation, write_map_files)
 
 
 # ----- test images and their masks --------------------------------------------------------
@@ -64,6 +65,29 @@ def evaluation_sets(model: str | Path, data: str | Path | None, categories: Sequ
                                  f"<category>.safetensors files, got {model}")
         out.append((name, file, items, skipped))
     return out
+
+
+def check_evaluation_outputs(option: str, out: Path, sets: Sequence, overlays: bool,
+                             save_maps: bool, weights: str | None = None) -> None:
+    """Check evaluate's model files and every output path before any work.
+
+    Args:
+        option: the output option, for messages.
+        out: output folder (one sub-folder per category when there are several).
+        sets: :func:`evaluation_sets`' answer.
+        overlays, save_maps: which image files will be written.
+        weights: the ``--weights`` file, if any (read, so never overwritten).
+    """
+    for name, file, items, _ in sets:
+        if not file.is_file():
+            raise PatchCoreError(f"model file {file} "
+                                 + ("is a folder" if file.is_dir() else "does not exist"))
+        many = len(sets) > 1
+        check_outputs(option, out, evaluation_files(out / name if many else out, items,
+                                                    overlays, save_maps)
+                      + (summary_files(out) if many else []),
+                      {p.parent for i in items for p in (i.path, i.mask) if p is not None},
+                      [file, *([weights] if weights else [])])
 
 
 def usable_masks(items: Sequence[TestImage], skipped: list[str]) -> list[TestImage]:
@@ -135,7 +159,7 @@ def _metrics(items: Sequence[TestImage], scores: np.ndarray,
 def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str], out: Path,
                  skipped: list[str], resume: bool = False, overlays: bool = True,
                  save_maps: bool = False, temp_dir: str | None = None,
-                 progress: bool = False) -> dict[str, float]:
+                 progress: bool = False, run: dict | None = None) -> dict[str, float]:
     """Score images; write their overlays and maps and record each one in the journal.
 
     Pass 1 scores batch by batch; each batch's maps go to a temporary file and into a
@@ -153,6 +177,7 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
         overlays, save_maps: which image files to write.
         temp_dir: folder of the temporary map file.
         progress: show a progress bar.
+        run: the run's record for the journal (model hash, options).
 
     Returns:
         image score by file name.
@@ -160,7 +185,7 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
     images = overlays or save_maps
     crop = model.config.crop
     new: dict[str, float] = {}
-    with contextlib.closing(Journal(out, resume)) as journal, \
+    with contextlib.closing(Journal(out, resume, run)) as journal, \
             ArraySpool((crop, crop), np.float32, temp_dir, "map file") as spool:
         order: list[Path] = []
         pixels = PixelHistogram()
@@ -201,6 +226,7 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
     Returns:
         the contents of metrics.json.
     """
+    names = dict(zip((i.path for i in items), evaluation_names(items)))
     items = usable_masks(items, skipped)
     by_path = {i.path: i for i in items}
     crop = model.config.crop
@@ -234,7 +260,7 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
                             "fit_stats": model.fit_stats}}
         everything = PixelHistogram.combined(list(pixels.values()))
         if spool.count:
-            write_map_files(out, spool, [(i.path, f"{i.defect}/{i.path.stem}") for i in kept],
+            write_map_files(out, spool, [(i.path, names[i.path]) for i in kept],
                             model.preprocess, everything, overlays, save_maps)
     write_evaluation(out, result, kept, scores_arr,
                      everything if has_ground_truth(kept) else None)

@@ -8,7 +8,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -82,6 +82,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def fsync_folder(path: str | os.PathLike) -> None:
+    """Make a rename or a new file in ``path`` durable (where the OS allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (UTF-8)."""
     with atomic_path(path) as tmp:
@@ -121,13 +131,16 @@ class ArraySpool:
             raise ValueError(f"items should be [B, {', '.join(map(str, self.shape))}], got "
                              f"{list(items.shape)}")
         where = self.temp_dir or tempfile.gettempdir()
+        # The way out that the user controls: --temp-dir when it was given, else $TMPDIR.
+        other = ("choose another folder with --temp-dir" if self.temp_dir is not None
+                 else "set TMPDIR (or --temp-dir)")
         if self._file is None:
             try:
                 self._file = tempfile.TemporaryFile(prefix="patchcore-fast-",
                                                     dir=self.temp_dir)
             except OSError as exc:
                 raise PatchCoreError(f"cannot create the temporary {self.what} in {where}: "
-                                     f"{exc.strerror or exc}; set TMPDIR to a writable "
+                                     f"{exc.strerror or exc}; {other} to a writable "
                                      f"folder") from None
         try:
             self._file.write(memoryview(items).cast("B"))
@@ -135,7 +148,7 @@ class ArraySpool:
             raise PatchCoreError(
                 f"cannot write the temporary {self.what} ({self.count * self.item_bytes:,} "
                 f"bytes written, {items.nbytes:,} more needed) in {where}: "
-                f"{exc.strerror or exc}; set TMPDIR to a folder with more space") from None
+                f"{exc.strerror or exc}; {other} to a folder with more space") from None
         self.count += len(items)
 
     def read(self, start: int, stop: int | None = None, out: np.ndarray | None = None
@@ -182,3 +195,67 @@ class ArraySpool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ----- where outputs may go ---------------------------------------------------------------
+
+def _existing_ancestor(path: Path) -> Path:
+    """The deepest part of ``path`` that exists (``path`` itself if it does)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_outputs(option: str, out: str | os.PathLike, files: Sequence[str | os.PathLike],
+                  read_folders: Sequence[str | os.PathLike] = (),
+                  read_files: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse, before any work, output files that would go where they must not.
+
+    Every path is resolved (``..`` and symbolic links followed) first, so a category name
+    or a link cannot lead a write somewhere else. Only the folders are resolved (a few
+    ``stat`` calls however many files): the file names below them are the tool's own.
+
+    Args:
+        option: the option naming the output, for messages (e.g. ``"-o out/"``).
+        out: the output location: every file must resolve inside it (or be it).
+        files: every file the run may write.
+        read_folders: folders whose files the run reads: no output may go inside one.
+        read_files: files the run reads (images, model, weights): none may be overwritten.
+
+    Raises:
+        PatchCoreError: the first problem, in one line naming the option and the path.
+    """
+    base = Path(out).resolve()
+    folders = [Path(f).resolve() for f in read_folders]
+    inputs = {Path(f).resolve() for f in read_files}
+    for folder in folders:
+        if base == folder or base.is_relative_to(folder):
+            raise PatchCoreError(f"{option}: the output {out} is inside the input folder "
+                                 f"{folder}; write the results somewhere else")
+    parents: dict[Path, Path] = {}
+    for f in files:
+        f = Path(f)
+        parent = parents.get(f.parent)
+        if parent is None:
+            parent = parents[f.parent] = f.parent.resolve()
+        target = parent / f.name
+        if not (target == base or target.is_relative_to(base)):
+            raise PatchCoreError(f"{option}: {f} would be written outside {out}")
+        if target in inputs:
+            raise PatchCoreError(f"{option}: {f} would overwrite the input file {target}; "
+                                 f"write the results somewhere else")
+        for folder in folders:
+            if parent == folder or parent.is_relative_to(folder):
+                raise PatchCoreError(f"{option}: {f} would be written into the input folder "
+                                     f"{folder}; write the results somewhere else")
+    for parent in set(parents.values()):
+        found = _existing_ancestor(parent)
+        if not found.is_dir():
+            raise PatchCoreError(f"{option}: {found} is a file, not a folder")
+        if not os.access(found, os.W_OK | os.X_OK):
+            raise PatchCoreError(f"{option}: cannot write in {found}: permission denied")
+    for f in files:
+        target = parents[Path(f).parent] / Path(f).name
+        if target.is_dir():
+            raise PatchCoreError(f"{option}: {f} is a folder where that file goes; remove "
+                                 f"it or choose another output")

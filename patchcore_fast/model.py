@@ -502,6 +502,9 @@ class PatchCore:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise PatchCoreError(f"model file {path} is a folder; give the .safetensors file "
+                                 f"that fit wrote")
         if not path.is_file():
             raise PatchCoreError(f"model file {path} does not exist")
         try:

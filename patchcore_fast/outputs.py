@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import PatchCoreError
-from .files import ArraySpool, atomic_path, write_text
+from .files import ArraySpool, atomic_path, fsync_folder, write_text
 
 #: score's progress, for ``--resume`` (removed when the run finishes).
 JOURNAL = ".scores.partial.csv"
@@ -103,30 +103,166 @@ def write_map_files(out: Path, spool: ArraySpool, images: Sequence[tuple[Path, s
 
 
 def unique_names(paths: Sequence[Path]) -> list[str]:
-    """File stems made unique by a counter (``a``, ``a_1``, ...), in order."""
-    seen: dict[str, int] = {}
-    names = []
-    for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        names.append(p.stem if n == 0 else f"{p.stem}_{n}")
+    """Output names of input images, distinct for every input and still readable.
+
+    A name is the file name with its extension (``a.png`` and ``a.jpg`` stay apart, and
+    neither meets ``a_1.png``); files of the same name in different folders get as many of
+    their parent folders as it takes to tell them apart (``day1/a.png``, ``day2/a.png``,
+    written into sub-folders). Names are compared case-insensitively, as some file systems
+    do. The name depends on the whole list only, so a resumed run names files the same way.
+
+    Args:
+        paths: input images (each once).
+
+    Returns:
+        one relative name per path, in order.
+    """
+    parts = [Path(os.path.abspath(p)).parts[1:] for p in paths]  # no anchor: no "/" part
+    depth = [1] * len(parts)
+    while True:
+        groups: dict[str, list[int]] = {}
+        for i, pp in enumerate(parts):
+            groups.setdefault("/".join(pp[-depth[i]:]).casefold(), []).append(i)
+        grew = False
+        for members in groups.values():
+            if len(members) > 1:
+                for i in members:
+                    if depth[i] < len(parts[i]):
+                        depth[i] += 1
+                        grew = True
+        if not grew:
+            break
+    names = ["/".join(pp[-d:]) for pp, d in zip(parts, depth)]
+    # The same file listed twice (or names equal but for case): a counter, made unique.
+    taken = {n.casefold() for n in names}
+    seen: set[str] = set()
+    for i, n in enumerate(names):
+        if n.casefold() in seen:
+            k = 1
+            while f"{n}_{k}".casefold() in taken:
+                k += 1
+            names[i] = f"{n}_{k}"
+            taken.add(names[i].casefold())
+        seen.add(names[i].casefold())
     return names
+
+
+def evaluation_names(items: Sequence) -> list[str]:
+    """Output names of evaluate's test images: ``<defect>/<unique name>``.
+
+    Args:
+        items (Sequence[data.TestImage]): the test images.
+    """
+    by_defect: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_defect.setdefault(item.defect, []).append(i)
+    names = [""] * len(items)
+    for defect, idx in by_defect.items():
+        for i, n in zip(idx, unique_names([items[i].path for i in idx])):
+            names[i] = f"{defect}/{n}"
+    return names
+
+
+def image_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool
+                ) -> list[Path]:
+    """The overlay and map files that :func:`write_map_files` writes for ``names``."""
+    return ([out / "overlays" / f"{n}.png" for n in names] if overlays else []) + \
+        ([out / "maps" / f"{n}.npy" for n in names] if save_maps else [])
+
+
+def fit_targets(data: str | os.PathLike, categories: Sequence[str] | None,
+                out: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """(name, training folder, model file) of each model that fit writes.
+
+    Args:
+        data: a folder of good images, or an MVTec-style root or category folder.
+        categories: the categories under ``data`` (plain folder names, or ``all``).
+        out: a ``.safetensors`` file, or the folder of one ``<name>.safetensors`` per model.
+    """
+    from .data import mvtec_categories
+
+    data, out = Path(data), Path(out)
+    cats = mvtec_categories(data, categories)
+    if cats is None:
+        if not data.is_dir():
+            raise PatchCoreError(f"{data} is not a folder of images")
+        name = out.stem
+        if out.suffix != ".safetensors":
+            out = out / f"{data.resolve().name}.safetensors"
+        return [(name, data, out)]
+    many = len(cats) > 1 or out.suffix != ".safetensors"
+    return [(n, d / "train" / "good", out / f"{n}.safetensors" if many else out)
+            for n, d in cats]
+
+
+def score_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool
+                ) -> list[Path]:
+    """Every file score may write into ``out`` (checked before any work)."""
+    return [out / "scores.csv", out / "scores.json", out / JOURNAL,
+            *image_files(out, names, overlays, save_maps)]
+
+
+def evaluation_files(out: Path, items: Sequence, overlays: bool, save_maps: bool
+                     ) -> list[Path]:
+    """Every file evaluate may write into ``out`` for one category."""
+    return [out / "scores.csv", out / "roc.png", out / "metrics.json",
+            *image_files(out, evaluation_names(items), overlays, save_maps)]
+
+
+def summary_files(out: Path) -> list[Path]:
+    """The files of :func:`write_summary`."""
+    return [out / f"summary.{e}" for e in ("csv", "json", "md")]
+
+
+def run_record(model_sha256: str, weights_sha256: str | None, threshold: float | None,
+               overlays: bool, save_maps: bool) -> dict:
+    """What a score run's results depend on, kept with them for ``--resume`` to check
+    (:data:`RESUME_KEYS`): the SHA-256 of the model file and of ``--weights``, and the
+    options."""
+    return {"model_sha256": model_sha256, "weights_sha256": weights_sha256,
+            "threshold": threshold, "overlays": overlays, "save_maps": save_maps}
 
 
 # ----- tables ---------------------------------------------------------------------------
 
-def csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A CSV table as text (``\\n`` line ends)."""
+#: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV
+#: injection"): a file named ``=HYPERLINK(...).png`` must stay text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value):
+    """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a
+    leading single quote (the OWASP rule); numbers and other strings are unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_rows(rows: Sequence[Sequence]) -> str:
+    """CSV lines (``\\n`` line ends) of ``rows`` as they are.
+
+    The csv module quotes a cell holding a line end only when it is the writer's line
+    terminator (``\\n``), so a bare carriage return in a file name would end a line for
+    most readers; a row holding one is written with every cell quoted.
+    """
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    plain = csv.writer(buf, lineterminator="\n")
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        cr = any(isinstance(v, str) and "\r" in v for v in row)
+        (quoted if cr else plain).writerow(row)
     return buf.getvalue()
 
 
+def csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A CSV table as text (``\\n`` line ends), with formula-like cells neutralised
+    (:func:`safe_cell`)."""
+    return csv_rows([[safe_cell(v) for v in row] for row in [header, *rows]])
+
+
 def write_scores(out: Path, model_file: str, scores: dict[str, float],
-                 inputs: Sequence[Path], threshold: float | None, skipped: list[str]
-                 ) -> int:
+                 inputs: Sequence[Path], threshold: float | None, skipped: list[str],
+                 run: dict | None = None) -> int:
     """score's ``scores.csv`` and ``scores.json``, in input order; then the resume
     journal, which they replace, is removed.
 
@@ -136,7 +272,8 @@ def write_scores(out: Path, model_file: str, scores: dict[str, float],
         scores: image score by file name (this run's and a resumed run's).
         inputs: every input image, in order (those without a score are left out).
         threshold: image score from which an image is labelled anomalous, or None.
-        skipped: the unreadable files.
+        skipped: the files left out (unreadable, unsupported, ...).
+        run: the run's record (model hash, options), kept for ``--resume``.
 
     Returns:
         the number of images written.
@@ -153,8 +290,8 @@ def write_scores(out: Path, model_file: str, scores: dict[str, float],
     header = ["file", "score"] + (["label"] if threshold is not None else [])
     write_text(out / "scores.csv", csv_text(header, rows))
     write_text(out / "scores.json", json.dumps(
-        {"model": model_file, "threshold": threshold, "images": records, "skipped": skipped},
-        indent=2))
+        {"model": model_file, "threshold": threshold, "run": run, "images": records,
+         "skipped": skipped}, indent=2, allow_nan=False))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(out / JOURNAL)
     return len(records)
@@ -242,26 +379,79 @@ def study_plot(path: Path, rows: list[dict]) -> None:
 
 # ----- score's resume journal -----------------------------------------------------------
 
-def read_done(out: Path) -> dict[str, float]:
-    """Scores already in ``out`` (a finished scores.csv and/or the journal of a killed run).
+#: First line of the journal, followed by the JSON of the run it belongs to.
+JOURNAL_TAG = "# patchcore-fast score journal "
 
-    A journal line cut short by the kill (no newline yet) is ignored: that image is scored
-    again.
+#: The parts of a run record that must agree for ``--resume`` to add to earlier results.
+#: The threshold is recorded but may change: it labels every row when scores.csv is
+#: written, so a resumed run labels old and new rows alike.
+RESUME_KEYS = {"model_sha256": "the model file's SHA-256", "weights_sha256":
+               "the --weights file's SHA-256", "overlays": "overlays (--no-overlays)",
+               "save_maps": "--save-maps"}
+
+
+def _check_run(source: Path, earlier: object, run: dict) -> None:
+    if not isinstance(earlier, dict):
+        raise PatchCoreError(f"--resume: {source} does not say which model and options "
+                             f"produced it (written by an older version?); score into another "
+                             f"folder or without --resume")
+    for key, what in RESUME_KEYS.items():
+        if earlier.get(key) != run.get(key):
+            raise PatchCoreError(f"--resume: {source} was written with other settings "
+                                 f"({what}: {earlier.get(key)} then, {run.get(key)} now); "
+                                 f"score into another folder or without --resume")
+
+
+def read_done(out: Path, run: dict) -> dict[str, float]:
+    """Scores already in ``out`` (a finished run's scores.json and/or the journal of a
+    killed one), after checking that they come from the same model and options.
+
+    A journal line cut short by a kill or a full disk (no newline yet) is ignored: that
+    image is scored again. An empty journal (a run that died before its header reached the
+    disk) holds nothing and is started again.
+
+    Args:
+        out: output folder.
+        run: this run's record (:data:`RESUME_KEYS` and the threshold).
+
+    Raises:
+        PatchCoreError: the earlier results belong to another model or other options, or
+            are not this tool's files; one line.
     """
     done: dict[str, float] = {}
-    for name in ("scores.csv", JOURNAL):
-        f = out / name
-        if not f.is_file():
-            continue
-        text = f.read_text(encoding="utf-8")
-        if not text.endswith("\n"):
-            text = text[:text.rfind("\n") + 1]
-        for row in csv.DictReader(io.StringIO(text)):
+    finished = out / "scores.json"
+    if finished.is_file():
+        try:
+            data = json.loads(finished.read_text(encoding="utf-8"))
+            _check_run(finished, data.get("run"), run)
+            done.update({str(r["file"]): float(r["score"]) for r in data["images"]})
+        except PatchCoreError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise PatchCoreError(f"--resume: {finished} is not a scores file of patchcore-fast; "
+                                 f"score into another folder or without --resume") from None
+    journal = out / JOURNAL
+    if journal.is_file():
+        # Bytes, not read_text: its newline translation would break a name holding "\r".
+        text = journal.read_bytes().decode("utf-8", errors="replace")
+        text = text[:text.rfind("\n") + 1]  # drop a line cut short
+        if text:
+            head, _, rest = text.partition("\n")
+            if not head.startswith(JOURNAL_TAG):
+                raise PatchCoreError(f"--resume: {journal} has no header naming its model "
+                                     f"(written by an older version?); delete it to score "
+                                     f"everything again")
             try:
-                done[row["file"]] = float(row["score"])
-            except (KeyError, TypeError, ValueError):
-                raise PatchCoreError(f"{f} is not a scores file of patchcore-fast; "
-                                     f"score into another folder or without --resume") from None
+                earlier = json.loads(head[len(JOURNAL_TAG):])
+            except ValueError:
+                earlier = None
+            _check_run(journal, earlier, run)
+            for row in csv.DictReader(io.StringIO(rest)):
+                try:
+                    done[row["file"]] = float(row["score"])
+                except (KeyError, TypeError, ValueError):
+                    raise PatchCoreError(f"--resume: {journal} is damaged (row {row}); "
+                                         f"delete it to score everything again") from None
     return done
 
 
@@ -269,30 +459,53 @@ class Journal:
     """score's record of finished images (``OUTDIR/.scores.partial.csv``).
 
     An image enters the journal once its files are written, so a killed run resumes exactly
-    where its outputs stop. The file is opened at the first record: a run that fails before
-    leaves none. Use it under ``contextlib.closing``.
+    where its outputs stop. The file is made at the first record: a header line with the
+    run's record (model hash, options; see :func:`read_done`) and the CSV header, written
+    and ``fsync``-ed before any row. Each record is appended and ``fsync``-ed: a killed run
+    or a full disk costs at most the line being written, which the reader drops and which
+    is cut off before the next append; a journal left without its whole header (empty, or
+    cut inside it) holds no row and is started again. Use it under
+    ``contextlib.closing``.
 
     Args:
         out: output folder.
         resume: append to the journal of an earlier run instead of starting a new one.
+        run: this run's record (JSON-serialisable).
     """
 
-    def __init__(self, out: Path, resume: bool):
-        self.out, self.resume = out, resume
+    def __init__(self, out: Path, resume: bool, run: dict | None = None):
+        self.out, self.resume, self.run = out, resume, run or {}
         self._file = None
 
-    def record(self, scores: Sequence[tuple[Path, float]]) -> None:
-        """Add (image, score) rows and flush them to disk."""
-        if self._file is None:
+    def _open(self) -> None:
+        path = self.out / JOURNAL
+        data = b""
+        if self.resume and path.is_file():
+            data = path.read_bytes()
+            data = data[:data.rfind(b"\n") + 1]  # a line left unfinished by a kill
+        if data.count(b"\n") < 2:  # new, or without a whole header: start it (again)
             self.out.mkdir(parents=True, exist_ok=True)
-            fresh = not (self.resume and (self.out / JOURNAL).is_file())
-            self._file = open(self.out / JOURNAL, "w" if fresh else "a", encoding="utf-8",
-                              newline="")
-            if fresh:
-                self._file.write("file,score\n")
-        csv.writer(self._file, lineterminator="\n").writerows(
-            [[str(p), s] for p, s in scores])
-        self._file.flush()
+            with open(path, "wb") as fh:
+                fh.write((JOURNAL_TAG + json.dumps(self.run, sort_keys=True)
+                          + "\nfile,score\n").encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_folder(self.out)
+        else:  # read_done has checked the header: cut the unfinished line, then append
+            os.truncate(path, len(data))
+        self._file = open(path, "ab")
+
+    def record(self, scores: Sequence[tuple[Path, float]]) -> None:
+        """Add (image, score) rows and make them durable (``fsync``)."""
+        try:
+            if self._file is None:
+                self._open()
+            self._file.write(csv_rows([[str(p), s] for p, s in scores]).encode("utf-8"))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise PatchCoreError(f"cannot write {self.out / JOURNAL}: "
+                                 f"{exc.strerror or exc}") from None
 
     def close(self) -> None:
         """Close the file (idempotent); the journal stays for ``--resume`` until

@@ -80,7 +80,7 @@ def test_skip_fit_score_evaluate(case, tmp_path, capsys):
         assert _warned(lines, name), (name, lines)
     for name in READABLE:
         assert not _warned(lines, name), (name, lines)
-    assert any("skipped 3 unreadable files" in l for l in lines), lines
+    assert any("skipped 3 files (unreadable, unsupported" in l for l in lines), lines
     assert PatchCore.load(model).fit_stats["images"] == 4 + len(READABLE)
 
     out = tmp_path / "score"

@@ -71,7 +71,7 @@ def test_evaluate_and_score_outputs(fitted, demo, tmp_path, capsys):
     assert len(rows) == 3 and set(rows[0]) == {"file", "score", "label"}
     js = json.loads((sc / "scores.json").read_text())
     assert len(js["images"]) == 3 and js["threshold"] == m["f1_threshold"]
-    assert np.load(sc / "maps" / "000.npy").shape == (64, 64)
+    assert np.load(sc / "maps" / "000.png.npy").shape == (64, 64)
     assert len(list((sc / "overlays").glob("*.png"))) == 3
     assert not [p for p in _files(tmp_path) if p.name.endswith(".tmp")]
 
@@ -133,7 +133,7 @@ def test_fit_skips_bad_files_and_counts_them(demo, tmp_path, capsys):
     assert rc == 0 and out.is_file() and "Traceback" not in err
     for name in ("zero.png", "trunc.png", "fake.jpg"):
         assert any(name in l and "warning: skipping" in l for l in err.splitlines()), err
-    assert "skipped 3 unreadable files" in err
+    assert "skipped 3 files (unreadable, unsupported" in err
     assert PatchCore.load(out).fit_stats["images"] == 4
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from patchcore_fast.cli import main
-from patchcore_fast.outputs import JOURNAL
+from patchcore_fast.outputs import JOURNAL, JOURNAL_TAG
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,14 @@ def _same_scores(a: Path, b: Path, exact_rows: int = 0) -> None:
 
 
 def _overlays(out: Path) -> list[str]:
-    return sorted(p.name for p in (out / "overlays").glob("*.png"))
+    return sorted(str(p.relative_to(out)) for p in (out / "overlays").rglob("*.png"))
 
 
 def test_full_run_outputs(setup):
     _, _, full = setup
     rows = json.loads((full / "scores.json").read_text())["images"]
     assert len(rows) == 7 and len(_overlays(full)) == 7
-    assert len(list((full / "maps").glob("*.npy"))) == 7
+    assert len(list((full / "maps").rglob("*.npy"))) == 7
     assert not (full / JOURNAL).exists()
 
 
@@ -50,7 +50,10 @@ def test_resume_after_a_kill(setup, tmp_path, capsys):
     out.mkdir()
     lines = (full / "scores.csv").read_text().splitlines()
     # A killed run: three images finished, the fourth's line cut short.
-    (out / JOURNAL).write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
+    # Its header records the run: the same model, without --save-maps (as resumed below).
+    run = {**json.loads((full / "scores.json").read_text())["run"], "save_maps": False}
+    (out / JOURNAL).write_text(JOURNAL_TAG + json.dumps(run) + "\n" + "\n".join(lines[:4])
+                               + "\n" + lines[4][:10])
     capsys.readouterr()
     assert main(["score", str(model), *inputs, "-o", str(out), "--resume",
                  "--batch-size", "2"]) == 0
