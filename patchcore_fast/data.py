@@ -375,7 +375,7 @@ def _collate(items: list) -> tuple[list[int], Tensor | None, list[tuple[int, str
 
 def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: int = 8,
                    num_workers: int = 0, skipped: list[str] | None = None,
-                   progress: Callable[[int], None] | None = None
+                   progress: Callable[[int], None] | None = None, pin_memory: bool = False
                    ) -> Iterator[tuple[list[int], Tensor]]:
     """Batches of preprocessed images; unreadable files are skipped with a warning.
 
@@ -386,12 +386,15 @@ def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: in
         num_workers: DataLoader worker processes (0 reads in this process).
         skipped: list collecting the paths left out.
         progress: called with the number of files handled after each batch.
+        pin_memory: put batches in page-locked memory (for a CUDA model: the copy to the
+            GPU is then asynchronous, ``non_blocking=True``).
 
     Yields:
         (indices into ``paths``, Tensor[B, 3, crop, crop]) for batches with readable images.
     """
     loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, shuffle=False)
+                        num_workers=num_workers, collate_fn=_collate, shuffle=False,
+                        pin_memory=pin_memory)
     for indices, batch, bad, notes in loader:
         # Warned here, in the main process (the readers may be worker processes).
         for i, note in notes:
