@@ -8,6 +8,7 @@ download) and a 1 % coreset, fitted and evaluated once per precision on the CPU 
 autocast there runs through oneDNN, emulated on CPUs without AVX512-BF16).
 """
 
+import csv
 import json
 
 import numpy as np
@@ -28,10 +29,8 @@ def _run(mvtec_root, tmp_path, precision):
     out = tmp_path / precision
     result = evaluate_category("bottle", model, mvtec_test(mvtec_root / "bottle"), [], out,
                                "m", overlays=False)
-    scores = {}
-    for line in (out / "scores.csv").read_text().splitlines()[1:]:
-        file, score = line.split(",")[:2]
-        scores[file] = float(score)
+    with open(out / "scores.csv", newline="") as fh:
+        scores = {row["file"]: float(row["score"]) for row in csv.DictReader(fh)}
     return result, scores, model
 
 
