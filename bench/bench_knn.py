@@ -16,6 +16,24 @@ relative. The kernel's peak extra memory (growth of the process's VmHWM over one
 stored in ``extra_info["peak_extra_mb"]``. It leaves out the wrapper's ``torch.isfinite``
 input check, which alone allocates about 1.5x the bank's size.
 
+"features-*" groups (issue #11) time the same contenders on real patch features, whose
+large norms and many near-ties a Gaussian benchmark hides (see bench/_common.py):
+
+* ``features-wrn50-8img-k<k>``: WideResNet-50 with random weights on generated 224 px
+  images, 8 images' patches (6,272 x 1,024) against a 16,386-row bank of such features
+  (the patches of 21 other images); ``gaussian-twin`` is the kernel on Gaussian data of the
+  same shape (so "no slow path" reads as a ratio near 1 between the two);
+* ``features-lite0-8img-k<k>``: EfficientNet-Lite0 on MVTec AD bottle, 8 test images
+  (6,272 x 152) against 16,386 rows drawn (seeded) from the 163,856 training patches;
+* ``features-<wrn50|lite0>-64img-k1``: one batch of 64 images (50,176 queries) against the
+  same banks: kernel, faiss-cpu, ``torch.cdist`` + ``topk`` (one round each on the CPU:
+  the WRN-50 GEMM alone is 1.7 TFLOP).
+
+On a GPU the ``*-cuda`` groups time the kernel against ``torch.cdist`` + ``topk``, the
+matrix-multiply form (``||q||^2 + ||b||^2 - 2 q.b`` then ``topk``) and a bf16
+``torch.nn.functional.linear`` + ``topk`` (not exact: a speed reference); they skip
+without CUDA.
+
 Run: ``python -m pytest bench/bench_knn.py --benchmark-group-by=group``.
 """
 
@@ -24,10 +42,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 import torch
+
+import _common
 
 import patchcore_fast
 from patchcore_fast import reference
@@ -87,10 +108,13 @@ def _peak_extra_mb(m: int, k: int) -> float | None:
     if not sys.platform.startswith("linux"):
         return None
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The package this process imported (installed, with its compiled library), run from
+    # outside the repository so that the source tree cannot shadow it.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(patchcore_fast.__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(m), str(k)],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=600,
+                         cwd=tempfile.gettempdir())
     if res.returncode != 0:
         return None
     return float(res.stdout.split("PEAK_EXTRA_MB")[1])
@@ -130,3 +154,119 @@ def test_knn(benchmark, m, k, impl):
         fd = torch.from_numpy(sq).clamp_min(0).sqrt()
         kd, _ = patchcore_fast.knn(q, b, k)
         _check_agreement(kd, fd, "kernel vs faiss")
+
+
+# ----- real patch features (issue #11) ------------------------------------------------
+
+FEATURE_BANK = 16386
+FEATURE_SETS = ("wrn50", "lite0")
+_FEATURES: dict = {}
+
+
+def _features(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries [50,176, D], bank [16,386, D]) of a feature set (see the module docstring)."""
+    if name not in _FEATURES:
+        if name == "wrn50":
+            f = _common.random_backbone_features("wide_resnet50_2", 85)  # 21 + 64 images
+            bank, query = f[:FEATURE_BANK], f[21 * 784:]
+        else:
+            train = _common.bottle_features("train/good")
+            rows = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
+            bank = train[rows[:FEATURE_BANK]].contiguous()
+            query = _common.bottle_features("test")[:64 * 784]
+        _FEATURES[name] = (query.contiguous(), bank)
+    return _FEATURES[name]
+
+
+def _gauss_like(q: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(99)
+    return torch.randn(q.shape, generator=g), torch.randn(b.shape, generator=g)
+
+
+def _cdist_topk(q, b, k):
+    return torch.cdist(q, b).topk(k, dim=1, largest=False)
+
+
+def _mm_topk(q, b, k, chunk=8192):
+    bn = b.square().sum(1)
+    out = [(bn - 2 * q[s:s + chunk] @ b.T).topk(k, dim=1, largest=False)
+           for s in range(0, q.shape[0], chunk)]
+    return torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+
+
+def _bf16_linear_topk(q, b, k, chunk=8192):
+    qh, bh = q.bfloat16(), b.bfloat16()
+    bn = b.square().sum(1)
+    out = [(bn - 2 * torch.nn.functional.linear(qh[s:s + chunk], bh).float())
+           .topk(k, dim=1, largest=False) for s in range(0, q.shape[0], chunk)]
+    return torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+
+
+# (group, feature set, queries, k, contenders); CPU first, then the GPU groups.
+FEATURE_CASES = (
+    [(f"features-{f}-8img-k{k}", f, 6272, k, impl) for f in FEATURE_SETS for k in (1, 9)
+     for impl in ("kernel", "faiss", "reference", "gaussian-twin")]
+    + [(f"features-{f}-64img-k1", f, 50176, 1, impl) for f in FEATURE_SETS
+       for impl in ("kernel", "faiss", "reference")]
+    + [(f"features-{f}-64img-k{k}-cuda", f, 50176, k, impl) for f in FEATURE_SETS
+       for k in (1, 9) for impl in ("kernel", "cdist-topk", "mm-topk", "bf16-linear-topk",
+                                    "gaussian-twin")])
+
+
+@pytest.mark.parametrize("group,fset,nq,k,impl", FEATURE_CASES,
+                         ids=[f"{c[0]}-{c[4]}" for c in FEATURE_CASES])
+def test_knn_features(benchmark, group, fset, nq, k, impl):
+    cuda = group.endswith("-cuda")
+    if cuda and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    q, b = _features(fset)
+    q = q[:nq]
+    if impl == "gaussian-twin":
+        q, b = _gauss_like(q, b)
+    dev = "cuda" if cuda else "cpu"
+    q, b = q.to(dev), b.to(dev)
+    benchmark.group = group
+    benchmark.extra_info["workload"] = f"{tuple(q.shape)} vs {tuple(b.shape)}, k={k}"
+    rounds = 1 if (nq > 10000 and not cuda) else 3
+    run = dict(rounds=rounds, iterations=1, warmup_rounds=1 if cuda else 0)
+
+    def timed(fn, *args):
+        if not cuda:
+            return benchmark.pedantic(fn, args=args, **run)
+
+        def synced():
+            out = fn(*args)
+            torch.cuda.synchronize()
+            return out
+        return benchmark.pedantic(synced, **run)
+
+    if impl in ("kernel", "gaussian-twin"):
+        dist, idx, stats = patchcore_fast.ops.knn_stats(q, b, k)  # also the warm-up
+        benchmark.extra_info.update(second_pass=stats["second_pass"],
+                                    exact_scans=stats["exact_scans"])
+        print(f"\n{group} {impl}: {stats}")
+        timed(patchcore_fast.knn, q, b, k)
+        if impl == "kernel":
+            rows = slice(0, 256)
+            truth = torch.cdist(q[rows].cpu().double(), b.cpu().double())
+            best = truth.topk(k, dim=1, largest=False).values
+            ours = truth.gather(1, idx[rows].cpu())
+            rel = float(((ours - best).abs() / best.clamp_min(1e-12)).max())
+            benchmark.extra_info["max_rel_err_vs_f64"] = rel
+            print(f"kernel vs float64 oracle (256 rows): max relative error {rel:.1e}")
+            assert rel <= 1e-5
+    elif impl == "faiss":
+        if faiss is None:
+            pytest.skip("faiss-cpu is not installed")
+        benchmark.extra_info["faiss_threads"] = faiss.omp_get_max_threads()
+        index = faiss.IndexFlatL2(b.shape[1])
+        index.add(b.numpy())
+        timed(index.search, q.numpy(), k)
+    elif impl == "reference":
+        timed(reference.knn, q, b, k, 1024, False)  # torch.cdist (mm form) + topk, chunked
+    elif impl == "cdist-topk":
+        timed(_cdist_topk, q, b, k)
+    elif impl == "mm-topk":
+        timed(_mm_topk, q, b, k)
+    else:
+        timed(_bf16_linear_topk, q, b, k)

@@ -291,7 +291,9 @@ class StreamingCoreset:
         if idx_np.size and (idx_np.min() < 0 or idx_np.max() >= self.n):
             raise IndexError(f"row index out of range [0, {self.n})")
         if self.in_memory:
-            return self._gather_memory(idx.to(self.device, torch.int64))
+            # The reference's way: the whole bank, then its rows (as before the one path;
+            # tests/test_memory.py compares the streaming peak with this one).
+            return torch.cat(self._rows)[idx.to(self.device, torch.int64)]
         uniq, inverse = np.unique(idx_np, return_inverse=True)
         rows = np.empty((len(uniq), self.dim), dtype=self._spool.dtype)
         # Read runs of consecutive rows with one pread each (all rows: one sequential read).
@@ -300,17 +302,6 @@ class StreamingCoreset:
             self._spool.read(int(uniq[lo]), int(uniq[hi - 1]) + 1, out=rows[lo:hi])
         out = torch.from_numpy(rows)[torch.from_numpy(inverse.reshape(-1))]
         return out.to(self.device)
-
-    def _gather_memory(self, idx: Tensor) -> Tensor:
-        # Row by row from the batches as added: no concatenated N x D copy of the bank.
-        out = torch.empty(len(idx), self.dim, dtype=self.dtype, device=self.device)
-        lo = 0
-        for part in self._rows:
-            hi = lo + len(part)
-            sel = ((idx >= lo) & (idx < hi)).nonzero()[:, 0]
-            out[sel] = part[idx[sel] - lo]
-            lo = hi
-        return out
 
     def bank(self) -> tuple[Tensor, Tensor]:
         """Select the coreset and gather its rows.

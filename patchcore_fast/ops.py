@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 _warned = False
 
-_OPS = ("greedy_coreset", "coreset_shard_step", "knn")
+_OPS = ("greedy_coreset", "coreset_shard_step", "knn", "knn_stats")
 
 
 def compiled() -> bool:
@@ -192,7 +192,17 @@ def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Te
 
 
 def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
-    """k nearest bank rows of every query row, in bounded memory.
+    """Exact k nearest bank rows of every query row, in bounded memory.
+
+    What the result promises (CPU and CUDA kernels): the true k nearest neighbours, with
+    distances equal to the float32 direct-difference distances ``||q - b||`` (the exact
+    values up to float32 rounding, as ``torch.cdist(..., compute_mode=
+    "donot_use_mm_for_euclid_dist")`` gives them), ascending, equal distances ordered by the
+    lower bank index. The kernels rank candidates with a GEMM on query and bank centred on
+    the bank's mean, keep every row within the expansion's error bound of the k-th place,
+    and refine those with direct differences; a certificate proves the answer exact (see
+    csrc/knn_bound.h). There is no per-row full-bank scan on real features:
+    :func:`knn_stats` counts the rows that needed more than the first pass.
 
     Args:
         query (Tensor[Q, D]): query rows; converted to float32. Q may be 0.
@@ -203,6 +213,40 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         (Tensor[Q, k] float32, Tensor[Q, k] int64): Euclidean (not squared) distances in
         ascending order, and the bank row of each.
     """
+    query, bank, k = _check_knn(query, bank, k)
+    if _use_kernel(query, "knn"):
+        return torch.ops.patchcore_fast.knn.default(query, bank, k)
+    return reference.knn(query, bank, k, exact=False)
+
+
+def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, dict]:
+    """:func:`knn` plus how the kernel got there (a debugging and test aid).
+
+    Args:
+        query (Tensor[Q, D]): query rows; converted to float32.
+        bank (Tensor[M, D]): bank rows, same device; converted to float32.
+        k (int): neighbours per query, 1 <= k <= M.
+
+    Returns:
+        (Tensor[Q, k] float32, Tensor[Q, k] int64, dict): the result of :func:`knn`, and
+        ``rows`` (Q), ``second_pass`` (rows whose error band overflowed the first pass's
+        candidate pool and were rescored by a second tiled pass with growable pools),
+        ``exact_scans`` (rows that fell back to a direct-difference scan of the whole bank:
+        the last resort, expected 0) and ``refined`` (candidates recomputed with direct
+        differences, all passes). Without the compiled library: the reference's result
+        and every count -1.
+    """
+    query, bank, k = _check_knn(query, bank, k)
+    if _use_kernel(query, "knn_stats"):
+        d, i, s = torch.ops.patchcore_fast.knn_stats.default(query, bank, k)
+        s = s.tolist()
+    else:
+        d, i = reference.knn(query, bank, k, exact=False)
+        s = [-1] * 4
+    return d, i, dict(zip(("rows", "second_pass", "exact_scans", "refined"), s))
+
+
+def _check_knn(query: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
     _check_points(query, "query")
     _check_points(bank, "bank")
     if bank.shape[0] == 0:
@@ -216,10 +260,7 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     k = int(k)
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k should be between 1 and the bank size {bank.shape[0]}, got {k}")
-    query, bank = query.float(), bank.float()
-    if _use_kernel(query, "knn"):
-        return torch.ops.patchcore_fast.knn.default(query, bank, k)
-    return reference.knn(query, bank, k, exact=False)
+    return query.float(), bank.float(), k
 
 
 # Fake (meta) implementations: output shapes from input shapes, so the ops trace under
@@ -243,3 +284,8 @@ if compiled():
         torch._check(query.shape[1] == bank.shape[1])
         return (query.new_empty((query.shape[0], k)),
                 query.new_empty((query.shape[0], k), dtype=torch.int64))
+
+    @torch.library.register_fake("patchcore_fast::knn_stats")
+    def _knn_stats_fake(query, bank, k):
+        d, i = _knn_fake(query, bank, k)
+        return d, i, query.new_empty((4,), dtype=torch.int64)

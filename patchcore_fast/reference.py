@@ -28,17 +28,21 @@ def greedy_coreset(features: Tensor, k: int, start: int = 0) -> Tensor:
         Tensor[k] int64: the selected row indices, in selection order.
     """
     x = features.float()
-    n = x.shape[0]
-    min_d = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
+    # Direct differences (cdist's non-matmul mode): the accurate fp32 form of ||x - c||,
+    # fused, without an N x D temporary. The loop tracks Euclidean distances; their order
+    # is that of the squared ones.
+    return _greedy_loop(x, k, start, lambda c: torch.cdist(
+        x, x[c:c + 1], compute_mode="donot_use_mm_for_euclid_dist")[:, 0])
+
+
+def _greedy_loop(x: Tensor, k: int, start: int, distance_to) -> Tensor:
+    """The farthest-point loop over ``distance_to(c) -> Tensor[N]`` (any monotone distance)."""
+    min_d = torch.full((x.shape[0],), float("inf"), dtype=torch.float32, device=x.device)
     out = torch.empty(k, dtype=torch.int64, device=x.device)
     cur = int(start)
     for t in range(k):
         out[t] = cur
-        # Direct differences (cdist's non-matmul mode): the accurate fp32 form of
-        # ||x - c||, fused, without an N x D temporary. The loop tracks Euclidean
-        # distances; their order is that of the squared ones.
-        d = torch.cdist(x, x[cur:cur + 1], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
-        min_d = torch.minimum(min_d, d)
+        min_d = torch.minimum(min_d, distance_to(cur))
         min_d[cur] = -1.0  # selected: never the arg-max again
         if t + 1 < k:
             cur = int(torch.argmax(min_d))  # first maximal index = lowest index on ties
@@ -119,30 +123,13 @@ def greedy_coreset_matvec(features: Tensor, k: int, start: int = 0) -> Tensor:
 
     This is the form of the official implementation and the fastest plain-torch loop (one
     matrix-vector product per step). It differs from :func:`greedy_coreset` only through
-    floating-point rounding, which can reorder near-ties late in the selection.
-
-    Args:
-        features (Tensor[N, D]): float32 points.
-        k (int): number of centres, 1 <= k <= N.
-        start (int): index of the first centre.
-
-    Returns:
-        Tensor[k] int64: the selected row indices, in selection order.
+    floating-point rounding, which can reorder near-ties late in the selection. Arguments
+    and result as :func:`greedy_coreset`.
     """
     x = features.float()
-    n = x.shape[0]
     sq = x.pow(2).sum(1)
-    min_d = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
-    out = torch.empty(k, dtype=torch.int64, device=x.device)
-    cur = int(start)
-    for t in range(k):
-        out[t] = cur
-        d = (sq + sq[cur] - 2.0 * (x @ x[cur])).clamp_min_(0.0)
-        min_d = torch.minimum(min_d, d)
-        min_d[cur] = -1.0
-        if t + 1 < k:
-            cur = int(torch.argmax(min_d))
-    return out
+    return _greedy_loop(x, k, start,
+                        lambda c: (sq + sq[c] - 2.0 * (x @ x[c])).clamp_min_(0.0))
 
 
 def covering_radii(features: Tensor, *selections: Tensor) -> list[Tensor]:

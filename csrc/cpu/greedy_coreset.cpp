@@ -73,6 +73,7 @@
 
 #include "../common.h"
 #include "../coreset_shard_step.h"
+#include "../pack_key.h"  // pack_key, key_index: (distance, index) heap keys
 #include "sqdist.h"
 
 namespace patchcore_fast {
@@ -81,19 +82,6 @@ namespace {
 // Below this many distance terms the first pass runs on one thread.
 constexpr int64_t kParallelTerms = 1 << 16;
 
-
-// (distance, index) packed so that a larger key is a larger distance, then a lower index.
-// The distance is >= 0, so its IEEE bits order like its value.
-inline uint64_t pack_key(float dist2, int32_t index) {
-  uint32_t bits;
-  std::memcpy(&bits, &dist2, sizeof(bits));
-  return (static_cast<uint64_t>(bits) << 32) |
-         static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(index));
-}
-
-inline int32_t key_index(uint64_t key) {
-  return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
-}
 
 // A barrier for the threads of one parallel region: spin a little (a step of a quiet
 // machine ends within microseconds of the others), then yield the core.
@@ -128,17 +116,17 @@ constexpr int64_t kMinShardRows = 4096;
 // local maximum is found (returned, out of the heap, offered to `best`), or its heap
 // top falls below `best` (returns -1). See the header for why this is exact.
 int32_t shard_argmax(const float* x, int64_t dim, int64_t t, const float* const* rows,
-                     std::vector<uint64_t>& heap, float* ub, int32_t* last,
-                     std::atomic<uint64_t>& best) {
+                     std::vector<ArgmaxKey>& heap, float* ub, int32_t* last,
+                     std::atomic<ArgmaxKey>& best) {
   while (!heap.empty()) {
-    const uint64_t known = best.load(std::memory_order_relaxed);
+    const ArgmaxKey known = best.load(std::memory_order_relaxed);
     if (heap.front() < known) return -1;  // nothing here can beat a real key
     std::pop_heap(heap.begin(), heap.end());
     const int32_t i = key_index(heap.back());
     heap.pop_back();
     // The point is behind (cannot be the arg-max now) once below the next heap key or
     // below a key another shard already has.
-    const uint64_t bar = std::max(heap.empty() ? uint64_t{0} : heap.front(), known);
+    const ArgmaxKey bar = std::max(heap.empty() ? ArgmaxKey{0} : heap.front(), known);
     const float* xi = x + static_cast<int64_t>(i) * dim;
     float u = ub[i];
     int64_t s = last[i];
@@ -163,14 +151,14 @@ int32_t shard_argmax(const float* x, int64_t dim, int64_t t, const float* const*
     }
     ub[i] = u;
     last[i] = static_cast<int32_t>(s);
-    const uint64_t key = pack_key(u, i);
+    const ArgmaxKey key = pack_key(u, i);
     if (behind) {
       heap.push_back(key);
       std::push_heap(heap.begin(), heap.end());
       continue;
     }
     // Up to date and key >= every other key of the shard: its exact local maximum.
-    uint64_t cur = known;
+    ArgmaxKey cur = known;
     while (cur < key &&
            !best.compare_exchange_weak(cur, key, std::memory_order_relaxed)) {
     }
@@ -215,7 +203,7 @@ void greedy_coreset_impl(const float* x, int64_t n, int64_t dim, int64_t k, int6
 
   // keys[t]: the packed key of centre t, the atomic max of the shards' offers at step t
   // (a fresh zeroed slot per step, so no slot is reset while another thread reads it).
-  std::unique_ptr<std::atomic<uint64_t>[]> keys(new std::atomic<uint64_t>[k]);
+  std::unique_ptr<std::atomic<ArgmaxKey>[]> keys(new std::atomic<ArgmaxKey>[k]);
   for (int64_t t = 0; t < k; ++t) keys[t].store(0, std::memory_order_relaxed);
   std::vector<float> centres(static_cast<size_t>(k * dim));  // rows of the centres
   std::memcpy(centres.data(), first, sizeof(float) * dim);
@@ -244,7 +232,7 @@ void greedy_coreset_impl(const float* x, int64_t n, int64_t dim, int64_t k, int6
     std::vector<const float*> rows;
     rows.reserve(static_cast<size_t>(k));
     rows.push_back(centres.data());
-    std::vector<uint64_t> heap;
+    std::vector<ArgmaxKey> heap;
     heap.reserve(static_cast<size_t>(hi - lo));
     for (int64_t i = lo; i < hi; ++i) {
       if (i != start) heap.push_back(pack_key(ub[i], static_cast<int32_t>(i)));
@@ -297,8 +285,8 @@ at::Tensor greedy_coreset_cpu(const at::Tensor& features, int64_t k, int64_t sta
 // owns it, writes indices[step] and returns its own offer: the packed key of its largest
 // min_d (ties: lowest global index) and that row.
 
-inline uint64_t record_key(const int32_t* record) {
-  uint64_t key;
+inline ArgmaxKey record_key(const int32_t* record) {
+  ArgmaxKey key;
   std::memcpy(&key, record, sizeof(key));
   return key;
 }
@@ -325,7 +313,7 @@ at::Tensor coreset_shard_step_cpu(const at::Tensor& shard, const at::Tensor& can
   for (int64_t r = 1; r < cands.size(0); ++r) {
     if (record_key(cand + r * width) > record_key(cand + owner * width)) owner = r;
   }
-  const uint64_t chosen_key = record_key(cand + owner * width);
+  const ArgmaxKey chosen_key = record_key(cand + owner * width);
   TORCH_CHECK(chosen_key != 0, "coreset_shard_step: no rank offered a point at step ", step,
               " (all ", cands.size(0), " candidate keys are 0): k exceeds the number of rows");
   const int64_t chosen = key_index(chosen_key);
@@ -335,7 +323,7 @@ at::Tensor coreset_shard_step_cpu(const at::Tensor& shard, const at::Tensor& can
 
   const float* xp = x.data_ptr<float>();
   float* md = min_d.data_ptr<float>();
-  uint64_t best = 0;
+  ArgmaxKey best = 0;
   const int threads = std::max(1, at::get_num_threads());
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(max : best) \
     if (n * d > kParallelTerms)

@@ -1,33 +1,46 @@
-// Exact brute-force k nearest neighbours on the CPU, faiss-style.
+// Exact brute-force k nearest neighbours on the CPU, faiss-style, with no slow path.
 //
-// Squared L2 = ||q||^2 + ||b||^2 - 2 q.b. Queries are cut into blocks and the bank into
-// tiles; each (block, tile) pair is one fp32 GEMM (at::mm_out into a small reused buffer,
-// MKL) followed by a fused pass that adds ||b||^2 and keeps each query row's running pool
-// of the best candidates: one vectorised min over 16 tile entries compared with the row's
-// threshold rejects almost all of them with one compare. The full Q x M matrix never
-// exists: scratch is one [rows, tile] buffer and one small pool per row.
+// Squared L2 = ||q||^2 + ||b||^2 - 2 q.b on query and bank *centred on the bank's mean*
+// (distances do not change under a common translation, while the expansion's error bound
+// shrinks from the data's norms to its spread; see csrc/knn_bound.h). Queries are cut into
+// blocks and the bank into tiles; each (block, tile) pair is one fp32 GEMM (at::mm_out
+// into a small reused buffer) followed by a fused pass that adds ||b||^2 and feeds each
+// query row's candidate pool: one vectorised min over 16 tile entries compared with the
+// row's threshold rejects almost all of them with one compare. The full Q x M matrix never
+// exists: scratch is one [rows, tile] buffer, the centred query block and one pool per row.
+//
+// The pool keeps the *error band* of the k-th place, not a fixed count: every row whose
+// expanded value is below  v_k + band,  v_k the k-th smallest value seen so far and
+// band = 2 E(q) (E the expansion's error bound for this query). A row outside the pool then
+// has true squared distance >= v_k + ||q||^2 + E, at least that of each of the k rows that
+// realise v_k, so the exact k nearest are inside the pool, whatever the near-ties: the
+// certificate of knn_bound.h holds by construction, and the direct-difference refinement of
+// the pool gives the exact answer. The pool has a fixed capacity per row; only a row whose
+// band holds more rows than that (massive exact or near ties, e.g. duplicated bank rows) is
+// cut back to its best entries, fails the certificate, and goes to the second pass: the
+// same tiled GEMM machinery for just those rows, with growable pools and a band of 3 E
+// (which also covers the fp32 rounding of the refined distances), certified by
+// construction. A last-resort exact scan of the bank stays behind the certificate of the
+// second pass, counted separately; it is not expected to run (tests check it does not).
 //
 // Parallelism: with enough queries, each thread owns whole query blocks (a
 // single-threaded GEMM on its block then its own selection while the tile is still in
 // its L2): no synchronisation between tiles and no threaded-GEMM overhead. With few
 // queries, the blocks run one after another with the threaded GEMM and row-parallel
 // selection.
-//
-// Accuracy: the winners (and the few extra candidates) are refined with direct
-// differences and certified against the expansion's error bound; rows that fail get an
-// exact scan. See csrc/knn_refine.h for the argument.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "../common.h"
-#include "../knn_refine.h"
+#include "../knn_bound.h"
 #include "sqdist.h"
 
 namespace patchcore_fast {
@@ -45,39 +58,72 @@ constexpr int64_t kTileCols = 1024;
 constexpr int64_t kTileBudgetBytes = int64_t{64} << 20;
 // Bound on the candidate pools of the rows processed at the same time.
 constexpr int64_t kPoolBudgetBytes = int64_t{32} << 20;
+// Pool capacity of the first pass: at least this many entries per row.
+constexpr int64_t kMinPoolCap = 64;
 
-// One candidate: value (expanded or exact squared distance) and bank row. Ordered by
-// (value, index), which is the "lower index first on exact ties" rule.
+// Capacity of a first-pass pool (entries per query row).
+inline int64_t pool_cap(int64_t k) {
+  return std::max<int64_t>(kMinPoolCap, 4 * (k + knn_detail::kExtraCandidates));
+}
+
+// One candidate: value (expanded or exact distance) and bank row. Ordered by (value,
+// index), which is the "lower index first on exact ties" rule.
 struct Entry {
   float v;
-  int64_t i;
+  int32_t i;
 };
 inline bool operator<(const Entry& a, const Entry& b) {
   return a.v < b.v || (a.v == b.v && a.i < b.i);
 }
 
-// Running pool of one query row: up to cap = 2 kc entries; when full, it is cut back to
-// its kc best (nth_element, amortised O(1) per accepted entry) and the threshold becomes
-// the kc-th value. Bank rows arrive in increasing index order, so an entry equal to the
-// threshold ranks after the kept one and is rightly rejected: invariant, every bank row
-// not in the pool has value >= thr (thr only decreases).
+// Candidate pool of one query row. Invariant: every bank row seen and not in the pool has
+// value >= thr (thr only decreases). Bank rows arrive in increasing index order, so an
+// entry equal to thr is rightly rejected.
 struct Pool {
-  Entry* e;
-  int64_t n;
-  float thr;
+  Entry* e;       // storage for cap entries
+  int64_t n;      // entries held
+  int64_t cap;    // capacity (a growable pool doubles it)
+  float thr;      // admission threshold
+  float band;     // width of the error band kept above the k-th value
+  bool cut;       // the band overflowed a fixed-capacity pool: some band rows were dropped
 };
 
-inline void pool_push(Pool& p, int64_t kc, int64_t cap, float v, int64_t i) {
-  if (p.n < kc || v < p.thr) {
-    p.e[p.n++] = Entry{v, i};
-    if (p.n == cap) {
-      std::nth_element(p.e, p.e + (kc - 1), p.e + p.n);
-      p.n = kc;
-      p.thr = p.e[kc - 1].v;
-    }
+// Storage of the pools of one block: fixed-capacity slices of one array (first pass), or
+// one growable vector per row (second pass).
+struct PoolStore {
+  std::vector<Entry> flat;
+  std::vector<std::vector<Entry>> grow;
+};
+
+// Compaction of a full pool: thr <- min(thr, v_k + band), drop entries >= thr. When the
+// band still fills more than half the pool, a growable pool doubles; a fixed one keeps
+// its cap / 2 best entries (thr = the last kept value, so the invariant holds) and is
+// marked cut: the certificate may fail, and the row goes to the second pass.
+inline void pool_compact(Pool& p, int64_t k, std::vector<Entry>* grow) {
+  std::nth_element(p.e, p.e + (k - 1), p.e + p.n);
+  const float t = p.e[k - 1].v + p.band;
+  if (t < p.thr) p.thr = t;
+  p.n = std::partition(p.e, p.e + p.n, [&](const Entry& x) { return x.v < p.thr; }) - p.e;
+  if (2 * p.n <= p.cap) return;
+  if (grow != nullptr) {
+    p.cap *= 2;
+    grow->resize(static_cast<size_t>(p.cap));
+    p.e = grow->data();
+    return;
   }
+  const int64_t keep = p.cap / 2;
+  std::nth_element(p.e, p.e + (keep - 1), p.e + p.n);
+  p.n = keep;
+  p.thr = p.e[keep - 1].v;
+  p.cut = true;
 }
 
+inline void pool_push(Pool& p, int64_t k, float v, int32_t i, std::vector<Entry>* grow) {
+  if (v < p.thr) {
+    p.e[p.n++] = Entry{v, i};
+    if (p.n == p.cap) pool_compact(p, k, grow);
+  }
+}
 
 inline double sqnorm_double(const float* a, int64_t d) {
   double s = 0.0;
@@ -91,11 +137,9 @@ inline double sqnorm_double(const float* a, int64_t d) {
 //   ip: [nb] inner products q.b of this row; bn: [nb] bank norms of the tile; j0: first
 //   bank row of the tile.
 inline void select_tile_row(const float* ip, const float* bn, int64_t j0, int64_t nb, Pool& p,
-                            int64_t kc, int64_t cap) {
+                            int64_t k, std::vector<Entry>* grow) {
   constexpr int64_t W = 16;
   int64_t j = 0;
-  // Fill phase: the first kc entries are always taken.
-  for (; j < nb && p.n < kc; ++j) pool_push(p, kc, cap, std::fma(-2.f, ip[j], bn[j]), j0 + j);
   for (; j + W <= nb; j += W) {
     float m = kInf;
 #pragma omp simd reduction(min : m)
@@ -103,19 +147,11 @@ inline void select_tile_row(const float* ip, const float* bn, int64_t j0, int64_
     if (!(m < p.thr)) continue;  // the common case: nothing in these 16 can enter
     for (int64_t t = 0; t < W; ++t) {
       const float v = std::fma(-2.f, ip[j + t], bn[j + t]);
-      if (v < p.thr) pool_push(p, kc, cap, v, j0 + j + t);
+      if (v < p.thr) pool_push(p, k, v, static_cast<int32_t>(j0 + j + t), grow);
     }
   }
-  for (; j < nb; ++j) pool_push(p, kc, cap, std::fma(-2.f, ip[j], bn[j]), j0 + j);
-}
-
-// Writes the k best of pool entries e[0, n), whose values are Euclidean distances:
-// ascending, exact ties (equal returned distances) by the lower bank index.
-inline void write_best(Entry* e, int64_t n, int64_t k, float* od, int64_t* oi) {
-  std::partial_sort(e, e + k, e + n);
-  for (int64_t t = 0; t < k; ++t) {
-    od[t] = e[t].v;
-    oi[t] = e[t].i;
+  for (; j < nb; ++j) {
+    pool_push(p, k, std::fma(-2.f, ip[j], bn[j]), static_cast<int32_t>(j0 + j), grow);
   }
 }
 
@@ -125,69 +161,119 @@ inline void write_best(Entry* e, int64_t n, int64_t k, float* od, int64_t* oi) {
 // round to the same float after the square root.
 inline float euclid(float sq) { return std::sqrt(std::max(sq, 0.f)); }
 
-// Exact scan of the whole bank with direct differences, for rows the certificate could
-// not settle. scratch: room for 2 k entries.
+// Exact scan of the whole bank with direct differences: the last resort behind the second
+// pass's certificate (see the file header). Keeps a bounded pool, no full sort.
 void exact_scan_row(const float* q, const float* bank, int64_t m, int64_t d, int64_t k,
-                    Entry* scratch, float* od, int64_t* oi) {
-  Pool p{scratch, 0, kInf};
+                    float* od, int64_t* oi) {
+  std::vector<Entry> e(static_cast<size_t>(2 * k));
+  Pool p{e.data(), 0, 2 * k, kInf, 0.f, false};
   for (int64_t j = 0; j < m; ++j) {
-    pool_push(p, k, 2 * k, euclid(sqdist(q, bank + j * d, d)), j);
+    const float v = euclid(sqdist(q, bank + j * d, d));
+    if (p.n < k || v < p.thr) {
+      p.e[p.n++] = Entry{v, static_cast<int32_t>(j)};
+      if (p.n == p.cap) {
+        std::nth_element(p.e, p.e + (k - 1), p.e + p.n);
+        p.n = k;
+        p.thr = p.e[k - 1].v;
+      }
+    }
   }
-  write_best(p.e, p.n, k, od, oi);
+  std::partial_sort(p.e, p.e + k, p.e + p.n);
+  for (int64_t t = 0; t < k; ++t) {
+    od[t] = p.e[t].v;
+    oi[t] = p.e[t].i;
+  }
 }
 
 struct Problem {
-  const float* query;  // [Q, D]
-  const float* bank;   // [M, D]
-  const float* bn;     // [M] ||b||^2 (computed in double, rounded once)
-  int64_t m, d, k, kc, cap;
-  double bmax;  // max ||b||
+  const float* query;   // [Q, D] as given (refinement)
+  const float* bank;    // [M, D] as given (refinement)
+  const float* mean;    // [D] the bank's mean, the centre of the expansion
+  const float* bn;      // [M] ||b - mean||^2 (computed in double, rounded once)
+  int64_t m, d, k;
+  double bmax;          // max ||b - mean||
   ExpansionBound bound;
-  float* out_d;    // [Q, k]
-  int64_t* out_i;  // [Q, k]
+  float* out_d;         // [Q, k]
+  int64_t* out_i;       // [Q, k]
+  // Statistics: rows of the second pass, rows of the last-resort exact scan, and the
+  // candidates refined with direct differences.
+  std::atomic<int64_t>* second_pass;
+  std::atomic<int64_t>* exact_scans;
+  std::atomic<int64_t>* refined;
 };
 
-// Refine, certify and write one query row from its pool (see knn_refine.h, steps 2-4).
-void finish_row(const Problem& P, int64_t row, Pool& p, std::vector<Entry>& scan_scratch) {
+// Refines, certifies and writes one query row from its pool (knn_bound.h, steps 2-3).
+// Returns false when the certificate fails (nothing written).
+bool finish_row(const Problem& P, int64_t row, Pool& p, double qn, double e_bound) {
   const float* q = P.query + row * P.d;
   float* od = P.out_d + row * P.k;
   int64_t* oi = P.out_i + row * P.k;
   const float thr = p.thr;  // every bank row outside the pool has e(q, b) >= thr
   for (int64_t t = 0; t < p.n; ++t) {
-    p.e[t].v = euclid(sqdist(q, P.bank + p.e[t].i * P.d, P.d));
+    p.e[t].v = euclid(sqdist(q, P.bank + static_cast<int64_t>(p.e[t].i) * P.d, P.d));
   }
+  P.refined->fetch_add(p.n, std::memory_order_relaxed);
   std::partial_sort(p.e, p.e + P.k, p.e + p.n);
-  bool certified = p.n == P.m;  // the pool holds the whole bank
-  if (!certified) {
-    const double qn = sqnorm_double(q, P.d);
-    const double lower = static_cast<double>(thr) + qn - P.bound(std::sqrt(qn), P.bmax);
-    // The k-th winner's squared distance (recomputed: the same deterministic value).
-    const float kth_sq = sqdist(q, P.bank + p.e[P.k - 1].i * P.d, P.d);
-    certified = static_cast<double>(kth_sq) <= lower;
-  }
-  if (certified) {
-    for (int64_t t = 0; t < P.k; ++t) {
-      od[t] = p.e[t].v;
-      oi[t] = p.e[t].i;
+  if (p.n < P.m) {
+    // k-th winner's squared distance, recomputed: the same deterministic value.
+    const float kth_sq = sqdist(q, P.bank + static_cast<int64_t>(p.e[P.k - 1].i) * P.d, P.d);
+    if (!(static_cast<double>(kth_sq) <= static_cast<double>(thr) + qn - e_bound)) {
+      return false;
     }
-  } else {
-    scan_scratch.resize(2 * P.k);
-    exact_scan_row(q, P.bank, P.m, P.d, P.k, scan_scratch.data(), od, oi);
   }
+  for (int64_t t = 0; t < P.k; ++t) {
+    od[t] = p.e[t].v;
+    oi[t] = p.e[t].i;
+  }
+  return true;
 }
 
-// One block of query rows [r0, r0 + tq) against the whole bank, in tiles of tb bank rows.
-//   query_t / bank_t: the contiguous inputs as tensors (for at::mm_out).
+// One block of query rows rows[0, tq) against the whole (centred) bank, in tiles of tb
+// bank rows.
+//   bank_c: Tensor[M, D] the centred bank (GEMM side).
+//   second: second pass (growable pools, band 3 E); failing rows go to the exact scan.
 //   parallel_rows: parallelise selection and refinement over rows (blocks run one after
 //   another); false when the caller already runs blocks in parallel.
-void knn_block(const Problem& P, const at::Tensor& query_t, const at::Tensor& bank_t,
-               int64_t r0, int64_t tq, int64_t tb, bool parallel_rows) {
-  std::vector<Entry> pool_mem(static_cast<size_t>(tq * P.cap));
+//   failed: receives the rows whose certificate failed (first pass only).
+void knn_block(const Problem& P, const at::Tensor& bank_c, const int64_t* rows, int64_t tq,
+               int64_t tb, bool second, bool parallel_rows, std::vector<int64_t>& failed) {
+  const int64_t d = P.d;
+  // Centred query block (GEMM side) and the per-row bound.
+  at::Tensor qblock = at::empty({tq, d}, bank_c.options());
+  float* qc = qblock.data_ptr<float>();
+  std::vector<double> qn(tq), eb(tq);
+  auto centre = [&](int64_t r) {
+    const float* src = P.query + rows[r] * d;
+    float* dst = qc + r * d;
+#pragma omp simd
+    for (int64_t t = 0; t < d; ++t) dst[t] = src[t] - P.mean[t];
+    qn[r] = sqnorm_double(dst, d);
+    eb[r] = P.bound(std::sqrt(qn[r]), P.bmax);
+  };
+
+  const int64_t cap = pool_cap(P.k);
+  PoolStore store;
   std::vector<Pool> pools(tq);
-  for (int64_t r = 0; r < tq; ++r) pools[r] = Pool{pool_mem.data() + r * P.cap, 0, kInf};
-  const int64_t tb_max = std::min(tb, P.m);
-  at::Tensor buf = at::empty({tq * tb_max}, query_t.options());
-  at::Tensor qblock = query_t.narrow(0, r0, tq);
+  if (second) {
+    store.grow.resize(tq);
+  } else {
+    store.flat.resize(static_cast<size_t>(tq * cap));
+  }
+  auto init = [&](int64_t r) {
+    centre(r);
+    Entry* e;
+    if (second) {
+      store.grow[r].resize(static_cast<size_t>(cap));
+      e = store.grow[r].data();
+    } else {
+      e = store.flat.data() + r * cap;
+    }
+    // band: 2 E in the first pass; 3 E in the second, which also covers the fp32 rounding
+    // of the refined k-th distance (gamma_D d^2 <= E). Rounded up by a relative 2^-20
+    // so that the float sum v_k + band cannot fall below the exact one.
+    const double band = (second ? 3.0 : 2.0) * eb[r] * (1.0 + std::ldexp(1.0, -20));
+    pools[r] = Pool{e, 0, cap, kInf, static_cast<float>(band), false};
+  };
 
   auto for_rows = [&](const auto& fn) {
     if (parallel_rows) {
@@ -198,30 +284,79 @@ void knn_block(const Problem& P, const at::Tensor& query_t, const at::Tensor& ba
       for (int64_t r = 0; r < tq; ++r) fn(r);
     }
   };
+  for_rows(init);
 
+  const int64_t tb_max = std::min(tb, P.m);
+  at::Tensor buf = at::empty({tq * tb_max}, bank_c.options());
   for (int64_t j0 = 0; j0 < P.m; j0 += tb) {
     const int64_t nb = std::min(tb, P.m - j0);
     at::Tensor ip = buf.narrow(0, 0, tq * nb).view({tq, nb});
-    at::mm_out(ip, qblock, bank_t.narrow(0, j0, nb).t());  // ip[r, j] = q_r . b_j
+    at::mm_out(ip, qblock, bank_c.narrow(0, j0, nb).t());  // ip[r, j] = q_r . b_j
     const float* ipp = ip.data_ptr<float>();
     for_rows([&](int64_t r) {
-      select_tile_row(ipp + r * nb, P.bn + j0, j0, nb, pools[r], P.kc, P.cap);
+      select_tile_row(ipp + r * nb, P.bn + j0, j0, nb, pools[r], P.k,
+                      second ? &store.grow[r] : nullptr);
     });
   }
-  if (parallel_rows) {
-    at::parallel_for(0, tq, 1, [&](int64_t a, int64_t b) {
-      std::vector<Entry> scratch;
-      for (int64_t r = a; r < b; ++r) finish_row(P, r0 + r, pools[r], scratch);
-    });
-  } else {
-    std::vector<Entry> scratch;
-    for (int64_t r = 0; r < tq; ++r) finish_row(P, r0 + r, pools[r], scratch);
+
+  std::vector<char> ok(tq, 1);
+  for_rows([&](int64_t r) {
+    const int64_t row = rows[r];
+    if (finish_row(P, row, pools[r], qn[r], eb[r])) return;
+    ok[r] = 0;
+    if (second) {
+      P.exact_scans->fetch_add(1, std::memory_order_relaxed);
+      exact_scan_row(P.query + row * d, P.bank, P.m, d, P.k, P.out_d + row * P.k,
+                     P.out_i + row * P.k);
+    }
+  });
+  if (!second) {
+    for (int64_t r = 0; r < tq; ++r) {
+      if (!ok[r]) failed.push_back(rows[r]);
+    }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query_in, const at::Tensor& bank_in,
-                                           int64_t k) {
-  knn_detail::check_knn_args(query_in, bank_in, k);
+// Runs the rows rows[0, n) through knn_block, choosing the parallel layout.
+void run_rows(const Problem& P, const at::Tensor& bank_c, const int64_t* rows, int64_t n,
+              bool second, std::vector<int64_t>& failed) {
+  if (n == 0) return;
+  const int64_t nthreads = std::max(1, at::get_num_threads());
+  const int64_t pool_row_bytes = pool_cap(P.k) * static_cast<int64_t>(sizeof(Entry));
+  if (nthreads > 1 && n >= 16 * nthreads) {
+    // Equal blocks, a multiple of the thread count, so the static split is balanced.
+    const int64_t rows_cap = std::max<int64_t>(
+        1, std::min<int64_t>(kBlockRows, kPoolBudgetBytes / nthreads / pool_row_bytes));
+    int64_t nblocks = (n + rows_cap - 1) / rows_cap;
+    nblocks = (nblocks + nthreads - 1) / nthreads * nthreads;
+    const int64_t tq = (n + nblocks - 1) / nblocks;
+    nblocks = (n + tq - 1) / tq;
+    std::vector<std::vector<int64_t>> local(nblocks);
+    at::parallel_for(0, nblocks, 1, [&](int64_t a, int64_t b) {
+      // Inside the parallel region the GEMM runs single-threaded on this thread's block.
+      for (int64_t blk = a; blk < b; ++blk) {
+        const int64_t r0 = blk * tq;
+        knn_block(P, bank_c, rows + r0, std::min(tq, n - r0), kTileCols, second, false,
+                  local[blk]);
+      }
+    });
+    for (auto& v : local) failed.insert(failed.end(), v.begin(), v.end());
+  } else {
+    const int64_t tq = std::max<int64_t>(1, std::min<int64_t>(n, kPoolBudgetBytes / pool_row_bytes));
+    for (int64_t r0 = 0; r0 < n; r0 += tq) {
+      const int64_t cnt = std::min(tq, n - r0);
+      const int64_t tb = std::max<int64_t>(1, std::min<int64_t>(P.m, kTileBudgetBytes / (4 * cnt)));
+      knn_block(P, bank_c, rows + r0, cnt, tb, second, true, failed);
+    }
+  }
+}
+
+// knn with statistics: (distances [Q, k], indices [Q, k], stats [4] int64 = rows,
+// rows of the second pass, rows of the last-resort exact scan, candidates refined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& query_in,
+                                                             const at::Tensor& bank_in,
+                                                             int64_t k) {
+  check_knn_args(query_in, bank_in, k);
   TORCH_CHECK(query_in.device().is_cpu(), "query should be a CPU tensor, got ",
               query_in.device());
   at::NoGradGuard no_grad;  // the GEMMs below write into buffers (out= ops)
@@ -230,13 +365,18 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query_in, const at:
   const int64_t nq = query.size(0), m = bank.size(0), d = bank.size(1);
   at::Tensor out_d = at::empty({nq, k}, query.options());
   at::Tensor out_i = at::empty({nq, k}, query.options().dtype(at::kLong));
-  if (nq == 0) return {out_d, out_i};
+  at::Tensor stats = at::zeros({4}, query.options().dtype(at::kLong));
+  if (nq == 0) return {out_d, out_i, stats};
 
-  // Bank norms in double, rounded once to float (the GEMM side of the expansion).
+  // The centre: the bank's mean (accumulated in double, rounded once). Any centre gives
+  // exact distances; the mean makes the norms in the error bound the bank's spread.
+  const at::Tensor mean = bank.sum(0, /*keepdim=*/false, at::kDouble).div_(m).to(at::kFloat);
+  const at::Tensor bank_c = bank - mean;  // [M, D], one rounding per element
+  // Centred bank norms in double, rounded once to float (the GEMM side of the expansion).
   std::vector<float> bn(m);
   double bmax2 = 0.0;
   {
-    const float* b = bank.data_ptr<float>();
+    const float* b = bank_c.data_ptr<float>();
     std::vector<double> local_max(std::max(1, at::get_num_threads()), 0.0);
     at::parallel_for(0, m, 256, [&](int64_t a, int64_t e) {
       double mx = 0.0;
@@ -251,51 +391,43 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query_in, const at:
     for (double v : local_max) bmax2 = std::max(bmax2, v);
   }
 
-  const int64_t kc = knn_detail::candidate_count(k, m);
-  const int64_t cap = 2 * kc;
+  std::atomic<int64_t> second_pass{0}, exact_scans{0}, refined{0};
   Problem P{query.data_ptr<float>(),
             bank.data_ptr<float>(),
+            mean.data_ptr<float>(),
             bn.data(),
             m,
             d,
             k,
-            kc,
-            cap,
             std::sqrt(bmax2),
             ExpansionBound(d, knn_detail::matmul_input_roundoff(/*cuda=*/false)),
             out_d.data_ptr<float>(),
-            out_i.data_ptr<int64_t>()};
+            out_i.data_ptr<int64_t>(),
+            &second_pass,
+            &exact_scans,
+            &refined};
 
-  const int64_t nthreads = std::max(1, at::get_num_threads());
-  // Rows whose pools fit the pool budget at once (per thread when threads own blocks).
-  const int64_t pool_row_bytes = cap * static_cast<int64_t>(sizeof(Entry));
-  const bool threads_own_blocks = nthreads > 1 && nq >= 16 * nthreads;
-  if (threads_own_blocks) {
-    // Equal blocks, a multiple of the thread count, so the static split is balanced.
-    const int64_t rows_cap = std::max<int64_t>(
-        1, std::min<int64_t>(kBlockRows, kPoolBudgetBytes / nthreads / pool_row_bytes));
-    int64_t nblocks = (nq + rows_cap - 1) / rows_cap;
-    nblocks = (nblocks + nthreads - 1) / nthreads * nthreads;
-    const int64_t tq = (nq + nblocks - 1) / nblocks;
-    nblocks = (nq + tq - 1) / tq;
-    at::parallel_for(0, nblocks, 1, [&](int64_t a, int64_t b) {
-      // Inside the parallel region the GEMM runs single-threaded on this thread's block.
-      for (int64_t blk = a; blk < b; ++blk) {
-        const int64_t r0 = blk * tq;
-        knn_block(P, query, bank, r0, std::min(tq, nq - r0), kTileCols, false);
-      }
-    });
-  } else {
-    const int64_t tq = std::max<int64_t>(
-        1, std::min<int64_t>(nq, kPoolBudgetBytes / pool_row_bytes));
-    for (int64_t r0 = 0; r0 < nq; r0 += tq) {
-      const int64_t rows = std::min(tq, nq - r0);
-      const int64_t tb = std::max<int64_t>(
-          1, std::min<int64_t>(m, kTileBudgetBytes / (4 * rows)));
-      knn_block(P, query, bank, r0, rows, tb, true);
-    }
-  }
-  return {out_d, out_i};
+  std::vector<int64_t> all(nq);
+  for (int64_t r = 0; r < nq; ++r) all[r] = r;
+  std::vector<int64_t> failed;
+  run_rows(P, bank_c, all.data(), nq, /*second=*/false, failed);
+  std::sort(failed.begin(), failed.end());
+  second_pass = static_cast<int64_t>(failed.size());
+  std::vector<int64_t> none;
+  run_rows(P, bank_c, failed.data(), static_cast<int64_t>(failed.size()), /*second=*/true, none);
+
+  int64_t* s = stats.data_ptr<int64_t>();
+  s[0] = nq;
+  s[1] = second_pass.load();
+  s[2] = exact_scans.load();
+  s[3] = refined.load();
+  return {out_d, out_i, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& bank,
+                                           int64_t k) {
+  auto r = knn_stats_cpu(query, bank, k);
+  return {std::get<0>(r), std::get<1>(r)};
 }
 
 }  // namespace
@@ -303,4 +435,5 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query_in, const at:
 
 TORCH_LIBRARY_IMPL(patchcore_fast, CPU, m) {
   m.impl("knn", &patchcore_fast::knn_cpu);
+  m.impl("knn_stats", &patchcore_fast::knn_stats_cpu);
 }

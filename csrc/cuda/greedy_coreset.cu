@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
       if (i == cur) m = -1.f;
       min_d[i] = m;
       if (m >= 0.f) {
-        const unsigned long long key = cuda::pack_argmax_key(m, static_cast<uint32_t>(i));
+        const unsigned long long key = pack_key(m, static_cast<uint32_t>(i));
         best = key > best ? key : best;
       }
     }
@@ -92,8 +92,27 @@ __global__ void __launch_bounds__(kThreads)
     grid.sync();
     // keys[t] was only ever written by atomics (in L2); read it past the L1 cache.
     const unsigned long long key = __ldcg(keys + t);
-    cur = static_cast<int64_t>(cuda::argmax_key_index(key));
+    cur = static_cast<int64_t>(key_index(key));
     if (blockIdx.x == 0 && threadIdx.x == 0) out[t + 1] = cur;
+  }
+}
+
+// Lets `kernel` use `smem` bytes of dynamic shared memory (plus `static_smem` of its own),
+// opting in above the 48 KiB default; `what` and `hint` word the error when the device
+// cannot give that much.
+template <typename Kernel>
+void reserve_dynamic_smem(Kernel kernel, size_t smem, size_t static_smem, int device,
+                          const char* what, const char* hint) {
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        device));
+  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(smem_optin), what,
+              " on CUDA keeps a feature row in shared memory: ", smem / sizeof(float),
+              " columns (", smem, " bytes) but device ", device, " allows ", smem_optin,
+              " bytes per block; ", hint);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
   }
 }
 
@@ -117,19 +136,9 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& features, int64_t k, int64_t st
 
   // The centre row lives in dynamic shared memory.
   const size_t smem = static_cast<size_t>(d) * sizeof(float);
-  int smem_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        device));
-  const size_t static_smem = sizeof(unsigned long long) * (kThreads / 32);
-  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(smem_optin),
-              "greedy_coreset on CUDA keeps a feature row in shared memory: features has ", d,
-              " columns (", smem, " bytes) but device ", device, " allows ", smem_optin,
-              " bytes per block; reduce the width (e.g. a random projection) or use the CPU");
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_coreset_kernel,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  reserve_dynamic_smem(greedy_coreset_kernel, smem, sizeof(unsigned long long) * (kThreads / 32),
+                       device, "greedy_coreset",
+                       "reduce the width (e.g. a random projection) or use the CPU");
 
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -203,7 +212,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int32_t* rec = cands + owner_s * (d + 2);
-  const int64_t chosen = static_cast<int64_t>(cuda::argmax_key_index(record_key(rec)));
+  const int64_t chosen = static_cast<int64_t>(key_index(record_key(rec)));
   if (blockIdx.x == 0 && threadIdx.x == 0) indices[step] = chosen;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) centre[j] = __int_as_float(rec[2 + j]);
   __syncthreads();
@@ -227,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
     min_d[i] = m;
     if (m >= 0.f) {
       const unsigned long long key =
-          cuda::pack_argmax_key(m, static_cast<uint32_t>(offset + i));
+          pack_key(m, static_cast<uint32_t>(offset + i));
       best = key > best ? key : best;
     }
   }
@@ -245,7 +254,7 @@ __global__ void coreset_shard_record_kernel(const float* __restrict__ x,
     record[1] = static_cast<int32_t>(static_cast<uint32_t>(key >> 32));
   }
   const int64_t row = key == 0ull ? -1
-                                  : static_cast<int64_t>(cuda::argmax_key_index(key)) - offset;
+                                  : static_cast<int64_t>(key_index(key)) - offset;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
     record[2 + j] = row < 0 ? 0 : __float_as_int(x[row * d + j]);
   }
@@ -266,18 +275,8 @@ at::Tensor coreset_shard_step_cuda(const at::Tensor& shard, const at::Tensor& ca
   const int device = shard.get_device();
 
   const size_t smem = static_cast<size_t>(d) * sizeof(float);
-  int smem_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        device));
-  TORCH_CHECK(smem + 1024 <= static_cast<size_t>(smem_optin),
-              "coreset_shard_step on CUDA keeps the centre row in shared memory: shard has ",
-              d, " columns (", smem, " bytes) but device ", device, " allows ", smem_optin,
-              " bytes per block; reduce the width (e.g. a random projection)");
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(coreset_shard_step_kernel,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  reserve_dynamic_smem(coreset_shard_step_kernel, smem, 1024, device, "coreset_shard_step",
+                       "reduce the width (e.g. a random projection)");
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t needed = (n + kThreads - 1) / kThreads;

@@ -1,31 +1,14 @@
 #pragma once
-// Device helpers for arg-max reductions over (value, index) pairs.
-//
-// A pair is packed into one 64-bit key so that a single unsigned max (a shuffle, or one
-// atomicMax on global memory) is an arg-max with the lowest-index tie rule:
-//   key = (float bits of value) << 32 | (0xFFFFFFFF - index).
-// For value >= 0 the IEEE bits order like the value, so a larger key is a larger value,
-// then a lower index. Key 0 means "no candidate" (it is smaller than any real key as long
-// as index < 2^32 - 1).
+// Device helpers for arg-max reductions over (value, index) pairs packed into one 64-bit
+// key (csrc/pack_key.h: a larger key is a larger value, then a lower index; 0 is "no
+// candidate"), so that a single unsigned max is the arg-max with the lowest-index rule.
 
 #include <cstdint>
 
+#include "../pack_key.h"
+
 namespace patchcore_fast {
 namespace cuda {
-
-// Packs a non-negative value and its index (index < 2^32 - 1).
-__device__ __forceinline__ unsigned long long pack_argmax_key(float value, uint32_t index) {
-  return (static_cast<unsigned long long>(__float_as_uint(value)) << 32) |
-         static_cast<unsigned long long>(0xFFFFFFFFu - index);
-}
-
-__device__ __forceinline__ uint32_t argmax_key_index(unsigned long long key) {
-  return 0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFull);
-}
-
-__device__ __forceinline__ float argmax_key_value(unsigned long long key) {
-  return __uint_as_float(static_cast<uint32_t>(key >> 32));
-}
 
 // Maximum of `key` over the 32 lanes of a full warp; every lane gets the result.
 __device__ __forceinline__ unsigned long long warp_max_key(unsigned long long key) {
