@@ -84,6 +84,14 @@ timeout "${KNN_TIMEOUT:-240}" python3 -m pytest "$REPO/bench/bench_knn.py" -q \
   2>&1 | tee "$OUT/bench_knn.log" | tail -40
 python3 "$REPO/bench/report.py" "$OUT/bench_knn_gpu.json" > "$OUT/bench_knn_gpu.md" 2>&1
 
+stamp "end to end on CUDA (bench_e2e: tensors at batch 1, 8, 64 in fp32 and bf16; 512 files)"
+# Issue #12's figures: images/s from tensors (target 2,000 at batch 64), one image's
+# latency (target 5 ms), files vs decoding alone. anomalib's entries run if it is installed.
+PATCHCORE_FAST_BENCH_FULL=1 timeout "${E2E_TIMEOUT:-180}" python3 -m pytest \
+  "$REPO/bench/bench_e2e.py" -q -p no:cacheprovider -k cuda --benchmark-only \
+  --benchmark-json="$OUT/bench_e2e_gpu.json" --benchmark-columns=median,rounds -s \
+  2>&1 | tee "$OUT/e2e.log" | grep -E "images/s|passed|failed|Error" | tail -30
+
 stamp "bounded-memory fit + evaluate on CUDA (generated images)"
 timeout "${FIT_TIMEOUT:-120}" python3 "$REPO/bench/bench_memory.py" --images 200 \
   --device cuda --evaluate 100 2>&1 | tee "$OUT/memory.log" | tail -15

@@ -110,6 +110,9 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default 8)")
     g.add_argument("--workers", type=int, default=None,
                    help="image-reading worker processes (default 0)")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="the backbone's arithmetic: fp32 (default) or bf16 (autocast, "
+                        "channels-last: faster on GPUs and CPUs with bf16 units, same AUROC)")
     g.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="unreadable images or masks: skip (default: a warning naming each "
                         "file, a count at the end) or fail (stop with one error line)")
@@ -250,7 +253,8 @@ def _config_from_args(args: argparse.Namespace, ratio: float | None = None
                       ) -> PatchCoreConfig:
     """The settings of a model to fit, from the command line (validated)."""
     runtime = {k: v for k, v in (("seed", args.seed), ("batch_size", args.batch_size),
-                                 ("num_workers", args.workers)) if v is not None}
+                                 ("num_workers", args.workers),
+                                 ("precision", args.precision)) if v is not None}
     config = PatchCoreConfig(
         backbone=args.backbone, layers=args.layers, weights=args.weights,
         pretrained=args.pretrained, image_size=args.image_size, crop=args.crop,
@@ -273,7 +277,8 @@ def _skipped(skipped: list[str]) -> str:
 def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
     """A fitted model with this run's device, batch size and workers."""
     return PatchCore.load(path, device=args.device, weights=args.weights,
-                          batch_size=args.batch_size, num_workers=args.workers)
+                          batch_size=args.batch_size, num_workers=args.workers,
+                          precision=args.precision)
 
 
 # ----- verbs --------------------------------------------------------------------------

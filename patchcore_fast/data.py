@@ -77,11 +77,46 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
+def _decode_png(path: Path, img: Image.Image) -> Image.Image | None:
+    """Decode a plain 8-bit RGB PNG with torchvision.io (libpng), or None for Pillow.
+
+    Measured on bottle's 900 x 900 PNGs (2-core EPYC): torchvision.io 158-181 ms a file,
+    Pillow 225-238 ms, the same pixels (tests/test_decode.py). Only the case where both
+    give the same pixels by construction takes this path: PNG, 8 bits per channel, RGB
+    without transparency, no EXIF chunk (which Pillow's path applies as a rotation).
+    Anything else, and any file libpng refuses, goes to Pillow, which reads it or says why
+    it cannot.
+
+    Args:
+        path: the file.
+        img: it, opened by Pillow (header only: nothing decoded yet).
+    """
+    if (img.format != "PNG" or img.mode != "RGB" or "transparency" in img.info
+            or not img.tile or img.tile[0][3] != "RGB"):
+        return None
+    try:
+        import torchvision.io as tio
+
+        with warnings.catch_warnings():
+            # Deprecated since torchvision 0.29 in favour of TorchCodec; once removed, the
+            # import fails here and Pillow reads every file.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data = tio.read_file(str(path))
+            if b"eXIf" in data.numpy().tobytes():
+                return None
+            x = tio.decode_png(data, mode=tio.ImageReadMode.RGB)
+    except Exception:  # libpng's refusal: let Pillow read the file or say why it cannot
+        return None
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def read_image(path: str | os.PathLike, fast: bool = True) -> Image.Image:
     """Read an image file as an upright 8-bit RGB image.
 
     Args:
         path: image file.
+        fast: decode plain 8-bit RGB PNGs with torchvision.io (:func:`_decode_png`: faster,
+            the same pixels); False reads every file with Pillow.
 
     Returns:
         PIL image in mode ``RGB``.
@@ -107,6 +142,9 @@ def read_image(path: str | os.PathLike) -> Image.Image:
                                           f"JPEG, BMP, TIFF); convert it to PNG") from None
                 raise
         with img:
+            decoded = _decode_png(path, img) if fast else None
+            if decoded is not None:
+                return decoded
             img.load()  # decode now: truncated files fail here, not later in a worker
             img = ImageOps.exif_transpose(img)
             return _to_8bit_rgb(img)
@@ -375,7 +413,7 @@ def _collate(items: list) -> tuple[list[int], Tensor | None, list[tuple[int, str
 
 def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: int = 8,
                    num_workers: int = 0, skipped: list[str] | None = None,
-                   progress: Callable[[int], None] | None = None
+                   progress: Callable[[int], None] | None = None, pin_memory: bool = False
                    ) -> Iterator[tuple[list[int], Tensor]]:
     """Batches of preprocessed images; unreadable files are skipped with a warning.
 
@@ -386,12 +424,15 @@ def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: in
         num_workers: DataLoader worker processes (0 reads in this process).
         skipped: list collecting the paths left out.
         progress: called with the number of files handled after each batch.
+        pin_memory: put batches in page-locked memory (for a CUDA model: the copy to the
+            GPU is then asynchronous, ``non_blocking=True``).
 
     Yields:
         (indices into ``paths``, Tensor[B, 3, crop, crop]) for batches with readable images.
     """
     loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, shuffle=False)
+                        num_workers=num_workers, collate_fn=_collate, shuffle=False,
+                        pin_memory=pin_memory)
     for indices, batch, bad, notes in loader:
         # Warned here, in the main process (the readers may be worker processes).
         for i, note in notes:

@@ -124,14 +124,24 @@ class PatchEmbedder(nn.Module):
             docstring); distances are unchanged.
         projection (Tensor[D', C] or None): the embedding matrix to use, e.g. the one saved
             in a model file; computed from the settings when None.
+        precision: ``fp32``, or ``bf16``: the backbone runs under bf16 autocast; its maps
+            are cast back to float32 before the aggregation, so steps 3-5 and everything
+            after them are float32 whatever the backbone's arithmetic. Either way the
+            backbone runs on channels-last (NHWC) activations, the layout oneDNN's and
+            cuDNN's fastest convolutions use (fp32 on a 2-core AVX2 CPU: 11 % faster for
+            WideResNet-50; the same arithmetic, another summation order).
     """
 
     def __init__(self, backbone: Backbone, pretrain_embed_dim: int = 1024,
                  target_embed_dim: int = 1024, patch_size: int = 3, compact: bool = True,
-                 projection: Tensor | None = None):
+                 projection: Tensor | None = None, precision: str = "fp32"):
         super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision should be fp32 or bf16, got {precision!r}")
         self.backbone = backbone
         self.patch_size = patch_size
+        self.precision = precision
+        self.backbone.to(memory_format=torch.channels_last)
         if projection is None:
             w = reduction_matrix(backbone.info.channels, pretrain_embed_dim, target_embed_dim)
             if compact:
@@ -159,7 +169,10 @@ class PatchEmbedder(nn.Module):
         Returns:
             (Tensor[B, h * w, D], (h, w)): embeddings in row-major grid order and the grid.
         """
-        maps = self.backbone(images)
+        images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            maps = self.backbone(images)
         x = aggregate([m.float() for m in maps], self.patch_size)  # [B, C, h, w]
         b, c, h, w = x.shape
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)

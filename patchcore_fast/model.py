@@ -36,6 +36,8 @@ FORMAT_VERSION = 1
 # Largest image size (shorter side) and crop: a 2,048-pixel crop gives a 256 x 256 grid of
 # stride-8 patches per image, 65,536 embeddings of D floats (256 MB at D = 1,024).
 MAX_IMAGE_SIZE = 2048
+#: Arithmetic of the backbone (:attr:`PatchCoreConfig.precision`).
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -70,6 +72,13 @@ class PatchCoreConfig:
             ``batch_size``).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (runtime, as
             ``batch_size``).
+        precision: ``fp32`` or ``bf16``: the backbone's arithmetic (bf16 autocast with
+            channels-last activations; the aggregation, the embeddings, the bank and the
+            k-NN stay float32). Model files written before this setting existed load as
+            ``fp32``. fp32 is the default: on a CPU without AVX512-BF16 / AMX bf16 is
+            emulated and slower (bench/RESULTS.md, "End to end"); on a GPU with tensor
+            cores bf16 is the fast choice, with the same AUROC on bottle
+            (tests/test_precision.py).
     """
 
     backbone: str = "wide_resnet50_2"
@@ -92,6 +101,7 @@ class PatchCoreConfig:
     batch_size: int = 8
     num_workers: int = 0
     device: str = "auto"
+    precision: str = "fp32"
 
     def validate(self) -> None:
         """Raise :class:`PatchCoreError` naming the first invalid setting."""
@@ -116,6 +126,9 @@ class PatchCoreConfig:
             raise PatchCoreError(f"num_workers should be >= 0, got {self.num_workers}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise PatchCoreError(f"device should be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise PatchCoreError(f"precision should be one of {', '.join(PRECISIONS)}, got "
+                                 f"{self.precision!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise PatchCoreError("mean and std should hold three values, std positive")
         if not all(math.isfinite(v) for v in (*self.mean, *self.std, self.blur_sigma)):
@@ -148,6 +161,16 @@ def resolve_device(name: str) -> torch.device:
         raise PatchCoreError("--device cuda was asked for, but no CUDA GPU is available "
                              "(torch.cuda.is_available() is False); use --device cpu or auto")
     return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it times the work.
+
+    CUDA kernels run asynchronously: without this, a timer stops when the launches are
+    queued (a 20,071-point coreset "took" 8 ms). A no-op on the CPU.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -235,7 +258,8 @@ class PatchCore:
                     f"with ({self.backbone_info.weights}, layers {self.backbone_info.layers})")
             c = self.config
             self._embedder = PatchEmbedder(backbone, c.pretrain_embed_dim, c.target_embed_dim,
-                                           c.patch_size, c.compact, self._projection)
+                                           c.patch_size, c.compact, self._projection,
+                                           precision=c.precision)
             self._embedder.to(self.device)
             self.backbone_info = backbone.info
         return self._embedder
@@ -261,9 +285,11 @@ class PatchCore:
         """:meth:`embed_batches` on image files already listed."""
         embedder = self.embedder
         with _progress(len(paths), desc, progress) as bar, torch.inference_mode():
+            cuda = self.device.type == "cuda"
             for idx, batch in iterate_images(paths, self.preprocess, self.config.batch_size,
-                                             self.config.num_workers, skipped, bar.update):
-                patches, grid = embedder(batch.to(self.device))
+                                             self.config.num_workers, skipped, bar.update,
+                                             pin_memory=cuda):
+                patches, grid = embedder(batch.to(self.device, non_blocking=cuda))
                 self.grid = grid
                 yield [paths[i] for i in idx], patches
 
@@ -344,6 +370,7 @@ class PatchCore:
                 n_images += len(batch)
             if sc.n == 0:
                 raise PatchCoreError("none of the training images could be read")
+            synchronize(self.device)
             feature_seconds = time.perf_counter() - t0
             # Pass 2, per ratio: the greedy selection on the projections (kept for the
             # next ratio unless this is the last), then the chosen rows.
@@ -356,6 +383,7 @@ class PatchCore:
                     bar.update()
                     bank = sc.gather(idx).contiguous()
                     bar.update()
+                synchronize(self.device)  # CUDA work is asynchronous: time it finished
                 t2 = time.perf_counter()
                 if ratio != self.config.coreset_ratio:
                     self.config = dataclasses.replace(self.config, coreset_ratio=ratio)
@@ -377,6 +405,7 @@ class PatchCore:
             self.neighbourhoods = (bank_neighbourhoods(self.bank, self.config.num_neighbors)
                                    if self.config.num_neighbors > 0 else None)
             bar.update()
+        synchronize(self.device)
         self.fit_stats.update(bank_rows=int(self.bank.shape[0]),
                               embed_dim=int(self.bank.shape[1]),
                               neighbour_seconds=time.perf_counter() - t0)
@@ -406,7 +435,16 @@ class PatchCore:
         scores = image_scores(patches, dist, idx, bank, hood)
         maps = anomaly_maps(dist, grid, (self.config.crop, self.config.crop),
                             self.config.blur_sigma)
-        return scores.cpu(), maps.cpu()
+        if maps.device.type != "cuda":
+            return scores.cpu(), maps.cpu()
+        # Maps are upsampled and blurred on the GPU; both results then go to page-locked
+        # host memory with asynchronous copies and one wait for the batch (two .cpu()
+        # calls would wait twice).
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (scores, maps)]
+        for h, t in zip(host, (scores, maps)):
+            h.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(maps.device).synchronize()
+        return host[0], host[1]
 
     def predict_batches(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
                         skipped: list[str] | None = None, progress: bool = False
@@ -481,7 +519,7 @@ class PatchCore:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None,
              weights: str | None = None, batch_size: int | None = None,
-             num_workers: int | None = None) -> "PatchCore":
+             num_workers: int | None = None, precision: str | None = None) -> "PatchCore":
         """Read a model file written by :meth:`save`, with this run's runtime settings.
 
         The runtime settings are set before the model is built, so the model chooses its
@@ -495,6 +533,8 @@ class PatchCore:
                 and it moved (checked against the SHA-256 stored at fit time).
             batch_size: images per batch; None: the saved setting.
             num_workers: image-reading worker processes; None: the saved setting.
+            precision: the backbone's arithmetic, ``fp32`` or ``bf16``; None: the saved
+                setting (``fp32`` for files written before the setting existed).
 
         Returns:
             The fitted :class:`PatchCore`.
@@ -531,7 +571,8 @@ class PatchCore:
             if f"file:{file_sha256(config.weights)}" != info.weights:
                 raise PatchCoreError(f"backbone weights {config.weights} differ from the ones "
                                      f"{path} was fitted with (SHA-256 mismatch)")
-        runtime = {"device": device, "batch_size": batch_size, "num_workers": num_workers}
+        runtime = {"device": device, "batch_size": batch_size, "num_workers": num_workers,
+                   "precision": precision}
         model = cls(config, **{k: v for k, v in runtime.items() if v is not None})
         model.backbone_info = info
         model._projection = projection

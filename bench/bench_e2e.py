@@ -1,0 +1,228 @@
+"""End-to-end throughput (issue #12): images -> scores and heatmaps, ours vs anomalib.
+
+The workload of the issue: WideResNet-50-2 with random weights (the speed does not depend
+on the weights; no download), layers 2 + 3, 224 px crops, a 16,386-row memory bank of that
+backbone's own patch embeddings (the bank a 10 % coreset of ~21 images gives; real
+features, not Gaussian data, whose norms hide the k-NN's slow paths), reweighting with
+b = 9, Gaussian-blurred maps.
+
+Groups, side by side in one run (each entry's ``extra_info`` has ``images_per_s``):
+
+- ``tensors-<device>-b<B>``: a batch of B preprocessed images on the device -> scores and
+  maps (``PatchCore.embedder`` + ``score_embeddings``), fp32 and bf16, against anomalib
+  2.7's ``PatchcoreModel`` (same backbone, layers and bank size; its embeddings are
+  1,536-d) when installed. B = 1 is the latency of one image.
+- ``files-<device>-b<B>``: PNG files -> scores (and overlays) through the CLI's score path
+  (:func:`patchcore_fast.evaluation.score_images`), with and without overlays, beside
+  decoding alone (files -> normalised tensors with the same workers: the limit the files
+  path can reach).
+
+Small sizes by default (CI runs this on 2 CPU cores in a few minutes); full sizes with
+``PATCHCORE_FAST_BENCH_FULL=1`` (batch 64 too, and 512 files instead of 16).
+
+    .venv/bin/pytest bench/bench_e2e.py --benchmark-only --benchmark-json=/tmp/e2e.json -s
+    .venv/bin/python bench/report.py /tmp/e2e.json
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from patchcore_fast.data import iterate_images, list_images
+from patchcore_fast.demo import write_demo_data
+from patchcore_fast.evaluation import score_images
+from patchcore_fast.model import PatchCore, PatchCoreConfig
+
+try:  # the peer, in the bench environment only
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+except ImportError:  # pragma: no cover
+    PatchcoreModel = None
+
+FULL = os.environ.get("PATCHCORE_FAST_BENCH_FULL", "") not in ("", "0")
+BANK_ROWS = 16_386
+BANK_IMAGES = 21          # 21 x 784 = 16,464 patches >= BANK_ROWS
+BATCHES = (1, 8, 64) if FULL else (1, 8)
+FILES = 512 if FULL else 16
+ROUNDS = 3 if FULL else 2
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))]
+WORKERS = min(8, os.cpu_count() or 1)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def images_dir():
+    """Generated 256 x 256 PNG photos (demo data): BANK_IMAGES good ones for the banks and
+    FILES test images for the files groups."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_demo_data(tmp, seed=0, n_train=max(BANK_IMAGES, FILES), n_test_good=0,
+                        n_test_defect=0)
+        yield Path(tmp) / "widget" / "train" / "good"
+
+
+@pytest.fixture(scope="module")
+def train_batch(images_dir):
+    """Tensor[BANK_IMAGES, 3, 224, 224]: the bank's images, preprocessed."""
+    paths = list_images([images_dir])[:BANK_IMAGES]
+    cfg = PatchCoreConfig()
+    model = PatchCore(cfg)
+    return torch.cat([b for _, b in iterate_images(paths, model.preprocess, 8)])
+
+
+_MODELS: dict = {}
+
+
+def ours(device: str, precision: str) -> PatchCore:
+    """Our model on ``device``, bank of BANK_ROWS of its own embeddings (built once)."""
+    key = (device, precision)
+    if key not in _MODELS:
+        model = PatchCore(PatchCoreConfig(backbone="wide_resnet50_2", pretrained=False,
+                                          device=device, seed=0, precision=precision,
+                                          num_workers=WORKERS))
+        base = _MODELS.get(("bank", device))
+        if base is None and precision != "fp32":
+            ours(device, "fp32")  # the bank is always the fp32 embeddings
+            base = _MODELS[("bank", device)]
+        if base is None:
+            images = _MODELS["train"].to(device)
+            with torch.inference_mode():
+                feats = torch.cat([model.embedder(images[i:i + 8])[0].flatten(0, 1)
+                                   for i in range(0, len(images), 8)])
+            model._set_bank(feats[:BANK_ROWS].contiguous())
+            _MODELS[("bank", device)] = (model.bank, model.neighbourhoods)
+        else:
+            model.bank, model.neighbourhoods = base
+        model.grid = (28, 28)
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+def peer(device: str):
+    """anomalib's PatchcoreModel, bank of BANK_ROWS of its own (1,536-d) embeddings."""
+    key = ("anomalib", device)
+    if key not in _MODELS:
+        torch.manual_seed(0)
+        m = PatchcoreModel(layers=["layer2", "layer3"], backbone="wide_resnet50_2",
+                           pre_trained=False, num_neighbors=9).to(device)
+        m.train()
+        images = _MODELS["train"].to(device)
+        with torch.no_grad():
+            emb = torch.cat([m(images[i:i + 8]) for i in range(0, len(images), 8)])
+        m.memory_bank = emb[:BANK_ROWS].contiguous()
+        m.eval()
+        _MODELS[key] = m
+    return _MODELS[key]
+
+
+def _run(benchmark, fn, device: str, images: int) -> None:
+    def call():
+        out = fn()
+        _sync(device)
+        return out
+
+    call()  # warm-up (lazy init, allocator, oneDNN primitives)
+    benchmark.pedantic(call, rounds=ROUNDS, iterations=1)
+    per_call = benchmark.stats.stats.median
+    benchmark.extra_info["images_per_s"] = round(images / per_call, 2)
+    benchmark.extra_info["ms_per_image"] = round(1e3 * per_call / images, 1)
+    print(f"\n{benchmark.name}: {images / per_call:.2f} images/s "
+          f"({1e3 * per_call / images:.1f} ms per image)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _train(train_batch):
+    _MODELS["train"] = train_batch
+    yield
+    _MODELS.clear()
+
+
+def _batch(b: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(b)
+    return torch.randn(b, 3, 224, 224, generator=g).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kernel_tensors(benchmark, device, batch, precision):
+    """Ours: preprocessed tensors on the device -> scores and maps."""
+    benchmark.group = f"tensors-{device}-b{batch}"
+    if precision == "bf16" and device == "cpu" and batch > 1 and not FULL:
+        pytest.skip("bf16 on the CPU beyond batch 1: full runs only (emulated without "
+                    "AVX512-BF16, minutes per batch)")
+    model = ours(device, precision)
+    x = _batch(batch, device)
+
+    def fn():
+        with torch.inference_mode():
+            patches, grid = model.embedder(x)
+            return model.score_embeddings(patches, grid)
+
+    _run(benchmark, fn, device, batch)
+
+
+@pytest.mark.skipif(PatchcoreModel is None, reason="anomalib is not installed")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_anomalib_tensors(benchmark, device, batch):
+    """anomalib 2.7's PatchcoreModel, same backbone, layers and bank size."""
+    benchmark.group = f"tensors-{device}-b{batch}"
+    model = peer(device)
+    x = _batch(batch, device)
+
+    def fn():
+        with torch.inference_mode():
+            out = model(x)
+            return out.pred_score.cpu(), out.anomaly_map.cpu()
+
+    _run(benchmark, fn, device, batch)
+
+
+FILE_BATCHES = (8, 64) if FULL else (8,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", FILE_BATCHES)
+def test_decode_only(benchmark, images_dir, device, batch):
+    """Files -> normalised tensors on the device, the same reader and workers as scoring."""
+    benchmark.group = f"files-{device}-b{batch}"
+    model = ours(device, "fp32")
+    paths = list_images([images_dir])[:FILES]
+
+    def fn():
+        for _, x in iterate_images(paths, model.preprocess, batch, WORKERS):
+            x.to(device)
+
+    _run(benchmark, fn, device, len(paths))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", FILE_BATCHES)
+@pytest.mark.parametrize("overlays", [False, True], ids=["no-overlays", "overlays"])
+def test_kernel_files(benchmark, images_dir, device, batch, overlays):
+    """Ours through the CLI's score path: files -> scores.csv inputs (+ overlay PNGs)."""
+    benchmark.group = f"files-{device}-b{batch}"
+    model = ours(device, "fp32")
+    model.config.batch_size = batch
+    paths = list_images([images_dir])[:FILES]
+    names = {p: p.stem for p in paths}
+
+    def fn():
+        with tempfile.TemporaryDirectory() as out:
+            return score_images(model, paths, names, Path(out), [], overlays=overlays)
+
+    _run(benchmark, fn, device, len(paths))
+    if overlays:
+        with tempfile.TemporaryDirectory() as out:
+            score_images(model, paths[:2], names, Path(out), [], overlays=True)
+            assert len(list((Path(out) / "overlays").glob("*.png"))) == 2
