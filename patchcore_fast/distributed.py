@@ -1,4 +1,13 @@
-"""Exact greedy k-center coreset over ``torch.distributed``: each rank holds a shard.
+"""PatchCore over ``torch.distributed`` (issue #14): the launch, the sharded coreset, the fit.
+
+- Launch: :func:`launch_from_environment` reads what ``torchrun`` sets, :func:`init` joins
+  the group (NCCL on CUDA, gloo on the CPU, a timeout on every collective).
+- The fit (:meth:`patchcore_fast.model.PatchCore._fit` calls these): each rank embeds its
+  contiguous share of the images (:meth:`Launch.share`), :func:`project_shard` projects its
+  rows in the one-process fit's global blocks, :func:`select_sharded` runs the coreset
+  below, :func:`gather_bank` brings the chosen full-width rows to rank 0.
+
+Exact greedy k-center coreset: each rank holds a shard.
 
 Every rank keeps its shard of the (projected) rows and of their nearest-centre
 distances; no rank ever holds the whole bank. One step, on every rank:

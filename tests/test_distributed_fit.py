@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-# 160 px keeps each fit near half a minute here; the grid (20 x 20 = 400 rows per image,
-# 83,600 rows) still has projection blocks that straddle the two ranks' rows.
-SIZE = ["--image-size", "160", "--crop", "160"]
+# 128 px keeps each fit short here; the grid (16 x 16 = 256 rows per image, 53,504 rows)
+# still has projection blocks that straddle the two ranks' rows.
+SIZE = ["--image-size", "128", "--crop", "128"]
 
 
 def _free_port() -> int:
@@ -94,8 +94,8 @@ def test_distributed_fit_equals_one_process(mvtec_root, tmp_path, ratio):
     stats = json.loads(meta["fit_stats"])
     assert stats["world_size"] == 2
     assert stats["rank_images"] == [104, 105]  # 209 good bottles, split in rank order
-    assert stats["images"] == 209 and stats["patches"] == 209 * 400
-    assert stats["rank_patches"] == [104 * 400, 105 * 400]
+    assert stats["images"] == 209 and stats["patches"] == 209 * 256
+    assert stats["rank_patches"] == [104 * 256, 105 * 256]
     assert "world_size" not in json.loads(want_meta["fit_stats"])
     assert not list(tmp_path.glob("*.tmp*")), "a temporary file was left behind"
 
