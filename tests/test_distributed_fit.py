@@ -133,3 +133,98 @@ def test_incomplete_launch_environment(tmp_path):
         "patchcore-fast: error: the distributed launch variables are incomplete: RANK, "
         "WORLD_SIZE set but not LOCAL_RANK, MASTER_ADDR, MASTER_PORT (start the run with "
         "torchrun)"]
+
+
+# ----- the fit's pieces, 3 gloo processes on synthetic rows --------------------------------
+
+# Rows per rank. Case 0: block 1 ([8192, 16384)) straddles all three ranks, with pieces of
+# 8 and 5 rows (GEMMs that small round differently from a whole block, measured with MKL).
+# Case 1: an empty rank 0 and a block boundary exactly at a rank boundary.
+FIT_CASES = [dict(counts=[8200, 5, 12000], dim=200, ratio=0.003, seed=3, in_memory=False),
+             dict(counts=[0, 8192, 7001], dim=160, ratio=0.004, seed=5, in_memory=True)]
+
+
+def _rows(case: dict) -> torch.Tensor:
+    g = torch.Generator().manual_seed(case["seed"])
+    return torch.randn(sum(case["counts"]), case["dim"], generator=g) * 4 + 2
+
+
+def _fit_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from patchcore_fast import distributed
+    from patchcore_fast.coreset import StreamingCoreset
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        launch = distributed.Launch(rank, world, rank)
+        results = []
+        for case in FIT_CASES:
+            rows, counts = _rows(case), case["counts"]
+            lo = sum(counts[:rank])
+            with StreamingCoreset(case["ratio"], 128, case["seed"], in_memory=case["in_memory"],
+                                  project=False) as sc:
+                for a in range(lo, lo + counts[rank], 1000):  # arbitrary batches
+                    sc.add(rows[a:min(a + 1000, lo + counts[rank])])
+                shard = distributed.project_shard(sc, launch, case["dim"], counts,
+                                                  torch.device("cpu"))
+                n = sum(counts)
+                idx = distributed.select_sharded(shard, n, case["ratio"], sc, case["dim"],
+                                                 torch.device("cpu"))
+                bank = distributed.gather_bank(sc, idx, launch, case["dim"], counts,
+                                               torch.device("cpu"))
+            results.append((shard, idx, bank))
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_projection_selection_and_bank_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from patchcore_fast.coreset import StreamingCoreset
+
+    ctx = mp.start_processes(_fit_worker, args=(3, _free_port(), str(tmp_path)), nprocs=3,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the distributed fit pieces did not finish within 180 s")
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    for i, case in enumerate(FIT_CASES):
+        rows, counts = _rows(case), case["counts"]
+        with StreamingCoreset(case["ratio"], 128, case["seed"], in_memory=True) as sc:
+            for a in range(0, len(rows), 3000):
+                sc.add(rows[a:a + 3000])
+            projected = sc.projected().clone()
+            want_idx = sc.select()
+            want_bank = sc.gather(want_idx)
+        for r in range(3):
+            shard, idx, bank = per_rank[r][i]
+            lo = sum(counts[:r])
+            assert torch.equal(shard, projected[lo:lo + counts[r]]), f"case {i} rank {r}"
+            assert torch.equal(idx, want_idx), f"case {i} rank {r}"
+            assert (bank is None) == (r != 0)
+        assert torch.equal(per_rank[0][i][2], want_bank), f"case {i}"
+
+
+def test_launch_share_and_environment():
+    from patchcore_fast.distributed import Launch, launch_from_environment
+
+    items = list(range(10))
+    shares = [Launch(r, 3, r).share(items) for r in range(3)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert [Launch(r, 4, 0).share([1, 2]) for r in range(4)] == [[], [1], [], [2]]
+    assert launch_from_environment({}) is None
+    env = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1")
+    assert launch_from_environment(env) == Launch(1, 2, 1)
+    with pytest.raises(ValueError, match="RANK 2 should be in"):
+        launch_from_environment({**env, "RANK": "2"})
+    with pytest.raises(ValueError, match="should be integers"):
+        launch_from_environment({**env, "WORLD_SIZE": "two"})
