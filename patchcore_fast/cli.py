@@ -15,14 +15,14 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from . import evaluation, outputs
+from . import distributed, evaluation, outputs
 from ._version import __version__
 from .backbone import file_sha256
 from .data import list_images, mvtec_categories
 from .demo import write_demo_data
 from .errors import PatchCoreError, SkippedFileWarning
 from .files import check_outputs
-from .model import PatchCore, PatchCoreConfig
+from .model import PatchCore, PatchCoreConfig, resolve_device
 
 PROG = "patchcore-fast"
 
@@ -120,6 +120,9 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
                    "memory bounded (fit: training features, images x 3.2 MB at 224 px; score "
                    "and evaluate: maps, images x 0.2 MB); default $TMPDIR; always removed")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
+    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
+                   help="under torchrun: seconds a collective waits for the other processes "
+                        "before the run fails (default 1800)")
 
 
 def _loaded_model_options(p: argparse.ArgumentParser) -> None:
@@ -301,6 +304,8 @@ def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
             f"device {model.device})")
         model.fit(folder, skipped=skipped, progress=not args.quiet,
                   streaming=not args.in_memory, temp_dir=args.temp_dir)
+        if model.bank is None:  # a rank other than 0 of a distributed fit
+            continue
         model.save(out)
         s = model.fit_stats
         log(f"wrote {out}: {s['bank_rows']:,} of {s['patches']:,} patches x {s['embed_dim']} "
@@ -421,7 +426,15 @@ def _run(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and argparse errors
         return int(exc.code or 0)
-    log = _Log(getattr(args, "quiet", False))
+    try:
+        launch = distributed.launch_from_environment()
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if launch is not None and (launch.world == 1 or args.verb == "demo-data"):
+        launch = None
+    error = f"{PROG}: error: " + (f"rank {launch.rank} of {launch.world}: " if launch else "")
+    log = _Log(getattr(args, "quiet", False) or (launch is not None and not launch.is_main))
     fail = getattr(args, "on_error", "skip") == "fail"
     with warnings.catch_warnings():
         # --on-error fail turns the first skipped file into an exception, raised where the
@@ -431,15 +444,31 @@ def _run(argv: Sequence[str] | None) -> int:
         try:
             if getattr(args, "temp_dir", None) and not Path(args.temp_dir).is_dir():
                 raise PatchCoreError(f"--temp-dir {args.temp_dir} is not an existing folder")
-            return _VERBS[args.verb](args, log)
+            if launch is None:
+                return _VERBS[args.verb](args, log)
+            if args.verb not in ("fit",):
+                raise PatchCoreError(f"{args.verb} does not run under torchrun yet; run it "
+                                     "as one process")
+            if args.dist_timeout <= 0:
+                raise PatchCoreError(f"--dist-timeout should be positive, got {args.dist_timeout}")
+            distributed.init(launch, resolve_device(args.device), args.dist_timeout)
+            try:
+                return _VERBS[args.verb](args, log)
+            finally:
+                distributed.finish()
+        except distributed.DistError as exc:  # a rank died, failed or timed out
+            if launch is None:
+                raise
+            print(f"{error}{distributed.describe_failure(exc)}", file=sys.stderr)
+            return 1
         except SkippedFileWarning as exc:
             why = str(exc).strip().splitlines()[0].removeprefix("skipping ")
-            print(f"{PROG}: error: cannot use {why} (--on-error fail; --on-error skip leaves "
+            print(f"{error}cannot use {why} (--on-error fail; --on-error skip leaves "
                   f"such files out)", file=sys.stderr)
         except PatchCoreError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            print(f"{error}{exc}", file=sys.stderr)
         except OSError as exc:  # disk full, permission denied, ...
-            print(f"{PROG}: error: {exc.strerror or exc}"
+            print(f"{error}{exc.strerror or exc}"
                   + (f": {exc.filename}" if getattr(exc, "filename", None) else ""),
                   file=sys.stderr)
         return 2

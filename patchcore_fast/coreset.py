@@ -149,6 +149,9 @@ class StreamingCoreset:
             is never copied while growing); more rows than this are still accepted.
         temp_dir: folder of the temporary feature file (default: the system's, $TMPDIR).
         in_memory: keep the full-width rows in memory (on their device) instead of a file.
+        project: project the rows as they arrive (default); False only keeps them, for a
+            caller that projects them itself (the distributed fit, whose blocks are the
+            global bank's: :func:`patchcore_fast.distributed.project_shard`).
 
     Example:
         >>> with StreamingCoreset(0.01, 128, seed=0) as sc:
@@ -159,8 +162,9 @@ class StreamingCoreset:
 
     def __init__(self, ratio: float, projection_dim: int = 128, seed: int = 0,
                  expected_rows: int | None = None, temp_dir: str | os.PathLike | None = None,
-                 in_memory: bool = False):
+                 in_memory: bool = False, project: bool = True):
         coreset_size(1, ratio)  # validates the ratio
+        self.project = project
         self.ratio = ratio
         self.projection_dim = projection_dim
         self.seed = seed
@@ -192,7 +196,7 @@ class StreamingCoreset:
                                                self.seed)
         self._proj = proj.to(self.device) if proj is not None else None
         self._block = torch.empty(PROJECTION_CHUNK, self.dim, dtype=self.dtype,
-                                  device=self.device)
+                                  device=self.device) if self.project else None
 
     def add(self, rows: Tensor) -> None:
         """Take the next rows of the bank (in bank order).
@@ -212,6 +216,8 @@ class StreamingCoreset:
         else:
             self._spool.append(rows.detach().to("cpu").contiguous().numpy())
         self.n += int(rows.shape[0])
+        if not self.project:
+            return
         done = 0
         while done < rows.shape[0]:
             take = min(PROJECTION_CHUNK - self._fill, rows.shape[0] - done)

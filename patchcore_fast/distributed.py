@@ -1,4 +1,13 @@
-"""Exact greedy k-center coreset over ``torch.distributed``: each rank holds a shard.
+"""PatchCore over ``torch.distributed`` (issue #14): the launch, the sharded coreset, the fit.
+
+- Launch: :func:`launch_from_environment` reads what ``torchrun`` sets, :func:`init` joins
+  the group (NCCL on CUDA, gloo on the CPU, a timeout on every collective).
+- The fit (:meth:`patchcore_fast.model.PatchCore._fit` calls these): each rank embeds its
+  contiguous share of the images (:meth:`Launch.share`), :func:`project_shard` projects its
+  rows in the one-process fit's global blocks, :func:`select_sharded` runs the coreset
+  below, :func:`gather_bank` brings the chosen full-width rows to rank 0.
+
+Exact greedy k-center coreset: each rank holds a shard.
 
 Every rank keeps its shard of the (projected) rows and of their nearest-centre
 distances; no rank ever holds the whole bank. One step, on every rank:
@@ -23,11 +32,22 @@ ties included, for any split of the rows into shards.
 
 from __future__ import annotations
 
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import ops, reference
+from .coreset import (PROJECTION_CHUNK, StreamingCoreset, coreset_size,
+                      coreset_start_and_projection, project_rows)
+
+
+# torch 2.14 renamed all_gather_into_tensor (now a deprecated alias) to all_gather_single.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _shard_layout(shard: Tensor, group) -> tuple[list[int], int]:
@@ -37,7 +57,7 @@ def _shard_layout(shard: Tensor, group) -> tuple[list[int], int]:
     mine = torch.tensor([shard.shape[0], shard.shape[1], int(not finite)], dtype=torch.int64,
                         device=shard.device)
     every = torch.empty(world * 3, dtype=torch.int64, device=shard.device)
-    dist.all_gather_into_tensor(every, mine, group=group)
+    _all_gather(every, mine, group=group)
     rows, widths, bad = every.view(world, 3).cpu().T.tolist()
     # Every rank sees the same table, so every rank raises the same error.
     if len(set(widths)) != 1:
@@ -104,6 +124,227 @@ def greedy_coreset_sharded(shard: Tensor, k: int, start: int = 0, group=None) ->
                            device=device)
     candidates = gathered.view(-1, width + 2)
     for step in range(k):
-        dist.all_gather_into_tensor(gathered, record, group=group)  # the step's collective
+        _all_gather(gathered, record, group=group)  # the step's collective
         record = ops.coreset_shard_step(shard, candidates, offset, min_d, indices, step)
     return indices
+
+
+# ----- launch: the torchrun environment ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a distributed run (``torchrun`` sets the variables).
+
+    Attributes:
+        rank: global rank, 0 .. world - 1 (rank 0 prints and writes the summary outputs).
+        world: number of processes.
+        local_rank: rank on this machine (the GPU it uses).
+    """
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: Sequence) -> list:
+        """This rank's contiguous share of ``items`` (rank order = item order).
+
+        Contiguous blocks, sizes differing by at most one, so the concatenation of the
+        shares in rank order is ``items``: rank r's patches are the rows of the bank after
+        those of ranks 0 .. r-1, as :func:`greedy_coreset_sharded` expects.
+        """
+        n = len(items)
+        return list(items[self.rank * n // self.world:(self.rank + 1) * n // self.world])
+
+
+#: Variables torchrun (and ``torch.distributed.run``) sets in every process it starts.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_from_environment(environ=os.environ) -> Launch | None:
+    """The torchrun environment, or None when this process was started on its own.
+
+    Raises:
+        ValueError: some of the variables are set but not all, or they are not integers.
+    """
+    present = [v for v in LAUNCH_VARIABLES if v in environ]
+    if not present:
+        return None
+    missing = [v for v in LAUNCH_VARIABLES if v not in environ]
+    if missing:
+        raise ValueError(f"the distributed launch variables are incomplete: {', '.join(present)} "
+                         f"set but not {', '.join(missing)} (start the run with torchrun)")
+    try:
+        rank, world, local = (int(environ[v]) for v in LAUNCH_VARIABLES[:3])
+    except ValueError:
+        raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK should be integers, got "
+                         f"{environ['RANK']!r}, {environ['WORLD_SIZE']!r}, "
+                         f"{environ['LOCAL_RANK']!r}") from None
+    if not (world >= 1 and 0 <= rank < world and local >= 0):
+        raise ValueError(f"RANK {rank} should be in [0, WORLD_SIZE {world})")
+    return Launch(rank, world, local)
+
+
+def init(launch: Launch, device: torch.device, timeout_s: float) -> None:
+    """Join the process group: NCCL when the model runs on CUDA, gloo on the CPU.
+
+    On CUDA each process takes the GPU of its local rank (``torch.cuda.set_device``), so
+    ``cuda`` in the model's settings means that GPU and the saved settings stay the same
+    as a one-process run's. Every collective then fails after ``timeout_s`` instead of
+    waiting forever for a rank that hangs.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            rank=launch.rank, world_size=launch.world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+#: What a failed collective raises: DistError (NCCL, timeouts) or, from gloo, a plain
+#: RuntimeError ("Connection closed by peer" when a rank died).
+DistError = (dist.DistError, RuntimeError)
+_PEER_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an error of a distributed run: which kind, and torch's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if text.startswith("[") and "] " in text:  # gloo's "[.../pair.cc:561] " source prefix
+        text = text.split("] ", 1)[1]
+    text = text.split(". This is typically", 1)[0][:240]
+    if isinstance(exc, dist.DistError) or any(w in text.lower() for w in _PEER_WORDS):
+        return f"the distributed run failed: another process stopped or a collective timed " \
+               f"out ({text})"
+    return f"the distributed run failed: {type(exc).__name__}: {text}"
+
+
+def finish() -> None:
+    """Leave the process group (when in one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def current() -> Launch | None:
+    """The running process group as a :class:`Launch`, or None outside one (or world 1)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return Launch(dist.get_rank(), dist.get_world_size(),
+                  int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def all_gather_ints(values: Sequence[int], device: torch.device) -> list[list[int]]:
+    """Every rank's list of ``len(values)`` integers (one all-gather), by rank."""
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    every = torch.empty(dist.get_world_size() * len(mine), dtype=torch.int64, device=device)
+    _all_gather(every, mine)
+    return every.view(dist.get_world_size(), len(mine)).cpu().tolist()
+
+
+# ----- fit: the projected shard and the gathered bank -------------------------------------
+
+def project_shard(sc: StreamingCoreset, launch: Launch, dim: int, counts: Sequence[int],
+                  device: torch.device) -> Tensor:
+    """This rank's rows of the projected bank, bit-identical to a one-process fit's.
+
+    One process projects the bank in blocks of :data:`~patchcore_fast.coreset.
+    PROJECTION_CHUNK` rows from row 0, and a GEMM's rounding can depend on how many rows it
+    is given (measured with MKL: blocks of fewer than 12 rows round differently), so here
+    too every block is the same global block, projected whole. Blocks inside this rank's
+    rows are read back from its feature file; a block that straddles ranks is sent by each
+    of its owners to all (one broadcast per part: at most ``world - 1`` straddling blocks,
+    each at most 8,192 full-width rows) and projected by each owner, which keeps its part.
+
+    Args:
+        sc: this rank's rows, added in order, not projected (``project=False``).
+        launch: this rank.
+        dim: the embedding width D (the same on every rank).
+        counts: rows of every rank, by rank.
+        device: where the rows and the collectives live.
+
+    Returns:
+        Tensor[counts[rank], C] float32: global rows ``offset .. offset + n`` projected.
+    """
+    _, proj = coreset_start_and_projection(None, dim, sc.projection_dim, sc.seed)
+    proj = proj.to(device) if proj is not None else None
+    width = proj.shape[1] if proj is not None else dim
+    ends = [sum(counts[:r + 1]) for r in range(len(counts))]
+    starts = [e - c for e, c in zip(ends, counts)]
+    lo, hi = starts[launch.rank], ends[launch.rank]
+    out = torch.empty(hi - lo, width, dtype=torch.float32, device=device)
+    chunk = PROJECTION_CHUNK
+    for b0 in range(0, ends[-1], chunk):
+        b1 = min(b0 + chunk, ends[-1])
+        owners = [r for r in range(len(counts)) if max(starts[r], b0) < min(ends[r], b1)]
+        if len(owners) == 1 and owners[0] != launch.rank:
+            continue
+        if len(owners) == 1:  # the whole block is this rank's
+            rows = sc.gather(torch.arange(b0 - lo, b1 - lo))
+            out[b0 - lo:b1 - lo] = project_rows(rows.float(), proj)
+            continue
+        # A straddling block: every rank takes part in the broadcasts (collectives).
+        block = torch.empty(b1 - b0, dim, dtype=torch.float32, device=device)
+        for r in owners:
+            p0, p1 = max(starts[r], b0), min(ends[r], b1)
+            if r == launch.rank:
+                block[p0 - b0:p1 - b0] = sc.gather(torch.arange(p0 - lo, p1 - lo)).float()
+            part = block[p0 - b0:p1 - b0]  # contiguous: a run of whole rows
+            dist.broadcast(part, src=r)
+        if launch.rank in owners:
+            p0, p1 = max(lo, b0), min(hi, b1)
+            out[p0 - lo:p1 - lo] = project_rows(block, proj)[p0 - b0:p1 - b0]
+    return out
+
+
+def gather_bank(sc: StreamingCoreset, idx: Tensor, launch: Launch, dim: int,
+                counts: Sequence[int], device: torch.device) -> Tensor | None:
+    """The full-width rows of the selected bank, on rank 0 (None elsewhere).
+
+    Every rank holds the same selection ``idx``; each reads back the rows it owns, in
+    selection order, and sends them to rank 0 (one gather, padded to the largest share),
+    which puts each rank's rows at the positions of ``idx`` that fall in its range.
+
+    Args:
+        sc: this rank's rows.
+        idx (Tensor[k] int64): the selection (global rows), the same on every rank.
+        launch, dim, counts, device: as :func:`project_shard`.
+
+    Returns:
+        Tensor[k, D] float32 on rank 0 (``bank[idx]`` of the concatenated bank), else None.
+    """
+    bounds = torch.tensor([0] + [sum(counts[:r + 1]) for r in range(len(counts))])
+    owner = torch.bucketize(idx.cpu(), bounds[1:], right=True)  # rank holding each row
+    per_rank = torch.bincount(owner, minlength=len(counts))
+    mine = (owner == launch.rank).nonzero()[:, 0]
+    send = torch.zeros(int(per_rank.max()), dim, dtype=torch.float32, device=device)
+    if len(mine):
+        send[:len(mine)] = sc.gather(idx.cpu()[mine] - int(bounds[launch.rank])).float()
+    recv = [torch.empty_like(send) for _ in counts] if launch.is_main else None
+    dist.gather(send, recv, dst=0)
+    if not launch.is_main:
+        return None
+    bank = torch.empty(len(idx), dim, dtype=torch.float32, device=device)
+    for r, part in enumerate(recv):
+        sel = (owner == r).nonzero()[:, 0].to(device)
+        bank[sel] = part[:len(sel)]
+    return bank
+
+
+def select_sharded(shard: Tensor, n: int, ratio: float, sc: StreamingCoreset, dim: int,
+                   device: torch.device) -> Tensor:
+    """The coreset of the whole bank from every rank's projected shard (collective).
+
+    The same start row and count as :meth:`StreamingCoreset.select` for ``n`` rows, so
+    the selection is the one-process selection.
+
+    Returns:
+        Tensor[k] int64 on ``device``, the same on every rank.
+    """
+    k = coreset_size(n, ratio)
+    if k == n:
+        return torch.arange(n, device=device)
+    start, _ = coreset_start_and_projection(n, dim, sc.projection_dim, sc.seed)
+    return greedy_coreset_sharded(shard, k, start)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import distributed
 from ._version import __version__
 from .backbone import Backbone, BackboneInfo, file_sha256, load_backbone
 from .coreset import StreamingCoreset, coreset_size
@@ -354,11 +355,17 @@ class PatchCore:
         for r in ratios:
             coreset_size(1, r)  # validates every ratio before any work
         paths = _list_inputs(images, skipped)
+        # Under torch.distributed each rank embeds its contiguous share of the images and
+        # the coreset runs on the shards (distributed.py); rank 0 ends with the bank.
+        launch = distributed.current()
+        if launch is not None:
+            paths = launch.share(paths)
+            progress = progress and launch.is_main
         c = self.config
         t0 = time.perf_counter()
         n_images = 0
         with StreamingCoreset(ratios[0], c.projection_dim, c.seed, temp_dir=temp_dir,
-                              in_memory=not streaming) as sc:
+                              in_memory=not streaming, project=launch is None) as sc:
             # Pass 1: features -> temporary file (or memory) + projections in memory.
             for batch, patches in self._embed_paths(paths, skipped, progress,
                                                     "fit: features"):
@@ -368,6 +375,9 @@ class PatchCore:
                     sc.expected_rows = len(paths) * patches.shape[1]
                 sc.add(patches.reshape(-1, patches.shape[-1]))
                 n_images += len(batch)
+            if launch is not None:
+                yield from self._fit_sharded(sc, launch, ratios, n_images, t0, progress)
+                return
             if sc.n == 0:
                 raise PatchCoreError("none of the training images could be read")
             synchronize(self.device)
@@ -393,6 +403,44 @@ class PatchCore:
                                       coreset_seconds=t2 - t1, streaming=streaming)
                 self.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
                 yield ratio
+
+    def _fit_sharded(self, sc: StreamingCoreset, launch: "distributed.Launch",
+                     ratios: Sequence[float], n_images: int, t0: float, progress: bool
+                     ) -> Iterator[float]:
+        """Pass 2 of :meth:`_fit` across the ranks of a distributed run (collective).
+
+        The same selection and bank as one process on all the images: the projection in
+        the same global blocks, the greedy steps on the shards (one all-gather each), the
+        chosen full-width rows gathered to rank 0, which alone holds the bank and computes
+        its neighbourhoods (over the whole bank). Other ranks end with ``bank`` None.
+        """
+        device = self.device
+        grid = list(self.grid) if self.grid else [0, 0]
+        table = distributed.all_gather_ints([sc.n, sc.dim or 0, n_images, *grid], device)
+        counts, n = [row[0] for row in table], sum(row[0] for row in table)
+        if n == 0:
+            raise PatchCoreError("none of the training images could be read")
+        dim = max(row[1] for row in table)
+        self.grid = next(tuple(row[3:5]) for row in table if row[0])
+        shard = distributed.project_shard(sc, launch, dim, counts, device)
+        feature_seconds = time.perf_counter() - t0
+        for j, ratio in enumerate(ratios):
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                idx = distributed.select_sharded(shard, n, ratio, sc, dim, device)
+                bank = distributed.gather_bank(sc, idx, launch, dim, counts, device)
+            t2 = time.perf_counter()
+            if ratio != self.config.coreset_ratio:
+                self.config = dataclasses.replace(self.config, coreset_ratio=ratio)
+            if launch.is_main:
+                self._set_bank(bank.contiguous(), progress)
+            self.fit_stats.update(patches=n, images=sum(row[2] for row in table),
+                                  feature_seconds=feature_seconds, coreset_seconds=t2 - t1,
+                                  streaming=sc.in_memory is False, world_size=launch.world,
+                                  rank_images=[row[2] for row in table],
+                                  rank_patches=counts)
+            self.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
+            yield ratio
 
     def _set_bank(self, bank: Tensor, progress: bool = False) -> None:
         """Keep ``bank`` (Tensor[M, D]) and precompute its reweighting neighbourhoods."""
