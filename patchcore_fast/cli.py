@@ -13,11 +13,10 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import distributed, evaluation, outputs
 from ._version import __version__
-from .backbone import file_sha256
 from .data import list_images, mvtec_categories
 from .demo import write_demo_data
 from .errors import PatchCoreError, SkippedFileWarning
@@ -237,13 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----- helpers ------------------------------------------------------------------------
 
-class _Log:
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
+def _logger(quiet: bool) -> Callable[[str], None]:
+    """The run's messages: to stderr, or nowhere with --quiet."""
+    return (lambda message: None) if quiet else (
+        lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -286,17 +282,12 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 
 # ----- verbs --------------------------------------------------------------------------
 
-def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
+def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     config = _config_from_args(args)
-    targets = outputs.fit_targets(args.data, args.category, args.output)
+    targets = outputs.fit_targets(args.data, args.category, args.output, args.weights)
     if not config.pretrained and not config.weights:
         print(f"{PROG}: warning: --pretrained false: random backbone weights, for speed and "
               f"memory tests only (scores are not meaningful)", file=sys.stderr)
-    for name, folder, out in targets:
-        if not folder.is_dir():
-            raise PatchCoreError(f"training folder {folder} does not exist")
-    check_outputs(f"-o {args.output}", args.output, [t[2] for t in targets],
-                  [t[1] for t in targets], [args.weights] if args.weights else [])
     for name, folder, out in targets:
         skipped: list[str] = []
         model = PatchCore(config)
@@ -314,22 +305,15 @@ def cmd_fit(args: argparse.Namespace, log: _Log) -> int:
     return 0
 
 
-def cmd_score(args: argparse.Namespace, log: _Log) -> int:
+def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     model = _load(args.model, args)  # its errors first; nothing is read or written yet
     out = Path(args.output)
     skipped: list[str] = []
     inputs = list_images(args.inputs, "input", skipped)
-    # Names from the whole input list, so that a resumed run names files the same way.
-    names = dict(zip(inputs, outputs.unique_names(inputs)))
     overlays = not args.no_overlays
-    check_outputs(f"-o {args.output}", out, outputs.score_files(
-        out, list(names.values()), overlays, args.save_maps),
-        [p for p in args.inputs if Path(p).is_dir()],
-        [*inputs, args.model, *([args.weights] if args.weights else [])])
-    run = outputs.run_record(file_sha256(args.model), args.weights and
-                             file_sha256(args.weights), args.threshold, overlays, args.save_maps)
-    done = outputs.read_done(out, run) if args.resume else {}
-    todo = [p for p in inputs if str(p) not in done]
+    names, run, done, todo = evaluation.plan_score(
+        f"-o {args.output}", args.model, args.inputs, inputs, out, args.threshold, overlays,
+        args.save_maps, args.weights, args.resume)
     if done:
         log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
     new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
@@ -349,7 +333,7 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def cmd_evaluate(args: argparse.Namespace, log: _Log) -> int:
+def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     sets = evaluation.evaluation_sets(args.model, args.data, args.category, args.good,
                                 args.defective, args.masks)
     out = Path(args.output)
@@ -373,7 +357,7 @@ def cmd_evaluate(args: argparse.Namespace, log: _Log) -> int:
     return 0
 
 
-def cmd_study(args: argparse.Namespace, log: _Log) -> int:
+def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     data = Path(args.data)
     cats = mvtec_categories(data, args.category)
     if cats is None:
@@ -395,7 +379,7 @@ def cmd_study(args: argparse.Namespace, log: _Log) -> int:
     return 0
 
 
-def cmd_demo_data(args: argparse.Namespace, log: _Log) -> int:
+def cmd_demo_data(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     counts = write_demo_data(args.output, seed=args.seed, overwrite=args.overwrite)
     log(f"wrote synthetic category 'widget' to {args.output}: " +
         ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -407,12 +391,9 @@ _VERBS = {"fit": cmd_fit, "score": cmd_score, "evaluate": cmd_evaluate, "study":
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``patchcore-fast`` command (the console script installs its
-    Ctrl-C handler first: ``patchcore_fast_entry``).
-
-    Returns:
-        exit code: 0 on success, 2 on a user error (one line on stderr), 130 on Ctrl-C.
-    """
+    """Entry point of ``patchcore-fast`` (its console script, ``patchcore_fast_entry``, sets
+    the Ctrl-C handler first). Returns the exit code: 0 on success, 1 when a distributed
+    run failed, 2 on a user error (one line on stderr), 130 on Ctrl-C."""
     try:
         return _run(argv)
     except KeyboardInterrupt:  # the run's finally blocks have removed its temporary files
@@ -427,14 +408,12 @@ def _run(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # --help, --version and argparse errors
         return int(exc.code or 0)
     try:
-        launch = distributed.launch_from_environment()
+        launch = distributed.launch_for(args.verb)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    if launch is not None and (launch.world == 1 or args.verb == "demo-data"):
-        launch = None
     error = f"{PROG}: error: " + (f"rank {launch.rank} of {launch.world}: " if launch else "")
-    log = _Log(getattr(args, "quiet", False) or (launch is not None and not launch.is_main))
+    log = _logger(getattr(args, "quiet", False) or (launch is not None and not launch.is_main))
     fail = getattr(args, "on_error", "skip") == "fail"
     with warnings.catch_warnings():
         # --on-error fail turns the first skipped file into an exception, raised where the
@@ -444,18 +423,9 @@ def _run(argv: Sequence[str] | None) -> int:
         try:
             if getattr(args, "temp_dir", None) and not Path(args.temp_dir).is_dir():
                 raise PatchCoreError(f"--temp-dir {args.temp_dir} is not an existing folder")
-            if launch is None:
-                return _VERBS[args.verb](args, log)
-            if args.verb not in ("fit",):
-                raise PatchCoreError(f"{args.verb} does not run under torchrun yet; run it "
-                                     "as one process")
-            if args.dist_timeout <= 0:
-                raise PatchCoreError(f"--dist-timeout should be positive, got {args.dist_timeout}")
-            distributed.init(launch, resolve_device(args.device), args.dist_timeout)
-            try:
-                return _VERBS[args.verb](args, log)
-            finally:
-                distributed.finish()
+            return distributed.run(launch, args.verb, lambda: resolve_device(args.device),
+                                   getattr(args, "dist_timeout", 0.0),
+                                   lambda: _VERBS[args.verb](args, log))
         except distributed.DistError as exc:  # a rank died, failed or timed out
             if launch is None:
                 raise

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops, reference
+from .errors import PatchCoreError
 from .coreset import (PROJECTION_CHUNK, StreamingCoreset, coreset_size,
                       coreset_start_and_projection, project_rows)
 
@@ -226,6 +227,37 @@ def finish() -> None:
     """Leave the process group (when in one)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch_for(verb: str, environ=os.environ) -> Launch | None:
+    """The launch a command runs under: None for one process (no torchrun, a world of one,
+    or ``demo-data``, which every rank would write alike). Raises ValueError as
+    :func:`launch_from_environment`."""
+    launch = launch_from_environment(environ)
+    return None if launch is None or launch.world == 1 or verb == "demo-data" else launch
+
+
+def run(launch: Launch | None, verb: str, device, timeout_s: float, call):
+    """``call()`` on its own, or as one rank of ``launch`` inside its process group.
+
+    Args:
+        launch: from :func:`launch_for`; None runs ``call`` as it is.
+        verb: the command (only ``fit`` runs distributed so far).
+        device: a callable giving the model's device, which picks NCCL or gloo.
+        timeout_s: seconds a collective waits before the run fails.
+        call: the command itself.
+    """
+    if launch is None:
+        return call()
+    if verb != "fit":
+        raise PatchCoreError(f"{verb} does not run under torchrun yet; run it as one process")
+    if timeout_s <= 0:
+        raise PatchCoreError(f"--dist-timeout should be positive, got {timeout_s}")
+    init(launch, device(), timeout_s)
+    try:
+        return call()
+    finally:
+        finish()
 
 
 def current() -> Launch | None:

@@ -24,8 +24,10 @@ from .errors import PatchCoreError
 from .files import ArraySpool, check_outputs
 from .metrics import PixelHistogram
 from .model import PatchCore, PatchCoreConfig
-from .outputs import (Journal, evaluation_files, evaluation_names, summary_files,
-                      write_evaluation, write_map_files)
+from .backbone import file_sha256
+from .outputs import (Journal, evaluation_files, evaluation_names, read_done, run_record,
+                      score_files, summary_files, unique_names, write_evaluation,
+                      write_map_files)
 
 
 # ----- test images and their masks --------------------------------------------------------
@@ -155,6 +157,31 @@ def _metrics(items: Sequence[TestImage], scores: np.ndarray,
 
 
 # ----- the loops ----------------------------------------------------------------------------
+
+def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], inputs: list[Path],
+               out: Path, threshold: float | None, overlays: bool, save_maps: bool,
+               weights: str | None, resume: bool) -> tuple[dict, dict, dict, list[Path]]:
+    """What a score run writes and still has to do, checked before any work.
+
+    ``option`` names the output folder in errors (``-o OUT``). Output names come from the
+    whole input list, so that a resumed run names files the
+    same way; every output path is checked (inside ``out``, never over an input); the run
+    record (model and weights hashes, options that change outputs) is what ``--resume``
+    must find in the earlier run's journal.
+
+    Returns:
+        (names: input -> output stem, run record, done: input -> score of the earlier
+        run, todo: the inputs still to score)
+    """
+    names = dict(zip(inputs, unique_names(inputs)))
+    check_outputs(option, out, score_files(out, list(names.values()), overlays, save_maps),
+                  [p for p in input_args if Path(p).is_dir()],
+                  [*inputs, model_file, *([weights] if weights else [])])
+    run = run_record(file_sha256(model_file), weights and file_sha256(weights), threshold,
+                     overlays, save_maps)
+    done = read_done(out, run) if resume else {}
+    return names, run, done, [p for p in inputs if str(p) not in done]
+
 
 def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str], out: Path,
                  skipped: list[str], resume: bool = False, overlays: bool = True,

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import PatchCoreError
-from .files import ArraySpool, atomic_path, fsync_folder, write_text
+from .files import ArraySpool, atomic_path, check_outputs, fsync_folder, write_text
 
 #: score's progress, for ``--resume`` (removed when the run finishes).
 JOURNAL = ".scores.partial.csv"
@@ -217,17 +217,21 @@ def image_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool
 
 
 def fit_targets(data: str | os.PathLike, categories: Sequence[str] | None,
-                out: str | os.PathLike) -> list[tuple[str, Path, Path]]:
-    """(name, training folder, model file) of each model that fit writes.
+                out: str | os.PathLike, weights: str | None = None
+                ) -> list[tuple[str, Path, Path]]:
+    """(name, training folder, model file) of each model that fit writes, checked before
+    any work: every training folder exists, every model file can be written there (see
+    :func:`files.check_outputs`).
 
     Args:
         data: a folder of good images, or an MVTec-style root or category folder.
         categories: the categories under ``data`` (plain folder names, or ``all``).
         out: a ``.safetensors`` file, or the folder of one ``<name>.safetensors`` per model.
+        weights: the backbone weights file read by the fit, if any (never overwritten).
     """
     from .data import mvtec_categories
 
-    data, out = Path(data), Path(out)
+    option, given, data, out = f"-o {out}", Path(out), Path(data), Path(out)
     cats = mvtec_categories(data, categories)
     if cats is None:
         if not data.is_dir():
@@ -235,10 +239,17 @@ def fit_targets(data: str | os.PathLike, categories: Sequence[str] | None,
         name = out.stem
         if out.suffix != ".safetensors":
             out = out / f"{data.resolve().name}.safetensors"
-        return [(name, data, out)]
-    many = len(cats) > 1 or out.suffix != ".safetensors"
-    return [(n, d / "train" / "good", out / f"{n}.safetensors" if many else out)
-            for n, d in cats]
+        targets = [(name, data, out)]
+    else:
+        many = len(cats) > 1 or out.suffix != ".safetensors"
+        targets = [(n, d / "train" / "good", out / f"{n}.safetensors" if many else out)
+                   for n, d in cats]
+    for _, folder, _ in targets:
+        if not folder.is_dir():
+            raise PatchCoreError(f"training folder {folder} does not exist")
+    check_outputs(option, given, [t[2] for t in targets], [t[1] for t in targets],
+                  [weights] if weights else [])
+    return targets
 
 
 def score_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool
