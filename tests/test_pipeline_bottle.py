@@ -45,7 +45,7 @@ def _streaming_metrics_match_exact(m, mvtec_root, out, model_file):
 
     preprocess = PatchCore.load(model_file, device="cpu").preprocess
     items = mvtec_test(mvtec_root / "bottle")
-    maps = np.stack([np.load(out / "maps" / i.defect / f"{i.path.stem}.npy") for i in items])
+    maps = np.stack([np.load(out / "maps" / i.defect / f"{i.path.name}.npy") for i in items])
     masks = np.stack([mask_of(i, preprocess) for i in items])
     exact_auroc, exact_pro = metrics.pixel_auroc(masks, maps), metrics.pro_score(masks, maps)
     binning = m["pixel_binning"]
