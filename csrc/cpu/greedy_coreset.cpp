@@ -9,11 +9,12 @@
 //     lower min_d, so ub[i] is an upper bound of the point's true min_d over all centres.
 //   * A max-heap holds key(ub[i], i) of every unselected point; key orders by distance,
 //     then by lower index (the reference's tie rule), so all keys are distinct.
-//   * To pick the next centre, pop the top point and bring it up to date with the centres
-//     it has not seen. If it is fully up to date and its key is still >= the new heap top,
-//     it is the arg-max: every other point's true key is <= its heap key <= the top. As
-//     soon as its key drops below the top, stop (it cannot be the arg-max now), record how
-//     many centres it has seen, push it back and pop the next one.
+//   * To pick the next centre, look at the top point and bring it up to date with the
+//     centres it has not seen. If it is fully up to date and its key is still >= every
+//     other key of the heap (the top's largest child), it is the arg-max: every other
+//     point's true key is <= its heap key. As soon as its key drops below that, stop (it
+//     cannot be the arg-max now), record how many centres it has seen, put it back lower
+//     (one sift-down of a 4-ary heap, key_heap.h) and look at the new top.
 //
 // A new centre is far from almost every point, so the points that win stay close to the
 // top of the heap and are refreshed against few centres; most points are refreshed a few
@@ -21,17 +22,24 @@
 // plain loop (the same min_d values; the arg-max taken over them), because an upper bound
 // is only trusted when it cannot change the answer.
 //
-// Only distances are computed, never bounds derived from them, so no floating-point
-// margin is needed: every ub is a min over computed direct-difference distances, like the
+// Every ub is a min over computed direct-difference distances (sqdist.h), like the
 // reference's min_d, and differs from it only by the summation order of those sums (a few
 // ulps), which can reorder near-ties only. (The triangle-inequality pruning of Elkan-style
 // clusters was tried first: on 128-d data, Gaussian or of intrinsic dimension 12, the
 // cluster test d(c, a) >= 2 radius(a) almost never fires and the per-point test skipped
 // under 60 % of the distances, 2-3x at best, while lazy evaluation skips ~95 %.)
 //
-// A refresh of one point against many centres is a small matrix-vector product: centres
-// are taken kSqdistGroup at a time, with independent accumulators (sqdist.h; a distance
-// has the same bits whichever way it is computed, so the grouping cannot change ub).
+// What a refresh costs. Lazy evaluation still leaves about 620 million distances at bottle
+// 10 % (163,856 x 128, k = 16,385), each a 128-d pass over a centre row. Profiled, the
+// loop was bound by streaming those rows (16 ns a distance), not by the heap (16 %). So
+// from 64 columns on, a refresh first asks a lower bound (coreset_bound.h): the distance
+// on the data's 32 leading principal axes, which can only be shorter, taken with a
+// rigorous floating-point margin. A centre whose bound already exceeds the point's ub
+// cannot lower it and is skipped; on bottle that is 99.7 % of them, and the bound's first
+// stage costs 8 coordinates for 8 centres at once. Only the survivors get their exact
+// distance (sqdist, unchanged bits), so ub is exactly what it was without the bound: the
+// same selection, bit for bit, faster. Where the bound prunes little (isotropic data),
+// groups of 8 centres fall back to sqdist_group, the unfiltered path.
 //
 // Selected points leave the heap for good, so they are never selected again and k == N
 // gives a permutation. Points at distance 0 (duplicates of a centre) cannot go lower and
@@ -74,6 +82,8 @@
 #include "../common.h"
 #include "../coreset_shard_step.h"
 #include "../pack_key.h"  // pack_key, key_index: (distance, index) heap keys
+#include "coreset_bound.h"
+#include "key_heap.h"
 #include "sqdist.h"
 
 namespace patchcore_fast {
@@ -111,33 +121,58 @@ class SpinBarrier {
 // its work to outweigh one barrier per step.
 constexpr int64_t kMinShardRows = 4096;
 
-// One shard's lazy arg-max for step t (t centres exist, their rows in rows[0..t)).
-// Pops, refreshes and pushes back points of the shard's heap until either its exact
-// local maximum is found (returned, out of the heap, offered to `best`), or its heap
-// top falls below `best` (returns -1). See the header for why this is exact.
-int32_t shard_argmax(const float* x, int64_t dim, int64_t t, const float* const* rows,
-                     std::vector<ArgmaxKey>& heap, float* ub, int32_t* last,
-                     std::atomic<ArgmaxKey>& best) {
-  while (!heap.empty()) {
-    const ArgmaxKey known = best.load(std::memory_order_relaxed);
-    if (heap.front() < known) return -1;  // nothing here can beat a real key
-    std::pop_heap(heap.begin(), heap.end());
-    const int32_t i = key_index(heap.back());
-    heap.pop_back();
-    // The point is behind (cannot be the arg-max now) once below the next heap key or
-    // below a key another shard already has.
-    const ArgmaxKey bar = std::max(heap.empty() ? ArgmaxKey{0} : heap.front(), known);
-    const float* xi = x + static_cast<int64_t>(i) * dim;
-    float u = ub[i];
-    int64_t s = last[i];
-    bool behind = false;
-    // Centres are taken kSqdistGroup at a time; a group is always used whole (a tighter
-    // upper bound is still an upper bound, and `last` records exactly what was seen).
-    while (s < t && !behind) {
-      if (u == 0.f) {  // nothing is closer than 0: up to date whatever the centres
-        s = t;
-        break;
-      }
+// When at least this many of a group's 8 centres pass the bound's first stage, the
+// group's exact distances are computed together (sqdist_group) instead of filtering
+// further: on data the bound cannot prune (isotropic Gaussian) the kernel then costs what
+// it cost without the filter, plus the first stage (1/16 of the arithmetic).
+constexpr int kGroupExact = 4;
+
+// What one thread knows of the centres, in selection order (each thread writes its own
+// copy after the step's barrier, so no thread reads what another is writing):
+//   rows[t]: the centre's row (in `centres`, or in x for the newest; see the kernel);
+//   lead: axes 0..7 of the centres' bound coordinates (coreset_bound.h), laid out
+//         [t / 8][axis][t % 8] so that one vector holds one axis of 8 consecutive centres;
+//   tail: axes 8..31, [t][24].
+struct CentreTables {
+  std::vector<const float*> rows;
+  std::vector<float> lead, tail;
+
+  CentreTables(int64_t k, bool bounded) {
+    rows.reserve(static_cast<size_t>(k));
+    if (bounded) {
+      lead.assign(static_cast<size_t>((k + 7) / 8 * 8 * kBoundLead), 0.f);
+      tail.assign(static_cast<size_t>(k * kBoundTail), 0.f);
+    }
+  }
+  // row: the centre's features; y: its kBoundDims bound coordinates (unused when unbounded).
+  void add(const float* row, const float* y) {
+    const int64_t t = static_cast<int64_t>(rows.size());
+    rows.push_back(row);
+    if (lead.empty()) return;
+    for (int j = 0; j < kBoundLead; ++j) lead[(t / 8 * kBoundLead + j) * 8 + t % 8] = y[j];
+    std::memcpy(tail.data() + t * kBoundTail, y + kBoundLead, sizeof(float) * kBoundTail);
+  }
+};
+
+// Brings point i's min_d u up to date with centres s, s + 1, ... of the t there are,
+// stopping as soon as the point's key falls below `bar` (it cannot be the arg-max now).
+// Returns how many centres it has then seen. Every distance it takes into u is sqdist's,
+// so u is the same min_d whichever centres were skipped (only centres that cannot lower
+// it are) and however the work was grouped.
+//
+// Args:
+//   xi: the point's row [dim]; yi: its bound coordinates [kBoundDims] (bound.on only).
+inline int64_t refresh(const float* xi, const float* yi, int32_t i, int64_t dim,
+                       const CentreTables& tab, const SubspaceBound& bound, int64_t s,
+                       int64_t t, float& u, ArgmaxKey bar) {
+  using sqdist_detail::Lanes;
+  using sqdist_detail::load;
+  const float* const* rows = tab.rows.data();
+  if (u == 0.f) return t;  // nothing is closer than 0: up to date whatever the centres
+  if (!bound.on) {
+    // Centres kSqdistGroup at a time; a group is used whole (a tighter upper bound is
+    // still an upper bound, and the return value records exactly what was seen).
+    while (s < t) {
       if (t - s >= kSqdistGroup) {
         float dist[kSqdistGroup];
         sqdist_group(xi, rows + s, dim, dist);
@@ -147,17 +182,91 @@ int32_t shard_argmax(const float* x, int64_t dim, int64_t t, const float* const*
         u = std::min(u, sqdist(xi, rows[s], dim));
         s += 1;
       }
-      behind = pack_key(u, i) < bar;
+      if (u == 0.f) return t;
+      if (pack_key(u, static_cast<uint32_t>(i)) < bar) break;
     }
+    return s;
+  }
+  float T = bound.threshold(u);
+  // Groups of 8 centres aligned on the `lead` table; lanes outside [s, t) are masked.
+  for (int64_t g = s / 8; g * 8 < t; ++g) {
+    const int64_t lo = std::max<int64_t>(s - g * 8, 0), hi = std::min<int64_t>(t - g * 8, 8);
+    const unsigned lanes = (0xFFu << lo) & (0xFFu >> (8 - hi));
+    // Stage 1: axes 0..7, one vector per axis over the group's 8 centres.
+    const float* lead = tab.lead.data() + g * 8 * kBoundLead;
+    Lanes acc[4];
+    for (int j = 0; j < 4; ++j) {
+      const Lanes d = yi[j] - load(lead + 8 * j);
+      acc[j] = d * d;
+    }
+    for (int j = 4; j < kBoundLead; ++j) {
+      const Lanes d = yi[j] - load(lead + 8 * j);
+      acc[j - 4] += d * d;
+    }
+    const Lanes L = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    unsigned pass = 0;
+    for (int c = 0; c < 8; ++c) pass |= static_cast<unsigned>(!(L[c] > T)) << c;
+    pass &= lanes;
+    if (pass != 0) {
+      const float before = u;
+      if (lanes == 0xFFu && __builtin_popcount(pass) >= kGroupExact) {
+        float dist[kSqdistGroup];
+        sqdist_group(xi, rows + g * 8, dim, dist);
+        for (int q = 0; q < kSqdistGroup; ++q) u = std::min(u, dist[q]);
+      } else {
+        for (unsigned m = pass; m != 0; m &= m - 1) {
+          const int c = __builtin_ctz(m);
+          // Stage 2: axes 8..31, added to the first stage's partial sum.
+          const float* tc = tab.tail.data() + (g * 8 + c) * kBoundTail;
+          Lanes sum = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+          for (int j = 0; j < kBoundTail; j += 8) {
+            const Lanes d = load(yi + kBoundLead + j) - load(tc + j);
+            sum += d * d;
+          }
+          if (L[c] + sqdist_detail::lane_sum(sum) > T) continue;  // cannot lower u
+          u = std::min(u, sqdist(xi, rows[g * 8 + c], dim));
+        }
+      }
+      if (u != before) T = bound.threshold(u);
+    }
+    s = g * 8 + hi;
+    if (u == 0.f) return t;
+    if (pack_key(u, static_cast<uint32_t>(i)) < bar) break;
+  }
+  return s;
+}
+
+// One shard's lazy arg-max for step t (t centres exist, in `tab`). Refreshes the top
+// point of the shard's heap and puts it back lower, until either the top point is up to
+// date and still above the rest of the heap (its exact local maximum: returned, out of
+// the heap, offered to `best`), or the heap's top falls below `best` (returns -1). See
+// the header for why this is exact.
+int32_t shard_argmax(const float* x, int64_t dim, const SubspaceBound& bound, int64_t t,
+                     const CentreTables& tab, KeyHeap& heap, float* ub, int32_t* last,
+                     std::atomic<ArgmaxKey>& best) {
+  while (!heap.empty()) {
+    const ArgmaxKey known = best.load(std::memory_order_relaxed);
+    const ArgmaxKey top = heap.top();
+    if (top < known) return -1;  // nothing here can beat a real key
+    const int32_t i = key_index(top);
+    // The point is behind (cannot be the arg-max now) once below the next heap key or
+    // below a key another shard already has.
+    const ArgmaxKey bar = std::max(heap.second(), known);
+    float u = ub[i];
+    const float* yi = bound.on ? bound.y.data() + static_cast<int64_t>(i) * kBoundDims
+                               : nullptr;
+    const int64_t s = refresh(x + static_cast<int64_t>(i) * dim, yi, i, dim, tab, bound,
+                              last[i], t, u, bar);
     ub[i] = u;
     last[i] = static_cast<int32_t>(s);
-    const ArgmaxKey key = pack_key(u, i);
-    if (behind) {
-      heap.push_back(key);
-      std::push_heap(heap.begin(), heap.end());
+    const ArgmaxKey key = pack_key(u, static_cast<uint32_t>(i));
+    if (key < bar) {
+      heap.replace_top(key);
       continue;
     }
-    // Up to date and key >= every other key of the shard: its exact local maximum.
+    // refresh() stops early only below bar, so the point is up to date, and its key is >=
+    // every other key of the shard: its exact local maximum.
+    heap.pop_top();
     ArgmaxKey cur = known;
     while (cur < key &&
            !best.compare_exchange_weak(cur, key, std::memory_order_relaxed)) {
@@ -198,6 +307,8 @@ void greedy_coreset_impl(const float* x, int64_t n, int64_t dim, int64_t k, int6
   TORCH_CHECK(bad == 0, "features contains NaN or Inf values (", bad, " rows)");
 
   if (k == 1) return;
+  const SubspaceBound bound = make_subspace_bound(x, n, dim, threads);
+  const float* y = bound.on ? bound.y.data() : nullptr;
   threads = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(threads, n / kMinShardRows)));
 
@@ -222,37 +333,35 @@ void greedy_coreset_impl(const float* x, int64_t n, int64_t dim, int64_t k, int6
     const int nt = team.load();
     const int64_t lo = n * tid / nt, hi = n * (tid + 1) / nt;
 
-    // Rows of the centres, in selection order: each thread's own list of pointers.
     // Centre rows are read over and over (a point is refreshed against hundreds of them
     // in a row), so they are copied into one contiguous buffer, `centres`, streamed
     // sequentially instead of gathered from all over x. Thread 0 copies centre t after
     // the barrier of step t; the other threads may already be refreshing with it, so
     // until the next barrier (which orders the copy before their reads) they read that
     // one row from x.
-    std::vector<const float*> rows;
-    rows.reserve(static_cast<size_t>(k));
-    rows.push_back(centres.data());
-    std::vector<ArgmaxKey> heap;
+    CentreTables tab(k, bound.on);
+    tab.add(centres.data(), y == nullptr ? nullptr : y + start * kBoundDims);
+    KeyHeap heap;
     heap.reserve(static_cast<size_t>(hi - lo));
     for (int64_t i = lo; i < hi; ++i) {
-      if (i != start) heap.push_back(pack_key(ub[i], static_cast<int32_t>(i)));
+      if (i != start) heap.append(pack_key(ub[i], static_cast<uint32_t>(i)));
     }
-    std::make_heap(heap.begin(), heap.end());
+    heap.build();
 
     for (int64_t t = 1; t < k; ++t) {
-      const int32_t offered = shard_argmax(x, dim, t, rows.data(), heap, ub.data(),
+      const int32_t offered = shard_argmax(x, dim, bound, t, tab, heap, ub.data(),
                                            last.data(), keys[t]);
       barrier->wait();  // every offer is in keys[t]
       const int32_t chosen = key_index(keys[t].load(std::memory_order_relaxed));
-      rows[t - 1] = centres.data() + (t - 1) * dim;  // copied before this barrier
-      rows.push_back(x + static_cast<int64_t>(chosen) * dim);
+      tab.rows[t - 1] = centres.data() + (t - 1) * dim;  // copied before this barrier
+      tab.add(x + static_cast<int64_t>(chosen) * dim,
+              y == nullptr ? nullptr : y + static_cast<int64_t>(chosen) * kBoundDims);
       if (tid == 0) {
         out[t] = chosen;
-        std::memcpy(centres.data() + t * dim, rows[t], sizeof(float) * dim);
+        std::memcpy(centres.data() + t * dim, tab.rows[t], sizeof(float) * dim);
       }
       if (offered >= 0 && offered != chosen) {  // lost: back into the shard's heap
-        heap.push_back(pack_key(ub[offered], offered));
-        std::push_heap(heap.begin(), heap.end());
+        heap.push(pack_key(ub[offered], static_cast<uint32_t>(offered)));
       }
     }
   }
