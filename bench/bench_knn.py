@@ -34,7 +34,9 @@ matrix-multiply form (``||q||^2 + ||b||^2 - 2 q.b`` then ``topk``) and a bf16
 ``torch.nn.functional.linear`` + ``topk`` (not exact: a speed reference); they skip
 without CUDA.
 
-Run: ``python -m pytest bench/bench_knn.py --benchmark-group-by=group``.
+Run: ``python -m pytest bench/bench_knn.py --benchmark-group-by=group``. On a shared
+machine, ``python bench/bench_knn.py [rounds]`` runs the WRN-50 8-image contenders with
+their rounds interleaved and prints wall and CPU time, min and median (:func:`interleaved`).
 """
 
 from __future__ import annotations
@@ -270,3 +272,48 @@ def test_knn_features(benchmark, group, fset, nq, k, impl):
         timed(_mm_topk, q, b, k)
     else:
         timed(_bf16_linear_topk, q, b, k)
+
+
+# ----- interleaved rounds (python bench/bench_knn.py [rounds]) -------------------------
+
+def interleaved(rounds: int = 5) -> None:
+    """The WRN-50 8-image workloads with the contenders' rounds interleaved.
+
+    pytest-benchmark runs one contender's rounds back to back, so on a shared machine a
+    burst of load lands on one entry. Here round r of every contender runs before round
+    r + 1 of any, and each call's process CPU time is printed beside its wall time: CPU
+    time counts only this process's work, so it moves far less with the load of others.
+    """
+    import statistics
+    import time
+
+    print(_common.describe())
+    q, b = _features("wrn50")
+    q = q[:6272].contiguous()
+    qg, bg = _gauss_like(q, b)
+    fns = {}
+    for k in (1, 9):
+        fns[f"wrn50-8img-k{k} kernel"] = (patchcore_fast.knn, (q, b, k))
+        fns[f"wrn50-8img-k{k} gaussian-twin"] = (patchcore_fast.knn, (qg, bg, k))
+        if faiss is not None:
+            index = faiss.IndexFlatL2(b.shape[1])
+            index.add(b.numpy())
+            fns[f"wrn50-8img-k{k} faiss"] = (index.search, (q.numpy(), k))
+    patchcore_fast.knn(q[:64], b, 1)  # load the library, start the thread pool
+    wall = {n: [] for n in fns}
+    cpu = {n: [] for n in fns}
+    for _ in range(rounds):
+        for name, (fn, args) in fns.items():
+            c, t = time.process_time(), time.perf_counter()
+            fn(*args)
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    print(f"load average after the run: {os.getloadavg()}")
+    for name in fns:
+        w, c = wall[name], cpu[name]
+        print(f"{name:30s} wall min {min(w):.2f} s median {statistics.median(w):.2f} s | "
+              f"cpu min {min(c):.2f} s median {statistics.median(c):.2f} s")
+
+
+if __name__ == "__main__":
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 5)

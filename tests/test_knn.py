@@ -180,6 +180,26 @@ def test_duplicates_and_exact_ties(device, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 9, 70])
+def test_all_rows_at_one_point(device, k):
+    # Every bank row and every query at the same point: all distances are exactly 0 and the
+    # expansion's error band is 0 (no spread around the mean), the degenerate case of the
+    # pools' trimming (it must keep the k lowest indices, not drop the k-th itself). 1,500
+    # rows span two bank tiles, 100 queries take the thread-per-chunk layout, and k = 70
+    # exceeds the first pass's pool capacity.
+    b = torch.full((1500, 24), 3.25, device=device)
+    q = torch.full((100, 24), 3.25, device=device)
+    dist, idx = _op(q, b, k)
+    assert bool((dist == 0).all())
+    assert torch.equal(idx.cpu(), torch.arange(k).expand(100, k))
+    if device == "cpu":
+        # Each returned neighbour was refined (its distance computed), not read from a pool
+        # emptied by the trimming (the kernel before the fix refined 0 here).
+        _, _, stats = patchcore_fast.ops.knn_stats(q, b, k)
+        assert stats["refined"] >= 100 * k, stats
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [1, 9])
 def test_non_contiguous(device, k):
     g = torch.Generator().manual_seed(7)
