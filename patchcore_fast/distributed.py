@@ -401,7 +401,9 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror + (f": {exc.filename}" if exc.filename else "")
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    text = lines[0] if lines else type(exc).__name__
+    # --on-error fail raises the skip warning itself ("skipping FILE: why").
+    return "cannot use " + text.removeprefix("skipping ") if isinstance(exc, Warning) else text
 
 
 def exchange(work) -> list:

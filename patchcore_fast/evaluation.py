@@ -357,9 +357,10 @@ def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequen
         mine.extend(kept if keeps else ())
         for hist in pixels.values():
             hist._flush()
-        return (kept, scores, pixels, missed, seconds, len(share)) if keeps else None
+        return (kept, scores, pixels, missed, seconds) if keeps else None, len(share)
 
-    parts = [p for p in distributed.exchange(work) if p is not None]
+    answers = distributed.exchange(work)
+    parts = [part for part, _ in answers if part is not None]
     per_defect: dict[str, list[PixelHistogram]] = {}
     for part in parts:
         for defect, hist in part[2].items():
@@ -367,7 +368,7 @@ def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequen
     skipped += [f for part in parts for f in part[3]]
     record = {"world_size": launch.world,
               "bank_shards": isinstance(model.bank, distributed.ShardedBank),
-              "rank_images": [part[5] for part in parts]}
+              "rank_images": [n for _, n in answers]}  # images each rank scored
     return ([i for part in parts for i in part[0]], np.concatenate([p[1] for p in parts]),
             {d: PixelHistogram.combined(h) for d, h in per_defect.items()},
             max(part[4] for part in parts), mine, record)
