@@ -92,16 +92,33 @@ def demo(fit_demo):
     return root, model, [*inputs, str(extra)]
 
 
-@pytest.mark.parametrize("shards", [False, True], ids=["images-split", "bank-shards"])
-def test_score_equals_one_process(demo, tmp_path, shards):
+def _score_argv(demo) -> list[str]:
     _, model, inputs = demo
-    argv = ["score", str(model), *inputs, "--save-maps", "--threshold", "1.0", *RUN]
-    two = _ranks([*argv, *(["--bank-shards"] if shards else []), "-o", str(tmp_path / "two")],
-                 tmp_path)
+    return ["score", str(model), *inputs, "--save-maps", "--threshold", "1.0", *RUN]
+
+
+def _evaluate_argv(demo) -> list[str]:
+    root, model, _ = demo
+    return ["evaluate", str(model), str(root), "--category", "widget", "--save-maps", *RUN]
+
+
+@pytest.fixture(scope="module")
+def one_process(demo, tmp_path_factory):
+    """The one-process outputs of score and evaluate (each compared with two runs)."""
+    out = tmp_path_factory.mktemp("one")
+    _one([*_score_argv(demo), "-o", str(out / "score")], out)
+    _one([*_evaluate_argv(demo), "-o", str(out / "evaluate")], out)
+    return out
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["images-split", "bank-shards"])
+def test_score_equals_one_process(demo, one_process, tmp_path, shards):
+    inputs = demo[2]
+    two = _ranks([*_score_argv(demo), *(["--bank-shards"] if shards else []),
+                  "-o", str(tmp_path / "two")], tmp_path)
     for rank, (rc, err) in enumerate(two):
         assert rc == 0, f"rank {rank}: {err}"
-    _one([*argv, "-o", str(tmp_path / "one")], tmp_path)
-    _same_files(tmp_path / "one", tmp_path / "two")
+    _same_files(one_process / "score", tmp_path / "two")
     got = json.loads((tmp_path / "two" / "scores.json").read_text())
     assert len(got["images"]) == N_GOOD + 2 * N_DEFECT
     assert got["skipped"] == [inputs[-1] + "/zz_broken.png"]
@@ -109,16 +126,14 @@ def test_score_equals_one_process(demo, tmp_path, shards):
 
 
 @pytest.mark.parametrize("shards", [False, True], ids=["images-split", "bank-shards"])
-def test_evaluate_equals_one_process(demo, tmp_path, shards):
-    root, model, _ = demo
-    argv = ["evaluate", str(model), str(root), "--category", "widget", "--save-maps", *RUN]
-    two = _ranks([*argv, *(["--bank-shards"] if shards else []), "-o", str(tmp_path / "two")],
-                 tmp_path)
+def test_evaluate_equals_one_process(demo, one_process, tmp_path, shards):
+    two = _ranks([*_evaluate_argv(demo), *(["--bank-shards"] if shards else []),
+                  "-o", str(tmp_path / "two")], tmp_path)
     for rank, (rc, err) in enumerate(two):
         assert rc == 0, f"rank {rank}: {err}"
-    _one([*argv, "-o", str(tmp_path / "one")], tmp_path)
-    _same_files(tmp_path / "one", tmp_path / "two", skip=("metrics.json",))
-    want = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    one = one_process / "evaluate"
+    _same_files(one, tmp_path / "two", skip=("metrics.json",))
+    want = json.loads((one / "metrics.json").read_text())
     got = json.loads((tmp_path / "two" / "metrics.json").read_text())
     n = N_GOOD + 2 * N_DEFECT
     assert got.pop("distributed") == {"world_size": 2, "bank_shards": shards,
