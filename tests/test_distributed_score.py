@@ -240,3 +240,44 @@ def test_sharded_bank_knn_equals_whole_bank(tmp_path):
     d, i = per_rank[0][0][0][1]  # k = 2
     assert i[20:23].tolist() == [[3, 30], [19, 20], [3, 30]]
     assert d[20:23].tolist() == [[0.0, 0.0]] * 3
+
+
+def test_rank_killed_mid_score(demo, tmp_path):
+    """A rank that dies: the other ends with one line and exit code 1 at the next exchange;
+    the merged scores.csv / scores.json are never written."""
+    import shutil
+    import signal
+
+    root, model, _ = demo
+    many = tmp_path / "many"                # 40 images: rank 1 is still busy when killed
+    many.mkdir()
+    for n in range(10):
+        for src in sorted((root / "widget" / "test" / "good").glob("*.png")):
+            shutil.copy(src, many / f"{n}_{src.name}")
+    out = tmp_path / "out"
+    port = str(_free_port())
+    argv = ["score", str(model), str(many), "--batch-size", "1", "--device", "cpu",
+            "--dist-timeout", "60", "-o", str(out)]
+    procs = [subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli", *argv],
+                              env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
+             for r in range(2)]
+    try:
+        assert procs[0].stderr.read(1)      # rank 0's progress bar: the group is up
+        os.kill(procs[1].pid, signal.SIGKILL)
+        _, err0 = procs[0].communicate(timeout=120)
+        procs[1].wait(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode == 1
+    lines = [line for line in err0.replace("\r", "\n").splitlines()
+             if line.startswith("patchcore-fast:")]
+    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "another process" in lines[0], \
+        err0
+    assert "Traceback" not in err0
+    assert not (out / "scores.csv").exists() and not (out / "scores.json").exists()
+    assert not [p for p in tmp_path.rglob("*.tmp")]
