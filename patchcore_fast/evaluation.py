@@ -282,11 +282,10 @@ def _score_shares(launch: distributed.Launch, model: PatchCore, paths: Sequence[
                     share, missed, progress and launch.is_main) if share else ()):
                 new.update(zip(map(str, batch), scores.tolist()))
                 order.extend(batch)
-                if images:
+                if images and keeps:
                     spool.append(maps)
                     for amap in maps:
                         pixels.add(amap)
-            pixels._flush()  # send bins, not the pixels waiting to be binned
             return (new, pixels, missed) if keeps else None
 
         parts = [p for p in distributed.exchange(first_pass) if p is not None]
@@ -352,11 +351,10 @@ def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequen
 
     def work():
         missed: list[str] = []
-        kept, scores, pixels, seconds = _evaluate_pass(model, share, missed, spool,
+        kept, scores, pixels, seconds = _evaluate_pass(model, share, missed,
+                                                       spool if keeps else None,
                                                        progress and launch.is_main)
         mine.extend(kept if keeps else ())
-        for hist in pixels.values():
-            hist._flush()
         return (kept, scores, pixels, missed, seconds) if keeps else None, len(share)
 
     answers = distributed.exchange(work)

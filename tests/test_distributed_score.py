@@ -281,3 +281,41 @@ def test_rank_killed_mid_score(demo, tmp_path):
     assert "Traceback" not in err0
     assert not (out / "scores.csv").exists() and not (out / "scores.json").exists()
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_merged_rank_histograms_equal_one_histogram():
+    """What evaluate's ranks send (pickled PixelHistograms) merges into the histogram one
+    process builds: same bins (also once coarsened), so the same colour scale and AUROC."""
+    import pickle
+
+    import numpy as np
+
+    from patchcore_fast.metrics import PixelHistogram
+
+    rng = np.random.default_rng(0)
+    maps = rng.gamma(2.0, size=(7, 32, 32)).astype(np.float32)
+    masks = np.zeros(maps.shape, dtype=bool)
+    masks[1, 5:12, 5:12] = masks[4, 20:30, 2:9] = masks[6, 0:3, 0:30] = True
+    for max_bins in (None, 300):
+        one = PixelHistogram(max_bins)
+        for m, k in zip(maps, masks):
+            one.add(m, k)
+        parts = []
+        for share in (slice(0, 3), slice(3, 3), slice(3, 7)):  # an empty rank too
+            h = PixelHistogram(max_bins)
+            for m, k in zip(maps[share], masks[share]):
+                h.add(m, k)
+            sent = pickle.dumps(h)
+            assert not h._pending  # pickling bins the waiting pixels first
+            parts.append(pickle.loads(sent))
+        merged = PixelHistogram.combined(parts)
+        assert merged.exact == one.exact == (max_bins is None)
+        assert merged.shift == one.shift
+        for name in ("keys", "normal", "defect"):
+            assert np.array_equal(getattr(merged, name), getattr(one, name)), name
+        np.testing.assert_allclose(merged.weight, one.weight, rtol=1e-12)
+        assert (merged.regions, merged.images) == (one.regions, one.images) == (3, 7)
+        for q in (0.01, 0.5, 0.999):
+            assert merged.quantile(q) == one.quantile(q)
+        assert merged.auroc() == one.auroc()
+        assert merged.pro() == pytest.approx(one.pro(), rel=1e-12)
