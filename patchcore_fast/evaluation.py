@@ -424,7 +424,10 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
                 write_map_files(out, spool, [(i.path, names[i.path]) for i in mine],
                                 model.preprocess, everything, overlays, save_maps)
 
-        write_maps() if launch is None else distributed.exchange(write_maps)
+        if launch is None:
+            write_maps()
+        else:
+            distributed.exchange(write_maps)  # every rank's files written, or the error
     if launch is None or launch.is_main:
         write_evaluation(out, result, kept, scores_arr,
                          everything if has_ground_truth(kept) else None)
