@@ -17,7 +17,8 @@ the 83 bottle test images (efficientnet_lite0 fitted at 1 %, 128 px, in the modu
 fixture, not timed), as one process and as 2 gloo ranks started as torchrun starts them;
 overlays on. The time is the whole command (process start, model load, scoring, overlays,
 merge); ``score_seconds`` from metrics.json (the slowest rank's scoring) is printed too.
-Every configuration's metrics must equal the one-process run's with the same threads.
+Every configuration's metrics must equal the one-process run's with the same threads
+(the ranks' shares are whole batches, so the backbone sees the same batches).
 
     1proc-1thread, 1proc-2threads, 2proc-1thread, 2proc-1thread-bank-shards
 

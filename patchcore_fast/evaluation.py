@@ -246,13 +246,18 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
 def _shares(launch: distributed.Launch, model: PatchCore, items: Sequence) -> tuple[list, bool]:
     """What one rank scores, and whether it keeps the results.
 
-    Images split across the ranks (contiguous shares in rank order, so the merged results
-    come in input order); with ``--bank-shards`` every rank scores every image, in
-    lockstep (the bank's collectives), and rank 0 keeps the results.
+    Images split across the ranks in whole batches of the one-process run (contiguous
+    shares in rank order, so the merged results come in input order, and each batch holds
+    the images it holds in one process: the backbone's rounding can depend on a batch's
+    other images, so the scores stay one process's bit for bit while no file is skipped).
+    With ``--bank-shards`` every rank scores every image, in lockstep (the bank's
+    collectives), and rank 0 keeps the results.
     """
     if isinstance(model.bank, distributed.ShardedBank):
         return list(items), launch.is_main
-    return launch.share(items), True
+    size = model.config.batch_size
+    batches = [items[i:i + size] for i in range(0, len(items), size)]
+    return [item for batch in launch.share(batches) for item in batch], True
 
 
 def _score_shares(launch: distributed.Launch, model: PatchCore, paths: Sequence[Path],

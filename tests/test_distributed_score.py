@@ -3,8 +3,9 @@
 Each rank scores its share of the images; the merged outputs must be those of one
 process, byte for byte: scores.csv, scores.json, metrics.json (less the timings and the
 run's ``distributed`` record), the maps, and the overlays (whose colour scale comes from
-the merged pixel histogram). Both sides run with one intra-op thread and one image per
-batch, so the backbone sees the same inputs with the same arithmetic on either side.
+the merged pixel histogram). Both sides run with one intra-op thread, and the ranks' shares
+are whole batches of the one-process run, so the backbone sees the same batches with the
+same arithmetic on either side.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from patchcore_fast import ops
 
 N_GOOD, N_DEFECT = 4, 3                # test images: 4 good, 3 scratch, 3 spot
-RUN = ["--batch-size", "1", "--device", "cpu", "--quiet"]
+BATCH = 2
+RUN = ["--batch-size", str(BATCH), "--device", "cpu", "--quiet"]
 
 
 def _free_port() -> int:
@@ -136,8 +138,9 @@ def test_evaluate_equals_one_process(demo, one_process, tmp_path, shards):
     want = json.loads((one / "metrics.json").read_text())
     got = json.loads((tmp_path / "two" / "metrics.json").read_text())
     n = N_GOOD + 2 * N_DEFECT
+    first = -(-n // BATCH) // 2 * BATCH  # rank 0: the first half of the batches
     assert got.pop("distributed") == {"world_size": 2, "bank_shards": shards,
-                                      "rank_images": [n, n] if shards else [n // 2, n - n // 2]}
+                                      "rank_images": [n, n] if shards else [first, n - first]}
     for timing in ("score_seconds", "seconds_per_image"):
         assert got.pop(timing) > 0 and want.pop(timing) > 0
     assert got == want
