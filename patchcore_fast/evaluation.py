@@ -340,7 +340,9 @@ def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[s
 
 
 def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequence[TestImage],
-                     skipped: list[str], spool: ArraySpool | None, progress: bool):
+                     skipped: list[str], spool: ArraySpool | None, progress: bool
+                     ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float,
+                                list[TestImage], dict]:
     """:func:`_evaluate_pass` as one rank of a torchrun run (collective), merged.
 
     The per-defect histograms of the ranks are merged (:meth:`PixelHistogram.combined`:
