@@ -12,14 +12,27 @@ must be identical (and equal to ops.greedy_coreset's first STEPS picks).
     1proc-allthreads: world 1, all cores as torch threads
     2proc-1thread:   world 2 on this machine, 1 torch thread each (gloo)
 
+Distributed evaluate (group bottle-evaluate-distributed): ``patchcore-fast evaluate`` on
+the 83 bottle test images (efficientnet_lite0 fitted at 1 %, 128 px, in the module
+fixture, not timed), as one process and as 2 gloo ranks started as torchrun starts them;
+overlays on. The time is the whole command (process start, model load, scoring, overlays,
+merge); ``score_seconds`` from metrics.json (the slowest rank's scoring) is printed too.
+Every configuration's metrics must equal the one-process run's with the same threads
+(the ranks' shares are whole batches, so the backbone sees the same batches).
+
+    1proc-1thread, 1proc-2threads, 2proc-1thread, 2proc-1thread-bank-shards
+
 Run:  python -m pytest bench/bench_distributed.py --benchmark-only -s
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import _common
@@ -83,3 +96,61 @@ def test_distributed_steps(benchmark, config, tmp_path):
     _results[config] = res["selection"]
     want = patchcore_fast.greedy_coreset(_common.bottle_projected(128), STEPS, 0)
     assert torch.equal(res["selection"], want)
+
+
+# ----- distributed evaluate on bottle ------------------------------------------------------
+
+SIZE = ["--image-size", "128", "--crop", "128"]
+EVAL_CONFIGS = {"1proc-1thread": (1, 1, False), "1proc-2threads": (1, 2, False),
+                "2proc-1thread": (2, 1, False), "2proc-1thread-bank-shards": (2, 1, True)}
+_metrics: dict[str, dict] = {}
+
+
+def _cli_env(threads: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def bottle_model(tmp_path_factory) -> tuple:
+    root = _common.mvtec_root()
+    model = tmp_path_factory.mktemp("model") / "bottle.safetensors"
+    subprocess.run([sys.executable, "-m", "patchcore_fast.cli", "fit", str(root), "--category",
+                    "bottle", "--backbone", "efficientnet_lite0", "--coreset-ratio", "0.01",
+                    "--quiet", "--device", "cpu", *SIZE, "-o", str(model)],
+                   check=True, env=_cli_env(2))
+    return root, model
+
+
+@pytest.mark.parametrize("config", list(EVAL_CONFIGS))
+def test_distributed_evaluate(benchmark, config, bottle_model, tmp_path):
+    world, threads, shards = EVAL_CONFIGS[config]
+    root, model = bottle_model
+    benchmark.group = "bottle-evaluate-distributed"
+    out = tmp_path / "eval"
+    argv = [sys.executable, "-m", "patchcore_fast.cli", "evaluate", str(model), str(root),
+            "--category", "bottle", "--quiet", "--device", "cpu",
+            *(["--bank-shards"] if shards else []), "-o", str(out)]
+
+    def run():
+        if world == 1:
+            subprocess.run(argv, check=True, env=_cli_env(threads))
+            return
+        port = str(_free_port())
+        procs = [subprocess.Popen(argv, env=_cli_env(
+                     threads, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(world)]
+        assert [p.wait() for p in procs] == [0] * world
+
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    got = json.loads((out / "metrics.json").read_text())
+    benchmark.extra_info.update(world=world, threads=threads, bank_shards=shards,
+                                score_seconds=got["score_seconds"])
+    print(f"\n{config}: score_seconds {got['score_seconds']:.2f} s "
+          f"(slowest rank), image AUROC {got['image_auroc']}, pixel AUROC {got['pixel_auroc']}")
+    keys = ("image_auroc", "pixel_auroc", "pro", "f1_max", "counts", "per_defect")
+    _metrics[config] = {k: got[k] for k in keys}
+    if world > 1 and "1proc-1thread" in _metrics:
+        assert _metrics[config] == _metrics["1proc-1thread"]

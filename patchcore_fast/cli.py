@@ -128,6 +128,7 @@ def _loaded_model_options(p: argparse.ArgumentParser) -> None:
     """Options of the verbs that run a fitted model (score, evaluate)."""
     p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
                    "fitted with a local file that has moved")
+    p.add_argument("--bank-shards", action="store_true", help=distributed.BANK_SHARDS_HELP)
     _common(p, seed=False)
 
 
@@ -277,7 +278,7 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
     """A fitted model with this run's device, batch size and workers."""
     return PatchCore.load(path, device=args.device, weights=args.weights,
                           batch_size=args.batch_size, num_workers=args.workers,
-                          precision=args.precision)
+                          precision=args.precision, bank_shards=args.bank_shards)
 
 
 # ----- verbs --------------------------------------------------------------------------
@@ -322,15 +323,11 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     if not scores:
         raise PatchCoreError("none of the input images could be read")
     written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
-                                   skipped, run)
+                                   skipped, run) if distributed.is_main() else 0
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")
         + _skipped(skipped))
     return 0
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
@@ -346,12 +343,12 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         r = evaluation.evaluate_category(name, model, items, skipped, sub, args.model,
                                          not args.no_overlays, args.save_maps,
                                          args.temp_dir, progress=not args.quiet)
-        log(f"{name}: image AUROC {_fmt(r['image_auroc'])}, pixel AUROC "
-            f"{_fmt(r['pixel_auroc'])}, PRO {_fmt(r['pro'])}, F1-max {_fmt(r['f1_max'])} "
-            f"({r['counts']['images']} images, {r['score_seconds']:.1f} s) -> "
-            f"{sub}/metrics.json")
+        m = {k: outputs.fmt_metric(r[k]) for k in ("image_auroc", "pixel_auroc", "pro", "f1_max")}
+        log(f"{name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, PRO "
+            f"{m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
+            f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
         results.append(r)
-    if len(sets) > 1:
+    if len(sets) > 1 and distributed.is_main():
         outputs.write_summary(out, results)
         log(f"summary of {len(results)} categories -> {out}/summary.csv")
     return 0

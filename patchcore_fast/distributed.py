@@ -6,6 +6,10 @@
   contiguous share of the images (:meth:`Launch.share`), :func:`project_shard` projects its
   rows in the one-process fit's global blocks, :func:`select_sharded` runs the coreset
   below, :func:`gather_bank` brings the chosen full-width rows to rank 0.
+- Score and evaluate (:mod:`patchcore_fast.evaluation` calls these): each rank scores its
+  contiguous share of the images and writes their overlays; each phase ends with one
+  :func:`exchange` (answers or errors of every rank), after which rank 0 writes the merged
+  files. With ``--bank-shards`` the bank is split instead (:class:`ShardedBank`).
 
 Exact greedy k-center coreset: each rank holds a shard.
 
@@ -242,14 +246,16 @@ def run(launch: Launch | None, verb: str, device, timeout_s: float, call):
 
     Args:
         launch: from :func:`launch_for`; None runs ``call`` as it is.
-        verb: the command (only ``fit`` runs distributed so far).
+        verb: the command (``fit``, ``score`` and ``evaluate`` run distributed; ``study``
+            is refused with one line: its fits at several ratios would need the test
+            features of every rank at every ratio).
         device: a callable giving the model's device, which picks NCCL or gloo.
         timeout_s: seconds a collective waits before the run fails.
         call: the command itself.
     """
     if launch is None:
         return call()
-    if verb != "fit":
+    if verb not in ("fit", "score", "evaluate"):
         raise PatchCoreError(f"{verb} does not run under torchrun yet; run it as one process")
     if timeout_s <= 0:
         raise PatchCoreError(f"--dist-timeout should be positive, got {timeout_s}")
@@ -380,3 +386,146 @@ def select_sharded(shard: Tensor, n: int, ratio: float, sc: StreamingCoreset, di
         return torch.arange(n, device=device)
     start, _ = coreset_start_and_projection(n, dim, sc.projection_dim, sc.seed)
     return greedy_coreset_sharded(shard, k, start)
+
+
+# ----- score and evaluate: one exchange per phase, a sharded bank ----------------------------
+
+def is_main() -> bool:
+    """True outside a distributed run and on its rank 0 (the rank that writes the merged
+    outputs)."""
+    launch = current()
+    return launch is None or launch.is_main
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    # --on-error fail raises the skip warning itself ("skipping FILE: why").
+    return "cannot use " + text.removeprefix("skipping ") if isinstance(exc, Warning) else text
+
+
+def exchange(work) -> list:
+    """``work()`` on every rank, then every rank's answer on every rank (one collective).
+
+    The phases of a distributed score or evaluate end here, so a rank that fails still
+    takes part in the collective: it sends its error instead of its answer, raises its own
+    exception, and every other rank raises one line naming it. No rank waits for a
+    collective that a failed rank will never join, and no merged file is written after a
+    failure (the merged files are written after the last exchange). A rank that dies
+    instead (killed) makes the collective fail on the others (:data:`DistError`).
+
+    Args:
+        work: this rank's part of the phase; its answer must pickle.
+
+    Returns:
+        the answers of every rank, by rank.
+    """
+    try:
+        mine, error = work(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the exchange
+        mine, error = None, exc
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (mine, None if error is None else _one_line(error)))
+    if error is not None:
+        raise error
+    failed = [(r, why) for r, (_, why) in enumerate(every) if why is not None]
+    if failed:
+        r, why = failed[0]
+        raise PatchCoreError(f"rank {r} of {len(every)} failed ({why}); nothing was merged")
+    return [answer for answer, _ in every]
+
+
+#: ``--bank-shards`` (score, evaluate) in the command's help.
+BANK_SHARDS_HELP = ("under torchrun: split the memory bank across the processes (each holds "
+                    "1/N of it on its device and every process embeds every image; for banks "
+                    "that do not fit one device; same scores)")
+
+
+class ShardedBank:
+    """A memory bank split across the ranks (``--bank-shards``): each holds 1/world of it.
+
+    Rank r keeps the contiguous rows ``[r M / R, (r + 1) M / R)``. Every rank calls
+    :meth:`knn` and :meth:`rows` with the same queries (the ranks score the same images in
+    lockstep), so the collectives below match up.
+
+    k nearest: each rank finds the k nearest rows of its shard with the kernel (exact
+    distances, ascending, ties to the lower row), one all-gather brings every rank's list
+    to every rank, and a stable sort of the concatenation by distance picks the k best.
+    Why this equals :func:`patchcore_fast.ops.knn` on the whole bank: the kernel's
+    distances are the direct-difference float32 distances, which do not depend on which
+    other rows share the bank; the k nearest of the whole bank are among the union of
+    each shard's k nearest; and the concatenation lists the ranks in row order, each
+    sorted by (distance, row), so a stable sort by distance orders equal distances by the
+    lower global row, the kernel's tie rule. Shards with fewer than k rows pad with
+    (inf, M), which sort last.
+
+    Args:
+        bank (Tensor[M, D]): the whole bank (read from the model file on the host).
+        rank, world: this rank and the number of ranks.
+        device: where this rank's rows live.
+    """
+
+    def __init__(self, bank: Tensor, rank: int, world: int, device: torch.device):
+        m = bank.shape[0]
+        self.lo, self.hi = rank * m // world, (rank + 1) * m // world
+        self.local = bank[self.lo:self.hi].float().to(device).contiguous()
+        self.shape = torch.Size((m, bank.shape[1]))
+        self.device = torch.device(device)
+        self.dtype = torch.float32
+
+    def to(self, device) -> "ShardedBank":
+        """The bank stays where its shard is (scoring moves the queries to it)."""
+        return self
+
+    def knn(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The k nearest rows of the whole bank (collective: one all-gather of two tensors).
+
+        Args:
+            query (Tensor[Q, D]): the same rows on every rank.
+            k: 1 <= k <= M.
+
+        Returns:
+            (Tensor[Q, k] float32, Tensor[Q, k] int64): as :func:`patchcore_fast.ops.knn`
+            on the whole bank.
+        """
+        m = self.shape[0]
+        if not 1 <= k <= m:
+            raise ValueError(f"k should be between 1 and the bank size {m}, got {k}")
+        query = query.float().to(self.device)
+        q, world = query.shape[0], dist.get_world_size()
+        d = torch.full((q, k), float("inf"), device=self.device)
+        i = torch.full((q, k), m, dtype=torch.int64, device=self.device)
+        kk = min(k, self.hi - self.lo)
+        if kk and q:
+            d[:, :kk], i[:, :kk] = ops.knn(query, self.local, kk)
+            i[:, :kk] += self.lo
+        all_d = torch.empty(world * q * k, device=self.device)
+        all_i = torch.empty(world * q * k, dtype=torch.int64, device=self.device)
+        _all_gather(all_d, d.reshape(-1))
+        _all_gather(all_i, i.reshape(-1))
+        # [R, Q, k] -> [Q, R k]: rank order is row order.
+        all_d = all_d.view(world, q, k).permute(1, 0, 2).reshape(q, world * k)
+        all_i = all_i.view(world, q, k).permute(1, 0, 2).reshape(q, world * k)
+        order = torch.sort(all_d, dim=1, stable=True).indices[:, :k]
+        return all_d.gather(1, order), all_i.gather(1, order)
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        """Bank rows by global index, on every rank (collective: one all-reduce).
+
+        Each rank fills the rows it holds and leaves zeros elsewhere; the sum over ranks
+        is exact (every row has exactly one non-zero contribution, and x + 0 = x).
+
+        Args:
+            index (Tensor[...] int64): global rows (the same on every rank).
+
+        Returns:
+            Tensor[..., D] float32.
+        """
+        index = index.to(self.device)
+        out = torch.zeros(*index.shape, self.shape[1], device=self.device)
+        mine = (index >= self.lo) & (index < self.hi)
+        out[mine] = self.local[index[mine] - self.lo]
+        dist.all_reduce(out)
+        return out

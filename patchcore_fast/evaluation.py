@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from . import metrics
+from . import distributed, metrics
 from .data import (TestImage, UnreadableImage, folder_test, image_size, mvtec_categories,
                    mvtec_test, read_mask, warn_skipped)
 from .errors import PatchCoreError
@@ -177,6 +177,12 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
     check_outputs(option, out, score_files(out, list(names.values()), overlays, save_maps),
                   [p for p in input_args if Path(p).is_dir()],
                   [*inputs, model_file, *([weights] if weights else [])])
+    if resume and distributed.current() is not None:
+        # The journal is one file that lists a prefix of the inputs in order, appended by
+        # the one process that writes them; ranks writing their shares at once would need
+        # one journal each and a merge that knows every rank's share of the earlier run.
+        raise PatchCoreError("--resume does not run under torchrun (the resume journal is "
+                             "written by one process); resume the run as one process")
     run = run_record(file_sha256(model_file), weights and file_sha256(weights), threshold,
                      overlays, save_maps)
     done = read_done(out, run) if resume else {}
@@ -209,6 +215,10 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
     Returns:
         image score by file name.
     """
+    launch = distributed.current()
+    if launch is not None:
+        return _score_shares(launch, model, paths, names, out, skipped, overlays, save_maps,
+                             temp_dir, progress)
     images = overlays or save_maps
     crop = model.config.crop
     new: dict[str, float] = {}
@@ -233,11 +243,151 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
     return new
 
 
+def _shares(launch: distributed.Launch, model: PatchCore, items: Sequence) -> tuple[list, bool]:
+    """What one rank scores, and whether it keeps the results.
+
+    Images split across the ranks in whole batches of the one-process run (contiguous
+    shares in rank order, so the merged results come in input order, and each batch holds
+    the images it holds in one process: the backbone's rounding can depend on a batch's
+    other images, so the scores stay one process's bit for bit while no file is skipped).
+    With ``--bank-shards`` every rank scores every image, in lockstep (the bank's
+    collectives), and rank 0 keeps the results.
+    """
+    if isinstance(model.bank, distributed.ShardedBank):
+        return list(items), launch.is_main
+    size = model.config.batch_size
+    batches = [items[i:i + size] for i in range(0, len(items), size)]
+    return [item for batch in launch.share(batches) for item in batch], True
+
+
+def _score_shares(launch: distributed.Launch, model: PatchCore, paths: Sequence[Path],
+                  names: dict[Path, str], out: Path, skipped: list[str], overlays: bool,
+                  save_maps: bool, temp_dir: str | None, progress: bool) -> dict[str, float]:
+    """:func:`score_images` as one rank of a torchrun run (collective; no journal).
+
+    Pass 1: each rank scores its share (:func:`_shares`) and counts its maps' pixels; one
+    :func:`~patchcore_fast.distributed.exchange` brings every rank's scores, read failures
+    and histogram to every rank. The overlays' colour scale comes from the merged
+    histogram (:meth:`PixelHistogram.combined` of all ranks' counts is the one-process
+    histogram, so the scale is the same as one process's); pass 2: each rank writes the
+    overlays and maps of the images it scored; a second exchange says that all are written.
+
+    Returns:
+        image score by file name, every rank's (in input order); ``skipped`` gets every
+        rank's unreadable files.
+    """
+    share, keeps = _shares(launch, model, paths)
+    images = overlays or save_maps
+    crop = model.config.crop
+    order: list[Path] = []
+    with ArraySpool((crop, crop), np.float32, temp_dir, "map file") as spool:
+        def first_pass():
+            new, pixels, missed = {}, PixelHistogram(), []
+            for batch, scores, maps in (model.predict_batches(
+                    share, missed, progress and launch.is_main) if share else ()):
+                new.update(zip(map(str, batch), scores.tolist()))
+                order.extend(batch)
+                if images and keeps:
+                    spool.append(maps)
+                    for amap in maps:
+                        pixels.add(amap)
+            return (new, pixels, missed) if keeps else None
+
+        parts = [p for p in distributed.exchange(first_pass) if p is not None]
+        new = {k: v for scores, _, _ in parts for k, v in scores.items()}
+        skipped += [f for _, _, missed in parts for f in missed]
+        everything = PixelHistogram.combined([h for _, h, _ in parts])
+
+        def second_pass():
+            if images and keeps and order:
+                write_map_files(out, spool, [(p, names[p]) for p in order], model.preprocess,
+                                everything, overlays, save_maps)
+
+        distributed.exchange(second_pass)
+    return new
+
+
+def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[str],
+                   spool: ArraySpool | None, progress: bool
+                   ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float]:
+    """Score labelled images: (kept, their scores, pixel histogram per defect, seconds).
+
+    Maps go to ``spool`` (when overlays or maps are written) and into the histograms.
+    """
+    items = usable_masks(items, skipped)
+    by_path = {i.path: i for i in items}
+    kept, scores = [], []
+    pixels: dict[str, PixelHistogram] = {}
+    seconds = 0.0
+    batches = model.predict_batches([i.path for i in items], skipped, progress=progress) \
+        if items else iter(())
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        seconds += time.perf_counter() - t0  # scoring time (not the bookkeeping)
+        if batch is None:
+            break
+        paths, batch_scores, maps = batch
+        done = [by_path[p] for p in paths]
+        kept += done
+        add_maps(pixels, [i.defect for i in done], maps,
+                 [mask_of(i, model.preprocess) if i.mask else None for i in done])
+        scores.append(batch_scores)
+        if spool is not None:
+            spool.append(maps)
+    return kept, (np.concatenate(scores) if scores else np.empty(0, np.float32)), pixels, \
+        seconds
+
+
+def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequence[TestImage],
+                     skipped: list[str], spool: ArraySpool | None, progress: bool
+                     ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float,
+                                list[TestImage], dict]:
+    """:func:`_evaluate_pass` as one rank of a torchrun run (collective), merged.
+
+    The per-defect histograms of the ranks are merged (:meth:`PixelHistogram.combined`:
+    the counts add up, so pixel AUROC and PRO are those of one process).
+
+    Returns:
+        (kept, scores, pixels, seconds) of all ranks as :func:`_evaluate_pass`, the
+        images this rank scored and keeps (in its spool), and the run's ``distributed``
+        record for metrics.json.
+    """
+    share, keeps = _shares(launch, model, items)
+    mine: list[TestImage] = []
+
+    def work():
+        missed: list[str] = []
+        kept, scores, pixels, seconds = _evaluate_pass(model, share, missed,
+                                                       spool if keeps else None,
+                                                       progress and launch.is_main)
+        mine.extend(kept if keeps else ())
+        return (kept, scores, pixels, missed, seconds) if keeps else None, len(share)
+
+    answers = distributed.exchange(work)
+    parts = [part for part, _ in answers if part is not None]
+    per_defect: dict[str, list[PixelHistogram]] = {}
+    for part in parts:
+        for defect, hist in part[2].items():
+            per_defect.setdefault(defect, []).append(hist)
+    skipped += [f for part in parts for f in part[3]]
+    record = {"world_size": launch.world,
+              "bank_shards": isinstance(model.bank, distributed.ShardedBank),
+              "rank_images": [n for _, n in answers]}  # images each rank scored
+    return ([i for part in parts for i in part[0]], np.concatenate([p[1] for p in parts]),
+            {d: PixelHistogram.combined(h) for d, h in per_defect.items()},
+            max(part[4] for part in parts), mine, record)
+
+
 def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
                       skipped: list[str], out: Path, model_file: str,
                       overlays: bool = True, save_maps: bool = False,
                       temp_dir: str | None = None, progress: bool = False) -> dict:
     """Metrics of one labelled test set; writes metrics.json, roc.png, scores.csv, overlays.
+
+    Under torchrun each rank scores its share of the images and writes their overlays
+    (:func:`_evaluate_shares`); rank 0 writes the merged metrics.json, roc.png and
+    scores.csv (``score_seconds`` is then the slowest rank's).
 
     Args:
         name: the category (in the files and messages).
@@ -254,43 +404,40 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
         the contents of metrics.json.
     """
     names = dict(zip((i.path for i in items), evaluation_names(items)))
-    items = usable_masks(items, skipped)
-    by_path = {i.path: i for i in items}
+    launch = distributed.current()
     crop = model.config.crop
-    kept, scores = [], []
-    pixels: dict[str, PixelHistogram] = {}
-    seconds = 0.0
     with ArraySpool((crop, crop), np.float32, temp_dir, "map file") as spool:
-        batches = model.predict_batches([i.path for i in items], skipped, progress=progress)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            seconds += time.perf_counter() - t0  # scoring time (not the bookkeeping)
-            if batch is None:
-                break
-            paths, batch_scores, maps = batch
-            done = [by_path[p] for p in paths]
-            kept += done
-            add_maps(pixels, [i.defect for i in done], maps,
-                     [mask_of(i, model.preprocess) if i.mask else None for i in done])
-            scores.append(batch_scores)
-            if overlays or save_maps:
-                spool.append(maps)
+        keep = spool if overlays or save_maps else None
+        if launch is None:
+            kept, scores_arr, pixels, seconds = _evaluate_pass(model, items, skipped, keep,
+                                                               progress)
+            mine, record = kept, None
+        else:
+            kept, scores_arr, pixels, seconds, mine, record = _evaluate_shares(
+                launch, model, items, skipped, keep, progress)
         if not kept:
             raise PatchCoreError(f"none of the test images of {name} could be read")
-        scores_arr = np.concatenate(scores)
         result = _metrics(kept, scores_arr, pixels)
         result = {"category": name, **result, "skipped": skipped,
                   "score_seconds": seconds, "seconds_per_image": seconds / len(kept),
                   "model": {"file": str(model_file),
                             "config": json.loads(model.config.to_json()),
-                            "fit_stats": model.fit_stats}}
+                            "fit_stats": model.fit_stats},
+                  **({"distributed": record} if record else {})}
         everything = PixelHistogram.combined(list(pixels.values()))
-        if spool.count:
-            write_map_files(out, spool, [(i.path, names[i.path]) for i in kept],
-                            model.preprocess, everything, overlays, save_maps)
-    write_evaluation(out, result, kept, scores_arr,
-                     everything if has_ground_truth(kept) else None)
+
+        def write_maps():
+            if keep is not None and mine:
+                write_map_files(out, spool, [(i.path, names[i.path]) for i in mine],
+                                model.preprocess, everything, overlays, save_maps)
+
+        if launch is None:
+            write_maps()
+        else:
+            distributed.exchange(write_maps)  # every rank's files written, or the error
+    if launch is None or launch.is_main:
+        write_evaluation(out, result, kept, scores_arr,
+                         everything if has_ground_truth(kept) else None)
     return result
 
 

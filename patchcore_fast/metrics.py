@@ -228,6 +228,13 @@ class PixelHistogram:
         if self._pending_pixels >= self.max_bins:
             self._flush()
 
+    def __getstate__(self) -> dict:
+        """Pickled (e.g. sent to the other ranks of a distributed evaluate) as bins only:
+        the pixels waiting to be binned are merged first, so the message is bounded by
+        ``max_bins``."""
+        self._flush()
+        return self.__dict__.copy()
+
     # ----- bins ---------------------------------------------------------------------
 
     def _flush(self) -> None:

@@ -567,7 +567,8 @@ class PatchCore:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None,
              weights: str | None = None, batch_size: int | None = None,
-             num_workers: int | None = None, precision: str | None = None) -> "PatchCore":
+             num_workers: int | None = None, precision: str | None = None,
+             bank_shards: bool = False) -> "PatchCore":
         """Read a model file written by :meth:`save`, with this run's runtime settings.
 
         The runtime settings are set before the model is built, so the model chooses its
@@ -583,6 +584,9 @@ class PatchCore:
             num_workers: image-reading worker processes; None: the saved setting.
             precision: the backbone's arithmetic, ``fp32`` or ``bf16``; None: the saved
                 setting (``fp32`` for files written before the setting existed).
+            bank_shards: under torchrun, keep only this rank's share of the bank on the
+                device (:class:`~patchcore_fast.distributed.ShardedBank`; scoring is then
+                collective); ignored in one process.
 
         Returns:
             The fitted :class:`PatchCore`.
@@ -624,7 +628,9 @@ class PatchCore:
         model = cls(config, **{k: v for k, v in runtime.items() if v is not None})
         model.backbone_info = info
         model._projection = projection
-        model.bank = bank.to(model.device)
+        launch = distributed.current() if bank_shards else None
+        model.bank = bank.to(model.device) if launch is None else distributed.ShardedBank(
+            bank, launch.rank, launch.world, model.device)
         model.neighbourhoods = hood.to(model.device) if hood is not None else None
         model.grid = tuple(grid) if grid else None
         model.fit_stats = fit_stats

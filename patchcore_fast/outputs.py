@@ -271,6 +271,11 @@ def summary_files(out: Path) -> list[Path]:
     return [out / f"summary.{e}" for e in ("csv", "json", "md")]
 
 
+def fmt_metric(value: float | None) -> str:
+    """A metric as the command prints it: four decimals, or ``n/a`` (not computable)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def run_record(model_sha256: str, weights_sha256: str | None, threshold: float | None,
                overlays: bool, save_maps: bool) -> dict:
     """What a score run's results depend on, kept with them for ``--resume`` to check

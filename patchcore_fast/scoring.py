@@ -29,12 +29,13 @@ def nearest_bank_rows(patches: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
 
     Args:
         patches (Tensor[Q, D]): test embeddings.
-        bank (Tensor[M, D]): memory bank.
+        bank (Tensor[M, D]): memory bank, or a
+            :class:`~patchcore_fast.distributed.ShardedBank` (same answer, collective).
 
     Returns:
         (Tensor[Q] float32, Tensor[Q] int64): Euclidean distances and bank rows.
     """
-    dist, idx = ops.knn(patches, bank, 1)
+    dist, idx = ops.knn(patches, bank, 1) if isinstance(bank, Tensor) else bank.knn(patches, 1)
     return dist[:, 0], idx[:, 0]
 
 
@@ -82,7 +83,7 @@ def image_scores(patches: Tensor, patch_dist: Tensor, patch_idx: Tensor, bank: T
         patches (Tensor[B, P, D]): test embeddings per image.
         patch_dist (Tensor[B, P]): patch scores.
         patch_idx (Tensor[B, P]): nearest bank row of each patch.
-        bank (Tensor[M, D]): memory bank.
+        bank (Tensor[M, D]): memory bank (or a sharded one: indexing it gathers rows).
         neighbourhoods (Tensor[M, b] or None): from :func:`bank_neighbourhoods`; None
             turns the reweighting off (score = s*, as the official code).
 
