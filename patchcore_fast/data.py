@@ -323,11 +323,16 @@ class Preprocess:
 
         Args:
             img: the mask (mode L), or None: a good image, all False.
-            size: (width, height) of the photo, needed when ``img`` is None.
+            size: (width, height) of the photo when ``img`` is None (without it: the
+                crop's square, as a ``shorter`` geometry gives).
 
         Returns:
             Tensor[h, w] bool.
         """
+        if img is None and size is None:
+            if not self.crop:
+                raise ValueError("an absent mask needs the photo's size when there is no crop")
+            return torch.zeros(self.crop, self.crop, dtype=torch.bool)
         p = self.placement(img.size if img is not None else size)
         x0, y0, x1, y1 = p.visible()
         if img is None:

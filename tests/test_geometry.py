@@ -130,3 +130,85 @@ def test_old_model_file_scores_as_before(fit_demo, tmp_path):
     for x, y in zip(a.maps, b.maps):
         np.testing.assert_array_equal(x, y)
     assert a.maps[0].shape == (256, 256)  # the demo photos' own size
+
+
+# ----- the elongated demo category, end to end ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def rod(tmp_path_factory):
+    """demo-data's elongated category, and a model fitted on it through the CLI with the
+    default geometry (efficientnet_lite0, 10 %)."""
+    from patchcore_fast.cli import main
+    from patchcore_fast.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("rod")
+    write_demo_data(root, seed=5, n_train=16, n_test_good=6, n_test_defect=5,
+                    categories=("rod",))
+    model = root / "rod.safetensors"
+    assert main(["fit", str(root), "--category", "rod", "-o", str(model), "--backbone",
+                 "efficientnet_lite0", "--device", "cpu", "--quiet"]) == 0
+    return root, model
+
+
+def test_rod_maps_at_the_photo_size_align_with_the_masks(rod, tmp_path):
+    from patchcore_fast.cli import main
+    from patchcore_fast.data import image_size, mvtec_test
+
+    root, model = rod
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(model), str(root), "--category", "rod", "-o", str(out),
+                 "--device", "cpu", "--quiet", "--save-maps"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    print(f"rod, default geometry: image AUROC {m['image_auroc']:.4f}, pixel AUROC "
+          f"{m['pixel_auroc']:.4f}, PRO {m['pro']:.4f} (maps at {m['maps_at']})")
+    assert m["maps_at"] == "original"
+    assert m["pixel_auroc"] > 0.95
+    items = mvtec_test(root / "rod")
+    widths = set()
+    for i in items:
+        w, h = image_size(i.path)
+        widths.add(w)
+        amap = np.load(out / "maps" / i.defect / f"{i.path.name}.npy")
+        assert amap.shape == (h, w), i.path
+    assert len(widths) > 3  # photos of many shapes, each map at its own
+
+
+def _end_defect_photos(tmp_path, n=4):
+    """Rods 3 times as long as high with a spot near one end (demo-data's drawing)."""
+    from patchcore_fast import demo
+
+    rng = np.random.default_rng(99)
+    paths = []
+    for k in range(n):
+        width = 3 * demo.ROD_HEIGHT
+        img, bar = demo._rod(rng, width)
+        at = 0.02 if k % 2 else 0.98  # the left or the right end of the bar
+        mask, colour = demo._rod_defect(rng, "spot", width, bar, at)
+        path = tmp_path / f"end{k}.png"
+        Image.fromarray((demo._blend(img, mask, colour) * 255).round().astype(np.uint8)
+                        ).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_defect_near_the_end_found_with_the_default_missed_by_the_centre_crop(rod, tmp_path):
+    root, model_file = rod
+    default = PatchCore.load(model_file, device="cpu")
+    paper = PatchCore(default.config, resize="shorter", image_size=256, crop=224)
+    paper.fit(root / "rod" / "train" / "good")
+    assert (default.config.resize, default.config.crop) == (PatchCoreConfig.resize,
+                                                            PatchCoreConfig.crop)
+    good = sorted((root / "rod" / "test" / "good").glob("*.png"))
+    ends = _end_defect_photos(tmp_path)
+    margins = {}
+    for name, model in (("default", default), ("paper", paper)):
+        scores = model.predict(good + ends).scores
+        top_good = scores[:len(good)].max()
+        margins[name] = scores[len(good):] / top_good  # > 1: above every good photo
+        print(f"{name} geometry ({model.config.resize} {model.config.image_size}, crop "
+              f"{model.config.crop or 'none'}): end-defect score / highest good score "
+              f"{np.round(margins[name], 3).tolist()}")
+    assert (margins["default"] > 1.0).all()
+    # The centre crop of the shorter side never sees the ends: missed or weaker.
+    assert (margins["paper"] < margins["default"]).all()
+    assert (margins["paper"] <= 1.0).any()
