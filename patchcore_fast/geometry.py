@@ -41,6 +41,11 @@ from torch import Tensor
 
 #: ``--resize`` choices (see the module docstring).
 RESIZE_MODES = ("shorter", "longer", "stretch")
+#: The geometry of new models, chosen by measurement (README, "Image geometry"; the sweep
+#: is bench/bench_geometry.py): the whole photo, aspect kept, its longer side at 224 pixels
+#: on a padded square. Model files without geometry settings load as the paper's instead
+#: (``shorter``, 256, crop 224: :meth:`PatchCoreConfig.from_json`).
+DEFAULT_RESIZE, DEFAULT_IMAGE_SIZE, DEFAULT_CROP = "longer", 224, 0
 #: ``evaluate --maps-at`` choices: the photo's own size, or the model's input (the paper).
 MAPS_AT = ("original", "crop")
 
@@ -176,17 +181,18 @@ def add_geometry_options(group, maps_at: bool = False) -> None:
     adds :func:`add_maps_at_option` (study)."""
     if maps_at:
         add_maps_at_option(group)
-    group.add_argument("--resize", choices=RESIZE_MODES, default="shorter",
-                       help="shorter: shorter side to --image-size, then --crop (paper, "
-                            "default); longer: longer side to --image-size, padded square "
-                            "(padding ignored by maps and metrics); stretch: both sides, "
-                            "aspect not kept")
-    group.add_argument("--image-size", type=int, default=256,
-                       help="target side of --resize (default 256)")
-    group.add_argument("--crop", type=_crop_arg, default=224, metavar="PX|none",
-                       help="centre crop side (default 224); none or 0: the whole resized "
-                            "image (maps then cover the whole photo)")
+    group.add_argument("--resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,
+                       help=f"longer: longer side to --image-size, on a padded square "
+                            f"(padding ignored by maps and metrics); shorter: shorter side to "
+                            f"--image-size, then --crop (the paper: shorter 256, crop 224); "
+                            f"stretch: both sides, aspect not kept (default {DEFAULT_RESIZE})")
+    group.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+                       help=f"target side of --resize (default {DEFAULT_IMAGE_SIZE})")
+    group.add_argument("--crop", type=_crop_arg, default=DEFAULT_CROP, metavar="PX|none",
+                       help=f"centre crop side; none or 0: the whole resized image, maps "
+                            f"cover the whole photo (default {DEFAULT_CROP or 'none'})")
 
 
-__all__ = ["Placement", "place", "RESIZE_MODES", "MAPS_AT", "add_geometry_options",
+__all__ = ["Placement", "place", "RESIZE_MODES", "MAPS_AT", "DEFAULT_RESIZE",
+           "DEFAULT_IMAGE_SIZE", "DEFAULT_CROP", "add_geometry_options",
            "add_maps_at_option"]

@@ -31,7 +31,8 @@ from .data import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, image_size, iterate_
 from .errors import PatchCoreError
 from .features import PatchEmbedder
 from .files import atomic_path
-from .geometry import MAPS_AT, RESIZE_MODES
+from .geometry import (DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT,
+                       RESIZE_MODES)
 from .scoring import anomaly_maps, bank_neighbourhoods, image_scores, nearest_bank_rows
 
 FORMAT = "patchcore-fast"
@@ -55,12 +56,15 @@ class PatchCoreConfig:
         weights: local state-dict file for the backbone, or None.
         pretrained: ImageNet weights (True) or random weights (False: speed and memory
             tests only; never accurate).
-        resize: ``shorter`` (the shorter side to ``image_size``: the paper), ``longer``
-            (the longer side, padded to a square whose padding maps and metrics ignore) or
-            ``stretch`` (both sides; aspect not kept). Model files written before this
-            setting existed load as ``shorter``. See :mod:`~patchcore_fast.geometry`.
-        image_size: target side of the resize.
-        crop: side of the centre crop the model sees; 0: the whole resized image.
+        resize: ``longer`` (the longer side to ``image_size``, padded to a square whose
+            padding maps and metrics ignore: the default), ``shorter`` (the shorter side:
+            the paper, with 256 and crop 224) or ``stretch`` (both sides; aspect not kept).
+            Model files written before this setting existed load as ``shorter``. See
+            :mod:`~patchcore_fast.geometry`; the default is chosen by measurement (README,
+            "Image geometry").
+        image_size: target side of the resize (default 224).
+        crop: side of the centre crop the model sees; 0 (the default): the whole resized
+            image.
         mean: normalisation mean (RGB).
         std: normalisation standard deviation (RGB).
         patch_size: local aggregation neighbourhood p (step 3).
@@ -92,9 +96,9 @@ class PatchCoreConfig:
     layers: list[str] | None = None
     weights: str | None = None
     pretrained: bool = True
-    resize: str = "shorter"
-    image_size: int = 256
-    crop: int = 224
+    resize: str = DEFAULT_RESIZE
+    image_size: int = DEFAULT_IMAGE_SIZE
+    crop: int = DEFAULT_CROP
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     patch_size: int = 3
