@@ -118,7 +118,7 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
                         "file, a count at the end) or fail (stop with one error line)")
     g.add_argument("--temp-dir", metavar="DIR", help="folder of the temporary files that keep "
                    "memory bounded (fit: training features, images x 3.2 MB at 224 px; score "
-                   "and evaluate: maps, images x 0.2 MB); default $TMPDIR; always removed")
+                   "and evaluate: maps, 4 bytes a photo pixel); default $TMPDIR; always removed")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
     g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
                    help="under torchrun: seconds a collective waits for the other processes "

@@ -49,6 +49,10 @@ _OTHER_IMAGE_EXTENSIONS = {".heic": "HEIC", ".heif": "HEIF", ".svg": "SVG", ".ra
 # 474-byte 1 x 100,000 PNG would become 256 x 25,600,000 (20 GB as RGB). Above the budget
 # only the source region behind the crop is resized (same crop, crop^2 pixels of memory).
 MAX_RESIZED_PIXELS = 50_000_000
+# Largest model input without a crop (``--resize shorter --crop none`` keeps the photo's
+# aspect): the pixels of the largest square input, 2,048 x 2,048 (65,536 patches). A
+# longer photo would give proportionally more patches; it is skipped, naming the way out.
+MAX_INPUT_PIXELS = 2048 * 2048
 
 #: ImageNet normalisation (RGB), the statistics every supported backbone was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -259,13 +263,13 @@ class Preprocess:
                   ) -> Image.Image:
         p = self.placement(img.size)
         left, top, bw, bh = p.box
+        if not self.crop and bw * bh > min(self.max_pixels, MAX_INPUT_PIXELS):
+            w, h = img.size
+            raise UnreadableImage(
+                f"{w:,} x {h:,} pixels would be a {bw:,} x {bh:,} input without a crop, above "
+                f"{min(self.max_pixels, MAX_INPUT_PIXELS):,} pixels; fit with --resize longer "
+                f"or a --crop")
         if p.canvas[0] * p.canvas[1] > self.max_pixels:
-            if not self.crop:
-                w, h = img.size
-                raise UnreadableImage(
-                    f"{w:,} x {h:,} pixels would be {p.canvas[0]:,} x {p.canvas[1]:,} after "
-                    f"resizing the shorter side, above the budget of {self.max_pixels:,} "
-                    f"pixels; fit with --resize longer or a --crop")
             return self._bounded_geometry(img, resample, p.resized, left, top)
         img = img.resize(p.resized, resample)
         if p.canvas != p.resized:  # longer: centre the photo on a padded square

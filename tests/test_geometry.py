@@ -99,7 +99,8 @@ def test_map_spool_keeps_shapes(tmp_path):
 
 
 def test_config_without_geometry_loads_as_the_paper():
-    data = json.loads(PatchCoreConfig().to_json())
+    # Files before issue #15 always held image_size and crop (256 and 224 by default then).
+    data = json.loads(PatchCoreConfig(image_size=256, crop=224).to_json())
     del data["resize"]
     config = PatchCoreConfig.from_json(json.dumps(data))
     assert (config.resize, config.image_size, config.crop) == ("shorter", 256, 224)
@@ -212,3 +213,13 @@ def test_defect_near_the_end_found_with_the_default_missed_by_the_centre_crop(ro
     # The centre crop of the shorter side never sees the ends: missed or weaker.
     assert (margins["paper"] < margins["default"]).all()
     assert (margins["paper"] <= 1.0).any()
+
+
+def test_no_crop_input_above_the_budget_is_skipped_naming_the_way_out(tmp_path):
+    thin = tmp_path / "thin.png"
+    Image.new("L", (40_000, 20), 77).save(thin)  # 128,000 x 64 at the shorter side 64
+    with pytest.warns(UserWarning, match="without a crop.*--resize longer"):
+        assert list(iterate_images([thin], Preprocess(64, 0))) == []
+    # The same photo with the default geometry: one padded square input.
+    batches = list(iterate_images([thin], Preprocess(64, 0, resize="longer")))
+    assert batches[0][1].shape == (1, 3, 64, 64)
