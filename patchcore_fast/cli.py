@@ -21,6 +21,7 @@ from .data import list_images, mvtec_categories
 from .demo import write_demo_data
 from .errors import PatchCoreError, SkippedFileWarning
 from .files import check_outputs
+from .geometry import add_geometry_options, add_maps_at_option
 from .model import PatchCore, PatchCoreConfig, resolve_device
 
 PROG = "patchcore-fast"
@@ -117,7 +118,7 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
                         "file, a count at the end) or fail (stop with one error line)")
     g.add_argument("--temp-dir", metavar="DIR", help="folder of the temporary files that keep "
                    "memory bounded (fit: training features, images x 3.2 MB at 224 px; score "
-                   "and evaluate: maps, images x 0.2 MB); default $TMPDIR; always removed")
+                   "and evaluate: maps, 4 bytes a photo pixel); default $TMPDIR; always removed")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
     g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
                    help="under torchrun: seconds a collective waits for the other processes "
@@ -152,8 +153,7 @@ def _model_options(p: argparse.ArgumentParser, many_ratios: bool = False) -> Non
         g.add_argument("--coreset-ratio", type=_ratio, default=0.1, metavar="R",
                        help="fraction of training patches kept in the memory bank "
                             "(default 0.1; 1 keeps all)")
-    g.add_argument("--image-size", type=int, default=256, help="shorter side after resizing")
-    g.add_argument("--crop", type=int, default=224, help="centre crop side")
+    add_geometry_options(g, maps_at=many_ratios)
     g.add_argument("--num-neighbors", type=int, default=9,
                    help="b of the image-score reweighting (paper Eq. 7); 0 turns it off")
     g.add_argument("--embed-dim", type=int, default=1024,
@@ -165,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="PatchCore anomaly detection (Roth et al., CVPR "
                      "2022): fit on good images, score new ones, evaluate on labelled ones.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    sub.required = True
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser, required=True)
     raw = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("fit", help="fit a model on good images", epilog=_FIT_EXAMPLES,
@@ -210,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as "
-                   "maps/<defect>/<image>.npy (crop x crop float32)")
+                   "maps/<defect>/<image>.npy (float32, as --maps-at)")
+    add_maps_at_option(p)
     _loaded_model_options(p)
 
     p = sub.add_parser("study", help="accuracy and fit time against the coreset ratio",
@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="write a small synthetic MVTec-style data set",
                        epilog=_DEMO_EXAMPLES, formatter_class=raw,
-                       description="Write a seeded synthetic data set (category 'widget': "
-                       "textured discs, with scratches and spots as defects, and masks).")
+                       description="Write a seeded synthetic data set: 'widget' (square, textured "
+                       "discs) and 'rod' (elongated bars, 1:1 to 1:3), scratches, spots, masks.")
     p.add_argument("output", metavar="DIR", help="folder to write (MVTec layout)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed")
     p.add_argument("--overwrite", action="store_true", help="write into DIR even if it is "
@@ -257,7 +257,7 @@ def _config_from_args(args: argparse.Namespace, ratio: float | None = None
                                  ("precision", args.precision)) if v is not None}
     config = PatchCoreConfig(
         backbone=args.backbone, layers=args.layers, weights=args.weights,
-        pretrained=args.pretrained, image_size=args.image_size, crop=args.crop,
+        pretrained=args.pretrained, resize=args.resize, image_size=args.image_size, crop=args.crop,
         coreset_ratio=args.coreset_ratio if ratio is None else ratio,
         num_neighbors=args.num_neighbors, pretrain_embed_dim=args.embed_dim,
         target_embed_dim=args.embed_dim, device=args.device, **runtime)
@@ -342,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         sub = out / name if len(sets) > 1 else out
         r = evaluation.evaluate_category(name, model, items, skipped, sub, args.model,
                                          not args.no_overlays, args.save_maps,
-                                         args.temp_dir, progress=not args.quiet)
+                                         args.temp_dir, not args.quiet, args.maps_at)
         m = {k: outputs.fmt_metric(r[k]) for k in ("image_auroc", "pixel_auroc", "pro", "f1_max")}
         log(f"{name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, PRO "
             f"{m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
@@ -367,7 +367,7 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     rows = []
     for name, folder in cats:
         for r in evaluation.study_category(name, folder, base, ratios, args.temp_dir,
-                                           progress=not args.quiet):
+                                           not args.quiet, args.maps_at):
             log(f"{name} ratio {r['coreset_ratio']}: image AUROC {r['image_auroc']}, pixel "
                 f"AUROC {r['pixel_auroc']}, PRO {r['pro']}, fit {r['fit_seconds']:.1f} s")
             rows.append(r)
@@ -378,7 +378,7 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
 
 def cmd_demo_data(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     counts = write_demo_data(args.output, seed=args.seed, overwrite=args.overwrite)
-    log(f"wrote synthetic category 'widget' to {args.output}: " +
+    log(f"wrote synthetic categories widget and rod to {args.output}: " +
         ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

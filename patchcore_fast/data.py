@@ -1,10 +1,11 @@
 """Step 1 of the method and the data layouts: finding, reading and preparing images.
 
 Images are read with Pillow, turned upright by their EXIF orientation and converted to
-8-bit RGB (grey, palette, RGBA, CMYK and 16-bit images included). They are resized so the
-shorter side is ``image_size`` (bilinear), centre-cropped to ``crop`` x ``crop`` and
-normalised with the backbone's mean and standard deviation. Ground-truth masks follow the
-same geometry with nearest-neighbour resizing, so they stay binary.
+8-bit RGB (grey, palette, RGBA, CMYK and 16-bit images included). They are resized
+(bilinear; the shorter side to ``image_size`` as the paper, or the longer side with padding,
+or both sides: :mod:`~patchcore_fast.geometry`), centre-cropped to ``crop`` x ``crop`` (or
+not) and normalised with the backbone's mean and standard deviation. Ground-truth masks
+follow the same geometry with nearest-neighbour resizing, so they stay binary.
 
 Files that cannot be read (zero bytes, truncated, not an image) are skipped with a
 :class:`~patchcore_fast.errors.SkippedFileWarning` naming the file, and counted.
@@ -34,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import LargeImageWarning, PatchCoreError, SkippedFileWarning
+from .geometry import Placement, place
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # The Pillow decoders used, whatever the file's extension says; other formats Pillow knows
@@ -47,6 +49,10 @@ _OTHER_IMAGE_EXTENSIONS = {".heic": "HEIC", ".heif": "HEIF", ".svg": "SVG", ".ra
 # 474-byte 1 x 100,000 PNG would become 256 x 25,600,000 (20 GB as RGB). Above the budget
 # only the source region behind the crop is resized (same crop, crop^2 pixels of memory).
 MAX_RESIZED_PIXELS = 50_000_000
+# Largest model input without a crop (``--resize shorter --crop none`` keeps the photo's
+# aspect): the pixels of the largest square input, 2,048 x 2,048 (65,536 patches). A
+# longer photo would give proportionally more patches; it is skipped, naming the way out.
+MAX_INPUT_PIXELS = 2048 * 2048
 
 #: ImageNet normalisation (RGB), the statistics every supported backbone was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -213,13 +219,15 @@ def read_mask(path: str | os.PathLike) -> Image.Image:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side, centre-crop, normalise.
+    """Resize, pad, crop, normalise (geometry.py describes the moves and the way back).
 
     Attributes:
-        image_size: shorter side after resizing.
-        crop: side of the centre crop (<= image_size).
+        image_size: target side of the resize (shorter side, longer side or both).
+        crop: side of the centre crop (<= image_size); 0 keeps the whole resized image.
         mean: per-channel mean for normalisation.
         std: per-channel standard deviation.
+        max_pixels: pixel budget of the resized image (:data:`MAX_RESIZED_PIXELS`).
+        resize: ``shorter`` (paper), ``longer`` (padded square) or ``stretch``.
     """
 
     image_size: int = 256
@@ -227,20 +235,23 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     max_pixels: int = MAX_RESIZED_PIXELS
+    resize: str = "shorter"
 
-    def _resized_size(self, w: int, h: int) -> tuple[int, int]:
-        scale = self.image_size / min(w, h)
-        return max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
+    def placement(self, size: tuple[int, int]) -> Placement:
+        """Where a photo of ``size`` (width, height) lands in the model's input."""
+        return place(size, self.resize, self.image_size, self.crop)
 
     def oversize(self, size: tuple[int, int]) -> str | None:
         """Why an image of ``size`` (width, height) takes the bounded path, or None.
 
         Above :attr:`max_pixels` after resizing, :meth:`display` resizes only the region
         behind the crop; the model then sees a sliver of an extreme panorama, which the
-        message says.
+        message says. (Only ``shorter`` can exceed the budget; without a crop such an
+        image cannot be read at all: :meth:`display` raises.)
         """
         w, h = size
-        rw, rh = self._resized_size(w, h)
+        p = self.placement(size)
+        rw, rh = p.canvas
         if rw * rh <= self.max_pixels:
             return None
         seen = 100.0 * (self.crop / rw) * (self.crop / rh)
@@ -248,15 +259,26 @@ class Preprocess:
                 f"budget of {self.max_pixels:,} pixels: only the region behind the centre "
                 f"crop is resized (the model sees {seen:.2g} % of the image)")
 
-    def _geometry(self, img: Image.Image, resample: int) -> Image.Image:
-        w, h = img.size
-        size = self._resized_size(w, h)
-        left = int(round((size[0] - self.crop) / 2.0))
-        top = int(round((size[1] - self.crop) / 2.0))
-        if size[0] * size[1] > self.max_pixels:
-            return self._bounded_geometry(img, resample, size, left, top)
-        img = img.resize(size, resample)
-        return img.crop((left, top, left + self.crop, top + self.crop))
+    def _geometry(self, img: Image.Image, resample: int, fill: tuple[int, ...] | int
+                  ) -> Image.Image:
+        p = self.placement(img.size)
+        left, top, bw, bh = p.box
+        if not self.crop and bw * bh > min(self.max_pixels, MAX_INPUT_PIXELS):
+            w, h = img.size
+            raise UnreadableImage(
+                f"{w:,} x {h:,} pixels would be a {bw:,} x {bh:,} input without a crop, above "
+                f"{min(self.max_pixels, MAX_INPUT_PIXELS):,} pixels; fit with --resize longer "
+                f"or a --crop")
+        if p.canvas[0] * p.canvas[1] > self.max_pixels:
+            return self._bounded_geometry(img, resample, p.resized, left, top)
+        img = img.resize(p.resized, resample)
+        if p.canvas != p.resized:  # longer: centre the photo on a padded square
+            canvas = Image.new(img.mode, p.canvas, fill)
+            canvas.paste(img, p.offset)
+            img = canvas
+        if (bw, bh) != img.size:
+            img = img.crop((left, top, left + bw, top + bh))
+        return img
 
     def _bounded_geometry(self, img: Image.Image, resample: int, size: tuple[int, int],
                           left: int, top: int) -> Image.Image:
@@ -285,21 +307,42 @@ class Preprocess:
                            box=(0, top * sy - y0, self.crop, (top + self.crop) * sy - y0))
 
     def display(self, img: Image.Image) -> np.ndarray:
-        """The resized, cropped image as uint8 [crop, crop, 3] (for overlays)."""
-        return np.asarray(self._geometry(img, Image.BILINEAR))
+        """The model's input as uint8 [H_in, W_in, 3] (before normalising).
+
+        ``longer``'s padding is the normalisation mean, so it normalises to 0.
+        """
+        fill = tuple(int(round(255 * m)) for m in self.mean)
+        return np.asarray(self._geometry(img, Image.BILINEAR, fill))
 
     def image(self, img: Image.Image) -> Tensor:
-        """Tensor[3, crop, crop] float32, normalised."""
+        """Tensor[3, H_in, W_in] float32, normalised (``crop`` x ``crop`` with a crop)."""
         x = torch.from_numpy(self.display(img).copy()).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (x - mean) / std
 
-    def mask(self, img: Image.Image | None) -> Tensor:
-        """Tensor[crop, crop] bool; an absent mask (good image) is all False."""
-        if img is None:
+    def mask(self, img: Image.Image | None, size: tuple[int, int] | None = None) -> Tensor:
+        """A mask put through the image's geometry, cut to the pixels that show the photo
+        (the ground truth of :meth:`Placement.to_crop` maps).
+
+        Args:
+            img: the mask (mode L), or None: a good image, all False.
+            size: (width, height) of the photo when ``img`` is None (without it: the
+                crop's square, as a ``shorter`` geometry gives).
+
+        Returns:
+            Tensor[h, w] bool.
+        """
+        if img is None and size is None:
+            if not self.crop:
+                raise ValueError("an absent mask needs the photo's size when there is no crop")
             return torch.zeros(self.crop, self.crop, dtype=torch.bool)
-        return torch.from_numpy(np.asarray(self._geometry(img, Image.NEAREST)) > 0)
+        p = self.placement(img.size if img is not None else size)
+        x0, y0, x1, y1 = p.visible()
+        if img is None:
+            return torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool)
+        m = torch.from_numpy(np.asarray(self._geometry(img, Image.NEAREST, 0)) > 0)
+        return m[y0:y1, x0:x1]
 
 
 def warn_skipped(path: str | os.PathLike, why: str) -> None:
@@ -394,7 +437,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None, str | None]:
-        """(index, Tensor[3, crop, crop] or None, why it was skipped, a note to warn)."""
+        """(index, Tensor[3, H_in, W_in] or None, why it was skipped, a note to warn)."""
         try:
             img = read_image(self.paths[i])
             return i, self.preprocess.image(img), None, self.preprocess.oversize(img.size)
@@ -402,13 +445,18 @@ class ImageFiles(Dataset):
             return i, None, str(exc), None
 
 
-def _collate(items: list) -> tuple[list[int], Tensor | None, list[tuple[int, str]],
+def _collate(items: list) -> tuple[list[tuple[list[int], Tensor]], list[tuple[int, str]],
                                    list[tuple[int, str]]]:
-    good = [(i, x) for i, x, _, _ in items if x is not None]
+    """Readable images stacked by input shape (one group unless ``shorter`` without a crop
+    met photos of different aspect), unreadable ones, warnings."""
+    groups: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+    for i, x, _, _ in items:
+        if x is not None:
+            groups.setdefault(tuple(x.shape), []).append((i, x))
     bad = [(i, why) for i, x, why, _ in items if x is None]
     notes = [(i, note) for i, _, _, note in items if note]
-    batch = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], batch, bad, notes
+    stacks = [([i for i, _ in g], torch.stack([x for _, x in g])) for g in groups.values()]
+    return stacks, bad, notes
 
 
 def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: int = 8,
@@ -428,12 +476,13 @@ def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: in
             GPU is then asynchronous, ``non_blocking=True``).
 
     Yields:
-        (indices into ``paths``, Tensor[B, 3, crop, crop]) for batches with readable images.
+        (indices into ``paths``, Tensor[B, 3, H_in, W_in]) for batches with readable images;
+        a batch whose images differ in input shape comes as one batch per shape.
     """
     loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate, shuffle=False,
                         pin_memory=pin_memory)
-    for indices, batch, bad, notes in loader:
+    for stacks, bad, notes in loader:
         # Warned here, in the main process (the readers may be worker processes).
         for i, note in notes:
             warnings.warn(f"{paths[i]}: {note}", LargeImageWarning, stacklevel=2)
@@ -442,9 +491,8 @@ def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: in
             if skipped is not None:
                 skipped.append(str(paths[i]))
         if progress is not None:
-            progress(len(indices) + len(bad))
-        if batch is not None:
-            yield indices, batch
+            progress(sum(len(i) for i, _ in stacks) + len(bad))
+        yield from stacks
 
 
 @dataclass(frozen=True)

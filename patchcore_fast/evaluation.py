@@ -21,7 +21,7 @@ from . import distributed, metrics
 from .data import (TestImage, UnreadableImage, folder_test, image_size, mvtec_categories,
                    mvtec_test, read_mask, warn_skipped)
 from .errors import PatchCoreError
-from .files import ArraySpool, check_outputs
+from .files import ArraySpool, MapSpool, check_outputs
 from .metrics import PixelHistogram
 from .model import PatchCore, PatchCoreConfig
 from .backbone import file_sha256
@@ -122,13 +122,28 @@ def usable_masks(items: Sequence[TestImage], skipped: list[str]) -> list[TestIma
     return out
 
 
-def mask_of(item: TestImage, preprocess) -> np.ndarray:
-    """Ground truth of one test image at crop resolution (all False without a mask)."""
+def mask_of(item: TestImage, preprocess, maps_at: str = "original") -> np.ndarray:
+    """Ground truth of one test image (all False without a mask), matching its map.
+
+    Args:
+        item: the test image.
+        preprocess (data.Preprocess): the model's geometry.
+        maps_at: ``original``: the mask itself (the photo's size); ``crop``: put through
+            the model's geometry and cut to the pixels that show the photo.
+
+    Returns:
+        bool array[H, W].
+    """
     try:
         m = read_mask(item.mask) if item.mask else None
+        size = image_size(item.path) if m is None else m.size
     except UnreadableImage as exc:
         raise PatchCoreError(f"cannot read mask {item.mask}: {exc}") from None
-    return preprocess.mask(m).numpy()
+    if maps_at == "crop":
+        return preprocess.mask(m, size).numpy()
+    if m is None:
+        return np.zeros((size[1], size[0]), dtype=bool)
+    return np.asarray(m) > 0
 
 
 def add_maps(pixels: dict[str, PixelHistogram], defects: Sequence[str],
@@ -138,8 +153,8 @@ def add_maps(pixels: dict[str, PixelHistogram], defects: Sequence[str],
     Args:
         pixels: histogram per defect type (created on first use).
         defects: defect type of each map (``good`` for good images).
-        maps (float32 array[B, crop, crop]): anomaly maps.
-        masks: ground truth of each map (bool array[crop, crop], or None: all normal).
+        maps: anomaly maps (float32 arrays[H, W], any sizes).
+        masks: ground truth of each map (bool array of its shape, or None: all normal).
     """
     for defect, amap, mask in zip(defects, maps, masks):
         pixels.setdefault(defect, PixelHistogram()).add(amap, mask)
@@ -220,10 +235,9 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
         return _score_shares(launch, model, paths, names, out, skipped, overlays, save_maps,
                              temp_dir, progress)
     images = overlays or save_maps
-    crop = model.config.crop
     new: dict[str, float] = {}
     with contextlib.closing(Journal(out, resume, run)) as journal, \
-            ArraySpool((crop, crop), np.float32, temp_dir, "map file") as spool:
+            MapSpool(np.float32, temp_dir, "map file") as spool:
         order: list[Path] = []
         pixels = PixelHistogram()
         for batch, scores, maps in (model.predict_batches(paths, skipped, progress)
@@ -278,9 +292,8 @@ def _score_shares(launch: distributed.Launch, model: PatchCore, paths: Sequence[
     """
     share, keeps = _shares(launch, model, paths)
     images = overlays or save_maps
-    crop = model.config.crop
     order: list[Path] = []
-    with ArraySpool((crop, crop), np.float32, temp_dir, "map file") as spool:
+    with MapSpool(np.float32, temp_dir, "map file") as spool:
         def first_pass():
             new, pixels, missed = {}, PixelHistogram(), []
             for batch, scores, maps in (model.predict_batches(
@@ -308,19 +321,20 @@ def _score_shares(launch: distributed.Launch, model: PatchCore, paths: Sequence[
 
 
 def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[str],
-                   spool: ArraySpool | None, progress: bool
+                   spool: MapSpool | None, progress: bool, maps_at: str = "original"
                    ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float]:
     """Score labelled images: (kept, their scores, pixel histogram per defect, seconds).
 
-    Maps go to ``spool`` (when overlays or maps are written) and into the histograms.
+    Maps (at the photo's size or the crop's, ``maps_at``) go to ``spool`` (when overlays
+    or maps are written) and into the histograms.
     """
     items = usable_masks(items, skipped)
     by_path = {i.path: i for i in items}
     kept, scores = [], []
     pixels: dict[str, PixelHistogram] = {}
     seconds = 0.0
-    batches = model.predict_batches([i.path for i in items], skipped, progress=progress) \
-        if items else iter(())
+    batches = model.predict_batches([i.path for i in items], skipped, progress=progress,
+                                    maps_at=maps_at) if items else iter(())
     while True:
         t0 = time.perf_counter()
         batch = next(batches, None)
@@ -331,7 +345,7 @@ def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[s
         done = [by_path[p] for p in paths]
         kept += done
         add_maps(pixels, [i.defect for i in done], maps,
-                 [mask_of(i, model.preprocess) if i.mask else None for i in done])
+                 [mask_of(i, model.preprocess, maps_at) if i.mask else None for i in done])
         scores.append(batch_scores)
         if spool is not None:
             spool.append(maps)
@@ -340,7 +354,8 @@ def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[s
 
 
 def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequence[TestImage],
-                     skipped: list[str], spool: ArraySpool | None, progress: bool
+                     skipped: list[str], spool: MapSpool | None, progress: bool,
+                     maps_at: str = "original"
                      ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float,
                                 list[TestImage], dict]:
     """:func:`_evaluate_pass` as one rank of a torchrun run (collective), merged.
@@ -360,7 +375,7 @@ def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequen
         missed: list[str] = []
         kept, scores, pixels, seconds = _evaluate_pass(model, share, missed,
                                                        spool if keeps else None,
-                                                       progress and launch.is_main)
+                                                       progress and launch.is_main, maps_at)
         mine.extend(kept if keeps else ())
         return (kept, scores, pixels, missed, seconds) if keeps else None, len(share)
 
@@ -382,7 +397,8 @@ def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequen
 def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
                       skipped: list[str], out: Path, model_file: str,
                       overlays: bool = True, save_maps: bool = False,
-                      temp_dir: str | None = None, progress: bool = False) -> dict:
+                      temp_dir: str | None = None, progress: bool = False,
+                      maps_at: str = "original") -> dict:
     """Metrics of one labelled test set; writes metrics.json, roc.png, scores.csv, overlays.
 
     Under torchrun each rank scores its share of the images and writes their overlays
@@ -399,26 +415,28 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
         overlays, save_maps: which image files to write.
         temp_dir: folder of the temporary map file.
         progress: show a progress bar.
+        maps_at: ``original``: maps and pixel metrics at each photo's own size (every
+            pixel of the original mask); ``crop``: at the model's input, padding left out
+            (the paper's protocol). metrics.json says which (``maps_at``).
 
     Returns:
         the contents of metrics.json.
     """
     names = dict(zip((i.path for i in items), evaluation_names(items)))
     launch = distributed.current()
-    crop = model.config.crop
-    with ArraySpool((crop, crop), np.float32, temp_dir, "map file") as spool:
+    with MapSpool(np.float32, temp_dir, "map file") as spool:
         keep = spool if overlays or save_maps else None
         if launch is None:
             kept, scores_arr, pixels, seconds = _evaluate_pass(model, items, skipped, keep,
-                                                               progress)
+                                                               progress, maps_at)
             mine, record = kept, None
         else:
             kept, scores_arr, pixels, seconds, mine, record = _evaluate_shares(
-                launch, model, items, skipped, keep, progress)
+                launch, model, items, skipped, keep, progress, maps_at)
         if not kept:
             raise PatchCoreError(f"none of the test images of {name} could be read")
         result = _metrics(kept, scores_arr, pixels)
-        result = {"category": name, **result, "skipped": skipped,
+        result = {"category": name, **result, "maps_at": maps_at, "skipped": skipped,
                   "score_seconds": seconds, "seconds_per_image": seconds / len(kept),
                   "model": {"file": str(model_file),
                             "config": json.loads(model.config.to_json()),
@@ -442,7 +460,8 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
 
 
 def study_category(name: str, folder: Path, config: PatchCoreConfig, ratios: Sequence[float],
-                   temp_dir: str | None = None, progress: bool = False) -> Iterator[dict]:
+                   temp_dir: str | None = None, progress: bool = False,
+                   maps_at: str = "original") -> Iterator[dict]:
     """Fit one MVTec-style category at several coreset ratios and evaluate each bank.
 
     The test embeddings (scored again at every ratio) and their masks wait in temporary
@@ -456,6 +475,7 @@ def study_category(name: str, folder: Path, config: PatchCoreConfig, ratios: Seq
         ratios: coreset ratios, in the order to fit them.
         temp_dir: folder of the temporary files.
         progress: show progress bars.
+        maps_at: where the pixel metrics are taken, as :func:`evaluate_category`.
 
     Yields:
         one row per ratio: ratio, bank size, image / pixel AUROC, PRO, F1-max and times.
@@ -464,7 +484,10 @@ def study_category(name: str, folder: Path, config: PatchCoreConfig, ratios: Seq
     items = usable_masks(mvtec_test(folder, skipped), skipped)
     by_path = {i.path: i for i in items}
     model = PatchCore(config)
-    crop = config.crop
+    if config.resize == "shorter" and not config.crop:
+        raise PatchCoreError("study needs inputs of one shape: with --resize shorter give a "
+                             "--crop, or use --resize longer or stretch")
+    pre = model.preprocess
     with contextlib.ExitStack() as stack:
         t0 = time.perf_counter()
         embeddings = masks = None
@@ -474,15 +497,15 @@ def study_category(name: str, folder: Path, config: PatchCoreConfig, ratios: Seq
             if embeddings is None:
                 embeddings = stack.enter_context(ArraySpool(
                     patches.shape[1:], np.float32, temp_dir, "test-feature file"))
-                masks = stack.enter_context(ArraySpool((crop, crop), np.bool_, temp_dir,
-                                                       "mask file"))
+                masks = stack.enter_context(MapSpool(np.bool_, temp_dir, "mask file"))
             embeddings.append(patches.float().cpu().numpy())
             kept += [by_path[p] for p in paths]
-            masks.append(np.stack([mask_of(by_path[p], model.preprocess) for p in paths]))
+            masks.append([mask_of(by_path[p], pre, maps_at) for p in paths])
         if not kept:
             raise PatchCoreError(f"none of the test images of {name} could be read")
         test_seconds = time.perf_counter() - t0
-        grid = model.grid
+        grid, size = model.grid, model.input_size
+        places = [pre.placement(image_size(i.path)) for i in kept]
         defects = [i.defect for i in kept]
         for ratio in model.fit_each_ratio(folder / "train" / "good", ratios, skipped,
                                           progress, temp_dir):
@@ -490,9 +513,11 @@ def study_category(name: str, folder: Path, config: PatchCoreConfig, ratios: Seq
             scores, pixels, at = [], {}, 0
             for batch in embeddings.batches(config.batch_size):
                 s, maps = model.score_embeddings(torch.from_numpy(batch).to(model.device),
-                                                 grid)
+                                                 grid, size)
                 scores.append(s.numpy())
-                add_maps(pixels, defects[at:at + len(batch)], maps.numpy(),
+                back = [(p.to_original(m) if maps_at == "original" else p.to_crop(m)).numpy()
+                        for p, m in zip(places[at:], maps)]
+                add_maps(pixels, defects[at:at + len(batch)], back,
                          masks.read(at, at + len(batch)))
                 at += len(batch)
             score_s = time.perf_counter() - t0 + test_seconds

@@ -197,6 +197,57 @@ class ArraySpool:
         self.close()
 
 
+class MapSpool:
+    """Arrays of varying shapes (one anomaly map per photo, at the photo's own size) parked
+    in one :class:`ArraySpool` of bytes, read back by index.
+
+    Args:
+        dtype: numpy dtype of the arrays.
+        temp_dir: folder of the file (default: $TMPDIR).
+        what: the file's name in error messages.
+    """
+
+    def __init__(self, dtype=np.float32, temp_dir: str | os.PathLike | None = None,
+                 what: str = "map file"):
+        self.dtype = np.dtype(dtype)
+        self._bytes = ArraySpool((1,), np.uint8, temp_dir, what)
+        self._where: list[tuple[int, tuple[int, ...]]] = []  # (first byte, shape)
+
+    @property
+    def count(self) -> int:
+        """Arrays appended so far."""
+        return len(self._where)
+
+    def append(self, items: Sequence[np.ndarray]) -> None:
+        """Add arrays (any shapes) after the ones already there."""
+        for a in items:
+            a = np.ascontiguousarray(a, dtype=self.dtype)
+            self._where.append((self._bytes.count, a.shape))
+            self._bytes.append(a.reshape(-1).view(np.uint8)[:, None])
+
+    def read(self, start: int, stop: int | None = None) -> list[np.ndarray]:
+        """Arrays ``start`` to ``stop`` (default: just ``start``), as a list."""
+        stop = start + 1 if stop is None else stop
+        if not 0 <= start <= stop <= self.count:
+            raise IndexError(f"items [{start}, {stop}) out of range [0, {self.count})")
+        out = []
+        for first, shape in self._where[start:stop]:
+            n = int(np.prod(shape)) * self.dtype.itemsize
+            raw = self._bytes.read(first, first + n)
+            out.append(raw.reshape(-1).view(self.dtype).reshape(shape))
+        return out
+
+    def close(self) -> None:
+        """Remove the file (idempotent)."""
+        self._bytes.close()
+
+    def __enter__(self) -> "MapSpool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # ----- where outputs may go ---------------------------------------------------------------
 
 def _existing_ancestor(path: Path) -> Path:

@@ -26,10 +26,13 @@ from . import distributed
 from ._version import __version__
 from .backbone import Backbone, BackboneInfo, file_sha256, load_backbone
 from .coreset import StreamingCoreset, coreset_size
-from .data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, iterate_images, list_images
+from .data import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, image_size, iterate_images,
+                   list_images)
 from .errors import PatchCoreError
 from .features import PatchEmbedder
 from .files import atomic_path
+from .geometry import (DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT,
+                       RESIZE_MODES)
 from .scoring import anomaly_maps, bank_neighbourhoods, image_scores, nearest_bank_rows
 
 FORMAT = "patchcore-fast"
@@ -53,8 +56,15 @@ class PatchCoreConfig:
         weights: local state-dict file for the backbone, or None.
         pretrained: ImageNet weights (True) or random weights (False: speed and memory
             tests only; never accurate).
-        image_size: shorter image side after resizing.
-        crop: side of the centre crop the model sees.
+        resize: ``longer`` (the longer side to ``image_size``, padded to a square whose
+            padding maps and metrics ignore: the default), ``shorter`` (the shorter side:
+            the paper, with 256 and crop 224) or ``stretch`` (both sides; aspect not kept).
+            Model files written before this setting existed load as ``shorter``. See
+            :mod:`~patchcore_fast.geometry`; the default is chosen by measurement (README,
+            "Image geometry").
+        image_size: target side of the resize (default 224).
+        crop: side of the centre crop the model sees; 0 (the default): the whole resized
+            image.
         mean: normalisation mean (RGB).
         std: normalisation standard deviation (RGB).
         patch_size: local aggregation neighbourhood p (step 3).
@@ -86,8 +96,9 @@ class PatchCoreConfig:
     layers: list[str] | None = None
     weights: str | None = None
     pretrained: bool = True
-    image_size: int = 256
-    crop: int = 224
+    resize: str = DEFAULT_RESIZE
+    image_size: int = DEFAULT_IMAGE_SIZE
+    crop: int = DEFAULT_CROP
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     patch_size: int = 3
@@ -111,9 +122,12 @@ class PatchCoreConfig:
                 f"image size should be between 16 and {MAX_IMAGE_SIZE:,} (a {MAX_IMAGE_SIZE:,}"
                 f"-pixel crop already gives {(MAX_IMAGE_SIZE // 8) ** 2:,} patch embeddings "
                 f"per image), got {self.image_size:,}")
-        if not 16 <= self.crop <= self.image_size:
+        if self.crop != 0 and not 16 <= self.crop <= self.image_size:
             raise PatchCoreError(f"crop should be between 16 and the image size "
-                                 f"{self.image_size}, got {self.crop}")
+                                 f"{self.image_size}, or 0 (none), got {self.crop}")
+        if self.resize not in RESIZE_MODES:
+            raise PatchCoreError(f"resize should be one of {', '.join(RESIZE_MODES)}, got "
+                                 f"{self.resize!r}")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise PatchCoreError(f"coreset ratio should be in (0, 1], got {self.coreset_ratio}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
@@ -146,6 +160,8 @@ class PatchCoreConfig:
     def from_json(cls, text: str) -> "PatchCoreConfig":
         """Settings from :meth:`to_json`; unknown keys are an error (newer file)."""
         data = json.loads(text)
+        # Files written before the geometry settings (issue #15) were all the paper's.
+        data.setdefault("resize", "shorter")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -181,7 +197,8 @@ class Prediction:
     Attributes:
         paths: the images that were read (unreadable ones are left out).
         scores (float32 array[N]): image scores.
-        maps (float32 array[N, crop, crop]): anomaly maps at crop resolution.
+        maps (list of float32 array[H, W]): anomaly maps, each at its photo's size
+            (``maps_at="original"``) or at the model's input without padding (``crop``).
         skipped: the files that could not be read.
     """
 
@@ -228,6 +245,7 @@ class PatchCore:
         self.bank: Tensor | None = None            # [M, D]
         self.neighbourhoods: Tensor | None = None  # [M, b]
         self.grid: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None  # (H_in, W_in) of the last batch
         self.backbone_info: BackboneInfo | None = None
         self.fit_stats: dict = {}
         self._embedder: PatchEmbedder | None = None
@@ -239,7 +257,8 @@ class PatchCore:
     def preprocess(self) -> Preprocess:
         """Image geometry and normalisation of this model."""
         c = self.config
-        return Preprocess(c.image_size, c.crop, tuple(c.mean), tuple(c.std))
+        return Preprocess(c.image_size, c.crop, tuple(c.mean), tuple(c.std),
+                          resize=c.resize)
 
     def _build_backbone(self) -> Backbone:
         c = self.config
@@ -292,6 +311,7 @@ class PatchCore:
                                              pin_memory=cuda):
                 patches, grid = embedder(batch.to(self.device, non_blocking=cuda))
                 self.grid = grid
+                self.input_size = tuple(batch.shape[-2:])
                 yield [paths[i] for i in idx], patches
 
     # ----- steps 6-7: memory bank and coreset ---------------------------------------
@@ -464,15 +484,19 @@ class PatchCore:
         if self.bank is None:
             raise PatchCoreError("the model is not fitted: call fit() or PatchCore.load()")
 
-    def score_embeddings(self, patches: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def score_embeddings(self, patches: Tensor, grid: tuple[int, int],
+                         size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
         """Steps 8-10 on embeddings.
 
         Args:
             patches (Tensor[B, h * w, D]): test embeddings.
             grid: (h, w).
+            size: (H_in, W_in) of the images they come from; default: the size of the last
+                batch embedded, else the crop (else the grid times the first stride).
 
         Returns:
-            (Tensor[B] image scores, Tensor[B, crop, crop] anomaly maps), on the CPU.
+            (Tensor[B] image scores, Tensor[B, H_in, W_in] anomaly maps of the model's
+            input), on the CPU.
         """
         self._check_fitted()
         b, p, d = patches.shape
@@ -481,8 +505,12 @@ class PatchCore:
         dist, idx = dist.view(b, p), idx.view(b, p)
         hood = None if self.neighbourhoods is None else self.neighbourhoods.to(patches.device)
         scores = image_scores(patches, dist, idx, bank, hood)
-        maps = anomaly_maps(dist, grid, (self.config.crop, self.config.crop),
-                            self.config.blur_sigma)
+        if size is None:
+            size = self.input_size or (self.config.crop, self.config.crop)
+        if not size[0]:
+            stride = self.backbone_info.strides[0] if self.backbone_info else 8
+            size = (grid[0] * stride, grid[1] * stride)
+        maps = anomaly_maps(dist, grid, tuple(size), self.config.blur_sigma)
         if maps.device.type != "cuda":
             return scores.cpu(), maps.cpu()
         # Maps are upsampled and blurred on the GPU; both results then go to page-locked
@@ -494,40 +522,67 @@ class PatchCore:
         torch.cuda.current_stream(maps.device).synchronize()
         return host[0], host[1]
 
+    def maps_back(self, paths: Sequence[Path], maps: Tensor, maps_at: str = "original"
+                  ) -> list[np.ndarray]:
+        """Input-sized maps -> each photo's geometry (:mod:`~patchcore_fast.geometry`).
+
+        Args:
+            paths: the photos (their headers give their sizes).
+            maps (Tensor[B, H_in, W_in]): maps of the model's input.
+            maps_at: ``original`` (the photo's size: crop, padding and resize undone) or
+                ``crop`` (the input's resolution, padding cut off: the paper's protocol).
+
+        Returns:
+            list of float32 array[H, W], one per photo.
+        """
+        if maps_at not in MAPS_AT:
+            raise PatchCoreError(f"maps_at should be one of {', '.join(MAPS_AT)}, got "
+                                 f"{maps_at!r}")
+        pre = self.preprocess
+        out = []
+        for path, amap in zip(paths, maps):
+            p = pre.placement(image_size(path))
+            back = p.to_original(amap) if maps_at == "original" else p.to_crop(amap)
+            out.append(np.ascontiguousarray(back.numpy(), dtype=np.float32))
+        return out
+
     def predict_batches(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
-                        skipped: list[str] | None = None, progress: bool = False
-                        ) -> Iterator[tuple[list[Path], np.ndarray, np.ndarray]]:
+                        skipped: list[str] | None = None, progress: bool = False,
+                        maps_at: str = "original"
+                        ) -> Iterator[tuple[list[Path], np.ndarray, list[np.ndarray]]]:
         """Scores and maps batch by batch (for large sets).
 
         Yields:
-            (paths, float32 array[B] scores, float32 array[B, crop, crop] maps).
+            (paths, float32 array[B] scores, B float32 arrays[H, W]: the maps, see
+            :meth:`maps_back`).
         """
         self._check_fitted()
         with torch.inference_mode():
             for paths, patches in self.embed_batches(images, skipped, progress, "score"):
-                scores, maps = self.score_embeddings(patches, self.grid)
-                yield paths, scores.numpy(), maps.numpy()
+                scores, maps = self.score_embeddings(patches, self.grid, self.input_size)
+                yield paths, scores.numpy(), self.maps_back(paths, maps, maps_at)
 
     def predict(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
-                progress: bool = False) -> Prediction:
+                progress: bool = False, maps_at: str = "original") -> Prediction:
         """Image scores and anomaly maps.
 
         Args:
             images: image files and/or folders.
             progress: show a progress bar.
+            maps_at: ``original`` (each photo's own size) or ``crop`` (:meth:`maps_back`).
 
         Returns:
             :class:`Prediction` (unreadable files are skipped with a warning and listed).
         """
         skipped: list[str] = []
         paths, scores, maps = [], [], []
-        for p, s, m in self.predict_batches(images, skipped, progress):
+        for p, s, m in self.predict_batches(images, skipped, progress, maps_at):
             paths += p
             scores.append(s)
-            maps.append(m)
+            maps += m
         if not paths:
             raise PatchCoreError("none of the images could be read")
-        return Prediction(paths, np.concatenate(scores), np.concatenate(maps), skipped)
+        return Prediction(paths, np.concatenate(scores), maps, skipped)
 
     # ----- model file -----------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import PatchCoreError
-from .files import ArraySpool, atomic_path, check_outputs, fsync_folder, write_text
+from .files import ArraySpool, MapSpool, atomic_path, check_outputs, fsync_folder, write_text
 
 #: score's progress, for ``--resume`` (removed when the run finishes).
 JOURNAL = ".scores.partial.csv"
@@ -66,12 +66,21 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np
 
 def write_overlay(path: Path, source: Path, amap: np.ndarray, preprocess, vmin: float,
                   vmax: float) -> None:
-    """Write the overlay of ``amap`` on the image ``source`` as a PNG."""
+    """Write the overlay of ``amap`` on the image ``source`` as a PNG.
+
+    A map at the photo's own size is laid on the photo itself; a crop-sized map
+    (``maps_at="crop"``) on the model's input, without padding.
+    """
     from PIL import Image
 
     from .data import read_image
 
-    img = preprocess.display(read_image(source)).astype(np.float64)
+    photo = read_image(source)
+    if amap.shape == (photo.height, photo.width):
+        img = np.asarray(photo).astype(np.float64)
+    else:
+        x0, y0, x1, y1 = preprocess.placement(photo.size).visible()
+        img = preprocess.display(photo)[y0:y1, x0:x1].astype(np.float64)
     with atomic_path(path) as tmp:
         # zlib level 1: a third of the default level's encoding time for files about 10 %
         # larger (bench/RESULTS.md, "End to end"); PNG stays lossless.
@@ -100,7 +109,7 @@ def writer_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def write_map_files(out: Path, spool: ArraySpool, images: Sequence[tuple[Path, str]],
+def write_map_files(out: Path, spool: ArraySpool | MapSpool, images: Sequence[tuple[Path, str]],
                     preprocess, pixels, overlays: bool = True, save_maps: bool = False,
                     written: Callable[[Path], None] | None = None,
                     threads: int | None = None) -> None:

@@ -71,7 +71,8 @@ def test_evaluate_and_score_outputs(fitted, demo, tmp_path, capsys):
     assert len(rows) == 3 and set(rows[0]) == {"file", "score", "label"}
     js = json.loads((sc / "scores.json").read_text())
     assert len(js["images"]) == 3 and js["threshold"] == m["f1_threshold"]
-    assert np.load(sc / "maps" / "000.png.npy").shape == (64, 64)
+    # Maps come back at the photo's own size (issue #15), not the 64 x 64 input.
+    assert np.load(sc / "maps" / "000.png.npy").shape == (256, 256)
     assert len(list((sc / "overlays").glob("*.png"))) == 3
     assert not [p for p in _files(tmp_path) if p.name.endswith(".tmp")]
 
