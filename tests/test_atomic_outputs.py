@@ -24,7 +24,7 @@ from PIL import Image
 import patchcore_fast
 from patchcore_fast import PatchCore
 from patchcore_fast.cli import main
-from patchcore_fast.outputs import JOURNAL
+from patchcore_fast.outputs import JOURNAL, unique_names
 
 SMALL = ["--image-size", "64", "--crop", "64", "--device", "cpu", "--quiet"]
 
@@ -103,20 +103,30 @@ def test_score_killed_at_every_stage_then_resumed(setup, tmp_path):
     assert main([*argv, "-o", str(full)]) == 0
     want = list(csv.DictReader((full / "scores.csv").open()))
     n = len(want)                    # 4 images: overlay + map each, then CSV and JSON
+    names = dict(zip((r["file"] for r in want), unique_names([Path(r["file"]) for r in want])))
     renames = 2 * n + 2
     for k in (1, 2, 2 * n, 2 * n + 1, renames):
         out = tmp_path / f"kill{k}"
         assert _killed_run(str(k), [*argv, "-o", str(out)]) == -signal.SIGKILL, k
         _assert_whole(out)
-        # Renames so far: k - 1, overlay then map per image; an image enters the journal
-        # once both of its files have their names.
+        # Renames so far: k - 1, an overlay and a map per image, from the writer threads in
+        # whatever order they finish; each rename is one whole file.
         renamed = min(k - 1, 2 * n)
-        # The journal: its run record (one line), then CSV rows.
+        pngs, npys = ({str(p.relative_to(out / d))[:-4] for p in (out / d).rglob(f"*.{x}")}
+                      for d, x in (("overlays", "png"), ("maps", "npy")))
+        assert len(pngs) + len(npys) == renamed, k
+        # The journal (its run record, then CSV rows) lists a prefix of the inputs, in order,
+        # each of them with both files in place. It may lag the files by the images whose
+        # record the main thread had not written yet (the resumed run redoes those).
         done = list(csv.DictReader((out / JOURNAL).read_text().splitlines()[1:])) \
             if (out / JOURNAL).exists() else []
-        assert len(done) == renamed // 2, k
-        assert len(list((out / "overlays").rglob("*.png"))) == (renamed + 1) // 2, k
-        assert len(list((out / "maps").rglob("*.npy"))) == renamed // 2, k
+        assert [r["file"] for r in done] == [r["file"] for r in want[:len(done)]], k
+        for r in done:
+            assert names[r["file"]] in pngs & npys, (k, r["file"])
+        if k == 1:
+            assert not done
+        if k > 2 * n:   # every file written: the CSV waits for the last record
+            assert len(done) == n, k
         assert (out / "scores.json").exists() == (k > renames)
         assert (out / "scores.csv").exists() == (k > 2 * n + 1)
         assert main([*argv, "-o", str(out), "--resume"]) == 0
