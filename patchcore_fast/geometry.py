@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

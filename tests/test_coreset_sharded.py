@@ -8,15 +8,14 @@ whatever the thread count or the split of the rows into shards.
 
 from __future__ import annotations
 
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import patchcore_fast
 from patchcore_fast import ops, reference
+
+from gloo_ranks import spawn_ranks
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 STEP_OP = torch.ops.patchcore_fast.coreset_shard_step.default
@@ -209,12 +208,6 @@ def test_step_op_bad_input(args, words):
 
 # ----------------------------------------------------------------------------- distributed
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _case_data(case: dict) -> torch.Tensor:
     return DATA[case["kind"]](case["n"], case["d"], seed=case["seed"])
 
@@ -241,15 +234,8 @@ def _worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None
 
 
 def _spawn(world: int, cases: list, out_dir, timeout_s: float = 240.0) -> list:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), cases, str(out_dir)),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"distributed coreset did not finish within {timeout_s:.0f} s")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    return spawn_ranks(_worker, world, out_dir, cases, timeout_s=timeout_s,
+                       what="distributed coreset")
 
 
 CASES = [

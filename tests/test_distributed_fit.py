@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from gloo_ranks import free_port, spawn_ranks
+
 # 128 px keeps each fit short here; the grid (16 x 16 = 256 rows per image, 53,504 rows)
 # still has projection blocks that straddle the two ranks' rows.
 SIZE = ["--image-size", "128", "--crop", "128"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -41,7 +36,7 @@ def _env(**extra) -> dict:
 
 
 def _start_ranks(argv: list[str], world: int, stderr=subprocess.PIPE) -> list[subprocess.Popen]:
-    port = str(_free_port())
+    port = str(free_port())
     return [subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli", *argv],
                              env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
@@ -185,17 +180,8 @@ def _fit_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_projection_selection_and_bank_equal_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_fit_worker, args=(3, _free_port(), str(tmp_path)), nprocs=3,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the distributed fit pieces did not finish within 180 s")
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    per_rank = spawn_ranks(_fit_worker, 3, tmp_path, timeout_s=180,
+                           what="the distributed fit pieces")
     # The one-process reference with the ranks' one thread: MKL splits a product's rows
     # across threads, and how it splits them changes the rounding of small pieces.
     threads = torch.get_num_threads()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,11 @@ import torch
 
 from patchcore_fast import ops
 
+from gloo_ranks import free_port, spawn_ranks
+
 N_GOOD, N_DEFECT = 4, 3                # test images: 4 good, 3 scratch, 3 spot
 BATCH = 2
 RUN = ["--batch-size", str(BATCH), "--device", "cpu", "--quiet"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -44,7 +39,7 @@ def _env(**extra) -> dict:
 def _ranks(argv: list[str], cwd: Path, world: int = 2, timeout: float = 240
            ) -> list[tuple[int, str]]:
     """Run ``patchcore_fast.cli argv`` as ``world`` ranks; (exit code, stderr) by rank."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli", *argv],
                               env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
@@ -217,17 +212,8 @@ def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_sharded_bank_knn_equals_whole_bank(tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_bank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the sharded-bank workers did not finish within 120 s")
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    per_rank = spawn_ranks(_bank_worker, 2, tmp_path, timeout_s=120,
+                           what="the sharded-bank workers")
     for c, (bank, queries, ks) in enumerate(_bank_cases()):
         index = torch.tensor([[0, bank.shape[0] - 1], [bank.shape[0] // 2, 0]])
         assert [per_rank[r][c][3] for r in range(2)] == [bank.shape[0] // 2,
@@ -258,7 +244,7 @@ def test_rank_killed_mid_score(demo, tmp_path):
         for src in sorted((root / "widget" / "test" / "good").glob("*.png")):
             shutil.copy(src, many / f"{n}_{src.name}")
     out = tmp_path / "out"
-    port = str(_free_port())
+    port = str(free_port())
     argv = ["score", str(model), str(many), "--batch-size", "1", "--device", "cpu",
             "--dist-timeout", "60", "-o", str(out)]
     procs = [subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli", *argv],

@@ -261,11 +261,11 @@ def test_fit_counts_every_skipped_input(demo, tmp_path, capsys):
         (good / p.name).write_bytes(p.read_bytes())
     Image.new("RGB", (32, 32)).save(good / "anim.gif")
     os.symlink(tmp_path / "gone.png", good / "link.png")
-    Image.new("L", (1, 100_000), 77).save(good / "thin.png")
+    Image.new("L", (1, 100_000), 77).save(good / "thin.png")  # the paper's crop: a sliver
     capsys.readouterr()
     assert main(["fit", str(good), "-o", str(tmp_path / "m.safetensors"),
-                 "--backbone", "efficientnet_lite0", "--image-size", "64", "--crop", "64",
-                 "--device", "cpu"]) == 0
+                 "--backbone", "efficientnet_lite0", "--resize", "shorter", "--image-size", "64",
+                 "--crop", "64", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert any("anim.gif" in l and "unsupported image format GIF" in l for l in
