@@ -20,43 +20,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gloo_ranks import free_port, spawn_ranks
+from gloo_ranks import cli_env, spawn_ranks, start_cli_ranks, wait_ranks
 
 # 128 px keeps each fit short here; the grid (16 x 16 = 256 rows per image, 53,504 rows)
 # still has projection blocks that straddle the two ranks' rows.
 SIZE = ["--image-size", "128", "--crop", "128"]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
-    return env
-
-
-def _start_ranks(argv: list[str], world: int, stderr=subprocess.PIPE) -> list[subprocess.Popen]:
-    port = str(free_port())
-    return [subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli", *argv],
-                             env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
-                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                             stdout=subprocess.PIPE, stderr=stderr, text=True,
-                             cwd=Path(argv[-1]).parent)
-            for r in range(world)]
-
-
-def _wait(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
-    out = []
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"the distributed run did not end within {timeout:.0f} s")
-        out.append((p.returncode, err))
-    return out
 
 
 def _tensors(path: Path) -> tuple[dict, dict]:
@@ -70,12 +38,13 @@ def test_distributed_fit_equals_one_process(mvtec_root, tmp_path, ratio):
             "efficientnet_lite0", "--coreset-ratio", ratio, "--device", "cpu", "--quiet",
             *SIZE, "-o"]
     t0 = time.perf_counter()
-    results = _wait(_start_ranks([*argv, str(tmp_path / "two.safetensors")], 2))
+    results = wait_ranks(start_cli_ranks([*argv, str(tmp_path / "two.safetensors")], 2,
+                                          tmp_path), timeout=300)
     t1 = time.perf_counter()
     for rank, (rc, err) in enumerate(results):
         assert rc == 0, f"rank {rank}: {err}"
     one = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", *argv,
-                          str(tmp_path / "one.safetensors")], env=_env(), cwd=tmp_path,
+                          str(tmp_path / "one.safetensors")], env=cli_env(), cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     t2 = time.perf_counter()
     assert one.returncode == 0, one.stderr
@@ -100,14 +69,14 @@ def test_rank_killed_mid_fit(mvtec_root, tmp_path):
     argv = ["fit", str(mvtec_root), "--category", "bottle", "--backbone",
             "efficientnet_lite0", "--coreset-ratio", "0.01", "--device", "cpu",
             "--dist-timeout", "60", *SIZE, "-o", str(model)]
-    procs = _start_ranks(argv, 2)
+    procs = start_cli_ranks(argv, 2, tmp_path)
     # Rank 0 prints its first line once the process group is up and the fit starts; the
     # features of 104 images take several seconds more, so rank 1 dies mid-fit.
     first = procs[0].stderr.readline()
     assert first.startswith("fit bottle"), first
     time.sleep(1.0)
     os.kill(procs[1].pid, signal.SIGKILL)
-    (rc0, err0), (rc1, _) = _wait(procs, timeout=180)
+    (rc0, err0), (rc1, _) = wait_ranks(procs, timeout=180)
     assert rc1 == -signal.SIGKILL
     assert rc0 != 0
     lines = [line for line in err0.splitlines() if line.startswith("patchcore-fast: error")]
@@ -121,7 +90,7 @@ def test_rank_killed_mid_fit(mvtec_root, tmp_path):
 def test_incomplete_launch_environment(tmp_path):
     r = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", "fit", str(tmp_path),
                         "-o", str(tmp_path / "m.safetensors")], cwd=tmp_path,
-                       env=_env(RANK="0", WORLD_SIZE="2"), capture_output=True, text=True,
+                       env=cli_env(RANK="0", WORLD_SIZE="2"), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [

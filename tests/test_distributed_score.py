@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,44 +21,21 @@ import torch
 
 from patchcore_fast import ops
 
-from gloo_ranks import free_port, spawn_ranks
+from gloo_ranks import cli_env, spawn_ranks, start_cli_ranks, wait_ranks
 
 N_GOOD, N_DEFECT = 4, 3                # test images: 4 good, 3 scratch, 3 spot
 BATCH = 2
 RUN = ["--batch-size", str(BATCH), "--device", "cpu", "--quiet"]
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
-    return env
-
-
 def _ranks(argv: list[str], cwd: Path, world: int = 2, timeout: float = 240
            ) -> list[tuple[int, str]]:
     """Run ``patchcore_fast.cli argv`` as ``world`` ranks; (exit code, stderr) by rank."""
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli", *argv],
-                              env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=cwd)
-             for r in range(world)]
-    out, deadline = [], time.monotonic() + timeout
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"the distributed run did not end within {timeout:.0f} s")
-        out.append((p.returncode, err))
-    return out
+    return wait_ranks(start_cli_ranks(argv, world, cwd), timeout)
 
 
 def _one(argv: list[str], cwd: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", *argv], env=_env(),
+    r = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", *argv], env=cli_env(),
                        cwd=cwd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
 
@@ -244,15 +220,9 @@ def test_rank_killed_mid_score(demo, tmp_path):
         for src in sorted((root / "widget" / "test" / "good").glob("*.png")):
             shutil.copy(src, many / f"{n}_{src.name}")
     out = tmp_path / "out"
-    port = str(free_port())
     argv = ["score", str(model), str(many), "--batch-size", "1", "--device", "cpu",
             "--dist-timeout", "60", "-o", str(out)]
-    procs = [subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli", *argv],
-                              env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=tmp_path)
-             for r in range(2)]
+    procs = start_cli_ranks(argv, 2, tmp_path)
     try:
         assert procs[0].stderr.read(1)      # rank 0's progress bar: the group is up
         os.kill(procs[1].pid, signal.SIGKILL)
