@@ -53,24 +53,42 @@ def _product(rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, 
     return np.clip(img, 0, 1), (cx, cy, r)
 
 
+def _mark(rng: np.random.Generator, kind: str, size: tuple[int, int], x: float, y: float,
+          scratch: tuple[float, float], spot: tuple[float, float], centred: bool
+          ) -> Image.Image:
+    """A defect mask (mode L, 255 = defect) of ``size`` with one mark at (x, y).
+
+    ``scratch``: a line 3-5 px wide in a random direction, its length drawn from the
+    ``scratch`` range, starting at (x, y) or ``centred`` on it; ``spot``: an ellipse whose
+    radii come from the ``spot`` range.
+    """
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    if kind == "scratch":
+        t, length = rng.uniform(0, np.pi), rng.uniform(*scratch)
+        if centred:
+            dx, dy = 0.5 * length * np.cos(t), 0.5 * length * np.sin(t)
+            ends = [(x - dx, y - dy), (x + dx, y + dy)]
+        else:
+            ends = [(x, y), (x + length * np.cos(t), y + length * np.sin(t))]
+        draw.line(ends, fill=255, width=int(rng.integers(3, 6)))
+    else:
+        rx, ry = rng.uniform(*spot), rng.uniform(*spot)
+        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=255)
+    return mask
+
+
+SCRATCH_COLOUR = (40, 30, 25)
+
+
 def _defect(rng: np.random.Generator, kind: str, disc: tuple[float, float, float]
             ) -> tuple[Image.Image, tuple[int, int, int]]:
     """A defect mask (mode L, 255 = defect) on the disc, and its colour."""
     cx, cy, r = disc
-    mask = Image.new("L", (SIZE, SIZE), 0)
-    draw = ImageDraw.Draw(mask)
     a, rho = rng.uniform(0, 2 * np.pi), rng.uniform(0, r * 0.6)
     x0, y0 = cx + rho * np.cos(a), cy + rho * np.sin(a)
-    if kind == "scratch":
-        t, length = rng.uniform(0, np.pi), rng.uniform(25, 50)
-        x1, y1 = x0 + length * np.cos(t), y0 + length * np.sin(t)
-        draw.line([(x0, y0), (x1, y1)], fill=255, width=int(rng.integers(3, 6)))
-        colour = (40, 30, 25)
-    else:
-        rx, ry = rng.uniform(6, 12), rng.uniform(6, 12)
-        draw.ellipse([x0 - rx, y0 - ry, x0 + rx, y0 + ry], fill=255)
-        colour = (200, 120, 40)
-    return mask, colour
+    mask = _mark(rng, kind, (SIZE, SIZE), x0, y0, (25, 50), (6, 12), centred=False)
+    return mask, SCRATCH_COLOUR if kind == "scratch" else (200, 120, 40)
 
 
 ROD_HEIGHT = 160
@@ -101,19 +119,9 @@ def _rod_defect(rng: np.random.Generator, kind: str, width: int, bar: tuple[floa
                 at: float) -> tuple[Image.Image, tuple[int, int, int]]:
     """A defect mask on the bar at ``at`` (0: its left end, 1: its right end)."""
     x0, x1, cy, r = bar
-    mask = Image.new("L", (width, ROD_HEIGHT), 0)
-    draw = ImageDraw.Draw(mask)
     x, y = x0 + at * (x1 - x0), cy + rng.uniform(-0.5, 0.5) * r
-    if kind == "scratch":
-        t, length = rng.uniform(0, np.pi), rng.uniform(20, 35)
-        dx, dy = 0.5 * length * np.cos(t), 0.5 * length * np.sin(t)
-        draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=255, width=int(rng.integers(3, 6)))
-        colour = (40, 30, 25)
-    else:
-        rx, ry = rng.uniform(6, 11), rng.uniform(6, 11)
-        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=255)
-        colour = (60, 140, 200)
-    return mask, colour
+    mask = _mark(rng, kind, (width, ROD_HEIGHT), x, y, (20, 35), (6, 11), centred=True)
+    return mask, SCRATCH_COLOUR if kind == "scratch" else (60, 140, 200)
 
 
 def _blend(img: np.ndarray, mask: Image.Image, colour: tuple[int, int, int]) -> np.ndarray:
