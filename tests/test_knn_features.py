@@ -77,10 +77,15 @@ def assert_exact(truth: torch.Tensor, k: int, dist: torch.Tensor, idx: torch.Ten
 
 
 def _embed(folder: Path, **config) -> torch.Tensor:
+    """Patch features (on the CPU), computed on the GPU when there is one: the CUDA test
+    subset runs on a GPU machine with a short device session, where a WideResNet-50 on
+    the CPU of every test worker took most of it."""
     from patchcore_fast.model import PatchCore, PatchCoreConfig
 
-    model = PatchCore(PatchCoreConfig(device="cpu", **config))
-    return torch.cat([p.reshape(-1, p.shape[-1]) for _, p in model.embed_batches(folder)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = PatchCore(PatchCoreConfig(device=device, **config))
+    return torch.cat([p.reshape(-1, p.shape[-1]).cpu()
+                      for _, p in model.embed_batches(folder)])
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@
 // [Q, kc] buffer across bank tiles, with the tile's values:
 //   - kc <= 2 (banks of 1 or 2 rows): one warp per row; each lane keeps its best two,
 //     then a warp-shuffle merge (index tie-break).
-//   - kc <= 64: one block per row; each thread keeps a sorted list in registers, then kc
-//     rounds of a block-wide arg-min pop the winners in order.
+//   - kc <= 64: one warp per row; each lane keeps a short sorted list in registers, then
+//     kc rounds of a warp arg-min pop the winners in order (a lane's overflow only lowers
+//     the row's certificate threshold, see select_warp_kernel).
 //   - larger kc: at::topk over the tile's values concatenated with the running buffer.
 //
 // The GEMM (the whole cost at width 1,024) runs on tensor cores in bf16 with fp32
@@ -70,7 +71,6 @@ constexpr int64_t kBudgetBytes = int64_t{256} << 20;
 constexpr int64_t kMaxFastCandidates = 64;
 // Largest k of the warp-per-row refinement (else the ATen one).
 constexpr int64_t kMaxRefineK = 16;
-constexpr int kSelectThreads = 128;  // block per row
 constexpr int kTop2Threads = 256;    // 8 rows (warps) per block
 constexpr int kRefineThreads = 256;  // 8 rows (warps) per block
 
@@ -172,112 +172,101 @@ __global__ void __launch_bounds__(kTop2Threads)
   }
 }
 
-// kc <= KC <= 64 selection: one block per query row. Each thread scans a strided part of
-// the row into its register list (plus one old candidate for threads < kc); then kc
-// rounds of a block-wide arg-min over the list heads write the row's new sorted best.
-// The union of the per-thread top-KC lists contains the row's top kc, so this is exact.
-template <int KC, bool kTwo>
-__global__ void __launch_bounds__(kSelectThreads)
-    select_topk_kernel(const float* __restrict__ ip, const float* __restrict__ ip2, int nb,
-                       const float* __restrict__ bn, int j0, float* __restrict__ best_v,
-                       int64_t* __restrict__ best_i, int kc, bool has_old) {
-  constexpr int kWarps = kSelectThreads / 32;
-  __shared__ float s_v[kWarps];
-  __shared__ int s_i[kWarps];
-  __shared__ int s_o[kWarps];
-  const int row = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+// 2 < kc <= 64 selection: one warp per query row. Lane l keeps, sorted in registers, the
+// KT best entries among its share of the tile (columns j = l mod 32) and of the running
+// buffer (slots t = l mod 32); then kc rounds of a warp arg-min pop the row's new sorted
+// best kc. Per-lane lists are short (KT = 8: one compare rejects almost every entry, an
+// insert costs at most 8 swaps), so a lane may have to drop an entry that belongs to the
+// row's best kc (more than KT of them in its share; with kc = 64 over 32 lanes, rare).
+// That never costs exactness: everything a lane dropped is >= the last entry of its
+// list, so the row's threshold thr (every bank row that is not a candidate has a value
+// >= thr, knn_bound.h step 3) becomes min(thr, last entry of each lane that dropped one),
+// which the certificate uses (a smaller thr can only fail it: the row is redone wider).
+// Before this kernel, a block per row with 64-entry lists per thread and block-wide
+// rounds spent longer in selection than the tensor cores in the GEMM (H200).
+//   thr: [rows] running threshold (+inf before the first tile).
+constexpr int kLaneList = 8;
+
+template <bool kTwo>
+__global__ void __launch_bounds__(kTop2Threads)
+    select_warp_kernel(const float* __restrict__ ip, const float* __restrict__ ip2, int nb,
+                       const float* __restrict__ bn, int j0, int rows,
+                       float* __restrict__ best_v, int64_t* __restrict__ best_i,
+                       float* __restrict__ thr, int kc, bool has_old) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (kTop2Threads / 32) + (threadIdx.x >> 5);
+  if (row >= rows) return;  // warp-uniform
   const float* r = ip + static_cast<int64_t>(row) * nb;
   const float* r2 = kTwo ? ip2 + static_cast<int64_t>(row) * nb : nullptr;
   float* bv = best_v + static_cast<int64_t>(row) * kc;
   int64_t* bi = best_i + static_cast<int64_t>(row) * kc;
 
-  TopList<KC> list;
+  TopList<kLaneList> list;
   list.init();
-  if (has_old && tid < kc) list.push(bv[tid], static_cast<int>(bi[tid]));
-  for (int j = tid; j < nb; j += kSelectThreads) {
+  int pushed = 0;  // entries offered to this lane's list; more than kLaneList: some dropped
+  if (has_old) {
+    for (int t = lane; t < kc; t += 32, ++pushed) list.push(bv[t], static_cast<int>(bi[t]));
+  }
+  for (int j = lane; j < nb; j += 32, ++pushed) {
     list.push(expanded<kTwo>(r, r2, j, bn[j]), j0 + j);
   }
-
+  // This lane's bound on what it dropped, reduced over the warp into the row's threshold.
+  float floor = pushed > kLaneList ? list.v[kLaneList - 1] : INFINITY;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    floor = fminf(floor, __shfl_xor_sync(knn_select::kFullMask, floor, off));
+  }
+  // Reads of the old buffer (above) happen before the writes (below) of the same warp.
+  __syncwarp();
   for (int round = 0; round < kc; ++round) {
     float v = list.v[0];
     int i = list.i[0];
-    int owner = tid;
+    int owner = lane;
     knn_select::warp_argmin(v, i, owner);
+    if (lane == owner) list.pop_front();
     if (lane == 0) {
-      s_v[warp] = v;
-      s_i[warp] = i;
-      s_o[warp] = owner;
-    }
-    __syncthreads();  // also orders every thread's read of the old row before the writes
-    v = s_v[0];
-    i = s_i[0];
-    owner = s_o[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      if (cand_less(s_v[w], s_i[w], v, i) || (s_v[w] == v && s_i[w] == i && s_o[w] < owner)) {
-        v = s_v[w];
-        i = s_i[w];
-        owner = s_o[w];
-      }
-    }
-    __syncthreads();  // s_* are rewritten next round
-    if (tid == owner) list.pop_front();
-    if (tid == 0) {
       bv[round] = v;
       bi[round] = i;
     }
   }
-}
-
-template <int KC, bool kTwo>
-void launch_topk(dim3 grid, cudaStream_t stream, const float* ip, const float* ip2, int nb,
-                 const float* bn, int j0, float* bv, int64_t* bi, int kc, bool has_old) {
-  select_topk_kernel<KC, kTwo>
-      <<<grid, kSelectThreads, 0, stream>>>(ip, ip2, nb, bn, j0, bv, bi, kc, has_old);
+  if (lane == 0) {
+    const float old = has_old ? thr[row] : INFINITY;
+    thr[row] = fminf(old, floor);
+  }
 }
 
 template <bool kTwo>
 void select_tile_impl(const float* ipp, const float* ip2p, int64_t rows, int64_t nb,
-                      const float* bnp, int64_t j0, float* bvp, int64_t* bip, int64_t kc,
-                      bool has_old) {
+                      const float* bnp, int64_t j0, float* bvp, int64_t* bip, float* thrp,
+                      int64_t kc, bool has_old) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int per_block = kTop2Threads / 32;
+  const dim3 grid(static_cast<unsigned>((rows + per_block - 1) / per_block));
   if (kc <= 2) {
-    const int per_block = kTop2Threads / 32;
-    const dim3 grid(static_cast<unsigned>((rows + per_block - 1) / per_block));
     select_top2_kernel<kTwo><<<grid, kTop2Threads, 0, stream>>>(
         ipp, ip2p, static_cast<int>(nb), bnp, static_cast<int>(j0), static_cast<int>(rows),
         bvp, bip, static_cast<int>(kc), has_old);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const dim3 grid(static_cast<unsigned>(rows));
-  const int n = static_cast<int>(nb), j = static_cast<int>(j0), c = static_cast<int>(kc);
-  if (kc <= 8) {
-    launch_topk<8, kTwo>(grid, stream, ipp, ip2p, n, bnp, j, bvp, bip, c, has_old);
-  } else if (kc <= 16) {
-    launch_topk<16, kTwo>(grid, stream, ipp, ip2p, n, bnp, j, bvp, bip, c, has_old);
-  } else if (kc <= 32) {
-    launch_topk<32, kTwo>(grid, stream, ipp, ip2p, n, bnp, j, bvp, bip, c, has_old);
-  } else if (kc <= 48) {
-    launch_topk<48, kTwo>(grid, stream, ipp, ip2p, n, bnp, j, bvp, bip, c, has_old);
   } else {
-    launch_topk<64, kTwo>(grid, stream, ipp, ip2p, n, bnp, j, bvp, bip, c, has_old);
+    select_warp_kernel<kTwo><<<grid, kTop2Threads, 0, stream>>>(
+        ipp, ip2p, static_cast<int>(nb), bnp, static_cast<int>(j0), static_cast<int>(rows),
+        bvp, bip, thrp, static_cast<int>(kc), has_old);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Launches the selection of one (query tile, bank tile).
 //   ip: [rows, nb] q.b; ip2: the second split part (undefined with the fp32 GEMM); bn:
-//   [nb]; best_v / best_i: [rows, kc] views of the running buffer.
+//   [nb]; best_v / best_i: [rows, kc] views of the running buffer; thr: [rows] its
+//   threshold (see select_warp_kernel; the exact kernels leave it alone).
 void select_tile(const at::Tensor& ip, const at::Tensor& ip2, const at::Tensor& bn,
-                 int64_t j0, at::Tensor& best_v, at::Tensor& best_i, int64_t kc,
-                 bool has_old) {
+                 int64_t j0, at::Tensor& best_v, at::Tensor& best_i, at::Tensor& thr,
+                 int64_t kc, bool has_old) {
   const float* ip2p = ip2.defined() ? ip2.data_ptr<float>() : nullptr;
   auto go = [&](auto two) {
     select_tile_impl<decltype(two)::value>(ip.data_ptr<float>(), ip2p, ip.size(0), ip.size(1),
                                            bn.data_ptr<float>(), j0, best_v.data_ptr<float>(),
-                                           best_i.data_ptr<int64_t>(), kc, has_old);
+                                           best_i.data_ptr<int64_t>(), thr.data_ptr<float>(),
+                                           kc, has_old);
   };
   if (ip2p != nullptr) {
     go(std::true_type{});
@@ -327,9 +316,9 @@ void tile_gemm(const Operands& ops, const at::Tensor& qtile, const at::Tensor& b
 }
 
 // Candidate selection for query rows qrows (GEMM operand of the centred rows) over the
-// bank, in tiles: returns (values [n, kc] sorted ascending, bank rows [n, kc]); column
-// kc - 1 is the certificate's threshold T.
-std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& qrows,
+// bank, in tiles: returns (values [n, kc] sorted ascending, bank rows [n, kc], the
+// certificate's threshold T [n]: every bank row that is not a candidate has value >= T).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_candidates(const at::Tensor& qrows,
                                                      const Operands& ops, int64_t kc) {
   const int64_t nq = qrows.size(0), m = ops.bank.size(0);
   const bool fast = kc <= kMaxFastCandidates;
@@ -349,11 +338,13 @@ std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& qrows,
   at::Tensor buf2 = two ? at::empty({tq * tb}, fopts) : at::Tensor();
   at::Tensor best_v = at::empty({nq, kc}, fopts);
   at::Tensor best_i = at::empty({nq, kc}, fopts.dtype(at::kLong));
+  at::Tensor thr = at::full({nq}, INFINITY, fopts);  // lowered by select_warp_kernel only
   for (int64_t q0 = 0; q0 < nq; q0 += tq) {
     const int64_t rows = std::min(tq, nq - q0);
     at::Tensor qtile = qrows.narrow(0, q0, rows);
     at::Tensor bv = best_v.narrow(0, q0, rows);
     at::Tensor bi = best_i.narrow(0, q0, rows);
+    at::Tensor th = thr.narrow(0, q0, rows);
     for (int64_t j0 = 0; j0 < m; j0 += tb) {
       const int64_t nb = std::min(tb, m - j0);
       at::Tensor ip = buf.narrow(0, 0, rows * nb).view({rows, nb});
@@ -361,13 +352,15 @@ std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& qrows,
       tile_gemm(ops, qtile, ops.bank.narrow(0, j0, nb), ip, ip2);
       at::Tensor bnt = ops.bn.narrow(0, j0, nb);
       if (fast) {
-        select_tile(ip, ip2, bnt, j0, bv, bi, kc, j0 > 0);
+        select_tile(ip, ip2, bnt, j0, bv, bi, th, kc, j0 > 0);
       } else {
         select_tile_topk(ip, ip2, bnt, j0, bv, bi, kc, j0 > 0);
       }
     }
   }
-  return {best_v, best_i};
+  // The certificate's threshold: no non-candidate lies below the kc-th value or thr.
+  thr = at::minimum(thr, best_v.select(1, kc - 1));
+  return {best_v, best_i, thr};
 }
 
 // ----- exact refinement -------------------------------------------------------------------
@@ -407,14 +400,16 @@ __device__ __forceinline__ float warp_sqdist(const float* __restrict__ a,
 // be among the k nearest (on Gaussian data this leaves ~k rows to refine of kc). Winners
 // are ranked by (distance as returned, index): lower index first on exact ties, as the
 // ATen refinement and the CPU kernel do.
-//   query: [n, d] rows as given; bank: [m, d]; cand_v / cand_i: [n, kc]; qn: [n] float64
+//   query: [n, d] rows as given; bank: [m, d]; cand_v / cand_i: [n, kc]; thr: [n] the
+//   certificate's threshold (select_candidates); qn: [n] float64
 //   ||q - mu||^2; eb: [n] float64 E(q); out_d / out_i: [n, k]; failed: [n] (certificate
 //   failed: the row is redone with more candidates); refined: one int64 counter.
 template <bool kVec>
 __global__ void __launch_bounds__(kRefineThreads)
     refine_kernel(const float* __restrict__ query, const float* __restrict__ bank, int d,
-                  const float* __restrict__ cand_v, const int64_t* __restrict__ cand_i, int n,
-                  int kc, int k, bool certify, const double* __restrict__ qn,
+                  const float* __restrict__ cand_v, const int64_t* __restrict__ cand_i,
+                  const float* __restrict__ thr, int n, int kc, int k, bool certify,
+                  const double* __restrict__ qn,
                   const double* __restrict__ eb, float* __restrict__ out_d,
                   int64_t* __restrict__ out_i, bool* __restrict__ failed,
                   unsigned long long* __restrict__ refined) {
@@ -462,7 +457,7 @@ __global__ void __launch_bounds__(kRefineThreads)
     out_i[static_cast<int64_t>(row) * k + w] = s_i[warp][w];
   }
   // Certificate (float64): k-th exact squared distance <= T + ||q - mu||^2 - E(q).
-  const double lower = static_cast<double>(cv[kc - 1]) + qn[row] - eb[row];
+  const double lower = static_cast<double>(thr[row]) + qn[row] - eb[row];
   failed[row] = certify && !(static_cast<double>(s_sq[warp][k - 1]) <= lower);
 }
 
@@ -470,14 +465,14 @@ __global__ void __launch_bounds__(kRefineThreads)
 // certificate failed. See refine_kernel (any kc: it stops at the band's end); the ATen
 // refinement (all kc candidates) for k > kMaxRefineK.
 at::Tensor refine(const at::Tensor& q, const at::Tensor& qn, const at::Tensor& bank,
-                  const at::Tensor& cand_v, const at::Tensor& cand_i, int64_t k,
+                  const at::Tensor& cand_v, const at::Tensor& cand_i, const at::Tensor& thr,
+                  int64_t k,
                   const knn_detail::ExpansionBound& bound, double bmax, at::Tensor& od,
                   at::Tensor& oi, at::Tensor& refined, int64_t& refined_host) {
   const int64_t n = q.size(0), m = bank.size(0), d = bank.size(1), kc = cand_i.size(1);
   if (k > kMaxRefineK) {
     refined_host += n * kc;
-    at::Tensor thresh = cand_v.select(1, kc - 1).contiguous();
-    return knn_detail::refine_candidates_aten(q, qn, bank, cand_i, thresh, k, bound, bmax,
+    return knn_detail::refine_candidates_aten(q, qn, bank, cand_i, thr, k, bound, bmax,
                                               kBudgetBytes, od, oi);
   }
   const at::Tensor eb = bound(qn.sqrt(), bmax).contiguous();  // [n] float64 E(q)
@@ -490,7 +485,8 @@ at::Tensor refine(const at::Tensor& q, const at::Tensor& qn, const at::Tensor& b
   auto go = [&](auto v) {
     refine_kernel<decltype(v)::value><<<grid, kRefineThreads, 0, stream>>>(
         q.data_ptr<float>(), bank.data_ptr<float>(), static_cast<int>(d),
-        cand_v.data_ptr<float>(), cand_i.data_ptr<int64_t>(), static_cast<int>(n),
+        cand_v.data_ptr<float>(), cand_i.data_ptr<int64_t>(), thr.data_ptr<float>(),
+        static_cast<int>(n),
         static_cast<int>(kc), static_cast<int>(k), kc < m, qn.data_ptr<double>(),
         eb.data_ptr<double>(), od.data_ptr<float>(), oi.data_ptr<int64_t>(),
         failed.data_ptr<bool>(),
@@ -578,8 +574,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(const at::Tensor& 
       q_c = at::Tensor();
       at::Tensor od = rows.defined() ? at::empty({c, k}, out_d.options()) : out_d.narrow(0, s, c);
       at::Tensor oi = rows.defined() ? at::empty({c, k}, out_i.options()) : out_i.narrow(0, s, c);
-      at::Tensor bad = refine(q, qn, bank, std::get<0>(sel), std::get<1>(sel), k, bound, bmax,
-                              od, oi, refined, stats[3]);
+      at::Tensor bad = refine(q, qn, bank, std::get<0>(sel), std::get<1>(sel), std::get<2>(sel),
+                              k, bound, bmax, od, oi, refined, stats[3]);
       if (rows.defined()) {
         out_d.index_copy_(0, rows, od);
         out_i.index_copy_(0, rows, oi);
