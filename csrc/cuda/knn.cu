@@ -18,8 +18,9 @@
 // row x = hi + lo + r, hi = bf16(x), lo = bf16(x - hi), and
 //     q.b ~ hi(q).hi(b)  +  [hi(q) | lo(q)] . [lo(b) | hi(b)]
 // as two GEMMs (lengths d and 2d; the operands are stored once as [hi | lo] for queries
-// and [lo | hi] for the bank, so hi(q) and hi(b) are strided views) whose fp32 outputs the
-// select kernel adds. The dropped terms are O(2^-16) of ||q|| ||b||: about 4x the error
+// and [lo | hi] for the bank, so hi(q) and hi(b) are strided views), the second
+// accumulating into the first's fp32 output (cuBLAS beta = 1; on a torch without
+// aten::addmm.dtype_out the select kernel adds the two outputs, the same rounding). The dropped terms are O(2^-16) of ||q|| ||b||: about 4x the error
 // bound of an fp32 GEMM once tensor-core accumulation is taken conservatively
 // (ExpansionBound::bf16x3, knn_bound.h), at 3 bf16 GEMM lengths, i.e. well under the time
 // of one fp32 SIMT GEMM (H100 SXM peaks: ~990 dense bf16 TFLOP/s, ~67 fp32). A single
@@ -88,6 +89,22 @@ const c10::TypedOperatorHandle<MmDtypeOut>* mm_dtype_op() {
     auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
     if (!h.has_value()) return std::nullopt;
     return h->typed<MmDtypeOut>();
+  }();
+  return op.has_value() ? &*op : nullptr;
+}
+
+// aten::addmm.dtype_out: the second split GEMM accumulates into the first's output
+// (cuBLAS beta = 1), so that selection reads one fp32 buffer instead of two. Looked up
+// once; without it the two outputs are added in the select kernel (the same rounding).
+using AddmmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  c10::ScalarType, const c10::Scalar&, const c10::Scalar&,
+                                  at::Tensor&);
+const c10::TypedOperatorHandle<AddmmDtypeOut>* addmm_dtype_op() {
+  static const std::optional<c10::TypedOperatorHandle<AddmmDtypeOut>> op =
+      []() -> std::optional<c10::TypedOperatorHandle<AddmmDtypeOut>> {
+    auto h = c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"});
+    if (!h.has_value()) return std::nullopt;
+    return h->typed<AddmmDtypeOut>();
   }();
   return op.has_value() ? &*op : nullptr;
 }
@@ -187,7 +204,7 @@ __global__ void __launch_bounds__(kTop2Threads)
 //   thr: [rows] running threshold (+inf before the first tile).
 constexpr int kLaneList = 8;
 
-template <bool kTwo>
+template <bool kTwo, bool kVec>
 __global__ void __launch_bounds__(kTop2Threads)
     select_warp_kernel(const float* __restrict__ ip, const float* __restrict__ ip2, int nb,
                        const float* __restrict__ bn, int j0, int rows,
@@ -207,7 +224,27 @@ __global__ void __launch_bounds__(kTop2Threads)
   if (has_old) {
     for (int t = lane; t < kc; t += 32, ++pushed) list.push(bv[t], static_cast<int>(bi[t]));
   }
-  for (int j = lane; j < nb; j += 32, ++pushed) {
+  int j = lane;
+  if (kVec) {
+    // 16-byte loads (rows, tile norms aligned: checked at launch): lane l takes columns
+    // 4 t .. 4 t + 3 for t = l mod 32; the same entries, pushed in another order (the
+    // lists order by (value, index), so the result does not depend on it).
+    const float4* r4 = reinterpret_cast<const float4*>(r);
+    const float4* r24 = reinterpret_cast<const float4*>(r2);
+    const float4* bn4 = reinterpret_cast<const float4*>(bn);
+    for (int t = lane; t < nb / 4; t += 32, pushed += 4) {
+      const float4 a = r4[t], c = __ldg(bn4 + t);
+      float4 b = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (kTwo) b = r24[t];
+      const int jj = j0 + 4 * t;
+      list.push(fmaf(-2.f, kTwo ? a.x + b.x : a.x, c.x), jj);
+      list.push(fmaf(-2.f, kTwo ? a.y + b.y : a.y, c.y), jj + 1);
+      list.push(fmaf(-2.f, kTwo ? a.z + b.z : a.z, c.z), jj + 2);
+      list.push(fmaf(-2.f, kTwo ? a.w + b.w : a.w, c.w), jj + 3);
+    }
+    j = nb / 4 * 4 + lane;  // the tail
+  }
+  for (; j < nb; j += 32, ++pushed) {
     list.push(expanded<kTwo>(r, r2, j, bn[j]), j0 + j);
   }
   // This lane's bound on what it dropped, reduced over the warp into the row's threshold.
@@ -247,9 +284,18 @@ void select_tile_impl(const float* ipp, const float* ip2p, int64_t rows, int64_t
         ipp, ip2p, static_cast<int>(nb), bnp, static_cast<int>(j0), static_cast<int>(rows),
         bvp, bip, static_cast<int>(kc), has_old);
   } else {
-    select_warp_kernel<kTwo><<<grid, kTop2Threads, 0, stream>>>(
-        ipp, ip2p, static_cast<int>(nb), bnp, static_cast<int>(j0), static_cast<int>(rows),
-        bvp, bip, thrp, static_cast<int>(kc), has_old);
+    auto aligned = [](const float* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool vec = nb % 4 == 0 && aligned(ipp) && aligned(bnp) && (!kTwo || aligned(ip2p));
+    auto go = [&](auto v) {
+      select_warp_kernel<kTwo, decltype(v)::value><<<grid, kTop2Threads, 0, stream>>>(
+          ipp, ip2p, static_cast<int>(nb), bnp, static_cast<int>(j0), static_cast<int>(rows),
+          bvp, bip, thrp, static_cast<int>(kc), has_old);
+    };
+    if (vec) {
+      go(std::true_type{});
+    } else {
+      go(std::false_type{});
+    }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -312,7 +358,21 @@ void tile_gemm(const Operands& ops, const at::Tensor& qtile, const at::Tensor& b
   const int64_t d = btile.size(1) / 2;
   const auto& mm = *mm_dtype_op();
   mm.call(qtile.narrow(1, 0, d), btile.narrow(1, d, d).t(), at::kFloat, ip);  // hi . hi
-  mm.call(qtile, btile.t(), at::kFloat, ip2);  // hi(q) . lo(b) + lo(q) . hi(b)
+  if (ip2.defined()) {
+    mm.call(qtile, btile.t(), at::kFloat, ip2);  // hi(q) . lo(b) + lo(q) . hi(b)
+  } else {
+    // ip <- ip + hi(q) . lo(b) + lo(q) . hi(b): fl(acc + C), the select kernel's own sum.
+    try {
+      addmm_dtype_op()->call(ip, qtile, btile.t(), at::kFloat, 1, 1, ip);
+    } catch (const c10::Error& e) {
+      // A torch whose addmm.dtype_out refuses the in-place form: the same sum, unfused.
+      TORCH_WARN_ONCE("patchcore_fast knn: addmm.dtype_out failed (", e.what_without_backtrace(),
+                      "); adding the split GEMMs' outputs separately");
+      at::Tensor lo = at::empty_like(ip);
+      mm.call(qtile, btile.t(), at::kFloat, lo);
+      ip.add_(lo);
+    }
+  }
 }
 
 // Candidate selection for query rows qrows (GEMM operand of the centred rows) over the
@@ -322,7 +382,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_candidates(const at::Tenso
                                                      const Operands& ops, int64_t kc) {
   const int64_t nq = qrows.size(0), m = ops.bank.size(0);
   const bool fast = kc <= kMaxFastCandidates;
-  const bool two = ops.gemm == Gemm::kBf16x3;
+  // Two GEMM outputs to add in the select kernel: the split scheme without addmm.dtype_out.
+  const bool two = ops.gemm == Gemm::kBf16x3 && addmm_dtype_op() == nullptr;
   const auto fopts = ops.bn.options();
   // Tiles: the [tq, tb] GEMM output(s) (plus the topk path's temporaries) within the budget.
   const int64_t bytes_per_entry = (fast ? 4 : 32) * (two ? 2 : 1);
