@@ -76,6 +76,7 @@ def _number(kind: type, ok, expected: str):
 _ratio = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 # NaN would label every image good and is not JSON; inf labels all alike.
 _finite = _number(float, math.isfinite, "a finite number")
+_seconds = _number(float, lambda v: 0.0 < v < math.inf, "a positive number of seconds")
 _seed = _number(int, lambda v: 0 <= v < 2 ** 64, "an integer from 0 to 2**64 - 1 (a 64-bit "
                 "seed)")
 
@@ -120,7 +121,7 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
                    "memory bounded (fit: training features, images x 3.2 MB at 224 px; score "
                    "and evaluate: maps, 4 bytes a photo pixel); default $TMPDIR; always removed")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
-    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
+    g.add_argument("--dist-timeout", type=_seconds, default=1800.0, metavar="S",
                    help="under torchrun: seconds a collective waits for the other processes "
                         "before the run fails (default 1800)")
 

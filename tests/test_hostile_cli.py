@@ -266,6 +266,10 @@ def test_score_csv_formula_file_names(demo, tmp_path, capsys, monkeypatch):
      "--seed: expected an integer from 0 to 2**64 - 1"),
     (["fit", "d", "-o", "m.safetensors", "--seed", "-1"], "--seed"),
     (["demo-data", "d", "--seed", "1e3"], "--seed"),
+    # Checked in one process too, not only once torchrun starts the collectives.
+    (["score", "m.safetensors", "a.png", "-o", "o", "--dist-timeout", "-1"],
+     "--dist-timeout: expected a positive number of seconds"),
+    (["evaluate", "m.safetensors", "d", "-o", "o", "--dist-timeout", "nan"], "--dist-timeout"),
 ])
 def test_numbers_refused_at_the_command_line(argv, words, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
