@@ -1,8 +1,6 @@
 """Overlays: the 256-entry colour table gives matplotlib's colours exactly, and the pool of
 writer threads writes every file and records the journal in order."""
 
-from pathlib import Path
-
 import matplotlib
 import numpy as np
 from PIL import Image
