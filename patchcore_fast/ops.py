@@ -233,8 +233,12 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, 
         candidate pool and were rescored by a second tiled pass with growable pools),
         ``exact_scans`` (rows that fell back to a direct-difference scan of the whole bank:
         the last resort, expected 0) and ``refined`` (candidates recomputed with direct
-        differences, all passes). Without the compiled library: the reference's result
-        and every count -1.
+        differences, all passes), ``projected`` (rows sent through the CPU kernel's
+        projected lower-bound pre-pass, csrc/cpu/knn_project.h: 0 when the pre-pass was
+        not taken) and ``projected_certified`` (rows it settled; the others went through
+        the first pass, and those the first pass cannot settle count in
+        ``second_pass``). Without the compiled library: the reference's result and every
+        count -1.
     """
     query, bank, k = _check_knn(query, bank, k)
     if _use_kernel(query, "knn_stats"):
@@ -242,8 +246,10 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, 
         s = s.tolist()
     else:
         d, i = reference.knn(query, bank, k, exact=False)
-        s = [-1] * 4
-    return d, i, dict(zip(("rows", "second_pass", "exact_scans", "refined"), s))
+        s = [-1] * 6
+    keys = ("rows", "second_pass", "exact_scans", "refined", "projected",
+            "projected_certified")
+    return d, i, dict(zip(keys, s))
 
 
 def _check_knn(query: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
@@ -288,4 +294,4 @@ if compiled():
     @torch.library.register_fake("patchcore_fast::knn_stats")
     def _knn_stats_fake(query, bank, k):
         d, i = _knn_fake(query, bank, k)
-        return d, i, query.new_empty((4,), dtype=torch.int64)
+        return d, i, query.new_empty((6,), dtype=torch.int64)

@@ -268,9 +268,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(const at::Tensor& 
   const int64_t nq = query.size(0), m = bank.size(0), d = bank.size(1);
   at::Tensor out_d = at::empty({nq, k}, query.options());
   at::Tensor out_i = at::empty({nq, k}, query.options().dtype(at::kLong));
-  int64_t stats[4] = {nq, 0, 0, 0};  // no last-resort exact scan here: stats[2] stays 0
+  // No last-resort exact scan here (stats[2] stays 0), no projected pre-pass (4, 5).
+  int64_t stats[6] = {nq, 0, 0, 0, 0, 0};
   auto stats_tensor = [&] {
-    return at::tensor(at::IntArrayRef(stats, 4), at::kLong).to(query.device());
+    return at::tensor(at::IntArrayRef(stats, 6), at::kLong).to(query.device());
   };
   if (nq == 0) return {out_d, out_i, stats_tensor()};
 
