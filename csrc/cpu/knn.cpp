@@ -507,12 +507,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
     const int64_t nthreads = std::max(1, at::get_num_threads());
     const int64_t tq = std::max<int64_t>(
         1, std::min<int64_t>(knn_project::kRows, (nq + nthreads - 1) / nthreads));
-    const int64_t nchunks = (nq + tq - 1) / tq;
+    // The pilot (knn_project.h): the first rows alone (threaded GEMMs), and the others
+    // only if it certified enough of them.
+    const int64_t pilot = std::min(nq, knn_project::kRows);
+    std::vector<int64_t> rest;
+    const auto first = knn_project::prepass_chunk(proj, P.query, P.bank, P.mean, m, d, k,
+                                                  all.data(), pilot, P.out_d, P.out_i, rest);
+    refined += first.second;
+    projected_rows = pilot;
+    projected_ok = first.first;
+    const bool go_on = proj.forced ||
+                       static_cast<double>(first.first) >= knn_project::kMinPilot * pilot;
+    const int64_t n2 = go_on ? nq - pilot : 0;
+    const int64_t nchunks = (n2 + tq - 1) / tq;
     std::vector<std::vector<int64_t>> local(nchunks);
     std::atomic<int64_t> ok_rows{0};
     at::parallel_for(0, nchunks, 1, [&](int64_t a, int64_t b) {
       for (int64_t c = a; c < b; ++c) {
-        const int64_t r0 = c * tq;
+        const int64_t r0 = pilot + c * tq;
         const auto res = knn_project::prepass_chunk(
             proj, P.query, P.bank, P.mean, m, d, k, all.data() + r0, std::min(tq, nq - r0),
             P.out_d, P.out_i, local[c]);
@@ -520,10 +532,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
         refined.fetch_add(res.second, std::memory_order_relaxed);
       }
     });
-    std::vector<int64_t> rest;
     for (auto& v : local) rest.insert(rest.end(), v.begin(), v.end());
-    projected_rows = nq;
-    projected_ok = ok_rows.load();
+    if (!go_on) rest.insert(rest.end(), all.begin() + pilot, all.end());
+    projected_rows += n2;
+    projected_ok += ok_rows.load();
     all.swap(rest);
   }
   std::vector<int64_t> failed;

@@ -1,15 +1,21 @@
 #pragma once
 // A projected lower-bound pre-pass for the CPU k-NN kernel (csrc/cpu/knn.cpp): on
 // low-rank data (real patch features) it finds each query's k nearest bank rows with a
-// GEMM on r = 64 projected coordinates instead of D = 1,024, and proves the answer exact.
+// GEMM on r = 32 projected coordinates instead of D = 1,024, and proves the answer exact.
 //
 // The bound. Let U be a D x r matrix, mu the bank's mean, x = q - mu, y = b - mu. For any
 // U with sigma_max(U) <= 1 + delta,
 //     ||q - b|| = ||x - y|| >= ||U^T (x - y)|| / (1 + delta),
 // and the right side costs r coordinates. With U an (almost) orthonormal basis of the
 // centred bank's leading principal axes it is also tight: on WideResNet-50 patch features
-// 64 axes hold 99.8 % of the variance, and per query only 6 (median) to 23 (max) bank rows
-// have a projected distance below the true nearest distance (k = 1; 20 / 54 for k = 9).
+// 32 axes hold 99.7 % of the variance, and per query only 10 (median) to 44 (max) bank
+// rows have a projected distance below the true nearest distance (k = 1).
+//
+// r = 32 and c = k + 48 candidates were chosen by measurement (WRN-50 random weights, 6,272
+// x 16,386 x 1,024, process CPU time of the whole call): r = 16 / 24 / 32 / 48 / 64 / 128 at
+// k = 1: 0.41 / 0.40 / 0.44 / 0.85 / 0.98 / 1.17 s; at k = 9, r = 16 / 24 / 32: 0.75 /
+// 0.52 / 0.51 s (16 certifies too few rows); c = k + 32 leaves 2-11 % of the rows to the
+// existing path, k + 48 0.5-3 %, k + 96 none but refines more. The existing path: 3.0 s.
 //
 // The pre-pass, per query row (threads own chunks of query rows, as in knn.cpp):
 //   1. pq = fl(U^T fl(q - mu)), projected bank pb = fl(U^T fl(b - mu)) (one GEMM each);
@@ -50,19 +56,26 @@
 // randomized range finder on a sample of bank rows (seeded Gaussian G [D, r],
 // Y = S G, one power step Z = S^T Y, QR in double, cast to float32), S the centred sample.
 //
-// When the pre-pass is taken (project_rule):
-//   * D >= 128: below it, a 32-64 dim GEMM saves too little of the D-dim one;
+// When the pre-pass is taken (make_projection, then the pilot in knn.cpp):
+//   * D >= 256: below it the projected GEMM saves too little, since the selection pass
+//     over every (query, bank row) pair costs as much as in the D-dim path (Lite0 bottle
+//     features, D = 152: 1.0-1.15x slower with the pre-pass, r = 16-48);
 //   * Q M D >= 2^28 and M >= 8 c: too little work, or too few rows to skip;
 //   * the GEMM runs in true fp32 (matmul_input_roundoff() == 0; TF32 / bf16 would need
 //     another bound);
 //   * the r axes hold >= 90 % of the centred sample's squared norm. On isotropic data they
-//     hold r / D (6 % for Gaussian data at D = 1,024), the projected distances then say
+//     hold r / D (3 % for Gaussian data at D = 1,024), the projected distances then say
 //     little about the true ones, the certificate would fail for nearly every row and
 //     the pre-pass would only add its cost; the estimate costs two GEMMs on a sample of
-//     at most 4,096 rows (1 % of the Gaussian twin's time), while real features hold
-//     99 % or more.
+//     at most 4,096 rows (about 1 % of the Gaussian twin's time), while real features
+//     hold 99 % or more;
+//   * a pilot: the first 256 query rows run the pre-pass first; unless it certifies 90 %
+//     of them, the other rows skip it (the captured share alone does not say whether the
+//     residual variance is small against the nearest-neighbour distances, the pilot
+//     measures exactly that; it costs at most 256 rows' pre-pass).
 // Debug knobs (tests only): PATCHCORE_FAST_KNN_PROJECT=0 never takes the pre-pass,
-// =1 ignores the work-size part of the rule (the other parts stay);
+// =1 takes it whenever it is valid (D >= 32, M > c, fp32 GEMM, LAPACK): no width, work,
+// variance or pilot rule;
 // PATCHCORE_FAST_KNN_PROJECT_DEBUG_SCALE=s multiplies L by s (s > 1 makes the bound
 // invalid: a test checks that this breaks exactness, i.e. that the bound is what keeps the
 // answer exact).
@@ -84,16 +97,18 @@
 namespace patchcore_fast {
 namespace knn_project {
 
-constexpr int64_t kMinDim = 128;
+constexpr int64_t kMinDim = 256;
+constexpr int64_t kRank = 32;
 constexpr int64_t kSampleRows = 4096;
 constexpr double kMinCaptured = 0.9;
 constexpr double kMinWork = 268435456.0;  // 2^28 multiply-adds: Q M D
 constexpr int64_t kExtra = 48;            // candidates kept beyond k
-constexpr int64_t kRows = 256;            // query rows per chunk
+constexpr int64_t kRows = 256;            // query rows per chunk (and of the pilot)
+constexpr double kMinPilot = 0.9;         // share of the pilot's rows to certify
 constexpr int64_t kTile = 1024;           // projected bank rows per GEMM tile
 
 // Projected dimensions for width d.
-inline int64_t rank_for(int64_t d) { return d >= 256 ? 64 : 32; }
+inline int64_t rank_for(int64_t /*d*/) { return kRank; }
 // Candidates kept per query row.
 inline int64_t candidates(int64_t k) { return k + kExtra; }
 
@@ -123,6 +138,7 @@ struct Projection {
   double scale = 1.0;       // debug scale of L (1 in use)
   knn_detail::ExpansionBound er{1, 0.0};
   double captured = 0.0;    // share of the sample's squared norm on the r axes
+  bool forced = false;      // debug knob: no pilot
 
   // L(v) (1 - u) sqrt(1 - gamma): a lower bound of the returned distance of every bank row
   // with projected value >= v, for a query with ||pq||^2 = pqn and eps_q.
@@ -141,8 +157,12 @@ inline Projection make_projection(const float* bank, const float* mean, int64_t 
                                   double bmax, int64_t nq, int64_t k) {
   Projection P;
   const int mode = env_mode();
-  if (mode == 0 || d < kMinDim || m < 8 * candidates(k)) return P;
-  if (mode != 1 && static_cast<double>(nq) * m * d < kMinWork) return P;
+  if (mode == 0 || d < 32 || m <= candidates(k)) return P;
+  const bool forced = mode == 1;
+  if (!forced && (d < kMinDim || m < 8 * candidates(k) ||
+                  static_cast<double>(nq) * m * d < kMinWork)) {
+    return P;
+  }
   if (knn_detail::matmul_input_roundoff(/*cuda=*/false) != 0.0) return P;
   const int64_t r = rank_for(d);
   const auto opts = at::TensorOptions().dtype(at::kFloat);
@@ -163,7 +183,8 @@ inline Projection make_projection(const float* bank, const float* mean, int64_t 
   }
   const double total = s.square().sum().item<double>();
   P.captured = total > 0.0 ? at::mm(s, u).square().sum().item<double>() / total : 0.0;
-  if (!(P.captured >= kMinCaptured)) return P;
+  if (!forced && !(P.captured >= kMinCaptured)) return P;
+  P.forced = forced;
 
   // 1 + delta >= sigma_max(U), measured on the float32 U (see the header).
   const at::Tensor ud = u.to(at::kDouble);
