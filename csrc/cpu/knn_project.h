@@ -189,6 +189,7 @@ inline Projection make_projection(const float* bank, const float* mean, int64_t 
   // 1 + delta >= sigma_max(U), measured on the float32 U (see the header).
   const at::Tensor ud = u.to(at::kDouble);
   const double f = (at::mm(ud.t(), ud) - at::eye(r, ud.options())).norm().item<double>();
+  if (!(f < 1e-3)) return P;  // not near orthonormal (cannot happen with QR): stay off
   P.one_delta = std::sqrt(1.0 + f + 1e-10);
 
   // Projected bank, tile by tile: fl(b - mu) into a scratch tile (the rounding the bound
