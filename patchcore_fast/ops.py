@@ -201,8 +201,11 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     lower bank index. The kernels rank candidates with a GEMM on query and bank centred on
     the bank's mean, keep every row within the expansion's error bound of the k-th place,
     and refine those with direct differences; a certificate proves the answer exact (see
-    csrc/knn_bound.h). There is no per-row full-bank scan on real features:
-    :func:`knn_stats` counts the rows that needed more than the first pass.
+    csrc/knn_bound.h). On wide low-rank features the CPU kernel first ranks the bank on 32
+    principal coordinates and refines the best rows until a rigorous lower bound certifies
+    the answer (csrc/cpu/knn_project.h); the result is the same. There is no per-row
+    full-bank scan on real features: :func:`knn_stats` counts the rows that needed more
+    than the first pass.
 
     Args:
         query (Tensor[Q, D]): query rows; converted to float32. Q may be 0.

@@ -27,6 +27,13 @@
 // construction. A last-resort exact scan of the bank stays behind the certificate of the
 // second pass, counted separately; it is not expected to run (tests check it does not).
 //
+// On wide low-rank data (real CNN patch features) a projected lower-bound pre-pass comes
+// first (knn_project.h): a GEMM on 32 principal coordinates ranks the bank, the best
+// k + 48 rows are refined in that order until a rigorous lower bound proves the rest
+// cannot enter, and only the rows it cannot certify go through the passes below. It is
+// taken by a rule (width, work, captured variance, a pilot) that keeps it off where it
+// would not pay (isotropic data, narrow features); the answer does not depend on it.
+//
 // Parallelism: with enough queries, each thread owns a chunk of query rows (centring
 // each bank tile itself, then single-threaded GEMMs of 256-row blocks against it, each
 // followed by its own selection while the output is still in cache): no synchronisation
