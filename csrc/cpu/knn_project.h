@@ -12,10 +12,13 @@
 // rows have a projected distance below the true nearest distance (k = 1).
 //
 // r = 32 and c = k + 48 candidates were chosen by measurement (WRN-50 random weights, 6,272
-// x 16,386 x 1,024, process CPU time of the whole call): r = 16 / 24 / 32 / 48 / 64 / 128 at
-// k = 1: 0.41 / 0.40 / 0.44 / 0.85 / 0.98 / 1.17 s; at k = 9, r = 16 / 24 / 32: 0.75 /
-// 0.52 / 0.51 s (16 certifies too few rows); c = k + 32 leaves 2-11 % of the rows to the
-// existing path, k + 48 0.5-3 %, k + 96 none but refines more. The existing path: 3.0 s.
+// x 16,386 x 1,024, process CPU time of the whole call; two runs under different load, so
+// compare within a run). Run 1, c = k + 48, r = 32 / 48 / 64 / 96 / 128: k = 1 0.62 /
+// 0.85 / 0.98 / 0.96 / 1.17 s, k = 9 0.63 / 0.82 / 0.83 / 0.79 / 0.96 s (more axes certify
+// more rows but the GEMM grows); run 2, r = 16 / 24 / 32: k = 1 0.41 / 0.40 / 0.44 s, k = 9
+// 0.75 / 0.52 / 0.51 s (16 axes leave 13 % of the rows uncertified at k = 9). At r = 32,
+// c = k + 32 leaves 2-11 % of the rows to the existing path, k + 48 0.5-3 %. The existing
+// path alone: 3.0 s.
 //
 // The pre-pass, per query row (threads own chunks of query rows, as in knn.cpp):
 //   1. pq = fl(U^T fl(q - mu)), projected bank pb = fl(U^T fl(b - mu)) (one GEMM each);
@@ -59,7 +62,8 @@
 // When the pre-pass is taken (make_projection, then the pilot in knn.cpp):
 //   * D >= 256: below it the projected GEMM saves too little, since the selection pass
 //     over every (query, bank row) pair costs as much as in the D-dim path (Lite0 bottle
-//     features, D = 152: 1.0-1.15x slower with the pre-pass, r = 16-48);
+//     features, D = 152, forced: 1.03-1.2x the CPU time of the existing path for r = 16-48,
+//     with 47-80 % of the rows certified);
 //   * Q M D >= 2^28 and M >= 8 c: too little work, or too few rows to skip;
 //   * the GEMM runs in true fp32 (matmul_input_roundoff() == 0; TF32 / bf16 would need
 //     another bound);
@@ -107,8 +111,6 @@ constexpr int64_t kRows = 256;            // query rows per chunk (and of the pi
 constexpr double kMinPilot = 0.9;         // share of the pilot's rows to certify
 constexpr int64_t kTile = 1024;           // projected bank rows per GEMM tile
 
-// Projected dimensions for width d.
-inline int64_t rank_for(int64_t /*d*/) { return kRank; }
 // Candidates kept per query row.
 inline int64_t candidates(int64_t k) { return k + kExtra; }
 
@@ -164,7 +166,7 @@ inline Projection make_projection(const float* bank, const float* mean, int64_t 
     return P;
   }
   if (knn_detail::matmul_input_roundoff(/*cuda=*/false) != 0.0) return P;
-  const int64_t r = rank_for(d);
+  const int64_t r = kRank;
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor all = at::from_blob(const_cast<float*>(bank), {m, d}, opts);
   const at::Tensor mu = at::from_blob(const_cast<float*>(mean), {d}, opts);
