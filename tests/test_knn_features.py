@@ -347,3 +347,22 @@ def test_weakened_bound_breaks_exactness(monkeypatch):
     assert stats["projected_certified"] > 0, stats
     with pytest.raises(AssertionError):
         assert_exact(truth, 3, d, i)
+
+
+def test_projection_pilot_switches_it_off():
+    # 50 cluster centres on an 8-dim subspace, 60 bank rows around each with isotropic
+    # noise: the 32 axes hold 98 % of the variance (the rule's variance test passes), but
+    # within a cluster the nearest row is decided by the noise off those axes, so the
+    # projected bound cannot separate a cluster's 60 rows (more than c = 49): the 256-row
+    # pilot certifies almost none and the other rows skip the pre-pass.
+    g = torch.Generator().manual_seed(24)
+    basis = torch.linalg.qr(torch.randn(256, 8, generator=g, dtype=torch.float64))[0].float()
+    centres = 10 * torch.randn(50, 8, generator=g) @ basis.T + 30
+    b = centres[torch.arange(3000) % 50] + 0.3 * torch.randn(3000, 256, generator=g)
+    q = centres[torch.randint(50, (600,), generator=g)] + 0.3 * torch.randn(600, 256,
+                                                                             generator=g)
+    d, i, stats = ops.knn_stats(q, b, 1)
+    print(f"\nclusters with an isotropic rest: {stats}")
+    assert stats["projected"] == 256, stats
+    assert stats["projected_certified"] < 0.9 * 256, stats
+    assert_exact(oracle(q, b), 1, d, i)
