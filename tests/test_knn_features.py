@@ -302,9 +302,10 @@ def _low_rank(n_bank: int, n_query: int, d: int, rank: int, noise: float, seed: 
     the first queries sit next to them."""
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))[0].float()
-    coef = lambda n: 10 * torch.randn(n, rank, generator=g)  # noqa: E731
-    b = coef(n_bank) @ basis.T + noise * torch.randn(n_bank, d, generator=g) + 30
-    q = coef(n_query) @ basis.T + noise * torch.randn(n_query, d, generator=g) + 30
+    b = 10 * torch.randn(n_bank, rank, generator=g) @ basis.T + 30
+    b += noise * torch.randn(n_bank, d, generator=g)
+    q = 10 * torch.randn(n_query, rank, generator=g) @ basis.T + 30
+    q += noise * torch.randn(n_query, d, generator=g)
     if copies:
         dup = b[:4].repeat_interleave(copies, 0)
         b = torch.cat([b[4:], dup])[torch.randperm(n_bank - 4 + 4 * copies, generator=g)]

@@ -93,6 +93,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../knn_bound.h"
@@ -246,9 +247,11 @@ inline bool operator<(const Cand& a, const Cand& b) {
   return a.v < b.v || (a.v == b.v && a.i < b.i);
 }
 
-// Keeps the c smallest (value, index) of a stream in a buffer of 2c; thr: every value
-// seen and not kept is >= thr (indices arrive in increasing order, so a value equal to
-// thr, seen later, rightly loses).
+// Keeps the c smallest (value, index) of a stream in a buffer of 2c. Invariant: every
+// value seen and not kept is >= thr, and every kept value is <= thr once it is finite
+// (a compaction keeps the c smallest and sets thr to the largest of them; later entries
+// are < thr). Indices arrive in increasing order, so a later value equal to thr rightly
+// loses its tie.
 struct TopC {
   Cand* e;
   int64_t n, c;
@@ -266,10 +269,69 @@ struct TopC {
   }
 };
 
+// Selection of one query row over one tile of the projected bank: v = ||pb||^2 - 2 pq.pb
+// (one fma, rounded once: the value the bound's E_r covers) into the row's TopC. A
+// vectorised min over 16 values rejects most groups with one compare.
+//   ip: [nb] projected inner products; pbn: [nb] projected norms; j0: first bank row.
+inline void select_row(const float* ip, const float* pbn, int64_t j0, int64_t nb, TopC& top) {
+  constexpr int64_t W = 16;
+  int64_t j = 0;
+  for (; j + W <= nb; j += W) {
+    float mn = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : mn)
+    for (int64_t x = 0; x < W; ++x) mn = std::min(mn, std::fma(-2.f, ip[j + x], pbn[j + x]));
+    if (!(mn < top.thr)) continue;
+    for (int64_t x = 0; x < W; ++x) {
+      top.push(std::fma(-2.f, ip[j + x], pbn[j + x]), static_cast<int32_t>(j0 + j + x));
+    }
+  }
+  for (; j < nb; ++j) top.push(std::fma(-2.f, ip[j], pbn[j]), static_cast<int32_t>(j0 + j));
+}
+
+// Refinement and certificate of one query row (steps 3-4 of the header).
+//   top: its candidates; lb(v): the lower bound of the returned distance of every row with
+//   projected value >= v; q: the query row as given; best: scratch of k entries.
+// Returns: whether the row is certified (then best[0, k) holds the answer, ascending by
+//   (distance, index)); adds the candidates refined to *refined.
+template <class Bound>
+bool refine_row(TopC& top, const Bound& lb, const float* q, const float* bank, int64_t m,
+                int64_t d, int64_t k, std::vector<Cand>& best, int64_t* refined) {
+  if (top.n > top.c) top.compact();
+  const float T = top.thr;  // every row not kept has v >= T (+inf: none was rejected)
+  std::sort(top.e, top.e + top.n);
+  // best is a max-heap by (distance, index): best[0] is the current k-th.
+  int64_t nbest = 0, x = 0;
+  bool ok = false;
+  for (; x < top.n; ++x) {
+    if (nbest == k && static_cast<double>(best[0].v) < lb(top.e[x].v)) {
+      ok = true;  // every later candidate, and every row not kept (v >= T >= this v)
+      break;
+    }
+    const int32_t j = top.e[x].i;
+    const float sq = sqdist(q, bank + static_cast<int64_t>(j) * d, d);
+    const Cand cand{std::sqrt(std::max(sq, 0.f)), j};  // as the existing path returns it
+    if (nbest < k) {
+      best[nbest++] = cand;
+      std::push_heap(best.begin(), best.begin() + nbest);
+    } else if (cand < best[0]) {
+      std::pop_heap(best.begin(), best.begin() + k);
+      best[k - 1] = cand;
+      std::push_heap(best.begin(), best.begin() + k);
+    }
+  }
+  *refined += x;
+  if (nbest < k) return false;
+  std::sort_heap(best.begin(), best.begin() + k);  // ascending
+  if (ok) return true;
+  if (T == std::numeric_limits<float>::infinity()) return top.n == m;  // all rows refined
+  return static_cast<double>(best[k - 1].v) < lb(T);
+}
+
 // One chunk of query rows rows[0, tq) through the pre-pass: writes the certified rows'
-// answers and appends the others to failed.
+// answers and appends the others to failed. Single-threaded GEMMs inside a parallel
+// region (threads own chunks), threaded ones outside (the pilot).
 // Args:
-//   query [Q, d], bank [M, d] as given; mean [d]; out_d, out_i [Q, k].
+//   query [Q, d], bank [m, d] as given; mean [d]; out_d, out_i [Q, k].
 // Returns: (rows certified, candidates refined).
 inline std::pair<int64_t, int64_t> prepass_chunk(
     const Projection& P, const float* query, const float* bank, const float* mean, int64_t m,
@@ -277,6 +339,7 @@ inline std::pair<int64_t, int64_t> prepass_chunk(
     std::vector<int64_t>& failed) {
   const int64_t r = P.r, c = candidates(k);
   const auto opts = at::TensorOptions().dtype(at::kFloat);
+  // Centred rows fl(q - mu) (the rounding eps_q covers) and their projections.
   at::Tensor qblock = at::empty({tq, d}, opts);
   float* qc = qblock.data_ptr<float>();
   std::vector<double> eps_q(tq), pqn(tq), e_r(tq);
@@ -300,78 +363,27 @@ inline std::pair<int64_t, int64_t> prepass_chunk(
     e_r[t] = P.er(std::sqrt(s) * (1.0 + 1e-6), P.pbmax);
   }
 
-  // Candidate selection over projected bank tiles.
+  // Candidates: the c smallest projected values per row, tile by tile of the bank.
   std::vector<Cand> store(static_cast<size_t>(tq * 2 * c));
   std::vector<TopC> top(tq);
   for (int64_t t = 0; t < tq; ++t) {
     top[t] = TopC{store.data() + t * 2 * c, 0, c, std::numeric_limits<float>::infinity()};
   }
   at::Tensor buf = at::empty({tq * kTile}, opts);
-  const float* bn = P.pbn.data();
   for (int64_t j0 = 0; j0 < m; j0 += kTile) {
     const int64_t nb = std::min(kTile, m - j0);
     at::Tensor ip = buf.narrow(0, 0, tq * nb).view({tq, nb});
     at::mm_out(ip, pq, P.pb.narrow(0, j0, nb).t());  // ip[t, j] = pq_t . pb_j
     const float* ipp = ip.data_ptr<float>();
-    for (int64_t t = 0; t < tq; ++t) {
-      TopC& tc = top[t];
-      const float* row = ipp + t * nb;
-      constexpr int64_t W = 16;
-      int64_t j = 0;
-      for (; j + W <= nb; j += W) {
-        float mn = std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(min : mn)
-        for (int64_t x = 0; x < W; ++x) mn = std::min(mn, std::fma(-2.f, row[j + x], bn[j0 + j + x]));
-        if (!(mn < tc.thr)) continue;
-        for (int64_t x = 0; x < W; ++x) {
-          tc.push(std::fma(-2.f, row[j + x], bn[j0 + j + x]), static_cast<int32_t>(j0 + j + x));
-        }
-      }
-      for (; j < nb; ++j) tc.push(std::fma(-2.f, row[j], bn[j0 + j]), static_cast<int32_t>(j0 + j));
-    }
+    for (int64_t t = 0; t < tq; ++t) select_row(ipp + t * nb, P.pbn.data() + j0, j0, nb, top[t]);
   }
 
-  // Refinement in increasing projected order, with the early stop of the header.
   int64_t certified = 0, refined = 0;
-  std::vector<Cand> best(static_cast<size_t>(k));  // (returned distance, index), sorted
+  std::vector<Cand> best(static_cast<size_t>(k));
   for (int64_t t = 0; t < tq; ++t) {
-    TopC& tc = top[t];
-    if (tc.n > c) tc.compact();
-    const float T = tc.thr;  // every row not kept has v >= T (+inf: none rejected)
-    std::sort(tc.e, tc.e + tc.n);
+    const auto lb = [&](float v) { return P.bound(v, pqn[t], eps_q[t], e_r[t]); };
     const int64_t row = rows[t];
-    const float* q = query + row * d;
-    int64_t nbest = 0;
-    bool ok = false;
-    int64_t x = 0;
-    for (; x < tc.n; ++x) {
-      // best is a max-heap by (distance, index): best[0] is the current k-th.
-      if (nbest == k && static_cast<double>(best[0].v) <
-                            P.bound(tc.e[x].v, pqn[t], eps_q[t], e_r[t])) {
-        ok = true;  // every later candidate and every row not kept is beaten
-        break;
-      }
-      const int32_t j = tc.e[x].i;
-      const Cand cand{std::sqrt(std::max(sqdist(q, bank + static_cast<int64_t>(j) * d, d), 0.f)), j};
-      if (nbest < k) {
-        best[nbest++] = cand;
-        std::push_heap(best.begin(), best.begin() + nbest);  // max-heap by (v, i)
-      } else if (cand < best[0]) {
-        std::pop_heap(best.begin(), best.begin() + k);
-        best[k - 1] = cand;
-        std::push_heap(best.begin(), best.begin() + k);
-      }
-    }
-    refined += x;
-    if (nbest == k) {
-      std::sort_heap(best.begin(), best.begin() + k);  // ascending
-      if (!ok) {
-        ok = T == std::numeric_limits<float>::infinity()
-                 ? tc.n == m
-                 : static_cast<double>(best[k - 1].v) < P.bound(T, pqn[t], eps_q[t], e_r[t]);
-      }
-    }
-    if (ok) {
+    if (refine_row(top[t], lb, query + row * d, bank, m, d, k, best, &refined)) {
       for (int64_t y = 0; y < k; ++y) {
         out_d[row * k + y] = best[y].v;
         out_i[row * k + y] = best[y].i;
