@@ -29,10 +29,12 @@ large norms and many near-ties a Gaussian benchmark hides (see bench/_common.py)
   same banks: kernel, faiss-cpu, ``torch.cdist`` + ``topk`` (one round each on the CPU:
   the WRN-50 GEMM alone is 1.7 TFLOP).
 
-On a GPU the ``*-cuda`` groups time the kernel against ``torch.cdist`` + ``topk``, the
+On a GPU the ``*-cuda`` groups (WRN-50 features and ``gauss``, Gaussian data of the same
+shapes; 64 and 10 images' queries, k = 1 and 9) time the kernel (tensor-core selection,
+``kernel``; with its fp32 GEMM, ``kernel-fp32``) against ``torch.cdist`` + ``topk``, the
 matrix-multiply form (``||q||^2 + ||b||^2 - 2 q.b`` then ``topk``) and a bf16
-``torch.nn.functional.linear`` + ``topk`` (not exact: a speed reference); they skip
-without CUDA.
+``torch.nn.functional.linear`` + ``topk`` (not exact: a speed reference); both kernel
+entries are checked against the float64 oracle on 256 rows. They skip without CUDA.
 
 Run: ``python -m pytest bench/bench_knn.py --benchmark-group-by=group``. On a shared
 machine, ``python bench/bench_knn.py [rounds]`` runs the WRN-50 8-image contenders with
@@ -204,15 +206,17 @@ def _bf16_linear_topk(q, b, k, chunk=8192):
     return torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
 
 
-# (group, feature set, queries, k, contenders); CPU first, then the GPU groups.
+# (group, feature set, queries, k, contenders); CPU first, then the GPU groups: WRN-50
+# features and their Gaussian twin (the same shapes, its own group, so that the kernel is
+# compared with the peers on both), one batch of 64 images and ten images.
+CUDA_IMPLS = ("kernel", "kernel-fp32", "cdist-topk", "mm-topk", "bf16-linear-topk")
 FEATURE_CASES = (
     [(f"features-{f}-8img-k{k}", f, 6272, k, impl) for f in FEATURE_SETS for k in (1, 9)
      for impl in ("kernel", "faiss", "reference", "gaussian-twin")]
     + [(f"features-{f}-64img-k1", f, 50176, 1, impl) for f in FEATURE_SETS
        for impl in ("kernel", "faiss", "reference")]
-    + [(f"features-{f}-64img-k{k}-cuda", f, 50176, k, impl) for f in FEATURE_SETS
-       for k in (1, 9) for impl in ("kernel", "cdist-topk", "mm-topk", "bf16-linear-topk",
-                                    "gaussian-twin")])
+    + [(f"features-{f}-{n}img-k{k}-cuda", f, n * 784, k, impl) for n in (64, 10)
+       for f in ("wrn50", "gauss") for k in (1, 9) for impl in CUDA_IMPLS])
 
 
 @pytest.mark.parametrize("group,fset,nq,k,impl", FEATURE_CASES,
@@ -221,9 +225,9 @@ def test_knn_features(benchmark, group, fset, nq, k, impl):
     cuda = group.endswith("-cuda")
     if cuda and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    q, b = _features(fset)
+    q, b = _features("wrn50" if fset == "gauss" else fset)
     q = q[:nq]
-    if impl == "gaussian-twin":
+    if impl == "gaussian-twin" or fset == "gauss":
         q, b = _gauss_like(q, b)
     dev = "cuda" if cuda else "cpu"
     q, b = q.to(dev), b.to(dev)
@@ -242,15 +246,26 @@ def test_knn_features(benchmark, group, fset, nq, k, impl):
             return out
         return benchmark.pedantic(synced, **run)
 
-    if impl in ("kernel", "gaussian-twin"):
-        dist, idx, stats = patchcore_fast.ops.knn_stats(q, b, k)  # also the warm-up
-        benchmark.extra_info.update(second_pass=stats["second_pass"],
-                                    exact_scans=stats["exact_scans"],
-                                    projected=stats["projected"],
-                                    projected_certified=stats["projected_certified"])
-        print(f"\n{group} {impl}: {stats}")
-        timed(patchcore_fast.knn, q, b, k)
-        if impl == "kernel":
+    if impl in ("kernel", "kernel-fp32", "gaussian-twin"):
+        # kernel-fp32: the CUDA kernel with its fp32 GEMM instead of the tensor-core split
+        # (csrc/cuda/knn.cu); read by the kernel at each call.
+        gemm = os.environ.pop("PATCHCORE_FAST_KNN_GEMM", None)
+        if impl == "kernel-fp32":
+            os.environ["PATCHCORE_FAST_KNN_GEMM"] = "fp32"
+        try:
+            dist, idx, stats = patchcore_fast.ops.knn_stats(q, b, k)  # also the warm-up
+            benchmark.extra_info.update(second_pass=stats["second_pass"],
+                                        exact_scans=stats["exact_scans"],
+                                        refined_per_row=stats["refined"] / q.shape[0],
+                                        projected=stats["projected"],
+                                        projected_certified=stats["projected_certified"])
+            print(f"\n{group} {impl}: {stats}")
+            timed(patchcore_fast.knn, q, b, k)
+        finally:
+            os.environ.pop("PATCHCORE_FAST_KNN_GEMM", None)
+            if gemm is not None:
+                os.environ["PATCHCORE_FAST_KNN_GEMM"] = gemm
+        if impl != "gaussian-twin":
             rows = slice(0, 256)
             truth = torch.cdist(q[rows].cpu().double(), b.cpu().double())
             best = truth.topk(k, dim=1, largest=False).values

@@ -33,8 +33,9 @@
 //      every row within 3 E of the k-th value, in growable pools; CUDA: candidate counts
 //      widened until certified). No row is rescored by a full-bank direct scan plus sort.
 // When the current matmul precision lets the GEMM round its inputs (TF32 / bf16, see
-// matmul_input_roundoff) the bound grows accordingly, so the answer stays exact and only
-// the number of candidates refined grows.
+// matmul_input_roundoff), or when the CUDA kernel selects with split bf16 GEMMs on tensor
+// cores (ExpansionBound::bf16x3), the bound grows accordingly, so the answer stays exact
+// and only the number of candidates refined grows.
 
 #include <ATen/Context.h>
 
@@ -66,25 +67,54 @@ inline double matmul_input_roundoff(bool cuda) {
 }
 
 // Bound on |(e(q, b) + ||q||^2) - ||q - b||^2| for every bank row b, as computed by the
-// kernels (GEMM in fp32, or with inputs rounded to unit roundoff u_in).
+// kernels: E(q) = gamma (||q|| + bmax)^2 + cross ||q|| bmax.
 //   Args: qnorm = ||q||, bmax = max_b ||b||, d = width, u_in = matmul_input_roundoff().
 struct ExpansionBound {
-  double gamma;  // fp32 accumulation and centring: gamma_{d+7} with 5 % slack
-  double u_in;
-  ExpansionBound(int64_t d, double u_in_) : u_in(u_in_) {
-    const double u = std::ldexp(1.0, -24);
-    const double n = static_cast<double>(d + 7);
-    gamma = 1.05 * n * u / (1.0 - n * u);
+  double gamma;  // accumulation and centring: gamma_n with 5 % slack
+  double cross;  // the GEMM's input representation (rounded or split inputs)
+
+  // fp32 GEMM (inputs rounded to unit roundoff u_in when TF32 / bf16 is allowed).
+  ExpansionBound(int64_t d, double u_in) {
+    gamma = gamma_n(static_cast<double>(d + 7), std::ldexp(1.0, -24));
+    // Rounded inputs: each product q_i b_i is off by (2 u_in + u_in^2) |q_i b_i|, so q.b
+    // by that times ||q|| ||b||, and the expansion by twice that.
+    cross = 2.0 * 1.05 * (2.0 * u_in + u_in * u_in);
   }
+
+  // The CUDA kernel's tensor-core scheme (csrc/cuda/knn.cu): x = hi(x) + lo(x) + r(x) with
+  // hi = bf16(x), lo = bf16(x - hi) (x - hi is exact in fp32), so with u = 2^-8 (bf16
+  // round to nearest) |lo| <= (1 + u) u |x| and |r| <= u^2 |x| elementwise. Two bf16 GEMMs
+  // with fp32 accumulation give  hi(q).hi(b)  (length d) and  hi(q).lo(b) + lo(q).hi(b)
+  // (length 2d); the kernel adds them. Dropped: hi(q).r(b) + lo(q).lo(b) + lo(q).r(b) +
+  // r(q).b, at most (3 + 4u) u^2 ||q|| ||b|| (Cauchy-Schwarz on each), twice that in the
+  // expansion. Products of bf16 numbers are exact in fp32; the accumulation is where the
+  // rest of the error comes from. Tensor cores accumulate in fp32 but may align a block of
+  // products to its largest exponent and truncate instead of rounding (Fasi et al. 2021;
+  // Khattak and Mikaitis 2024 for Hopper), so the accumulation's unit is taken as 2^-22,
+  // four times fp32's round-to-nearest 2^-24: gamma_{d+9} on the hi GEMM (Sigma |products|
+  // <= (1 + 3u) ||q|| ||b||, absorbed by the (||q|| + bmax)^2 >= 4 ||q|| bmax form, as are
+  // the sum of the two outputs and the norms), and gamma_{2d} times the lo products'
+  // 2 (1 + u) u ||q|| ||b|| in the cross term. About 4x the fp32 bound: the candidate
+  // band is that much wider, the answer as exact.
+  static ExpansionBound bf16x3(int64_t d) {
+    ExpansionBound b(d, 0.0);
+    const double u = std::ldexp(1.0, -8), acc = std::ldexp(1.0, -22);
+    b.gamma = gamma_n(static_cast<double>(d + 9), acc);
+    b.cross = 2.0 * 1.05 * ((3.0 + 4.0 * u) * u * u +
+                            gamma_n(2.0 * static_cast<double>(d), acc) * 2.0 * (1.0 + u) * u);
+    return b;
+  }
+
   // T is double (one row, CPU) or a float64 Tensor[rows] of query norms (CUDA refinement):
   // the one place where the formula is written.
   template <class T>
   T operator()(const T& qnorm, double bmax) const {
     const T s = qnorm + bmax;
-    // Rounded inputs: each product q_i b_i is off by (2 u_in + u_in^2) |q_i b_i|, so q.b
-    // by that times ||q|| ||b||, and the expansion by twice that.
-    return gamma * s * s + 2.0 * 1.05 * (2.0 * u_in + u_in * u_in) * bmax * qnorm;
+    return gamma * s * s + cross * bmax * qnorm;
   }
+
+ private:
+  static double gamma_n(double n, double u) { return 1.05 * n * u / (1.0 - n * u); }
 };
 
 }  // namespace knn_detail

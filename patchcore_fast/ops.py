@@ -205,7 +205,10 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     principal coordinates and refines the best rows until a rigorous lower bound certifies
     the answer (csrc/cpu/knn_project.h); the result is the same. There is no per-row
     full-bank scan on real features: :func:`knn_stats` counts the rows that needed more
-    than the first pass.
+    than the first pass. On CUDA the ranking GEMM runs on tensor cores, each row split into
+    two bf16 parts (three bf16 products, fp32 accumulation), with a wider bound that keeps
+    the answer exact; the environment variable ``PATCHCORE_FAST_KNN_GEMM=fp32`` selects an
+    fp32 GEMM instead.
 
     Args:
         query (Tensor[Q, D]): query rows; converted to float32. Q may be 0.

@@ -77,10 +77,15 @@ def assert_exact(truth: torch.Tensor, k: int, dist: torch.Tensor, idx: torch.Ten
 
 
 def _embed(folder: Path, **config) -> torch.Tensor:
+    """Patch features (on the CPU), computed on the GPU when there is one: the CUDA test
+    subset runs on a GPU machine with a short device session, where a WideResNet-50 on
+    the CPU of every test worker took most of it."""
     from patchcore_fast.model import PatchCore, PatchCoreConfig
 
-    model = PatchCore(PatchCoreConfig(device="cpu", **config))
-    return torch.cat([p.reshape(-1, p.shape[-1]) for _, p in model.embed_batches(folder)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = PatchCore(PatchCoreConfig(device=device, **config))
+    return torch.cat([p.reshape(-1, p.shape[-1]).cpu()
+                      for _, p in model.embed_batches(folder)])
 
 
 @pytest.fixture(scope="session")
@@ -156,6 +161,35 @@ def test_real_features_exact(request, truths, device, features, k):
     assert stats["exact_scans"] == 0, stats
 
 
+@pytest.fixture
+def fp32_gemm(monkeypatch):
+    """The CUDA kernel's fp32 GEMM instead of its tensor-core split (csrc/cuda/knn.cu)."""
+    monkeypatch.setenv("PATCHCORE_FAST_KNN_GEMM", "fp32")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda_kernel(), reason="no CUDA device or no CUDA kernel built")
+@pytest.mark.parametrize("features", ["wrn50_features", "resnet18_features"])
+@pytest.mark.parametrize("k", [1, 9])
+def test_real_features_exact_cuda_fp32_gemm(request, truths, fp32_gemm, features, k):
+    # The default CUDA path selects on tensor cores (split bf16); its fp32 twin stays exact.
+    q, b = request.getfixturevalue(features)
+    if features not in truths:
+        truths[features] = oracle(q, b)
+    d, i, stats = ops.knn_stats(q.cuda(), b.cuda(), k)
+    assert_exact(truths[features], k, d, i)
+    assert stats["exact_scans"] == 0, stats
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda_kernel(), reason="no CUDA device or no CUDA kernel built")
+def test_cuda_gemm_scheme_bad_value(monkeypatch):
+    monkeypatch.setenv("PATCHCORE_FAST_KNN_GEMM", "tf16")
+    q = torch.randn(8, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="PATCHCORE_FAST_KNN_GEMM should be fp32 or bf16x3"):
+        ops.knn(q, q, 1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_real_features_k_equals_m(device, wrn50_features):
     q, b = wrn50_features
@@ -178,7 +212,10 @@ def test_no_slow_path_on_features(request, device, features):
               f"second pass {100 * frac:.2f} % of rows, "
               f"{stats['refined'] / stats['rows']:.1f} candidates refined per row")
         assert stats["exact_scans"] == 0, stats
-        assert frac <= 0.01, stats
+        # CUDA selects on tensor cores with a ~4x wider error band (knn_bound.h,
+        # ExpansionBound::bf16x3): its second pass, the same tiled GEMMs over the rows left,
+        # may take a few percent of the rows (emulated on WRN-50: ~1 % at k = 1, ~5 % at 9).
+        assert frac <= (0.01 if device == "cpu" else 0.10), stats
 
 
 def _far_near_ties(n_bank: int, n_query: int, d: int, seed: int, spread: float):

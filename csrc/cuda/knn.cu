@@ -1,38 +1,59 @@
-// Exact brute-force k nearest neighbours on the GPU, faiss-style, with no slow path.
+// Exact brute-force k nearest neighbours on the GPU, faiss-style, with no slow path, with
+// the candidate selection on tensor cores.
 //
 // Squared L2 = ||q||^2 + ||b||^2 - 2 q.b on query and bank centred on the bank's mean
 // (csrc/knn_bound.h, step 0). Queries and bank are cut into tiles sized to a memory
-// budget; per (query tile, bank tile): one cuBLAS GEMM (at::mm_out on the current stream)
-// gives q.b, then a fused select kernel adds ||b||^2 and merges each query row's running
-// best candidates, kept sorted in a global [Q, kc] buffer across bank tiles, with the
-// tile's values:
+// budget; per (query tile, bank tile) the GEMM gives q.b, then a fused select kernel adds
+// ||b||^2 and merges each query row's running best candidates, kept sorted in a global
+// [Q, kc] buffer across bank tiles, with the tile's values:
 //   - kc <= 2 (banks of 1 or 2 rows): one warp per row; each lane keeps its best two,
 //     then a warp-shuffle merge (index tie-break).
-//   - kc <= 64: one block per row; each thread keeps a sorted list in registers, then kc
-//     rounds of a block-wide arg-min pop the winners in order.
+//   - kc <= 64: one warp per row; each lane keeps a short sorted list in registers, then
+//     kc rounds of a warp arg-min pop the winners in order (a lane's overflow only lowers
+//     the row's certificate threshold, see select_warp_kernel).
 //   - larger kc: at::topk over the tile's values concatenated with the running buffer.
-// ||q||^2 is added only to the survivors, in the exact refinement and certificate that
-// follow (csrc/cuda/knn_refine.h): the candidates are recomputed with direct differences
-// of the rows as given. The first pass keeps k + max(k, 15) candidates; rows whose
-// certificate fails are rescored by the same tiled machinery with 8x the candidates, until
-// certified (at kc == M the whole bank is refined, which certifies by definition): never a
-// per-row full-bank cdist plus sort. Host synchronisations: max ||b - mu|| (the bound's
-// scalar) and, per round, the number of rows left.
 //
-// What has run: this file compiles (CUDA 13, sm_90) in this revision; the centring and
-// the widening rounds have NOT yet run on a GPU (the session that wrote them had none).
-// The CPU kernel (csrc/cpu/knn.cpp) implements the same promise and is tested on real
-// features. No reduced-precision (bf16 / TF32) candidate selection is written here yet:
-// with TF32 enabled by the user (torch.backends.cuda.matmul.allow_tf32) the bound
-// already widens through matmul_input_roundoff, so the answer stays exact.
+// The GEMM (the whole cost at width 1,024) runs on tensor cores in bf16 with fp32
+// accumulation, in the split form "bf16x3" (as cuVS's 3xTF32, with bf16): each centred
+// row x = hi + lo + r, hi = bf16(x), lo = bf16(x - hi), and
+//     q.b ~ hi(q).hi(b)  +  [hi(q) | lo(q)] . [lo(b) | hi(b)]
+// as two GEMMs (lengths d and 2d; the operands are stored once as [hi | lo] for queries
+// and [lo | hi] for the bank, so hi(q) and hi(b) are strided views), the second
+// accumulating into the first's fp32 output (cuBLAS beta = 1; on a torch without
+// aten::addmm.dtype_out the select kernel adds the two outputs, the same rounding). The dropped terms are O(2^-16) of ||q|| ||b||: about 4x the error
+// bound of an fp32 GEMM once tensor-core accumulation is taken conservatively
+// (ExpansionBound::bf16x3, knn_bound.h), at 3 bf16 GEMM lengths, i.e. well under the time
+// of one fp32 SIMT GEMM (H100 SXM peaks: ~990 dense bf16 TFLOP/s, ~67 fp32). A single
+// bf16 GEMM would be 3x cheaper again, but its error (2^-8 ||q|| ||b||) is larger than the
+// nearest-neighbour distance itself on real patch features (centred norms ~11x that
+// distance): the band would hold hundreds of rows. Environment PATCHCORE_FAST_KNN_GEMM=fp32
+// selects the fp32 GEMM (at::mm, cuBLAS SIMT unless TF32 is allowed) instead, for tests
+// and comparison; so does a torch without aten::mm.dtype_out (looked up at run time).
+//
+// ||q||^2 is added only to the survivors, in the exact refinement and certificate that
+// follow: the candidates within the error band of the k-th value (v_k + 2 E) are
+// recomputed with direct differences of the rows as given by a warp per query row
+// (refine_kernel below; the others cannot reach the k nearest), the k-th exact distance is
+// certified against the threshold (knn_bound.h, step 3). The first pass keeps
+// max(64, k + 31) candidates (k + max(k, 15) with the fp32 GEMM); rows whose certificate
+// fails are rescored by the same tiled machinery with 8x the candidates, until certified
+// (at kc == M the whole bank is refined, which certifies by definition): never a per-row
+// full-bank cdist plus sort. Host synchronisations: max ||b - mu|| (the bound's scalar)
+// and, per round, the number of rows left (both are sizes or scalars the host needs).
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -45,25 +66,92 @@ namespace {
 using knn_select::cand_less;
 using knn_select::TopList;
 
-// Scratch budget of one step (GEMM tile, refinement chunk, exact-scan chunk).
+// Scratch budget of one step (GEMM tiles, refinement chunk, exact-scan chunk).
 constexpr int64_t kBudgetBytes = int64_t{256} << 20;
 // Largest candidate count handled by the register-list kernel.
 constexpr int64_t kMaxFastCandidates = 64;
-constexpr int kSelectThreads = 128;  // block per row
+// Largest k of the warp-per-row refinement (else the ATen one).
+constexpr int64_t kMaxRefineK = 16;
 constexpr int kTop2Threads = 256;    // 8 rows (warps) per block
+constexpr int kRefineThreads = 256;  // 8 rows (warps) per block
+
+// ----- the GEMM scheme ------------------------------------------------------------------
+
+enum class Gemm { kFp32, kBf16x3 };
+
+// aten::mm.dtype_out (bf16 inputs, fp32 output and accumulation), looked up once: torch
+// versions without it fall back to the fp32 GEMM.
+using MmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, c10::ScalarType,
+                               at::Tensor&);
+const c10::TypedOperatorHandle<MmDtypeOut>* mm_dtype_op() {
+  static const std::optional<c10::TypedOperatorHandle<MmDtypeOut>> op =
+      []() -> std::optional<c10::TypedOperatorHandle<MmDtypeOut>> {
+    auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
+    if (!h.has_value()) return std::nullopt;
+    return h->typed<MmDtypeOut>();
+  }();
+  return op.has_value() ? &*op : nullptr;
+}
+
+// aten::addmm.dtype_out: the second split GEMM accumulates into the first's output
+// (cuBLAS beta = 1), so that selection reads one fp32 buffer instead of two. Looked up
+// once; without it the two outputs are added in the select kernel (the same rounding).
+using AddmmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  c10::ScalarType, const c10::Scalar&, const c10::Scalar&,
+                                  at::Tensor&);
+const c10::TypedOperatorHandle<AddmmDtypeOut>* addmm_dtype_op() {
+  static const std::optional<c10::TypedOperatorHandle<AddmmDtypeOut>> op =
+      []() -> std::optional<c10::TypedOperatorHandle<AddmmDtypeOut>> {
+    auto h = c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"});
+    if (!h.has_value()) return std::nullopt;
+    return h->typed<AddmmDtypeOut>();
+  }();
+  return op.has_value() ? &*op : nullptr;
+}
+
+Gemm gemm_scheme() {
+  const char* env = std::getenv("PATCHCORE_FAST_KNN_GEMM");
+  const std::string v = env == nullptr ? "" : env;
+  TORCH_CHECK(v.empty() || v == "fp32" || v == "bf16x3",
+              "PATCHCORE_FAST_KNN_GEMM should be fp32 or bf16x3 (or unset), got '", v, "'");
+  if (v == "fp32" || mm_dtype_op() == nullptr) return Gemm::kFp32;
+  return Gemm::kBf16x3;
+}
+
+// Split operand of centred rows x [n, d] fp32: [n, 2d] bf16, [hi | lo] (queries) or
+// [lo | hi] (bank), hi = bf16(x), lo = bf16(x - hi); see the file header.
+at::Tensor split_bf16(const at::Tensor& x, bool lo_first) {
+  const at::Tensor hi = x.to(at::kBFloat16);
+  const at::Tensor lo = at::sub(x, hi.to(at::kFloat)).to(at::kBFloat16);
+  return lo_first ? at::cat({lo, hi}, 1) : at::cat({hi, lo}, 1);
+}
+
+// ----- candidate selection ----------------------------------------------------------------
+
+// Value of the expanded form for one entry: ||b||^2 - 2 q.b, where q.b is one GEMM output
+// (fp32 scheme) or the sum of the two split GEMMs' outputs (bf16x3).
+template <bool kTwo>
+__device__ __forceinline__ float expanded(const float* __restrict__ r,
+                                          const float* __restrict__ r2, int j, float bnj) {
+  const float ip = kTwo ? r[j] + r2[j] : r[j];
+  return fmaf(-2.f, ip, bnj);
+}
 
 // k == 1 selection: one warp per query row, each lane keeps its best two candidates.
-//   ip: [rows, nb] inner products q.b; bn: [nb] ||b||^2 of the tile; j0: first bank row;
-//   best_v / best_i: [rows, kc] running sorted candidates (kc = 1 or 2); has_old: the
-//   buffer already holds candidates from earlier tiles.
+//   ip (ip2): [rows, nb] inner products q.b (second split part); bn: [nb] ||b||^2 of the
+//   tile; j0: first bank row; best_v / best_i: [rows, kc] running sorted candidates
+//   (kc = 1 or 2); has_old: the buffer already holds candidates from earlier tiles.
+template <bool kTwo>
 __global__ void __launch_bounds__(kTop2Threads)
-    select_top2_kernel(const float* __restrict__ ip, int nb, const float* __restrict__ bn,
-                       int j0, int rows, float* __restrict__ best_v,
-                       int64_t* __restrict__ best_i, int kc, bool has_old) {
+    select_top2_kernel(const float* __restrict__ ip, const float* __restrict__ ip2, int nb,
+                       const float* __restrict__ bn, int j0, int rows,
+                       float* __restrict__ best_v, int64_t* __restrict__ best_i, int kc,
+                       bool has_old) {
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * (kTop2Threads / 32) + (threadIdx.x >> 5);
   if (row >= rows) return;  // warp-uniform
   const float* r = ip + static_cast<int64_t>(row) * nb;
+  const float* r2 = kTwo ? ip2 + static_cast<int64_t>(row) * nb : nullptr;
   float* bv = best_v + static_cast<int64_t>(row) * kc;
   int64_t* bi = best_i + static_cast<int64_t>(row) * kc;
 
@@ -82,7 +170,7 @@ __global__ void __launch_bounds__(kTop2Threads)
     }
   };
   if (has_old && lane < kc) push(bv[lane], static_cast<int>(bi[lane]));
-  for (int j = lane; j < nb; j += 32) push(fmaf(-2.f, r[j], bn[j]), j0 + j);
+  for (int j = lane; j < nb; j += 32) push(expanded<kTwo>(r, r2, j, bn[j]), j0 + j);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const float w0 = __shfl_xor_sync(knn_select::kFullMask, v0, off);
@@ -101,104 +189,146 @@ __global__ void __launch_bounds__(kTop2Threads)
   }
 }
 
-// kc <= KC <= 64 selection: one block per query row. Each thread scans a strided part of
-// the row into its register list (plus one old candidate for threads < kc); then kc
-// rounds of a block-wide arg-min over the list heads write the row's new sorted best.
-// The union of the per-thread top-KC lists contains the row's top kc, so this is exact.
-template <int KC>
-__global__ void __launch_bounds__(kSelectThreads)
-    select_topk_kernel(const float* __restrict__ ip, int nb, const float* __restrict__ bn,
-                       int j0, float* __restrict__ best_v, int64_t* __restrict__ best_i,
-                       int kc, bool has_old) {
-  constexpr int kWarps = kSelectThreads / 32;
-  __shared__ float s_v[kWarps];
-  __shared__ int s_i[kWarps];
-  __shared__ int s_o[kWarps];
-  const int row = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+// 2 < kc <= 64 selection: one warp per query row. Lane l keeps, sorted in registers, the
+// KT best entries among its share of the tile (columns j = l mod 32) and of the running
+// buffer (slots t = l mod 32); then kc rounds of a warp arg-min pop the row's new sorted
+// best kc. Per-lane lists are short (KT = 8: one compare rejects almost every entry, an
+// insert costs at most 8 swaps), so a lane may have to drop an entry that belongs to the
+// row's best kc (more than KT of them in its share; with kc = 64 over 32 lanes, rare).
+// That never costs exactness: everything a lane dropped is >= the last entry of its
+// list, so the row's threshold thr (every bank row that is not a candidate has a value
+// >= thr, knn_bound.h step 3) becomes min(thr, last entry of each lane that dropped one),
+// which the certificate uses (a smaller thr can only fail it: the row is redone wider).
+// Before this kernel, a block per row with 64-entry lists per thread and block-wide
+// rounds spent longer in selection than the tensor cores in the GEMM (H200).
+//   thr: [rows] running threshold (+inf before the first tile).
+constexpr int kLaneList = 8;
+
+template <bool kTwo, bool kVec>
+__global__ void __launch_bounds__(kTop2Threads)
+    select_warp_kernel(const float* __restrict__ ip, const float* __restrict__ ip2, int nb,
+                       const float* __restrict__ bn, int j0, int rows,
+                       float* __restrict__ best_v, int64_t* __restrict__ best_i,
+                       float* __restrict__ thr, int kc, bool has_old) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (kTop2Threads / 32) + (threadIdx.x >> 5);
+  if (row >= rows) return;  // warp-uniform
   const float* r = ip + static_cast<int64_t>(row) * nb;
+  const float* r2 = kTwo ? ip2 + static_cast<int64_t>(row) * nb : nullptr;
   float* bv = best_v + static_cast<int64_t>(row) * kc;
   int64_t* bi = best_i + static_cast<int64_t>(row) * kc;
 
-  TopList<KC> list;
+  TopList<kLaneList> list;
   list.init();
-  if (has_old && tid < kc) list.push(bv[tid], static_cast<int>(bi[tid]));
-  for (int j = tid; j < nb; j += kSelectThreads) list.push(fmaf(-2.f, r[j], bn[j]), j0 + j);
-
+  int pushed = 0;  // entries offered to this lane's list; more than kLaneList: some dropped
+  if (has_old) {
+    for (int t = lane; t < kc; t += 32, ++pushed) list.push(bv[t], static_cast<int>(bi[t]));
+  }
+  int j = lane;
+  if (kVec) {
+    // 16-byte loads (rows, tile norms aligned: checked at launch): lane l takes columns
+    // 4 t .. 4 t + 3 for t = l mod 32; the same entries, pushed in another order (the
+    // lists order by (value, index), so the result does not depend on it).
+    const float4* r4 = reinterpret_cast<const float4*>(r);
+    const float4* r24 = reinterpret_cast<const float4*>(r2);
+    const float4* bn4 = reinterpret_cast<const float4*>(bn);
+    for (int t = lane; t < nb / 4; t += 32, pushed += 4) {
+      const float4 a = r4[t], c = __ldg(bn4 + t);
+      float4 b = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (kTwo) b = r24[t];
+      const int jj = j0 + 4 * t;
+      list.push(fmaf(-2.f, kTwo ? a.x + b.x : a.x, c.x), jj);
+      list.push(fmaf(-2.f, kTwo ? a.y + b.y : a.y, c.y), jj + 1);
+      list.push(fmaf(-2.f, kTwo ? a.z + b.z : a.z, c.z), jj + 2);
+      list.push(fmaf(-2.f, kTwo ? a.w + b.w : a.w, c.w), jj + 3);
+    }
+    j = nb / 4 * 4 + lane;  // the tail
+  }
+  for (; j < nb; j += 32, ++pushed) {
+    list.push(expanded<kTwo>(r, r2, j, bn[j]), j0 + j);
+  }
+  // This lane's bound on what it dropped, reduced over the warp into the row's threshold.
+  float floor = pushed > kLaneList ? list.v[kLaneList - 1] : INFINITY;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    floor = fminf(floor, __shfl_xor_sync(knn_select::kFullMask, floor, off));
+  }
+  // Reads of the old buffer (above) happen before the writes (below) of the same warp.
+  __syncwarp();
   for (int round = 0; round < kc; ++round) {
     float v = list.v[0];
     int i = list.i[0];
-    int owner = tid;
+    int owner = lane;
     knn_select::warp_argmin(v, i, owner);
+    if (lane == owner) list.pop_front();
     if (lane == 0) {
-      s_v[warp] = v;
-      s_i[warp] = i;
-      s_o[warp] = owner;
-    }
-    __syncthreads();  // also orders every thread's read of the old row before the writes
-    v = s_v[0];
-    i = s_i[0];
-    owner = s_o[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      if (cand_less(s_v[w], s_i[w], v, i) || (s_v[w] == v && s_i[w] == i && s_o[w] < owner)) {
-        v = s_v[w];
-        i = s_i[w];
-        owner = s_o[w];
-      }
-    }
-    __syncthreads();  // s_* are rewritten next round
-    if (tid == owner) list.pop_front();
-    if (tid == 0) {
       bv[round] = v;
       bi[round] = i;
     }
   }
+  if (lane == 0) {
+    const float old = has_old ? thr[row] : INFINITY;
+    thr[row] = fminf(old, floor);
+  }
 }
 
-// Launches the selection of one (query tile, bank tile).
-//   ip: [rows, nb] q.b; bn: [nb]; best_v / best_i: [rows, kc] views of the running buffer.
-void select_tile(const at::Tensor& ip, const at::Tensor& bn, int64_t j0, at::Tensor& best_v,
-                 at::Tensor& best_i, int64_t kc, bool has_old) {
-  const int64_t rows = ip.size(0), nb = ip.size(1);
+template <bool kTwo>
+void select_tile_impl(const float* ipp, const float* ip2p, int64_t rows, int64_t nb,
+                      const float* bnp, int64_t j0, float* bvp, int64_t* bip, float* thrp,
+                      int64_t kc, bool has_old) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const float* ipp = ip.data_ptr<float>();
-  const float* bnp = bn.data_ptr<float>();
-  float* bvp = best_v.data_ptr<float>();
-  int64_t* bip = best_i.data_ptr<int64_t>();
+  const int per_block = kTop2Threads / 32;
+  const dim3 grid(static_cast<unsigned>((rows + per_block - 1) / per_block));
   if (kc <= 2) {
-    const int per_block = kTop2Threads / 32;
-    const dim3 grid(static_cast<unsigned>((rows + per_block - 1) / per_block));
-    select_top2_kernel<<<grid, kTop2Threads, 0, stream>>>(
-        ipp, static_cast<int>(nb), bnp, static_cast<int>(j0), static_cast<int>(rows), bvp, bip,
-        static_cast<int>(kc), has_old);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const dim3 grid(static_cast<unsigned>(rows));
-  const int n = static_cast<int>(nb), j = static_cast<int>(j0), c = static_cast<int>(kc);
-  if (kc <= 8) {
-    select_topk_kernel<8><<<grid, kSelectThreads, 0, stream>>>(ipp, n, bnp, j, bvp, bip, c,
-                                                               has_old);
-  } else if (kc <= 16) {
-    select_topk_kernel<16><<<grid, kSelectThreads, 0, stream>>>(ipp, n, bnp, j, bvp, bip, c,
-                                                                has_old);
-  } else if (kc <= 32) {
-    select_topk_kernel<32><<<grid, kSelectThreads, 0, stream>>>(ipp, n, bnp, j, bvp, bip, c,
-                                                                has_old);
+    select_top2_kernel<kTwo><<<grid, kTop2Threads, 0, stream>>>(
+        ipp, ip2p, static_cast<int>(nb), bnp, static_cast<int>(j0), static_cast<int>(rows),
+        bvp, bip, static_cast<int>(kc), has_old);
   } else {
-    select_topk_kernel<64><<<grid, kSelectThreads, 0, stream>>>(ipp, n, bnp, j, bvp, bip, c,
-                                                                has_old);
+    auto aligned = [](const float* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool vec = nb % 4 == 0 && aligned(ipp) && aligned(bnp) && (!kTwo || aligned(ip2p));
+    auto go = [&](auto v) {
+      select_warp_kernel<kTwo, decltype(v)::value><<<grid, kTop2Threads, 0, stream>>>(
+          ipp, ip2p, static_cast<int>(nb), bnp, static_cast<int>(j0), static_cast<int>(rows),
+          bvp, bip, thrp, static_cast<int>(kc), has_old);
+    };
+    if (vec) {
+      go(std::true_type{});
+    } else {
+      go(std::false_type{});
+    }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Launches the selection of one (query tile, bank tile).
+//   ip: [rows, nb] q.b; ip2: the second split part (undefined with the fp32 GEMM); bn:
+//   [nb]; best_v / best_i: [rows, kc] views of the running buffer; thr: [rows] its
+//   threshold (see select_warp_kernel; the exact kernels leave it alone).
+void select_tile(const at::Tensor& ip, const at::Tensor& ip2, const at::Tensor& bn,
+                 int64_t j0, at::Tensor& best_v, at::Tensor& best_i, at::Tensor& thr,
+                 int64_t kc, bool has_old) {
+  const float* ip2p = ip2.defined() ? ip2.data_ptr<float>() : nullptr;
+  auto go = [&](auto two) {
+    select_tile_impl<decltype(two)::value>(ip.data_ptr<float>(), ip2p, ip.size(0), ip.size(1),
+                                           bn.data_ptr<float>(), j0, best_v.data_ptr<float>(),
+                                           best_i.data_ptr<int64_t>(), thr.data_ptr<float>(),
+                                           kc, has_old);
+  };
+  if (ip2p != nullptr) {
+    go(std::true_type{});
+  } else {
+    go(std::false_type{});
+  }
+}
+
 // kc > 64: merge the tile into the running buffer with at::topk (ties at the cut may go
 // either way; the certificate only needs every dropped value to be >= the kept kc-th).
-void select_tile_topk(const at::Tensor& ip, const at::Tensor& bn, int64_t j0,
-                      at::Tensor& best_v, at::Tensor& best_i, int64_t kc, bool has_old) {
+void select_tile_topk(const at::Tensor& ip, const at::Tensor& ip2, const at::Tensor& bn,
+                      int64_t j0, at::Tensor& best_v, at::Tensor& best_i, int64_t kc,
+                      bool has_old) {
   const int64_t rows = ip.size(0), nb = ip.size(1);
-  at::Tensor vals = at::sub(bn.unsqueeze(0), ip, /*alpha=*/2);  // ||b||^2 - 2 q.b
+  const at::Tensor dot = ip2.defined() ? at::add(ip, ip2) : ip;
+  at::Tensor vals = at::sub(bn.unsqueeze(0), dot, /*alpha=*/2);  // ||b||^2 - 2 q.b
   at::Tensor idx = at::arange(j0, j0 + nb, best_i.options()).unsqueeze(0).expand({rows, nb});
   if (has_old) {
     vals = at::cat({best_v, vals}, 1);
@@ -209,50 +339,240 @@ void select_tile_topk(const at::Tensor& ip, const at::Tensor& bn, int64_t j0,
   best_i.copy_(idx.gather(1, std::get<1>(top)));
 }
 
-// Candidate selection for query rows qrows (centred) over the centred bank, in tiles:
-// returns (values [n, kc] sorted ascending, bank rows [n, kc]); column kc - 1 is the
-// certificate's threshold T.
-std::tuple<at::Tensor, at::Tensor> select_candidates(const at::Tensor& qrows,
-                                                     const at::Tensor& bank_c,
-                                                     const at::Tensor& bn, int64_t kc) {
-  const int64_t nq = qrows.size(0), m = bank_c.size(0);
+// The GEMM side of the selection.
+//   fp32: bank = centred bank [M, d] float32, queries centred [n, d] float32.
+//   bf16x3: bank = [M, 2d] bf16 [lo | hi], queries [n, 2d] bf16 [hi | lo] (split_bf16).
+struct Operands {
+  Gemm gemm;
+  at::Tensor bank;
+  at::Tensor bn;  // [M] ||b - mu||^2 float32
+};
+
+// ip (, ip2) <- q.b of a query tile and a bank tile (see Operands).
+void tile_gemm(const Operands& ops, const at::Tensor& qtile, const at::Tensor& btile,
+               at::Tensor& ip, at::Tensor& ip2) {
+  if (ops.gemm == Gemm::kFp32) {
+    at::mm_out(ip, qtile, btile.t());  // cuBLAS, current stream
+    return;
+  }
+  const int64_t d = btile.size(1) / 2;
+  const auto& mm = *mm_dtype_op();
+  mm.call(qtile.narrow(1, 0, d), btile.narrow(1, d, d).t(), at::kFloat, ip);  // hi . hi
+  if (ip2.defined()) {
+    mm.call(qtile, btile.t(), at::kFloat, ip2);  // hi(q) . lo(b) + lo(q) . hi(b)
+  } else {
+    // ip <- ip + hi(q) . lo(b) + lo(q) . hi(b): fl(acc + C), the select kernel's own sum.
+    try {
+      addmm_dtype_op()->call(ip, qtile, btile.t(), at::kFloat, 1, 1, ip);
+    } catch (const c10::Error& e) {
+      // A torch whose addmm.dtype_out refuses the in-place form: the same sum, unfused.
+      TORCH_WARN_ONCE("patchcore_fast knn: addmm.dtype_out failed (", e.what_without_backtrace(),
+                      "); adding the split GEMMs' outputs separately");
+      at::Tensor lo = at::empty_like(ip);
+      mm.call(qtile, btile.t(), at::kFloat, lo);
+      ip.add_(lo);
+    }
+  }
+}
+
+// Candidate selection for query rows qrows (GEMM operand of the centred rows) over the
+// bank, in tiles: returns (values [n, kc] sorted ascending, bank rows [n, kc], the
+// certificate's threshold T [n]: every bank row that is not a candidate has value >= T).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_candidates(const at::Tensor& qrows,
+                                                     const Operands& ops, int64_t kc) {
+  const int64_t nq = qrows.size(0), m = ops.bank.size(0);
   const bool fast = kc <= kMaxFastCandidates;
-  // Tiles: the [tq, tb] GEMM output (plus the topk path's temporaries) within the budget.
-  const int64_t bytes_per_entry = fast ? 4 : 32;
+  // Two GEMM outputs to add in the select kernel: the split scheme without addmm.dtype_out.
+  const bool two = ops.gemm == Gemm::kBf16x3 && addmm_dtype_op() == nullptr;
+  const auto fopts = ops.bn.options();
+  // Tiles: the [tq, tb] GEMM output(s) (plus the topk path's temporaries) within the budget.
+  const int64_t bytes_per_entry = (fast ? 4 : 32) * (two ? 2 : 1);
   // A bank tile holds at least kc rows (the topk path needs them) and 128 when it can.
   const int64_t tb_min = std::max<int64_t>(std::min<int64_t>(m, 128), kc);
+  // At most 4,096 query rows per tile, so that bank tiles are wide (8,192 rows with the
+  // split GEMM's two outputs): each bank tile costs every row a merge of kc rounds.
   const int64_t tq = std::max<int64_t>(
-      1, std::min<int64_t>({nq, 16384, kBudgetBytes / (bytes_per_entry * tb_min)}));
+      1, std::min<int64_t>({nq, 4096, kBudgetBytes / (bytes_per_entry * tb_min)}));
   int64_t tb = kBudgetBytes / (bytes_per_entry * tq) / 128 * 128;
   tb = std::min(m, std::max(tb, tb_min));
-  at::Tensor buf = at::empty({tq * tb}, qrows.options());
-  at::Tensor best_v = at::empty({nq, kc}, qrows.options());
-  at::Tensor best_i = at::empty({nq, kc}, qrows.options().dtype(at::kLong));
+  at::Tensor buf = at::empty({tq * tb}, fopts);
+  at::Tensor buf2 = two ? at::empty({tq * tb}, fopts) : at::Tensor();
+  at::Tensor best_v = at::empty({nq, kc}, fopts);
+  at::Tensor best_i = at::empty({nq, kc}, fopts.dtype(at::kLong));
+  at::Tensor thr = at::full({nq}, INFINITY, fopts);  // lowered by select_warp_kernel only
   for (int64_t q0 = 0; q0 < nq; q0 += tq) {
     const int64_t rows = std::min(tq, nq - q0);
     at::Tensor qtile = qrows.narrow(0, q0, rows);
     at::Tensor bv = best_v.narrow(0, q0, rows);
     at::Tensor bi = best_i.narrow(0, q0, rows);
+    at::Tensor th = thr.narrow(0, q0, rows);
     for (int64_t j0 = 0; j0 < m; j0 += tb) {
       const int64_t nb = std::min(tb, m - j0);
       at::Tensor ip = buf.narrow(0, 0, rows * nb).view({rows, nb});
-      at::mm_out(ip, qtile, bank_c.narrow(0, j0, nb).t());  // cuBLAS, current stream
-      at::Tensor bnt = bn.narrow(0, j0, nb);
+      at::Tensor ip2 = two ? buf2.narrow(0, 0, rows * nb).view({rows, nb}) : at::Tensor();
+      tile_gemm(ops, qtile, ops.bank.narrow(0, j0, nb), ip, ip2);
+      at::Tensor bnt = ops.bn.narrow(0, j0, nb);
       if (fast) {
-        select_tile(ip, bnt, j0, bv, bi, kc, j0 > 0);
+        select_tile(ip, ip2, bnt, j0, bv, bi, th, kc, j0 > 0);
       } else {
-        select_tile_topk(ip, bnt, j0, bv, bi, kc, j0 > 0);
+        select_tile_topk(ip, ip2, bnt, j0, bv, bi, kc, j0 > 0);
       }
     }
   }
-  return {best_v, best_i};
+  // The certificate's threshold: no non-candidate lies below the kc-th value or thr.
+  thr = at::minimum(thr, best_v.select(1, kc - 1));
+  return {best_v, best_i, thr};
 }
 
-// First-pass candidate count: k + max(k, 15), from the error-band populations the CPU
-// kernel measures on WideResNet-50 random-weight features after centring (rows within 2 E
-// of the k-th value: p99 14 at k = 1, 27 at k = 9), so that the second pass is rare.
-inline int64_t first_candidates(int64_t k, int64_t m) {
-  return std::min<int64_t>(m, k + std::max<int64_t>(k, 15));
+// ----- exact refinement -------------------------------------------------------------------
+
+// Squared distance of two rows by direct differences, one warp: each lane sums a strided
+// part (float4 when kVec), then a butterfly; every lane returns the same value.
+template <bool kVec>
+__device__ __forceinline__ float warp_sqdist(const float* __restrict__ a,
+                                             const float* __restrict__ b, int d, int lane) {
+  float s = 0.f;
+  if (kVec) {
+    const float4* a4 = reinterpret_cast<const float4*>(a);
+    const float4* b4 = reinterpret_cast<const float4*>(b);
+    for (int t = lane; t < d / 4; t += 32) {
+      const float4 x = a4[t], y = __ldg(b4 + t);
+      const float e0 = x.x - y.x, e1 = x.y - y.y, e2 = x.z - y.z, e3 = x.w - y.w;
+      s = fmaf(e0, e0, s);
+      s = fmaf(e1, e1, s);
+      s = fmaf(e2, e2, s);
+      s = fmaf(e3, e3, s);
+    }
+  } else {
+    for (int t = lane; t < d; t += 32) {
+      const float e = a[t] - __ldg(b + t);
+      s = fmaf(e, e, s);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(knn_select::kFullMask, s, off);
+  return s;
+}
+
+// Exact refinement and certificate of one query row per warp (knn_bound.h, steps 2-3),
+// for k <= kMaxRefineK. The row's candidates arrive sorted by expanded value v; only those
+// with v <= v_k + 2 E(q) are refined: any other has true squared distance
+// >= v + ||q||^2 - E > v_k + ||q||^2 + E >= that of each of the k best by v, so it cannot
+// be among the k nearest (on Gaussian data this leaves ~k rows to refine of kc). Winners
+// are ranked by (distance as returned, index): lower index first on exact ties, as the
+// ATen refinement and the CPU kernel do.
+//   query: [n, d] rows as given; bank: [m, d]; cand_v / cand_i: [n, kc]; thr: [n] the
+//   certificate's threshold (select_candidates); qn: [n] float64
+//   ||q - mu||^2; eb: [n] float64 E(q); out_d / out_i: [n, k]; failed: [n] (certificate
+//   failed: the row is redone with more candidates); refined: one int64 counter.
+template <bool kVec>
+__global__ void __launch_bounds__(kRefineThreads)
+    refine_kernel(const float* __restrict__ query, const float* __restrict__ bank, int d,
+                  const float* __restrict__ cand_v, const int64_t* __restrict__ cand_i,
+                  const float* __restrict__ thr, int n, int kc, int k, bool certify,
+                  const double* __restrict__ qn,
+                  const double* __restrict__ eb, float* __restrict__ out_d,
+                  int64_t* __restrict__ out_i, bool* __restrict__ failed,
+                  unsigned long long* __restrict__ refined) {
+  constexpr int kWarps = kRefineThreads / 32;
+  __shared__ float s_d[kWarps][kMaxRefineK];
+  __shared__ float s_sq[kWarps][kMaxRefineK];
+  __shared__ int s_i[kWarps][kMaxRefineK];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row = blockIdx.x * kWarps + warp;
+  if (row >= n) return;  // warp-uniform
+  const float* q = query + static_cast<int64_t>(row) * d;
+  const float* cv = cand_v + static_cast<int64_t>(row) * kc;
+  const int64_t* ci = cand_i + static_cast<int64_t>(row) * kc;
+  const double limit = static_cast<double>(cv[k - 1]) + 2.0 * eb[row];
+  int held = 0;  // winners held in s_* (sorted by (distance, index)), lane 0 writes
+  int t = 0;
+  for (; t < kc; ++t) {
+    if (t >= k && static_cast<double>(cv[t]) > limit) break;  // the rest lie above the band
+    const int j = static_cast<int>(ci[t]);
+    const float sq = warp_sqdist<kVec>(q, bank + static_cast<int64_t>(j) * d, d, lane);
+    if (lane == 0) {
+      const float dist = sqrtf(fmaxf(sq, 0.f));
+      // Insertion into the sorted top-k list (drop the entry if it ranks past k).
+      int p = held < k ? held : k;
+      if (p == k && !cand_less(dist, j, s_d[warp][k - 1], s_i[warp][k - 1])) p = -1;
+      if (p >= 0) {
+        if (p == k) p = k - 1;
+        while (p > 0 && cand_less(dist, j, s_d[warp][p - 1], s_i[warp][p - 1])) {
+          s_d[warp][p] = s_d[warp][p - 1];
+          s_sq[warp][p] = s_sq[warp][p - 1];
+          s_i[warp][p] = s_i[warp][p - 1];
+          --p;
+        }
+        s_d[warp][p] = dist;
+        s_sq[warp][p] = sq;
+        s_i[warp][p] = j;
+        if (held < k) ++held;
+      }
+    }
+  }
+  if (lane != 0) return;
+  atomicAdd(refined, static_cast<unsigned long long>(t));
+  for (int w = 0; w < k; ++w) {
+    out_d[static_cast<int64_t>(row) * k + w] = s_d[warp][w];
+    out_i[static_cast<int64_t>(row) * k + w] = s_i[warp][w];
+  }
+  // Certificate (float64): k-th exact squared distance <= T + ||q - mu||^2 - E(q).
+  const double lower = static_cast<double>(thr[row]) + qn[row] - eb[row];
+  failed[row] = certify && !(static_cast<double>(s_sq[warp][k - 1]) <= lower);
+}
+
+// Refines the candidates of n query rows; returns Tensor[n] bool, the rows whose
+// certificate failed. See refine_kernel (any kc: it stops at the band's end); the ATen
+// refinement (all kc candidates) for k > kMaxRefineK.
+at::Tensor refine(const at::Tensor& q, const at::Tensor& qn, const at::Tensor& bank,
+                  const at::Tensor& cand_v, const at::Tensor& cand_i, const at::Tensor& thr,
+                  int64_t k,
+                  const knn_detail::ExpansionBound& bound, double bmax, at::Tensor& od,
+                  at::Tensor& oi, at::Tensor& refined, int64_t& refined_host) {
+  const int64_t n = q.size(0), m = bank.size(0), d = bank.size(1), kc = cand_i.size(1);
+  if (k > kMaxRefineK) {
+    refined_host += n * kc;
+    return knn_detail::refine_candidates_aten(q, qn, bank, cand_i, thr, k, bound, bmax,
+                                              kBudgetBytes, od, oi);
+  }
+  const at::Tensor eb = bound(qn.sqrt(), bmax).contiguous();  // [n] float64 E(q)
+  at::Tensor failed = at::empty({n}, q.options().dtype(at::kBool));
+  const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(q.data_ptr<float>()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(bank.data_ptr<float>()) % 16 == 0;
+  const int per_block = kRefineThreads / 32;
+  const dim3 grid(static_cast<unsigned>((n + per_block - 1) / per_block));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto go = [&](auto v) {
+    refine_kernel<decltype(v)::value><<<grid, kRefineThreads, 0, stream>>>(
+        q.data_ptr<float>(), bank.data_ptr<float>(), static_cast<int>(d),
+        cand_v.data_ptr<float>(), cand_i.data_ptr<int64_t>(), thr.data_ptr<float>(),
+        static_cast<int>(n),
+        static_cast<int>(kc), static_cast<int>(k), kc < m, qn.data_ptr<double>(),
+        eb.data_ptr<double>(), od.data_ptr<float>(), oi.data_ptr<int64_t>(),
+        failed.data_ptr<bool>(),
+        reinterpret_cast<unsigned long long*>(refined.data_ptr<int64_t>()));
+  };
+  if (vec) {
+    go(std::true_type{});
+  } else {
+    go(std::false_type{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return failed;
+}
+
+// First-pass candidate count. fp32 GEMM: k + max(k, 15), from the error-band populations
+// the CPU kernel measures on WideResNet-50 random-weight features after centring (rows
+// within 2 E of the k-th value: p99 14 at k = 1, 27 at k = 9). bf16x3: its bound is ~4x
+// wider; the same measurement with it (1,000 WRN-50 queries against 16,386 rows, float64
+// emulation) gives p90 29 / p99 57 at k = 1 and p90 48 / p99 79 at k = 9, hence
+// max(64, k + 31): the register-list kernel's largest list, which settles ~99 % (k = 1)
+// and ~95 % (k = 9) of such rows in the first pass (Gaussian data: p99 3 and 14).
+inline int64_t first_candidates(int64_t k, int64_t m, Gemm gemm) {
+  const int64_t kc = gemm == Gemm::kBf16x3 ? std::max<int64_t>(kMaxFastCandidates, k + 31)
+                                           : k + std::max<int64_t>(k, 15);
+  return std::min<int64_t>(m, kc);
 }
 
 // knn with statistics (see the schema in csrc/ops.cpp).
@@ -268,30 +588,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(const at::Tensor& 
   const int64_t nq = query.size(0), m = bank.size(0), d = bank.size(1);
   at::Tensor out_d = at::empty({nq, k}, query.options());
   at::Tensor out_i = at::empty({nq, k}, query.options().dtype(at::kLong));
-  // No last-resort exact scan here (stats[2] stays 0), no projected pre-pass (4, 5).
+  // rows, rows of the second pass, last-resort exact scans (none here: stays 0), refined,
+  // and the CPU kernel's projected pre-pass (none here: 4 and 5 stay 0); the refinement
+  // kernel counts on the device (no sync), the ATen one on the host.
   int64_t stats[6] = {nq, 0, 0, 0, 0, 0};
+  at::Tensor refined = at::zeros({1}, out_i.options());
   auto stats_tensor = [&] {
-    return at::tensor(at::IntArrayRef(stats, 6), at::kLong).to(query.device());
+    at::Tensor s = at::tensor(at::IntArrayRef(stats, 6), at::kLong).to(query.device());
+    s.narrow(0, 3, 1).add_(refined);
+    return s;
   };
   if (nq == 0) return {out_d, out_i, stats_tensor()};
 
+  const Gemm gemm = gemm_scheme();
   // Centre on the bank's mean (knn_bound.h, step 0); the refinement uses the rows as given.
   const at::Tensor mean = bank.sum(0, /*keepdim=*/false, at::kDouble).div_(m).to(at::kFloat);
-  const at::Tensor bank_c = bank - mean;
-  at::Tensor bnorm = at::linalg_vector_norm(bank_c, 2, at::IntArrayRef{1}, false, std::nullopt);
-  at::Tensor bn = bnorm.square();  // [M] ||b - mu||^2
+  Operands ops{gemm, bank - mean, at::Tensor()};
+  at::Tensor bnorm =
+      at::linalg_vector_norm(ops.bank, 2, at::IntArrayRef{1}, false, std::nullopt);
+  ops.bn = bnorm.square();  // [M] ||b - mu||^2
+  if (gemm == Gemm::kBf16x3) ops.bank = split_bf16(ops.bank, /*lo_first=*/true);
   // max ||b - mu|| for the error bound, widened for its own fp32 rounding. Host sync 1 of
   // 2 + rounds: the bound is a host scalar.
   const double bmax = bnorm.max().item<double>() * (1.0 + 1e-5);
-  const knn_detail::ExpansionBound bound(d, knn_detail::matmul_input_roundoff(/*cuda=*/true));
+  const knn_detail::ExpansionBound bound =
+      gemm == Gemm::kBf16x3
+          ? knn_detail::ExpansionBound::bf16x3(d)
+          : knn_detail::ExpansionBound(d, knn_detail::matmul_input_roundoff(/*cuda=*/true));
 
   // Rows still to settle: all, then those whose certificate failed, with 8x the candidates
   // each round; at kc == M the whole bank is refined, which certifies by definition.
   at::Tensor todo;  // undefined: every row
-  int64_t kc = first_candidates(k, m);
+  int64_t kc = first_candidates(k, m, gemm);
   for (int round = 0;; ++round) {
     const int64_t n = todo.defined() ? todo.numel() : nq;
-    stats[3] += n * kc;
     // Rows per chunk so that the [rows, kc] candidate lists stay within the budget.
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, kBudgetBytes / (kc * 16)));
     std::vector<at::Tensor> failed;
@@ -301,20 +631,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(const at::Tensor& 
       at::Tensor q = rows.defined() ? query.index_select(0, rows) : query.narrow(0, s, c);
       at::Tensor q_c = q - mean;
       at::Tensor qn = q_c.to(at::kDouble).square().sum(1);
-      auto sel = select_candidates(q_c, bank_c, bn, kc);
+      if (gemm == Gemm::kBf16x3) q_c = split_bf16(q_c, /*lo_first=*/false);
+      auto sel = select_candidates(q_c, ops, kc);
       q_c = at::Tensor();
-      at::Tensor thresh = std::get<0>(sel).select(1, kc - 1).contiguous();
-      at::Tensor od = at::empty({c, k}, query.options());
-      at::Tensor oi = at::empty({c, k}, out_i.options());
-      at::Tensor bad = knn_detail::refine_candidates_aten(q, qn, bank, std::get<1>(sel), thresh,
-                                                          k, bound, bmax, kBudgetBytes, od, oi);
+      at::Tensor od = rows.defined() ? at::empty({c, k}, out_d.options()) : out_d.narrow(0, s, c);
+      at::Tensor oi = rows.defined() ? at::empty({c, k}, out_i.options()) : out_i.narrow(0, s, c);
+      at::Tensor bad = refine(q, qn, bank, std::get<0>(sel), std::get<1>(sel), std::get<2>(sel),
+                              k, bound, bmax, od, oi, refined, stats[3]);
       if (rows.defined()) {
         out_d.index_copy_(0, rows, od);
         out_i.index_copy_(0, rows, oi);
         failed.push_back(rows.masked_select(bad));
       } else {
-        out_d.narrow(0, s, c).copy_(od);
-        out_i.narrow(0, s, c).copy_(oi);
         failed.push_back(bad.nonzero().reshape({-1}) + s);
       }
     }
