@@ -256,7 +256,9 @@ def test_knn_features(benchmark, group, fset, nq, k, impl):
             dist, idx, stats = patchcore_fast.ops.knn_stats(q, b, k)  # also the warm-up
             benchmark.extra_info.update(second_pass=stats["second_pass"],
                                         exact_scans=stats["exact_scans"],
-                                        refined_per_row=stats["refined"] / q.shape[0])
+                                        refined_per_row=stats["refined"] / q.shape[0],
+                                        projected=stats["projected"],
+                                        projected_certified=stats["projected_certified"])
             print(f"\n{group} {impl}: {stats}")
             timed(patchcore_fast.knn, q, b, k)
         finally:
@@ -292,7 +294,8 @@ def test_knn_features(benchmark, group, fset, nq, k, impl):
 # ----- interleaved rounds (python bench/bench_knn.py [rounds]) -------------------------
 
 def interleaved(rounds: int = 5) -> None:
-    """The WRN-50 8-image workloads with the contenders' rounds interleaved.
+    """The WRN-50 8-image workloads with the contenders' rounds interleaved (kernel,
+    Gaussian twin, faiss-cpu, ``torch.cdist`` + ``topk`` as in the pytest groups).
 
     pytest-benchmark runs one contender's rounds back to back, so on a shared machine a
     burst of load lands on one entry. Here round r of every contender runs before round
@@ -314,6 +317,7 @@ def interleaved(rounds: int = 5) -> None:
             index = faiss.IndexFlatL2(b.shape[1])
             index.add(b.numpy())
             fns[f"wrn50-8img-k{k} faiss"] = (index.search, (q.numpy(), k))
+        fns[f"wrn50-8img-k{k} cdist-topk"] = (reference.knn, (q, b, k, 1024, False))
     patchcore_fast.knn(q[:64], b, 1)  # load the library, start the thread pool
     wall = {n: [] for n in fns}
     cpu = {n: [] for n in fns}

@@ -43,8 +43,10 @@ TORCH_LIBRARY(patchcore_fast, m) {
   //   returns (distances: Tensor[Q, k] float32, Euclidean (not squared), ascending;
   //            indices: Tensor[Q, k] int64).
   m.def("knn(Tensor query, Tensor bank, int k) -> (Tensor, Tensor)");
-  // knn plus how the kernel got there (tests and debugging): stats is Tensor[4] int64 =
+  // knn plus how the kernel got there (tests and debugging): stats is Tensor[6] int64 =
   //   (rows, rows rescored by the second pass, rows that fell back to a direct-difference
-  //    scan of the whole bank (expected 0), candidates refined with direct differences).
+  //    scan of the whole bank (expected 0), candidates refined with direct differences,
+  //    rows sent through the CPU's projected pre-pass (0 when off; always 0 on CUDA),
+  //    rows that pre-pass certified).
   m.def("knn_stats(Tensor query, Tensor bank, int k) -> (Tensor, Tensor, Tensor)");
 }

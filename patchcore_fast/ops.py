@@ -201,11 +201,14 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     lower bank index. The kernels rank candidates with a GEMM on query and bank centred on
     the bank's mean, keep every row within the expansion's error bound of the k-th place,
     and refine those with direct differences; a certificate proves the answer exact (see
-    csrc/knn_bound.h). There is no per-row full-bank scan on real features:
-    :func:`knn_stats` counts the rows that needed more than the first pass. On CUDA the
-    ranking GEMM runs on tensor cores, each row split into two bf16 parts (three bf16
-    products, fp32 accumulation), with a wider bound that keeps the answer exact; the
-    environment variable ``PATCHCORE_FAST_KNN_GEMM=fp32`` selects an fp32 GEMM instead.
+    csrc/knn_bound.h). On wide low-rank features the CPU kernel first ranks the bank on 32
+    principal coordinates and refines the best rows until a rigorous lower bound certifies
+    the answer (csrc/cpu/knn_project.h); the result is the same. There is no per-row
+    full-bank scan on real features: :func:`knn_stats` counts the rows that needed more
+    than the first pass. On CUDA the ranking GEMM runs on tensor cores, each row split into
+    two bf16 parts (three bf16 products, fp32 accumulation), with a wider bound that keeps
+    the answer exact; the environment variable ``PATCHCORE_FAST_KNN_GEMM=fp32`` selects an
+    fp32 GEMM instead.
 
     Args:
         query (Tensor[Q, D]): query rows; converted to float32. Q may be 0.
@@ -236,8 +239,12 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, 
         candidate pool and were rescored by a second tiled pass with growable pools),
         ``exact_scans`` (rows that fell back to a direct-difference scan of the whole bank:
         the last resort, expected 0) and ``refined`` (candidates recomputed with direct
-        differences, all passes). Without the compiled library: the reference's result
-        and every count -1.
+        differences, all passes), ``projected`` (rows sent through the CPU kernel's
+        projected lower-bound pre-pass, csrc/cpu/knn_project.h: 0 when the pre-pass was
+        not taken) and ``projected_certified`` (rows it settled; the others went through
+        the first pass, and those the first pass cannot settle count in
+        ``second_pass``). Without the compiled library: the reference's result and every
+        count -1.
     """
     query, bank, k = _check_knn(query, bank, k)
     if _use_kernel(query, "knn_stats"):
@@ -245,8 +252,10 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, 
         s = s.tolist()
     else:
         d, i = reference.knn(query, bank, k, exact=False)
-        s = [-1] * 4
-    return d, i, dict(zip(("rows", "second_pass", "exact_scans", "refined"), s))
+        s = [-1] * 6
+    keys = ("rows", "second_pass", "exact_scans", "refined", "projected",
+            "projected_certified")
+    return d, i, dict(zip(keys, s))
 
 
 def _check_knn(query: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
@@ -291,4 +300,4 @@ if compiled():
     @torch.library.register_fake("patchcore_fast::knn_stats")
     def _knn_stats_fake(query, bank, k):
         d, i = _knn_fake(query, bank, k)
-        return d, i, query.new_empty((4,), dtype=torch.int64)
+        return d, i, query.new_empty((6,), dtype=torch.int64)

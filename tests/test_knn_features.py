@@ -271,5 +271,136 @@ def test_knn_stats_matches_knn_and_opcheck(device):
     d, i, s = torch.ops.patchcore_fast.knn_stats.default(q, b, 5)
     d2, i2 = torch.ops.patchcore_fast.knn.default(q, b, 5)
     assert torch.equal(d, d2) and torch.equal(i, i2)
-    assert s.dtype == torch.int64 and s.shape == (4,) and int(s[0]) == 70
+    assert s.dtype == torch.int64 and s.shape == (6,) and int(s[0]) == 70
     torch.library.opcheck(torch.ops.patchcore_fast.knn_stats.default, (q, b, 5))
+
+
+# ----- the CPU kernel's projected lower-bound pre-pass (csrc/cpu/knn_project.h) ----------
+
+FORCE = "PATCHCORE_FAST_KNN_PROJECT"  # 0: never; 1: whenever valid (no pay-off rule)
+SCALE = "PATCHCORE_FAST_KNN_PROJECT_DEBUG_SCALE"  # multiplies the lower bound (> 1: invalid)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("features", FEATURES)
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_real_features_exact_with_projection(request, truths, monkeypatch, device, features,
+                                             k):
+    # The pre-pass forced on for every row (Lite0's width, 152, is below the width where it
+    # pays, so by default it is off there): whatever it certifies must be the exact answer,
+    # and whatever it cannot goes through the existing passes.
+    q, b = request.getfixturevalue(features)
+    if features not in truths:
+        truths[features] = oracle(q, b)
+    monkeypatch.setenv(FORCE, "1")
+    d, i, stats = ops.knn_stats(q.to(device), b.to(device), k)
+    print(f"\n{features}, k={k}, {device}, pre-pass forced: {stats}")
+    assert_exact(truths[features], k, d, i)
+    assert stats["exact_scans"] == 0, stats
+    if device == "cpu":
+        assert stats["projected"] == stats["rows"], stats  # the case meant
+        assert stats["projected_certified"] > 0, stats
+    else:
+        assert stats["projected"] == 0, stats  # CPU only
+    monkeypatch.setenv(FORCE, "0")
+    d0, i0 = ops.knn(q.to(device), b.to(device), k)
+    assert torch.equal(d0, d) and torch.equal(i0, i)  # bit for bit the existing path's
+
+
+@pytest.mark.parametrize("features", ["wrn50_features", "resnet18_features"])
+@pytest.mark.parametrize("k", [1, 9])
+def test_projection_taken_by_default_on_wide_features(request, features, k):
+    # The pay-off rule (width >= 256, enough work, 90 % of the variance on the 32 axes, a
+    # pilot certifying 90 %) takes the pre-pass on 1,024-wide CNN features, and it settles
+    # nearly every row.
+    q, b = request.getfixturevalue(features)
+    _, _, stats = ops.knn_stats(q, b, k)
+    frac = stats["projected_certified"] / stats["rows"]
+    print(f"\n{features}, k={k}: {stats}; pre-pass certified {100 * frac:.1f} % of rows, "
+          f"{stats['refined'] / stats['rows']:.1f} candidates refined per row")
+    assert stats["projected"] == stats["rows"], stats
+    assert frac >= 0.9, stats
+
+
+def test_projection_off_on_gaussian_data():
+    # Isotropic data: 32 axes hold 32 / D of the variance, so the rule leaves the pre-pass
+    # off (it would certify almost nothing), even with enough work to pay otherwise.
+    g = torch.Generator().manual_seed(21)
+    q, b = torch.randn(600, 512, generator=g), torch.randn(3000, 512, generator=g)
+    d, i, stats = ops.knn_stats(q, b, 3)
+    assert stats["projected"] == 0, stats
+    assert_exact(oracle(q, b), 3, d, i)
+
+
+def _low_rank(n_bank: int, n_query: int, d: int, rank: int, noise: float, seed: int,
+              copies: int = 0):
+    """Rows far from the origin on a rank-`rank` subspace plus isotropic `noise`; with
+    `copies`, the first 4 bank rows are repeated `copies` times each (exact ties) and
+    the first queries sit next to them."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))[0].float()
+    b = 10 * torch.randn(n_bank, rank, generator=g) @ basis.T + 30
+    b += noise * torch.randn(n_bank, d, generator=g)
+    q = 10 * torch.randn(n_query, rank, generator=g) @ basis.T + 30
+    q += noise * torch.randn(n_query, d, generator=g)
+    if copies:
+        dup = b[:4].repeat_interleave(copies, 0)
+        b = torch.cat([b[4:], dup])[torch.randperm(n_bank - 4 + 4 * copies, generator=g)]
+        q[:40] = dup[torch.arange(40) % 4 * copies] + 1e-3 * torch.randn(40, d, generator=g)
+    return q.contiguous(), b.contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 3, 9, "M"])
+def test_projection_duplicates_and_near_ties(monkeypatch, device, k):
+    # Low-rank data where the pre-pass runs, with 4 bank rows copied 120 times each (more
+    # than its c = k + 48 candidates) and queries next to them: their certificate must
+    # fail (the 120 ties cannot all be kept), they go to the existing passes, and the
+    # answer is still exact (the lowest-index copies first).
+    q, b = _low_rank(2500, 200, 256, rank=6, noise=0.05, seed=22, copies=120)
+    k = b.shape[0] if k == "M" else k
+    monkeypatch.setenv(FORCE, "1")
+    d, i, stats = ops.knn_stats(q.to(device), b.to(device), k)
+    print(f"\nlow rank + 4 x 120 copies, k={k}, {device}: {stats}")
+    assert_exact(oracle(q, b), k, d, i)
+    assert stats["exact_scans"] == 0, stats
+    if device == "cpu" and k != b.shape[0]:
+        assert stats["projected"] == stats["rows"], stats
+        assert stats["projected_certified"] >= 100, stats  # most rows: no ties
+        assert stats["projected_certified"] <= stats["rows"] - 40, stats  # the tied rows
+
+
+def test_weakened_bound_breaks_exactness(monkeypatch):
+    # The lower bound is what keeps the pre-pass exact: multiplied by 3 (an invalid bound)
+    # it stops the refinement too early and returns wrong neighbours on data whose
+    # isotropic part (off the 32 axes) matters; with the true bound the same call is exact.
+    q, b = _low_rank(3000, 300, 256, rank=24, noise=0.3, seed=23)
+    truth = oracle(q, b)
+    monkeypatch.setenv(FORCE, "1")
+    d, i, stats = ops.knn_stats(q, b, 3)
+    assert stats["projected"] == 300 and stats["projected_certified"] > 0, stats
+    assert_exact(truth, 3, d, i)
+    monkeypatch.setenv(SCALE, "3")
+    d, i, stats = ops.knn_stats(q, b, 3)
+    assert stats["projected_certified"] > 0, stats
+    with pytest.raises(AssertionError):
+        assert_exact(truth, 3, d, i)
+
+
+def test_projection_pilot_switches_it_off():
+    # 50 cluster centres on an 8-dim subspace, 60 bank rows around each with isotropic
+    # noise: the 32 axes hold 98 % of the variance (the rule's variance test passes), but
+    # within a cluster the nearest row is decided by the noise off those axes, so the
+    # projected bound cannot separate a cluster's 60 rows (more than c = 49): the 256-row
+    # pilot certifies almost none and the other rows skip the pre-pass.
+    g = torch.Generator().manual_seed(24)
+    basis = torch.linalg.qr(torch.randn(256, 8, generator=g, dtype=torch.float64))[0].float()
+    centres = 10 * torch.randn(50, 8, generator=g) @ basis.T + 30
+    b = centres[torch.arange(3000) % 50] + 0.3 * torch.randn(3000, 256, generator=g)
+    q = centres[torch.randint(50, (600,), generator=g)] + 0.3 * torch.randn(600, 256,
+                                                                             generator=g)
+    d, i, stats = ops.knn_stats(q, b, 1)
+    print(f"\nclusters with an isotropic rest: {stats}")
+    assert stats["projected"] == 256, stats
+    assert stats["projected_certified"] < 0.9 * 256, stats
+    assert_exact(oracle(q, b), 1, d, i)

@@ -27,6 +27,13 @@
 // construction. A last-resort exact scan of the bank stays behind the certificate of the
 // second pass, counted separately; it is not expected to run (tests check it does not).
 //
+// On wide low-rank data (real CNN patch features) a projected lower-bound pre-pass comes
+// first (knn_project.h): a GEMM on 32 principal coordinates ranks the bank, the best
+// k + 48 rows are refined in that order until a rigorous lower bound proves the rest
+// cannot enter, and only the rows it cannot certify go through the passes below. It is
+// taken by a rule (width, work, captured variance, a pilot) that keeps it off where it
+// would not pay (isotropic data, narrow features); the answer does not depend on it.
+//
 // Parallelism: with enough queries, each thread owns a chunk of query rows (centring
 // each bank tile itself, then single-threaded GEMMs of 256-row blocks against it, each
 // followed by its own selection while the output is still in cache): no synchronisation
@@ -51,6 +58,7 @@
 
 #include "../common.h"
 #include "../knn_bound.h"
+#include "knn_project.h"
 #include "sqdist.h"
 
 namespace patchcore_fast {
@@ -419,8 +427,10 @@ void run_rows(const Problem& P, const int64_t* rows, int64_t n, bool second,
   }
 }
 
-// knn with statistics: (distances [Q, k], indices [Q, k], stats [4] int64 = rows,
-// rows of the second pass, rows of the last-resort exact scan, candidates refined).
+// knn with statistics: (distances [Q, k], indices [Q, k], stats [6] int64 = rows,
+// rows of the second pass, rows of the last-resort exact scan, candidates refined (all
+// passes), rows sent through the projected pre-pass (0 when it is off), rows it
+// certified; the others went through the first pass).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& query_in,
                                                              const at::Tensor& bank_in,
                                                              int64_t k) {
@@ -433,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
   const int64_t nq = query.size(0), m = bank.size(0), d = bank.size(1);
   at::Tensor out_d = at::empty({nq, k}, query.options());
   at::Tensor out_i = at::empty({nq, k}, query.options().dtype(at::kLong));
-  at::Tensor stats = at::zeros({4}, query.options().dtype(at::kLong));
+  at::Tensor stats = at::zeros({6}, query.options().dtype(at::kLong));
   if (nq == 0) return {out_d, out_i, stats};
 
   // The centre: the bank's mean, accumulated in double and rounded once. Threads own
@@ -495,8 +505,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
 
   std::vector<int64_t> all(nq);
   for (int64_t r = 0; r < nq; ++r) all[r] = r;
+  // Projected pre-pass (knn_project.h) when the rule says it pays: the rows it certifies
+  // are done; the others go through the passes below, unchanged.
+  int64_t projected_rows = 0, projected_ok = 0;
+  const knn_project::Projection proj =
+      knn_project::make_projection(bp, mean.data(), m, d, std::sqrt(bmax2), nq, k);
+  if (proj.on) {
+    const int64_t nthreads = std::max(1, at::get_num_threads());
+    const int64_t tq = std::max<int64_t>(
+        1, std::min<int64_t>(knn_project::kRows, (nq + nthreads - 1) / nthreads));
+    // The pilot (knn_project.h): the first rows alone (threaded GEMMs), and the others
+    // only if it certified enough of them.
+    const int64_t pilot = std::min(nq, knn_project::kRows);
+    std::vector<int64_t> rest;
+    const auto first = knn_project::prepass_chunk(proj, P.query, P.bank, P.mean, m, d, k,
+                                                  all.data(), pilot, P.out_d, P.out_i, rest);
+    refined += first.second;
+    projected_rows = pilot;
+    projected_ok = first.first;
+    const bool go_on = proj.forced ||
+                       static_cast<double>(first.first) >= knn_project::kMinPilot * pilot;
+    const int64_t n2 = go_on ? nq - pilot : 0;
+    const int64_t nchunks = (n2 + tq - 1) / tq;
+    std::vector<std::vector<int64_t>> local(nchunks);
+    std::atomic<int64_t> ok_rows{0};
+    at::parallel_for(0, nchunks, 1, [&](int64_t a, int64_t b) {
+      for (int64_t c = a; c < b; ++c) {
+        const int64_t r0 = pilot + c * tq;
+        const auto res = knn_project::prepass_chunk(
+            proj, P.query, P.bank, P.mean, m, d, k, all.data() + r0, std::min(tq, nq - r0),
+            P.out_d, P.out_i, local[c]);
+        ok_rows.fetch_add(res.first, std::memory_order_relaxed);
+        refined.fetch_add(res.second, std::memory_order_relaxed);
+      }
+    });
+    for (auto& v : local) rest.insert(rest.end(), v.begin(), v.end());
+    if (!go_on) rest.insert(rest.end(), all.begin() + pilot, all.end());
+    projected_rows += n2;
+    projected_ok += ok_rows.load();
+    all.swap(rest);
+  }
   std::vector<int64_t> failed;
-  run_rows(P, all.data(), nq, /*second=*/false, failed);
+  run_rows(P, all.data(), static_cast<int64_t>(all.size()), /*second=*/false, failed);
   std::sort(failed.begin(), failed.end());
   second_pass = static_cast<int64_t>(failed.size());
   std::vector<int64_t> none;
@@ -507,6 +557,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
   s[1] = second_pass.load();
   s[2] = exact_scans.load();
   s[3] = refined.load();
+  s[4] = projected_rows;
+  s[5] = projected_ok;
   return {out_d, out_i, stats};
 }
 

@@ -588,12 +588,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(const at::Tensor& 
   const int64_t nq = query.size(0), m = bank.size(0), d = bank.size(1);
   at::Tensor out_d = at::empty({nq, k}, query.options());
   at::Tensor out_i = at::empty({nq, k}, query.options().dtype(at::kLong));
-  // rows, rows of the second pass, last-resort exact scans (none here: stays 0), refined;
-  // the refinement kernel counts on the device (no sync), the ATen one on the host.
-  int64_t stats[4] = {nq, 0, 0, 0};
+  // rows, rows of the second pass, last-resort exact scans (none here: stays 0), refined,
+  // and the CPU kernel's projected pre-pass (none here: 4 and 5 stay 0); the refinement
+  // kernel counts on the device (no sync), the ATen one on the host.
+  int64_t stats[6] = {nq, 0, 0, 0, 0, 0};
   at::Tensor refined = at::zeros({1}, out_i.options());
   auto stats_tensor = [&] {
-    at::Tensor s = at::tensor(at::IntArrayRef(stats, 4), at::kLong).to(query.device());
+    at::Tensor s = at::tensor(at::IntArrayRef(stats, 6), at::kLong).to(query.device());
     s.narrow(0, 3, 1).add_(refined);
     return s;
   };
