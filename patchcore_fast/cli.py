@@ -19,7 +19,7 @@ from . import distributed, evaluation, outputs
 from ._version import __version__
 from .data import list_images, mvtec_categories
 from .demo import write_demo_data
-from .errors import PatchCoreError, SkippedFileWarning
+from .errors import PatchCoreError, SkippedFileWarning, first_line, os_error_text
 from .files import check_outputs
 from .geometry import add_geometry_options, add_maps_at_option
 from .model import PatchCore, PatchCoreConfig, resolve_device
@@ -245,9 +245,8 @@ def _logger(quiet: bool) -> Callable[[str], None]:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    text = str(message).strip().splitlines()
-    print(f"{PROG}: warning: {text[0] if text else category.__name__}", file=sys.stderr,
-          flush=True)
+    why = first_line(message) if str(message).strip() else category.__name__
+    print(f"{PROG}: warning: {why}", file=sys.stderr, flush=True)
 
 
 def _config_from_args(args: argparse.Namespace, ratio: float | None = None
@@ -430,15 +429,13 @@ def _run(argv: Sequence[str] | None) -> int:
             print(f"{error}{distributed.describe_failure(exc)}", file=sys.stderr)
             return 1
         except SkippedFileWarning as exc:
-            why = str(exc).strip().splitlines()[0].removeprefix("skipping ")
+            why = first_line(exc).removeprefix("skipping ")
             print(f"{error}cannot use {why} (--on-error fail; --on-error skip leaves "
                   f"such files out)", file=sys.stderr)
         except PatchCoreError as exc:
             print(f"{error}{exc}", file=sys.stderr)
         except OSError as exc:  # disk full, permission denied, ...
-            print(f"{error}{exc.strerror or exc}"
-                  + (f": {exc.filename}" if getattr(exc, "filename", None) else ""),
-                  file=sys.stderr)
+            print(f"{error}{os_error_text(exc)}", file=sys.stderr)
         return 2
 
 

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import LargeImageWarning, PatchCoreError, SkippedFileWarning
+from .errors import LargeImageWarning, PatchCoreError, SkippedFileWarning, first_line
 from .geometry import Placement, place
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -160,8 +160,7 @@ def read_image(path: str | os.PathLike, fast: bool = True) -> Image.Image:
         raise UnreadableImage(f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's "
                               f"decompression-bomb limit)") from None
     except Exception as exc:  # Pillow raises many types for broken files
-        text = str(exc).strip().splitlines()
-        why = text[0] if text else type(exc).__name__
+        why = first_line(exc)
         if "cannot identify image file" in why:
             why = "not an image"
         raise UnreadableImage(why) from None
@@ -206,8 +205,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
                 w, h = h, w
             return w, h
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise UnreadableImage(text[0] if text else type(exc).__name__) from None
+        raise UnreadableImage(first_line(exc)) from None
 
 
 def read_mask(path: str | os.PathLike) -> Image.Image:

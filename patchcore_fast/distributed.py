@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops, reference
-from .errors import PatchCoreError
+from .errors import PatchCoreError, first_line, os_error_text
 from .coreset import (PROJECTION_CHUNK, StreamingCoreset, coreset_size,
                       coreset_start_and_projection, project_rows)
 
@@ -399,9 +399,8 @@ def is_main() -> bool:
 
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
+        return os_error_text(exc)
+    text = first_line(exc)
     # --on-error fail raises the skip warning itself ("skipping FILE: why").
     return "cannot use " + text.removeprefix("skipping ") if isinstance(exc, Warning) else text
 

@@ -28,7 +28,7 @@ from .backbone import Backbone, BackboneInfo, file_sha256, load_backbone
 from .coreset import StreamingCoreset, coreset_size
 from .data import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, image_size, iterate_images,
                    list_images)
-from .errors import PatchCoreError
+from .errors import PatchCoreError, first_line
 from .features import PatchEmbedder
 from .files import atomic_path
 from .geometry import (DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT,
@@ -664,7 +664,7 @@ class PatchCore:
             raise
         except Exception as exc:
             raise PatchCoreError(f"{path} is not a patchcore-fast model file, or it is "
-                                 f"truncated ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+                                 f"truncated ({first_line(exc)})"
                                  ) from None
         config, info, grid, fit_stats = _validate_loaded(path, meta, tensors)
         bank, projection, hood = (tensors["bank"], tensors["projection"],
@@ -700,8 +700,7 @@ def _os_error_text(exc: BaseException) -> str:
     found = re.search(r'message: "([^"]+)"', text)
     if found:
         return found.group(1)
-    lines = text.strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
+    return first_line(exc)[:200]
 
 
 # ----- checking a loaded model file --------------------------------------------------------
@@ -847,7 +846,7 @@ def _validate_loaded(path: Path, meta: dict[str, str], tensors: dict[str, Tensor
     except PatchCoreError as exc:  # a setting out of range, or unknown to this version
         raise PatchCoreError(f"{path}: {exc}") from None
     except (ValueError, TypeError, RecursionError) as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = first_line(exc)
         raise damaged(f"{entry}: {why[:200]}") from None
     if info.name != config.backbone:
         raise damaged(f"backbone {info.name!r} differs from the setting {config.backbone!r}")
