@@ -19,7 +19,8 @@ from . import distributed, evaluation, outputs
 from ._version import __version__
 from .data import list_images, mvtec_categories
 from .demo import write_demo_data
-from .errors import PatchCoreError, SkippedFileWarning, first_line, os_error_text
+from .errors import (PatchCoreError, SkippedFileWarning, first_line, os_error_text,
+                     out_of_memory)
 from .files import check_outputs
 from .geometry import add_geometry_options, add_maps_at_option
 from .model import PatchCore, PatchCoreConfig, resolve_device
@@ -274,6 +275,13 @@ def _skipped(skipped: list[str]) -> str:
             f"images or dangling links: each named above)" if n else "")
 
 
+def _out_of_memory(exc: BaseException) -> str:
+    """The one line of an allocation failure (only those: other errors keep their
+    traceback, as bugs)."""
+    return (f"out of memory ({first_line(exc)[:160]}): lower --batch-size or --image-size, "
+            f"or use a machine with more memory")
+
+
 def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
     """A fitted model with this run's device, batch size and workers."""
     return PatchCore.load(path, device=args.device, weights=args.weights,
@@ -423,8 +431,13 @@ def _run(argv: Sequence[str] | None) -> int:
             return distributed.run(launch, args.verb, lambda: resolve_device(args.device),
                                    getattr(args, "dist_timeout", 0.0),
                                    lambda: _VERBS[args.verb](args, log))
+        except MemoryError as exc:
+            print(f"{error}{_out_of_memory(exc)}", file=sys.stderr)
         except distributed.DistError as exc:  # a rank died, failed or timed out
-            if launch is None:
+            if out_of_memory(exc):  # torch.OutOfMemoryError, the CPU allocator's
+                print(f"{error}{_out_of_memory(exc)}", file=sys.stderr)
+                return 2
+            if launch is None:  # a RuntimeError of one process: a bug, with its traceback
                 raise
             print(f"{error}{distributed.describe_failure(exc)}", file=sys.stderr)
             return 1

@@ -29,3 +29,11 @@ def os_error_text(exc: OSError) -> str:
     filename = getattr(exc, "filename", None)
     return (exc.strerror or str(exc)) + (f": {filename}" if filename else "")
 
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError``
+    (CUDA) or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)

@@ -40,6 +40,9 @@ FORMAT_VERSION = 1
 # Largest image size (shorter side) and crop: a 2,048-pixel crop gives a 256 x 256 grid of
 # stride-8 patches per image, 65,536 embeddings of D floats (256 MB at D = 1,024).
 MAX_IMAGE_SIZE = 2048
+# Widest embedding: the official setting is 1,024; 65,536 floats is already 256 KB per
+# patch (a bottle bank of 163,856 patches at that width would need 43 GB).
+MAX_EMBED_DIM = 65536
 #: Arithmetic of the backbone (:attr:`PatchCoreConfig.precision`).
 PRECISIONS = ("fp32", "bf16")
 
@@ -137,6 +140,10 @@ class PatchCoreConfig:
         for name in ("pretrain_embed_dim", "target_embed_dim", "projection_dim", "batch_size"):
             if getattr(self, name) < 1:
                 raise PatchCoreError(f"{name} should be positive, got {getattr(self, name)}")
+        for name in ("pretrain_embed_dim", "target_embed_dim"):
+            if getattr(self, name) > MAX_EMBED_DIM:
+                raise PatchCoreError(f"{name} (--embed-dim) should be at most "
+                                     f"{MAX_EMBED_DIM:,}, got {getattr(self, name):,}")
         if self.num_workers < 0:
             raise PatchCoreError(f"num_workers should be >= 0, got {self.num_workers}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
