@@ -77,7 +77,10 @@ def _number(kind: type, ok, expected: str):
 _ratio = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 # NaN would label every image good and is not JSON; inf labels all alike.
 _finite = _number(float, math.isfinite, "a finite number")
-_seconds = _number(float, lambda v: 0.0 < v < math.inf, "a positive number of seconds")
+# At most 30 days: datetime.timedelta (the process group's timeout) overflows near 1e14 s.
+_MAX_SECONDS = 30 * 24 * 3600
+_seconds = _number(float, lambda v: 0.0 < v <= _MAX_SECONDS,
+                   f"a positive number of seconds, at most {_MAX_SECONDS:,} (30 days)")
 _seed = _number(int, lambda v: 0 <= v < 2 ** 64, "an integer from 0 to 2**64 - 1 (a 64-bit "
                 "seed)")
 

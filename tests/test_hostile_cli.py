@@ -270,6 +270,9 @@ def test_score_csv_formula_file_names(demo, tmp_path, capsys, monkeypatch):
     (["score", "m.safetensors", "a.png", "-o", "o", "--dist-timeout", "-1"],
      "--dist-timeout: expected a positive number of seconds"),
     (["evaluate", "m.safetensors", "d", "-o", "o", "--dist-timeout", "nan"], "--dist-timeout"),
+    # datetime.timedelta overflows: a one-line refusal, not an OverflowError under torchrun.
+    (["score", "m.safetensors", "a.png", "-o", "o", "--dist-timeout", "1e15"],
+     "--dist-timeout: expected a positive number of seconds, at most 2,592,000"),
     # A width that no allocator can hold: refused before any work, not a traceback.
     (["fit", "d", "-o", "m.safetensors", "--embed-dim", "1000000000000"],
      "_embed_dim (--embed-dim) should be at most 65,536"),
