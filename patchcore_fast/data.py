@@ -239,6 +239,13 @@ class Preprocess:
         """Where a photo of ``size`` (width, height) lands in the model's input."""
         return place(size, self.resize, self.image_size, self.crop)
 
+    @property
+    def fixed_input(self) -> bool:
+        """Whether every photo gives an input of the same shape: a crop, or a resize to a
+        square (``longer``, ``stretch``). Only ``shorter`` without a crop keeps each
+        photo's aspect, so its inputs (and feature grids) differ."""
+        return bool(self.crop) or self.resize != "shorter"
+
     def oversize(self, size: tuple[int, int]) -> str | None:
         """Why an image of ``size`` (width, height) takes the bounded path, or None.
 

@@ -391,14 +391,18 @@ class PatchCore:
         c = self.config
         t0 = time.perf_counter()
         n_images = 0
+        fixed = self.preprocess.fixed_input
         with StreamingCoreset(ratios[0], c.projection_dim, c.seed, temp_dir=temp_dir,
                               in_memory=not streaming, project=launch is None) as sc:
             # Pass 1: features -> temporary file (or memory) + projections in memory.
             for batch, patches in self._embed_paths(paths, skipped, progress,
                                                     "fit: features"):
-                if sc.expected_rows is None:
-                    # Every image has the same grid, so this bounds N (skipped files only
-                    # lower it) and the projected bank is allocated once.
+                if fixed and sc.expected_rows is None:
+                    # A fixed input shape gives every image the first one's grid, so this
+                    # bounds N (skipped files only lower it) and the projected bank is
+                    # allocated once. Without it (shorter, no crop) grids follow each
+                    # photo's aspect: an elongated first photo would over-allocate, a
+                    # square one under-allocate, so the bank grows block by block.
                     sc.expected_rows = len(paths) * patches.shape[1]
                 sc.add(patches.reshape(-1, patches.shape[-1]))
                 n_images += len(batch)
