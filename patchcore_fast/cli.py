@@ -106,18 +106,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """Run options. ``seed=False``: the verbs that load a fitted model, which keeps its
+    seed, and whose omitted runtime options keep the model's saved settings."""
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (auto: CUDA when available)")
     if seed:  # a fitted model keeps the seed it was fitted with
         g.add_argument("--seed", type=_seed, default=None, help="random seed of the coreset "
                        "projection and start point (default 0)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per batch (default 8)")
+
+    def default(value: str) -> str:
+        return f"default {value}" if seed else "default: the model's saved setting"
+
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per batch ({default('8')})")
     g.add_argument("--workers", type=int, default=None,
-                   help="image-reading worker processes (default 0)")
+                   help=f"image-reading worker processes ({default('0')})")
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="the backbone's arithmetic: fp32 (default) or bf16 (autocast, "
-                        "channels-last: faster on GPUs and CPUs with bf16 units, same AUROC)")
+                   help=f"the backbone's arithmetic: fp32 or bf16 (autocast, channels-last: "
+                        f"faster on GPUs and CPUs with bf16 units, same AUROC; "
+                        f"{default('fp32')})")
     g.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="unreadable images or masks: skip (default: a warning naming each "
                         "file, a count at the end) or fail (stop with one error line)")
