@@ -279,6 +279,13 @@ def _config_from_args(args: argparse.Namespace, ratio: float | None = None
     return config
 
 
+def _warn_random_weights(config: PatchCoreConfig) -> None:
+    """The warning of every verb that builds a model from options with random weights."""
+    if not config.pretrained and not config.weights:
+        print(f"{PROG}: warning: --pretrained false: random backbone weights, for speed and "
+              f"memory tests only (scores are not meaningful)", file=sys.stderr)
+
+
 def _skipped(skipped: list[str]) -> str:
     """The end-of-run count of the inputs left out (each was named in a warning)."""
     n = len(skipped)
@@ -305,9 +312,7 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     config = _config_from_args(args)
     targets = outputs.fit_targets(args.data, args.category, args.output, args.weights)
-    if not config.pretrained and not config.weights:
-        print(f"{PROG}: warning: --pretrained false: random backbone weights, for speed and "
-              f"memory tests only (scores are not meaningful)", file=sys.stderr)
+    _warn_random_weights(config)
     for name, folder, out in targets:
         skipped: list[str] = []
         model = PatchCore(config)
@@ -383,6 +388,7 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     base = _config_from_args(args, ratio=ratios[0])
     check_outputs(f"-o {args.output}", out, [out / f"study.{e}" for e in ("csv", "json", "png")],
                   [folder for _, folder in cats], [args.weights] if args.weights else [])
+    _warn_random_weights(base)
     rows = []
     for name, folder in cats:
         for r in evaluation.study_category(name, folder, base, ratios, args.temp_dir,

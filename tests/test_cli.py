@@ -103,6 +103,23 @@ def test_study_rows_match_fit_and_evaluate(fitted, demo, tmp_path):
     assert int(rows[0]["bank_rows"]) < int(rows[1]["bank_rows"])
 
 
+@pytest.mark.parametrize("verb", ["fit", "study"])
+def test_random_weights_warn_in_every_verb_that_builds_a_model(verb, demo, tmp_path, capsys,
+                                                               monkeypatch):
+    from patchcore_fast import cli
+
+    # The warning is the point, not the run: no model is fitted.
+    monkeypatch.setattr(cli.outputs, "fit_targets", lambda *a: [])
+    monkeypatch.setattr(cli.evaluation, "study_category", lambda *a: [])
+    monkeypatch.setattr(cli.outputs, "write_study", lambda *a: None)
+    out = tmp_path / ("m.safetensors" if verb == "fit" else "study")
+    capsys.readouterr()
+    assert main([verb, str(demo), "--category", "widget", "-o", str(out), "--backbone",
+                 "resnet18", "--pretrained", "false", *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --pretrained false: random backbone weights" in err, err
+
+
 def test_save_load_score_identical(demo, tmp_path):
     cfg = PatchCoreConfig(backbone="efficientnet_lite0", image_size=64, crop=64,
                           coreset_ratio=0.2, device="cpu")
