@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file written by fit")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
-    p.add_argument("--threshold", type=_finite, help="image score above which an image is "
-                   "labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
+    p.add_argument("--threshold", type=_finite, help="image score at or above which an image "
+                   "is labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     p.add_argument("--resume", action="store_true", help="skip the images already scored "

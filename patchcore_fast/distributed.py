@@ -446,8 +446,8 @@ class ShardedBank:
     """A memory bank split across the ranks (``--bank-shards``): each holds 1/world of it.
 
     Rank r keeps the contiguous rows ``[r M / R, (r + 1) M / R)``. Every rank calls
-    :meth:`knn` and :meth:`rows` with the same queries (the ranks score the same images in
-    lockstep), so the collectives below match up.
+    :meth:`knn` and :meth:`__getitem__` (``bank[index]``) with the same arguments (the ranks
+    score the same images in lockstep), so the collectives below match up.
 
     k nearest: each rank finds the k nearest rows of its shard with the kernel (exact
     distances, ascending, ties to the lower row), one all-gather brings every rank's list

@@ -37,7 +37,7 @@ from .scoring import anomaly_maps, bank_neighbourhoods, image_scores, nearest_ba
 
 FORMAT = "patchcore-fast"
 FORMAT_VERSION = 1
-# Largest image size (shorter side) and crop: a 2,048-pixel crop gives a 256 x 256 grid of
+# Largest image size (the target side of the resize) and crop: a 2,048-pixel crop gives a 256 x 256 grid of
 # stride-8 patches per image, 65,536 embeddings of D floats (256 MB at D = 1,024).
 MAX_IMAGE_SIZE = 2048
 # Widest embedding: the official setting is 1,024; 65,536 floats is already 256 KB per
@@ -211,7 +211,7 @@ class Prediction:
 
     paths: list[Path]
     scores: np.ndarray
-    maps: np.ndarray
+    maps: list[np.ndarray]
     skipped: list[str]
 
 

@@ -3,7 +3,7 @@ resume journal of ``score``.
 
 Every file is written atomically (:mod:`patchcore_fast.files`): a reader never sees half
 of one, and a failed run leaves the old file or none. Maps reach this module parked in a
-temporary :class:`~patchcore_fast.files.ArraySpool` (never all in memory); the colour scale
+temporary :class:`~patchcore_fast.files.MapSpool` (never all in memory); the colour scale
 of the overlays comes from a histogram of all their pixels
 (:class:`~patchcore_fast.metrics.PixelHistogram`), so it is the same for every image of a run.
 """
