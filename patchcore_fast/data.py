@@ -144,8 +144,7 @@ def read_image(path: str | os.PathLike, fast: bool = True) -> Image.Image:
             except UnidentifiedImageError:
                 other = _other_format(path)
                 if other:
-                    raise UnreadableImage(f"unsupported image format {other} (read: PNG, "
-                                          f"JPEG, BMP, TIFF); convert it to PNG") from None
+                    raise UnreadableImage(unsupported_message(other)) from None
                 raise
         with img:
             decoded = _decode_png(path, img) if fast else None
@@ -185,6 +184,12 @@ def unsupported_format(path: Path) -> str | None:
         return None
     Image.init()
     return Image.registered_extensions().get(ext) or _OTHER_IMAGE_EXTENSIONS.get(ext)
+
+
+def unsupported_message(fmt: str) -> str:
+    """Why an image in format ``fmt`` (e.g. ``GIF``) is left out, and what to do."""
+    return (f"unsupported image format {fmt} (read: {', '.join(IMAGE_EXTENSIONS)}); "
+            f"convert it to PNG")
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -355,7 +360,8 @@ def warn_skipped(path: str | os.PathLike, why: str) -> None:
     warnings.warn(f"skipping {path}: {why}", SkippedFileWarning, stacklevel=2)
 
 
-def _skip(path: Path, why: str, skipped: list[str] | None) -> None:
+def skip_file(path: str | os.PathLike, why: str, skipped: list[str] | None) -> None:
+    """Warn that a file is left out (:func:`warn_skipped`) and append it to ``skipped``."""
     warn_skipped(path, why)
     if skipped is not None:
         skipped.append(str(path))
@@ -403,24 +409,24 @@ def list_images(inputs: Sequence[str | os.PathLike], what: str = "input",
             images = []
             for f in sorted(f for f in p.iterdir() if not f.name.startswith(".")):
                 why = _not_a_file(f)
+                fmt = None if why or f.is_dir() else unsupported_format(f)
                 if why:
-                    _skip(f, why, skipped)
+                    skip_file(f, why, skipped)
                 elif f.is_dir():
                     continue
                 elif f.suffix.lower() in IMAGE_EXTENSIONS:
                     images.append(f)
-                elif unsupported_format(f):
-                    _skip(f, f"unsupported image format {unsupported_format(f)} (read: "
-                             f"{', '.join(IMAGE_EXTENSIONS)}); convert it to PNG", skipped)
+                elif fmt:
+                    skip_file(f, unsupported_message(fmt), skipped)
                 else:
-                    _skip(f, f"not an image file (extension {f.suffix or 'none'})", skipped)
+                    skip_file(f, f"not an image file (extension {f.suffix or 'none'})",
+                              skipped)
             if not images:
                 raise PatchCoreError(f"{what} {p} holds no images "
                                      f"({', '.join(IMAGE_EXTENSIONS)})")
             out.extend(images)
-        elif unsupported_format(p):
-            _skip(p, f"unsupported image format {unsupported_format(p)} (read: "
-                     f"{', '.join(IMAGE_EXTENSIONS)}); convert it to PNG", skipped)
+        elif fmt := unsupported_format(p):
+            skip_file(p, unsupported_message(fmt), skipped)
         else:
             out.append(p)
     return out
@@ -492,9 +498,7 @@ def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: in
         for i, note in notes:
             warnings.warn(f"{paths[i]}: {note}", LargeImageWarning, stacklevel=2)
         for i, why in bad:
-            warn_skipped(paths[i], why)
-            if skipped is not None:
-                skipped.append(str(paths[i]))
+            skip_file(paths[i], why, skipped)
         if progress is not None:
             progress(sum(len(i) for i, _ in stacks) + len(bad))
         yield from stacks

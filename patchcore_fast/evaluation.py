@@ -19,7 +19,7 @@ import torch
 
 from . import distributed, metrics
 from .data import (TestImage, UnreadableImage, folder_test, image_size, mvtec_categories,
-                   mvtec_test, read_mask, warn_skipped)
+                   mvtec_test, read_mask, skip_file)
 from .errors import PatchCoreError
 from .files import ArraySpool, MapSpool, check_outputs
 from .metrics import PixelHistogram
@@ -115,8 +115,7 @@ def usable_masks(items: Sequence[TestImage], skipped: list[str]) -> list[TestIma
             except UnreadableImage as exc:
                 why = f"its mask {i.mask} cannot be read ({exc})"
             if why is not None:
-                warn_skipped(i.path, why)
-                skipped.append(str(i.path))
+                skip_file(i.path, why, skipped)
                 continue
         out.append(i)
     return out
