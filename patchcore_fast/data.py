@@ -543,18 +543,11 @@ def find_categories(root: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and is_mvtec_category(p))
 
 
-def resolve_categories(root: str | os.PathLike, categories: Sequence[str] | None
+def resolve_categories(root: str | os.PathLike, categories: Sequence[str]
                        ) -> list[tuple[str, Path]]:
-    """(name, folder) of each requested category; ``all`` means every category found.
-
-    Without categories, ``root`` itself must be a category folder (or, for fitting, a plain
-    folder, which the caller handles).
-    """
+    """(name, folder) of each requested category under ``root``; ``all`` means every
+    category found (:func:`mvtec_categories` handles a data path without categories)."""
     root = Path(root)
-    if not root.exists():
-        raise PatchCoreError(f"data folder {root} does not exist")
-    if not categories:
-        return [(root.name, root)]
     if list(categories) == ["all"]:
         names = find_categories(root)
         if not names:

@@ -250,15 +250,14 @@ def run(launch: Launch | None, verb: str, device, timeout_s: float, call):
             is refused with one line: its fits at several ratios would need the test
             features of every rank at every ratio).
         device: a callable giving the model's device, which picks NCCL or gloo.
-        timeout_s: seconds a collective waits before the run fails.
+        timeout_s: seconds a collective waits before the run fails (positive: the command
+            line checks ``--dist-timeout``).
         call: the command itself.
     """
     if launch is None:
         return call()
     if verb not in ("fit", "score", "evaluate"):
         raise PatchCoreError(f"{verb} does not run under torchrun yet; run it as one process")
-    if timeout_s <= 0:
-        raise PatchCoreError(f"--dist-timeout should be positive, got {timeout_s}")
     init(launch, device(), timeout_s)
     try:
         return call()
@@ -472,7 +471,6 @@ class ShardedBank:
         self.local = bank[self.lo:self.hi].float().to(device).contiguous()
         self.shape = torch.Size((m, bank.shape[1]))
         self.device = torch.device(device)
-        self.dtype = torch.float32
 
     def to(self, device) -> "ShardedBank":
         """The bank stays where its shard is (scoring moves the queries to it)."""

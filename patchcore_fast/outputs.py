@@ -390,10 +390,10 @@ def write_evaluation(out: Path, result: dict, items: Sequence, scores: np.ndarra
     write_text(out / "metrics.json", json.dumps(result, indent=2))
 
 
-def write_summary(out: Path, results: list[dict], extra_cols: Sequence[str] = ()) -> None:
+def write_summary(out: Path, results: list[dict]) -> None:
     """``summary.csv``, ``summary.json`` and ``summary.md``: one row per category and
     their mean, as the paper reports it."""
-    keys = ["image_auroc", "pixel_auroc", "pro", "f1_max", *extra_cols]
+    keys = ["image_auroc", "pixel_auroc", "pro", "f1_max"]
     rows = [[r["category"]] + [r.get(k) for k in keys] for r in results]
     mean = []
     for j, _ in enumerate(keys):
