@@ -133,11 +133,18 @@ def mask_of(item: TestImage, preprocess, maps_at: str = "original") -> np.ndarra
     Returns:
         bool array[H, W].
     """
-    try:
-        m = read_mask(item.mask) if item.mask else None
-        size = image_size(item.path) if m is None else m.size
-    except UnreadableImage as exc:
-        raise PatchCoreError(f"cannot read mask {item.mask}: {exc}") from None
+    m = None
+    if item.mask:
+        try:
+            m = read_mask(item.mask)
+        except UnreadableImage as exc:
+            raise PatchCoreError(f"cannot read mask {item.mask}: {exc}") from None
+        size = m.size
+    else:
+        try:  # read once already, for its map: it changed during the run
+            size = image_size(item.path)
+        except UnreadableImage as exc:
+            raise PatchCoreError(f"cannot read image {item.path} any more: {exc}") from None
     if maps_at == "crop":
         return preprocess.mask(m, size).numpy()
     if m is None:

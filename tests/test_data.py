@@ -1,5 +1,6 @@
 """Reading odd image files, skipping bad ones, masks and layouts."""
 
+import re
 import warnings
 
 import numpy as np
@@ -110,3 +111,12 @@ def test_mvtec_layout(tmp_path):
         ("crack", 1, True), ("good", 0, False)]
     with pytest.raises(PatchCoreError, match="no category"):
         data.resolve_categories(tmp_path, ["other"])
+
+
+def test_mask_of_names_the_image_when_it_has_no_mask(tmp_path):
+    from patchcore_fast.evaluation import mask_of
+
+    gone = tmp_path / "000.png"
+    gone.write_text("not an image any more")
+    with pytest.raises(PatchCoreError, match=re.escape(f"cannot read image {gone} any more")):
+        mask_of(data.TestImage(gone, 0, "good", None), data.Preprocess(64, 0))
