@@ -245,10 +245,9 @@ def fit_targets(data: str | os.PathLike, categories: Sequence[str] | None,
     if cats is None:
         if not data.is_dir():
             raise PatchCoreError(f"{data} is not a folder of images")
-        name = out.stem
         if out.suffix != ".safetensors":
             out = out / f"{data.resolve().name}.safetensors"
-        targets = [(name, data, out)]
+        targets = [(out.stem, data, out)]  # the name of the file written
     else:
         many = len(cats) > 1 or out.suffix != ".safetensors"
         targets = [(n, d / "train" / "good", out / f"{n}.safetensors" if many else out)

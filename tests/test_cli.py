@@ -298,3 +298,16 @@ def test_cuda_fit_evaluate_score(demo, fitted, tmp_path):
                                                               / "spot"),
                  "-o", str(tmp_path / "score"), *gpu[4:]]) == 0
     assert len(list(csv.DictReader((tmp_path / "score" / "scores.csv").open()))) == 3
+
+
+def test_fit_of_a_folder_into_a_folder_is_named_for_the_file(tmp_path):
+    from patchcore_fast.outputs import fit_targets
+
+    good = tmp_path / "photos" / "good"
+    good.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(good / "a.png")
+    models = tmp_path / "models"
+    # "fit good: ..." then "wrote models/good.safetensors", not "fit models: ...".
+    assert fit_targets(good, None, models, None) == [
+        ("good", good, models / "good.safetensors")]
+    assert fit_targets(good, None, models / "line3.safetensors", None)[0][0] == "line3"
