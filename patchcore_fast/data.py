@@ -213,6 +213,19 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise UnreadableImage(first_line(exc)) from None
 
 
+def read_size_again(path: str | os.PathLike) -> tuple[int, int]:
+    """:func:`image_size` of a photo already read in this run (to put its map back).
+
+    Raises:
+        PatchCoreError: it cannot be read any more (it changed during the run).
+    """
+    try:
+        return image_size(path)
+    except UnreadableImage as exc:
+        raise PatchCoreError(f"cannot read image {path} any more (changed during the run?): "
+                             f"{exc}") from None
+
+
 def read_mask(path: str | os.PathLike) -> Image.Image:
     """Read a ground-truth mask as a binary 8-bit image (any non-zero pixel is defect)."""
     img = read_image(path)

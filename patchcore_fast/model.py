@@ -26,8 +26,8 @@ from . import distributed
 from ._version import __version__
 from .backbone import Backbone, BackboneInfo, file_sha256, load_backbone
 from .coreset import StreamingCoreset, coreset_size
-from .data import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, image_size, iterate_images,
-                   list_images)
+from .data import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, iterate_images, list_images,
+                   read_size_again)
 from .errors import PatchCoreError, first_line
 from .features import PatchEmbedder
 from .files import atomic_path
@@ -538,7 +538,8 @@ class PatchCore:
         """Input-sized maps -> each photo's geometry (:mod:`~patchcore_fast.geometry`).
 
         Args:
-            paths: the photos (their headers give their sizes).
+            paths: the photos (their headers give their sizes; one that cannot be read
+                again raises :class:`PatchCoreError`).
             maps (Tensor[B, H_in, W_in]): maps of the model's input.
             maps_at: ``original`` (the photo's size: crop, padding and resize undone) or
                 ``crop`` (the input's resolution, padding cut off: the paper's protocol).
@@ -552,7 +553,7 @@ class PatchCore:
         pre = self.preprocess
         out = []
         for path, amap in zip(paths, maps):
-            p = pre.placement(image_size(path))
+            p = pre.placement(read_size_again(path))
             back = p.to_original(amap) if maps_at == "original" else p.to_crop(amap)
             out.append(np.ascontiguousarray(back.numpy(), dtype=np.float32))
         return out

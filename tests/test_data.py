@@ -120,3 +120,13 @@ def test_mask_of_names_the_image_when_it_has_no_mask(tmp_path):
     gone.write_text("not an image any more")
     with pytest.raises(PatchCoreError, match=re.escape(f"cannot read image {gone} any more")):
         mask_of(data.TestImage(gone, 0, "good", None), data.Preprocess(64, 0))
+
+
+def test_maps_back_of_an_image_changed_during_the_run_is_one_line(tmp_path):
+    from patchcore_fast import PatchCore, PatchCoreConfig
+
+    changed = tmp_path / "a.png"
+    changed.write_bytes(b"\x89PNG truncated since it was read")
+    model = PatchCore(PatchCoreConfig(backbone="resnet18", pretrained=False, device="cpu"))
+    with pytest.raises(PatchCoreError, match=re.escape(f"cannot read image {changed} any more")):
+        model.maps_back([changed], torch.zeros(1, 224, 224))
