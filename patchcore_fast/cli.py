@@ -19,7 +19,8 @@ from . import distributed, evaluation, outputs
 from ._version import __version__
 from .data import list_images, mvtec_categories
 from .demo import write_demo_data
-from .errors import PatchCoreError, SkippedFileWarning
+from .errors import (PatchCoreError, SkippedFileWarning, first_line, os_error_text,
+                     out_of_memory)
 from .files import check_outputs
 from .geometry import add_geometry_options, add_maps_at_option
 from .model import PatchCore, PatchCoreConfig, resolve_device
@@ -76,7 +77,10 @@ def _number(kind: type, ok, expected: str):
 _ratio = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 # NaN would label every image good and is not JSON; inf labels all alike.
 _finite = _number(float, math.isfinite, "a finite number")
-_seconds = _number(float, lambda v: 0.0 < v < math.inf, "a positive number of seconds")
+# At most 30 days: datetime.timedelta (the process group's timeout) overflows near 1e14 s.
+_MAX_SECONDS = 30 * 24 * 3600
+_seconds = _number(float, lambda v: 0.0 < v <= _MAX_SECONDS,
+                   f"a positive number of seconds, at most {_MAX_SECONDS:,} (30 days)")
 _seed = _number(int, lambda v: 0 <= v < 2 ** 64, "an integer from 0 to 2**64 - 1 (a 64-bit "
                 "seed)")
 
@@ -102,18 +106,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """Run options. ``seed=False``: the verbs that load a fitted model, which keeps its
+    seed, and whose omitted runtime options keep the model's saved settings."""
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (auto: CUDA when available)")
     if seed:  # a fitted model keeps the seed it was fitted with
         g.add_argument("--seed", type=_seed, default=None, help="random seed of the coreset "
                        "projection and start point (default 0)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per batch (default 8)")
+
+    def default(value: str) -> str:
+        return f"default {value}" if seed else "default: the model's saved setting"
+
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per batch ({default('8')})")
     g.add_argument("--workers", type=int, default=None,
-                   help="image-reading worker processes (default 0)")
+                   help=f"image-reading worker processes ({default('0')})")
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="the backbone's arithmetic: fp32 (default) or bf16 (autocast, "
-                        "channels-last: faster on GPUs and CPUs with bf16 units, same AUROC)")
+                   help=f"the backbone's arithmetic: fp32 or bf16 (autocast, channels-last: "
+                        f"faster on GPUs and CPUs with bf16 units, same AUROC; "
+                        f"{default('fp32')})")
     g.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="unreadable images or masks: skip (default: a warning naming each "
                         "file, a count at the end) or fail (stop with one error line)")
@@ -188,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file written by fit")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
-    p.add_argument("--threshold", type=_finite, help="image score above which an image is "
-                   "labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
+    p.add_argument("--threshold", type=_finite, help="image score at or above which an image "
+                   "is labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     p.add_argument("--resume", action="store_true", help="skip the images already scored "
@@ -245,9 +257,8 @@ def _logger(quiet: bool) -> Callable[[str], None]:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    text = str(message).strip().splitlines()
-    print(f"{PROG}: warning: {text[0] if text else category.__name__}", file=sys.stderr,
-          flush=True)
+    why = first_line(message) if str(message).strip() else category.__name__
+    print(f"{PROG}: warning: {why}", file=sys.stderr, flush=True)
 
 
 def _config_from_args(args: argparse.Namespace, ratio: float | None = None
@@ -268,11 +279,25 @@ def _config_from_args(args: argparse.Namespace, ratio: float | None = None
     return config
 
 
+def _warn_random_weights(config: PatchCoreConfig) -> None:
+    """The warning of every verb that builds a model from options with random weights."""
+    if not config.pretrained and not config.weights:
+        print(f"{PROG}: warning: --pretrained false: random backbone weights, for speed and "
+              f"memory tests only (scores are not meaningful)", file=sys.stderr)
+
+
 def _skipped(skipped: list[str]) -> str:
     """The end-of-run count of the inputs left out (each was named in a warning)."""
     n = len(skipped)
     return (f"; skipped {n} file{'s' if n != 1 else ''} (unreadable, unsupported, not "
             f"images or dangling links: each named above)" if n else "")
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    """The one line of an allocation failure (only those: other errors keep their
+    traceback, as bugs)."""
+    return (f"out of memory ({first_line(exc)[:160]}): lower --batch-size or --image-size, "
+            f"or use a machine with more memory")
 
 
 def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
@@ -287,9 +312,7 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     config = _config_from_args(args)
     targets = outputs.fit_targets(args.data, args.category, args.output, args.weights)
-    if not config.pretrained and not config.weights:
-        print(f"{PROG}: warning: --pretrained false: random backbone weights, for speed and "
-              f"memory tests only (scores are not meaningful)", file=sys.stderr)
+    _warn_random_weights(config)
     for name, folder, out in targets:
         skipped: list[str] = []
         model = PatchCore(config)
@@ -365,6 +388,7 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     base = _config_from_args(args, ratio=ratios[0])
     check_outputs(f"-o {args.output}", out, [out / f"study.{e}" for e in ("csv", "json", "png")],
                   [folder for _, folder in cats], [args.weights] if args.weights else [])
+    _warn_random_weights(base)
     rows = []
     for name, folder in cats:
         for r in evaluation.study_category(name, folder, base, ratios, args.temp_dir,
@@ -424,21 +448,24 @@ def _run(argv: Sequence[str] | None) -> int:
             return distributed.run(launch, args.verb, lambda: resolve_device(args.device),
                                    getattr(args, "dist_timeout", 0.0),
                                    lambda: _VERBS[args.verb](args, log))
+        except MemoryError as exc:
+            print(f"{error}{_out_of_memory(exc)}", file=sys.stderr)
         except distributed.DistError as exc:  # a rank died, failed or timed out
-            if launch is None:
+            if out_of_memory(exc):  # torch.OutOfMemoryError, the CPU allocator's
+                print(f"{error}{_out_of_memory(exc)}", file=sys.stderr)
+                return 2
+            if launch is None:  # a RuntimeError of one process: a bug, with its traceback
                 raise
             print(f"{error}{distributed.describe_failure(exc)}", file=sys.stderr)
             return 1
         except SkippedFileWarning as exc:
-            why = str(exc).strip().splitlines()[0].removeprefix("skipping ")
+            why = first_line(exc).removeprefix("skipping ")
             print(f"{error}cannot use {why} (--on-error fail; --on-error skip leaves "
                   f"such files out)", file=sys.stderr)
         except PatchCoreError as exc:
             print(f"{error}{exc}", file=sys.stderr)
         except OSError as exc:  # disk full, permission denied, ...
-            print(f"{error}{exc.strerror or exc}"
-                  + (f": {exc.filename}" if getattr(exc, "filename", None) else ""),
-                  file=sys.stderr)
+            print(f"{error}{os_error_text(exc)}", file=sys.stderr)
         return 2
 
 

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import LargeImageWarning, PatchCoreError, SkippedFileWarning
+from .errors import LargeImageWarning, PatchCoreError, SkippedFileWarning, first_line
 from .geometry import Placement, place
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -144,8 +144,7 @@ def read_image(path: str | os.PathLike, fast: bool = True) -> Image.Image:
             except UnidentifiedImageError:
                 other = _other_format(path)
                 if other:
-                    raise UnreadableImage(f"unsupported image format {other} (read: PNG, "
-                                          f"JPEG, BMP, TIFF); convert it to PNG") from None
+                    raise UnreadableImage(unsupported_message(other)) from None
                 raise
         with img:
             decoded = _decode_png(path, img) if fast else None
@@ -160,8 +159,7 @@ def read_image(path: str | os.PathLike, fast: bool = True) -> Image.Image:
         raise UnreadableImage(f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's "
                               f"decompression-bomb limit)") from None
     except Exception as exc:  # Pillow raises many types for broken files
-        text = str(exc).strip().splitlines()
-        why = text[0] if text else type(exc).__name__
+        why = first_line(exc)
         if "cannot identify image file" in why:
             why = "not an image"
         raise UnreadableImage(why) from None
@@ -188,6 +186,12 @@ def unsupported_format(path: Path) -> str | None:
     return Image.registered_extensions().get(ext) or _OTHER_IMAGE_EXTENSIONS.get(ext)
 
 
+def unsupported_message(fmt: str) -> str:
+    """Why an image in format ``fmt`` (e.g. ``GIF``) is left out, and what to do."""
+    return (f"unsupported image format {fmt} (read: {', '.join(IMAGE_EXTENSIONS)}); "
+            f"convert it to PNG")
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of an image file as :func:`read_image` returns it (upright), read
     from the header without decoding the pixels.
@@ -206,8 +210,20 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
                 w, h = h, w
             return w, h
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise UnreadableImage(text[0] if text else type(exc).__name__) from None
+        raise UnreadableImage(first_line(exc)) from None
+
+
+def read_size_again(path: str | os.PathLike) -> tuple[int, int]:
+    """:func:`image_size` of a photo already read in this run (to put its map back).
+
+    Raises:
+        PatchCoreError: it cannot be read any more (it changed during the run).
+    """
+    try:
+        return image_size(path)
+    except UnreadableImage as exc:
+        raise PatchCoreError(f"cannot read image {path} any more (changed during the run?): "
+                             f"{exc}") from None
 
 
 def read_mask(path: str | os.PathLike) -> Image.Image:
@@ -240,6 +256,13 @@ class Preprocess:
     def placement(self, size: tuple[int, int]) -> Placement:
         """Where a photo of ``size`` (width, height) lands in the model's input."""
         return place(size, self.resize, self.image_size, self.crop)
+
+    @property
+    def fixed_input(self) -> bool:
+        """Whether every photo gives an input of the same shape: a crop, or a resize to a
+        square (``longer``, ``stretch``). Only ``shorter`` without a crop keeps each
+        photo's aspect, so its inputs (and feature grids) differ."""
+        return bool(self.crop) or self.resize != "shorter"
 
     def oversize(self, size: tuple[int, int]) -> str | None:
         """Why an image of ``size`` (width, height) takes the bounded path, or None.
@@ -350,7 +373,8 @@ def warn_skipped(path: str | os.PathLike, why: str) -> None:
     warnings.warn(f"skipping {path}: {why}", SkippedFileWarning, stacklevel=2)
 
 
-def _skip(path: Path, why: str, skipped: list[str] | None) -> None:
+def skip_file(path: str | os.PathLike, why: str, skipped: list[str] | None) -> None:
+    """Warn that a file is left out (:func:`warn_skipped`) and append it to ``skipped``."""
     warn_skipped(path, why)
     if skipped is not None:
         skipped.append(str(path))
@@ -398,24 +422,24 @@ def list_images(inputs: Sequence[str | os.PathLike], what: str = "input",
             images = []
             for f in sorted(f for f in p.iterdir() if not f.name.startswith(".")):
                 why = _not_a_file(f)
+                fmt = None if why or f.is_dir() else unsupported_format(f)
                 if why:
-                    _skip(f, why, skipped)
+                    skip_file(f, why, skipped)
                 elif f.is_dir():
                     continue
                 elif f.suffix.lower() in IMAGE_EXTENSIONS:
                     images.append(f)
-                elif unsupported_format(f):
-                    _skip(f, f"unsupported image format {unsupported_format(f)} (read: "
-                             f"{', '.join(IMAGE_EXTENSIONS)}); convert it to PNG", skipped)
+                elif fmt:
+                    skip_file(f, unsupported_message(fmt), skipped)
                 else:
-                    _skip(f, f"not an image file (extension {f.suffix or 'none'})", skipped)
+                    skip_file(f, f"not an image file (extension {f.suffix or 'none'})",
+                              skipped)
             if not images:
                 raise PatchCoreError(f"{what} {p} holds no images "
                                      f"({', '.join(IMAGE_EXTENSIONS)})")
             out.extend(images)
-        elif unsupported_format(p):
-            _skip(p, f"unsupported image format {unsupported_format(p)} (read: "
-                     f"{', '.join(IMAGE_EXTENSIONS)}); convert it to PNG", skipped)
+        elif fmt := unsupported_format(p):
+            skip_file(p, unsupported_message(fmt), skipped)
         else:
             out.append(p)
     return out
@@ -487,9 +511,7 @@ def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: in
         for i, note in notes:
             warnings.warn(f"{paths[i]}: {note}", LargeImageWarning, stacklevel=2)
         for i, why in bad:
-            warn_skipped(paths[i], why)
-            if skipped is not None:
-                skipped.append(str(paths[i]))
+            skip_file(paths[i], why, skipped)
         if progress is not None:
             progress(sum(len(i) for i, _ in stacks) + len(bad))
         yield from stacks
@@ -534,18 +556,11 @@ def find_categories(root: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and is_mvtec_category(p))
 
 
-def resolve_categories(root: str | os.PathLike, categories: Sequence[str] | None
+def resolve_categories(root: str | os.PathLike, categories: Sequence[str]
                        ) -> list[tuple[str, Path]]:
-    """(name, folder) of each requested category; ``all`` means every category found.
-
-    Without categories, ``root`` itself must be a category folder (or, for fitting, a plain
-    folder, which the caller handles).
-    """
+    """(name, folder) of each requested category under ``root``; ``all`` means every
+    category found (:func:`mvtec_categories` handles a data path without categories)."""
     root = Path(root)
-    if not root.exists():
-        raise PatchCoreError(f"data folder {root} does not exist")
-    if not categories:
-        return [(root.name, root)]
     if list(categories) == ["all"]:
         names = find_categories(root)
         if not names:

@@ -220,9 +220,7 @@ def write_demo_data(root: str | os.PathLike, seed: int = 0, n_train: int = 40,
         for i in range(n_test_defect):
             img, disc = _product(rng)
             mask, colour = _defect(rng, kind, disc)
-            soft = np.asarray(mask.filter(ImageFilter.GaussianBlur(1)), dtype=np.float64)
-            alpha = (soft / 255.0)[..., None] * 0.85
-            img = img * (1 - alpha) + np.asarray(colour, dtype=np.float64) / 255.0 * alpha
+            img = _blend(img, mask, colour)
             _save_png((img * 255).round().astype(np.uint8),
                       base / "test" / kind / f"{i:03d}.png")
             _save_png(np.asarray(mask), base / "ground_truth" / kind / f"{i:03d}_mask.png")

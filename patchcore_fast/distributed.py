@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops, reference
-from .errors import PatchCoreError
+from .errors import PatchCoreError, first_line, os_error_text
 from .coreset import (PROJECTION_CHUNK, StreamingCoreset, coreset_size,
                       coreset_start_and_projection, project_rows)
 
@@ -250,15 +250,14 @@ def run(launch: Launch | None, verb: str, device, timeout_s: float, call):
             is refused with one line: its fits at several ratios would need the test
             features of every rank at every ratio).
         device: a callable giving the model's device, which picks NCCL or gloo.
-        timeout_s: seconds a collective waits before the run fails.
+        timeout_s: seconds a collective waits before the run fails (positive: the command
+            line checks ``--dist-timeout``).
         call: the command itself.
     """
     if launch is None:
         return call()
     if verb not in ("fit", "score", "evaluate"):
         raise PatchCoreError(f"{verb} does not run under torchrun yet; run it as one process")
-    if timeout_s <= 0:
-        raise PatchCoreError(f"--dist-timeout should be positive, got {timeout_s}")
     init(launch, device(), timeout_s)
     try:
         return call()
@@ -399,9 +398,8 @@ def is_main() -> bool:
 
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
+        return os_error_text(exc)
+    text = first_line(exc)
     # --on-error fail raises the skip warning itself ("skipping FILE: why").
     return "cannot use " + text.removeprefix("skipping ") if isinstance(exc, Warning) else text
 
@@ -447,8 +445,8 @@ class ShardedBank:
     """A memory bank split across the ranks (``--bank-shards``): each holds 1/world of it.
 
     Rank r keeps the contiguous rows ``[r M / R, (r + 1) M / R)``. Every rank calls
-    :meth:`knn` and :meth:`rows` with the same queries (the ranks score the same images in
-    lockstep), so the collectives below match up.
+    :meth:`knn` and :meth:`__getitem__` (``bank[index]``) with the same arguments (the ranks
+    score the same images in lockstep), so the collectives below match up.
 
     k nearest: each rank finds the k nearest rows of its shard with the kernel (exact
     distances, ascending, ties to the lower row), one all-gather brings every rank's list
@@ -473,7 +471,6 @@ class ShardedBank:
         self.local = bank[self.lo:self.hi].float().to(device).contiguous()
         self.shape = torch.Size((m, bank.shape[1]))
         self.device = torch.device(device)
-        self.dtype = torch.float32
 
     def to(self, device) -> "ShardedBank":
         """The bank stays where its shard is (scoring moves the queries to it)."""

@@ -15,3 +15,25 @@ class SkippedFileWarning(UserWarning):
 class LargeImageWarning(UserWarning):
     """An image so elongated that only the region behind its crop is resized (the message
     names it and says how much of it the model sees)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message, else its type's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OS error in words, ``strerror: filename`` (e.g. ``Permission denied: out/a.csv``);
+    its message instead when the OS gave no ``strerror``."""
+    filename = getattr(exc, "filename", None)
+    return (exc.strerror or str(exc)) + (f": {filename}" if filename else "")
+
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError``
+    (CUDA) or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)

@@ -19,7 +19,7 @@ import torch
 
 from . import distributed, metrics
 from .data import (TestImage, UnreadableImage, folder_test, image_size, mvtec_categories,
-                   mvtec_test, read_mask, warn_skipped)
+                   mvtec_test, read_mask, read_size_again, skip_file)
 from .errors import PatchCoreError
 from .files import ArraySpool, MapSpool, check_outputs
 from .metrics import PixelHistogram
@@ -115,8 +115,7 @@ def usable_masks(items: Sequence[TestImage], skipped: list[str]) -> list[TestIma
             except UnreadableImage as exc:
                 why = f"its mask {i.mask} cannot be read ({exc})"
             if why is not None:
-                warn_skipped(i.path, why)
-                skipped.append(str(i.path))
+                skip_file(i.path, why, skipped)
                 continue
         out.append(i)
     return out
@@ -134,11 +133,15 @@ def mask_of(item: TestImage, preprocess, maps_at: str = "original") -> np.ndarra
     Returns:
         bool array[H, W].
     """
-    try:
-        m = read_mask(item.mask) if item.mask else None
-        size = image_size(item.path) if m is None else m.size
-    except UnreadableImage as exc:
-        raise PatchCoreError(f"cannot read mask {item.mask}: {exc}") from None
+    m = None
+    if item.mask:
+        try:
+            m = read_mask(item.mask)
+        except UnreadableImage as exc:
+            raise PatchCoreError(f"cannot read mask {item.mask}: {exc}") from None
+        size = m.size
+    else:
+        size = read_size_again(item.path)
     if maps_at == "crop":
         return preprocess.mask(m, size).numpy()
     if m is None:
@@ -505,7 +508,7 @@ def study_category(name: str, folder: Path, config: PatchCoreConfig, ratios: Seq
             raise PatchCoreError(f"none of the test images of {name} could be read")
         test_seconds = time.perf_counter() - t0
         grid, size = model.grid, model.input_size
-        places = [pre.placement(image_size(i.path)) for i in kept]
+        places = [pre.placement(read_size_again(i.path)) for i in kept]
         defects = [i.defect for i in kept]
         for ratio in model.fit_each_ratio(folder / "train" / "good", ratios, skipped,
                                           progress, temp_dir):

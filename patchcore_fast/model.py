@@ -26,9 +26,9 @@ from . import distributed
 from ._version import __version__
 from .backbone import Backbone, BackboneInfo, file_sha256, load_backbone
 from .coreset import StreamingCoreset, coreset_size
-from .data import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, image_size, iterate_images,
-                   list_images)
-from .errors import PatchCoreError
+from .data import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, iterate_images, list_images,
+                   read_size_again)
+from .errors import PatchCoreError, first_line
 from .features import PatchEmbedder
 from .files import atomic_path
 from .geometry import (DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT,
@@ -37,9 +37,12 @@ from .scoring import anomaly_maps, bank_neighbourhoods, image_scores, nearest_ba
 
 FORMAT = "patchcore-fast"
 FORMAT_VERSION = 1
-# Largest image size (shorter side) and crop: a 2,048-pixel crop gives a 256 x 256 grid of
+# Largest image size (the target side of the resize) and crop: a 2,048-pixel crop gives a 256 x 256 grid of
 # stride-8 patches per image, 65,536 embeddings of D floats (256 MB at D = 1,024).
 MAX_IMAGE_SIZE = 2048
+# Widest embedding: the official setting is 1,024; 65,536 floats is already 256 KB per
+# patch (a bottle bank of 163,856 patches at that width would need 43 GB).
+MAX_EMBED_DIM = 65536
 #: Arithmetic of the backbone (:attr:`PatchCoreConfig.precision`).
 PRECISIONS = ("fp32", "bf16")
 
@@ -137,6 +140,10 @@ class PatchCoreConfig:
         for name in ("pretrain_embed_dim", "target_embed_dim", "projection_dim", "batch_size"):
             if getattr(self, name) < 1:
                 raise PatchCoreError(f"{name} should be positive, got {getattr(self, name)}")
+        for name in ("pretrain_embed_dim", "target_embed_dim"):
+            if getattr(self, name) > MAX_EMBED_DIM:
+                raise PatchCoreError(f"{name} (--embed-dim) should be at most "
+                                     f"{MAX_EMBED_DIM:,}, got {getattr(self, name):,}")
         if self.num_workers < 0:
             raise PatchCoreError(f"num_workers should be >= 0, got {self.num_workers}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -204,7 +211,7 @@ class Prediction:
 
     paths: list[Path]
     scores: np.ndarray
-    maps: np.ndarray
+    maps: list[np.ndarray]
     skipped: list[str]
 
 
@@ -384,14 +391,18 @@ class PatchCore:
         c = self.config
         t0 = time.perf_counter()
         n_images = 0
+        fixed = self.preprocess.fixed_input
         with StreamingCoreset(ratios[0], c.projection_dim, c.seed, temp_dir=temp_dir,
                               in_memory=not streaming, project=launch is None) as sc:
             # Pass 1: features -> temporary file (or memory) + projections in memory.
             for batch, patches in self._embed_paths(paths, skipped, progress,
                                                     "fit: features"):
-                if sc.expected_rows is None:
-                    # Every image has the same grid, so this bounds N (skipped files only
-                    # lower it) and the projected bank is allocated once.
+                if fixed and sc.expected_rows is None:
+                    # A fixed input shape gives every image the first one's grid, so this
+                    # bounds N (skipped files only lower it) and the projected bank is
+                    # allocated once. Without it (shorter, no crop) grids follow each
+                    # photo's aspect: an elongated first photo would over-allocate, a
+                    # square one under-allocate, so the bank grows block by block.
                     sc.expected_rows = len(paths) * patches.shape[1]
                 sc.add(patches.reshape(-1, patches.shape[-1]))
                 n_images += len(batch)
@@ -527,7 +538,8 @@ class PatchCore:
         """Input-sized maps -> each photo's geometry (:mod:`~patchcore_fast.geometry`).
 
         Args:
-            paths: the photos (their headers give their sizes).
+            paths: the photos (their headers give their sizes; one that cannot be read
+                again raises :class:`PatchCoreError`).
             maps (Tensor[B, H_in, W_in]): maps of the model's input.
             maps_at: ``original`` (the photo's size: crop, padding and resize undone) or
                 ``crop`` (the input's resolution, padding cut off: the paper's protocol).
@@ -541,7 +553,7 @@ class PatchCore:
         pre = self.preprocess
         out = []
         for path, amap in zip(paths, maps):
-            p = pre.placement(image_size(path))
+            p = pre.placement(read_size_again(path))
             back = p.to_original(amap) if maps_at == "original" else p.to_crop(amap)
             out.append(np.ascontiguousarray(back.numpy(), dtype=np.float32))
         return out
@@ -664,7 +676,7 @@ class PatchCore:
             raise
         except Exception as exc:
             raise PatchCoreError(f"{path} is not a patchcore-fast model file, or it is "
-                                 f"truncated ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+                                 f"truncated ({first_line(exc)})"
                                  ) from None
         config, info, grid, fit_stats = _validate_loaded(path, meta, tensors)
         bank, projection, hood = (tensors["bank"], tensors["projection"],
@@ -700,8 +712,7 @@ def _os_error_text(exc: BaseException) -> str:
     found = re.search(r'message: "([^"]+)"', text)
     if found:
         return found.group(1)
-    lines = text.strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
+    return first_line(exc)[:200]
 
 
 # ----- checking a loaded model file --------------------------------------------------------
@@ -847,7 +858,7 @@ def _validate_loaded(path: Path, meta: dict[str, str], tensors: dict[str, Tensor
     except PatchCoreError as exc:  # a setting out of range, or unknown to this version
         raise PatchCoreError(f"{path}: {exc}") from None
     except (ValueError, TypeError, RecursionError) as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = first_line(exc)
         raise damaged(f"{entry}: {why[:200]}") from None
     if info.name != config.backbone:
         raise damaged(f"backbone {info.name!r} differs from the setting {config.backbone!r}")

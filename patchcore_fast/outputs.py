@@ -3,7 +3,7 @@ resume journal of ``score``.
 
 Every file is written atomically (:mod:`patchcore_fast.files`): a reader never sees half
 of one, and a failed run leaves the old file or none. Maps reach this module parked in a
-temporary :class:`~patchcore_fast.files.ArraySpool` (never all in memory); the colour scale
+temporary :class:`~patchcore_fast.files.MapSpool` (never all in memory); the colour scale
 of the overlays comes from a histogram of all their pixels
 (:class:`~patchcore_fast.metrics.PixelHistogram`), so it is the same for every image of a run.
 """
@@ -245,10 +245,9 @@ def fit_targets(data: str | os.PathLike, categories: Sequence[str] | None,
     if cats is None:
         if not data.is_dir():
             raise PatchCoreError(f"{data} is not a folder of images")
-        name = out.stem
         if out.suffix != ".safetensors":
             out = out / f"{data.resolve().name}.safetensors"
-        targets = [(name, data, out)]
+        targets = [(out.stem, data, out)]  # the name of the file written
     else:
         many = len(cats) > 1 or out.suffix != ".safetensors"
         targets = [(n, d / "train" / "good", out / f"{n}.safetensors" if many else out)
@@ -390,10 +389,10 @@ def write_evaluation(out: Path, result: dict, items: Sequence, scores: np.ndarra
     write_text(out / "metrics.json", json.dumps(result, indent=2))
 
 
-def write_summary(out: Path, results: list[dict], extra_cols: Sequence[str] = ()) -> None:
+def write_summary(out: Path, results: list[dict]) -> None:
     """``summary.csv``, ``summary.json`` and ``summary.md``: one row per category and
     their mean, as the paper reports it."""
-    keys = ["image_auroc", "pixel_auroc", "pro", "f1_max", *extra_cols]
+    keys = ["image_auroc", "pixel_auroc", "pro", "f1_max"]
     rows = [[r["category"]] + [r.get(k) for k in keys] for r in results]
     mean = []
     for j, _ in enumerate(keys):

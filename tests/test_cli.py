@@ -49,7 +49,13 @@ def _error(capsys) -> str:
 def test_help_of_every_verb(capsys):
     for verb in ("fit", "score", "evaluate", "study", "demo-data"):
         assert main([verb, "--help"]) == 0
-        assert "examples" in capsys.readouterr().out
+        text = " ".join(capsys.readouterr().out.split())
+        assert "examples" in text
+        if verb in ("score", "evaluate"):  # omitted runtime options keep the model's own
+            assert text.count("default: the model's saved setting") == 3, text
+            assert "(default 8)" not in text and "(default 0)" not in text, text
+        elif verb != "demo-data":
+            assert "images per batch (default 8)" in text, text
 
 
 def test_evaluate_and_score_outputs(fitted, demo, tmp_path, capsys):
@@ -95,6 +101,23 @@ def test_study_rows_match_fit_and_evaluate(fitted, demo, tmp_path):
     for key in ("image_auroc", "pixel_auroc", "pro", "f1_max"):
         assert float(rows[1][key]) == pytest.approx(m[key], abs=1e-12), key
     assert int(rows[0]["bank_rows"]) < int(rows[1]["bank_rows"])
+
+
+@pytest.mark.parametrize("verb", ["fit", "study"])
+def test_random_weights_warn_in_every_verb_that_builds_a_model(verb, demo, tmp_path, capsys,
+                                                               monkeypatch):
+    from patchcore_fast import cli
+
+    # The warning is the point, not the run: no model is fitted.
+    monkeypatch.setattr(cli.outputs, "fit_targets", lambda *a: [])
+    monkeypatch.setattr(cli.evaluation, "study_category", lambda *a: [])
+    monkeypatch.setattr(cli.outputs, "write_study", lambda *a: None)
+    out = tmp_path / ("m.safetensors" if verb == "fit" else "study")
+    capsys.readouterr()
+    assert main([verb, str(demo), "--category", "widget", "-o", str(out), "--backbone",
+                 "resnet18", "--pretrained", "false", *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --pretrained false: random backbone weights" in err, err
 
 
 def test_save_load_score_identical(demo, tmp_path):
@@ -275,3 +298,16 @@ def test_cuda_fit_evaluate_score(demo, fitted, tmp_path):
                                                               / "spot"),
                  "-o", str(tmp_path / "score"), *gpu[4:]]) == 0
     assert len(list(csv.DictReader((tmp_path / "score" / "scores.csv").open()))) == 3
+
+
+def test_fit_of_a_folder_into_a_folder_is_named_for_the_file(tmp_path):
+    from patchcore_fast.outputs import fit_targets
+
+    good = tmp_path / "photos" / "good"
+    good.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(good / "a.png")
+    models = tmp_path / "models"
+    # "fit good: ..." then "wrote models/good.safetensors", not "fit models: ...".
+    assert fit_targets(good, None, models, None) == [
+        ("good", good, models / "good.safetensors")]
+    assert fit_targets(good, None, models / "line3.safetensors", None)[0][0] == "line3"

@@ -1,5 +1,6 @@
 """Reading odd image files, skipping bad ones, masks and layouts."""
 
+import re
 import warnings
 
 import numpy as np
@@ -110,3 +111,22 @@ def test_mvtec_layout(tmp_path):
         ("crack", 1, True), ("good", 0, False)]
     with pytest.raises(PatchCoreError, match="no category"):
         data.resolve_categories(tmp_path, ["other"])
+
+
+def test_mask_of_names_the_image_when_it_has_no_mask(tmp_path):
+    from patchcore_fast.evaluation import mask_of
+
+    gone = tmp_path / "000.png"
+    gone.write_text("not an image any more")
+    with pytest.raises(PatchCoreError, match=re.escape(f"cannot read image {gone} any more")):
+        mask_of(data.TestImage(gone, 0, "good", None), data.Preprocess(64, 0))
+
+
+def test_maps_back_of_an_image_changed_during_the_run_is_one_line(tmp_path):
+    from patchcore_fast import PatchCore, PatchCoreConfig
+
+    changed = tmp_path / "a.png"
+    changed.write_bytes(b"\x89PNG truncated since it was read")
+    model = PatchCore(PatchCoreConfig(backbone="resnet18", pretrained=False, device="cpu"))
+    with pytest.raises(PatchCoreError, match=re.escape(f"cannot read image {changed} any more")):
+        model.maps_back([changed], torch.zeros(1, 224, 224))

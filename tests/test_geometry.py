@@ -223,3 +223,37 @@ def test_no_crop_input_above_the_budget_is_skipped_naming_the_way_out(tmp_path):
     # The same photo with the default geometry: one padded square input.
     batches = list(iterate_images([thin], Preprocess(64, 0, resize="longer")))
     assert batches[0][1].shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("resize,crop,fixed", [("shorter", 0, False), ("shorter", 32, True),
+                                               ("longer", 0, True), ("stretch", 0, True)])
+def test_bank_preallocated_only_for_a_fixed_input_shape(resize, crop, fixed, tmp_path,
+                                                        monkeypatch):
+    """An elongated first photo must not size the projected bank for every photo."""
+    from patchcore_fast import model as model_module
+
+    seen = []
+
+    class Recording(model_module.StreamingCoreset):
+        def select(self, *args, **kwargs):
+            seen.append((self.expected_rows, self.n))
+            return super().select(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "StreamingCoreset", Recording)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(192, 64), (64, 64), (64, 64)]):  # 3:1 first, then squares
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+    assert Preprocess(64, crop, resize=resize).fixed_input == fixed
+    m = PatchCore(PatchCoreConfig(backbone="resnet18", pretrained=False, image_size=64,
+                                  crop=crop, resize=resize, batch_size=1, device="cpu",
+                                  coreset_ratio=0.5, pretrain_embed_dim=64,
+                                  target_embed_dim=64))
+    m.fit(folder)
+    (expected, n), = seen
+    if fixed:
+        assert expected == n  # every image has the same grid
+    else:
+        assert expected is None  # the 3:1 photo's grid would have over-allocated 3x

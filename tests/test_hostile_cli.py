@@ -270,10 +270,53 @@ def test_score_csv_formula_file_names(demo, tmp_path, capsys, monkeypatch):
     (["score", "m.safetensors", "a.png", "-o", "o", "--dist-timeout", "-1"],
      "--dist-timeout: expected a positive number of seconds"),
     (["evaluate", "m.safetensors", "d", "-o", "o", "--dist-timeout", "nan"], "--dist-timeout"),
+    # datetime.timedelta overflows: a one-line refusal, not an OverflowError under torchrun.
+    (["score", "m.safetensors", "a.png", "-o", "o", "--dist-timeout", "1e15"],
+     "--dist-timeout: expected a positive number of seconds, at most 2,592,000"),
+    # A width that no allocator can hold: refused before any work, not a traceback.
+    (["fit", "d", "-o", "m.safetensors", "--embed-dim", "1000000000000"],
+     "_embed_dim (--embed-dim) should be at most 65,536"),
 ])
 def test_numbers_refused_at_the_command_line(argv, words, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _run(argv, capsys, [tmp_path], None, words=words)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                 "8000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+    pytest.param("cuda", id="torch.OutOfMemoryError"),
+])
+def test_out_of_memory_is_one_line(error, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from patchcore_fast import cli
+
+    if error == "cuda":
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def fit(args, log):
+        raise error
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(cli._VERBS, "fit", fit)
+    lines = _run(["fit", "d", "-o", "m.safetensors", *SMALL], capsys, [tmp_path], None,
+                 words="out of memory")
+    assert "lower --batch-size" in lines[-1]
+
+
+def test_other_runtime_errors_keep_their_traceback(tmp_path, monkeypatch):
+    """Only allocation failures become one line: a bug stays a bug."""
+    from patchcore_fast import cli
+
+    def fit(args, log):
+        raise RuntimeError("shape mismatch in a kernel")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(cli._VERBS, "fit", fit)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["fit", "d", "-o", "m.safetensors", *SMALL])
 
 
 # ----- 3. --resume ---------------------------------------------------------------------------
