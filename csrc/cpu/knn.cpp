@@ -91,15 +91,8 @@ inline int64_t pool_cap(int64_t k) {
   return std::max<int64_t>(kMinPoolCap, 4 * (k + knn_detail::kExtraCandidates));
 }
 
-// One candidate: value (expanded or exact distance) and bank row. Ordered by (value,
-// index), which is the "lower index first on exact ties" rule.
-struct Entry {
-  float v;
-  int32_t i;
-};
-inline bool operator<(const Entry& a, const Entry& b) {
-  return a.v < b.v || (a.v == b.v && a.i < b.i);
-}
+// One candidate, (value, bank row), ordered by (value, index): knn_project.h's.
+using knn_project::Entry;
 
 // Candidate pool of one query row. Invariant: every bank row seen and not in the pool has
 // value >= thr (thr only decreases). Bank rows arrive in increasing index order, so an

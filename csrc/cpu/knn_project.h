@@ -239,11 +239,14 @@ inline Projection make_projection(const float* bank, const float* mean, int64_t 
   return P;
 }
 
-struct Cand {
+// One candidate: value (projected expanded form, expanded or exact distance) and bank row,
+// ordered by (value, index): the "lower index first on exact ties" rule. Also the entry of
+// knn.cpp's candidate pools.
+struct Entry {
   float v;
   int32_t i;
 };
-inline bool operator<(const Cand& a, const Cand& b) {
+inline bool operator<(const Entry& a, const Entry& b) {
   return a.v < b.v || (a.v == b.v && a.i < b.i);
 }
 
@@ -253,7 +256,7 @@ inline bool operator<(const Cand& a, const Cand& b) {
 // are < thr). Indices arrive in increasing order, so a later value equal to thr rightly
 // loses its tie.
 struct TopC {
-  Cand* e;
+  Entry* e;
   int64_t n, c;
   float thr;
   void compact() {
@@ -263,7 +266,7 @@ struct TopC {
   }
   void push(float v, int32_t i) {
     if (v < thr) {
-      e[n++] = Cand{v, i};
+      e[n++] = Entry{v, i};
       if (n == 2 * c) compact();
     }
   }
@@ -295,7 +298,7 @@ inline void select_row(const float* ip, const float* pbn, int64_t j0, int64_t nb
 //   (distance, index)); adds the candidates refined to *refined.
 template <class Bound>
 bool refine_row(TopC& top, const Bound& lb, const float* q, const float* bank, int64_t m,
-                int64_t d, int64_t k, std::vector<Cand>& best, int64_t* refined) {
+                int64_t d, int64_t k, std::vector<Entry>& best, int64_t* refined) {
   if (top.n > top.c) top.compact();
   const float T = top.thr;  // every row not kept has v >= T (+inf: none was rejected)
   std::sort(top.e, top.e + top.n);
@@ -309,7 +312,7 @@ bool refine_row(TopC& top, const Bound& lb, const float* q, const float* bank, i
     }
     const int32_t j = top.e[x].i;
     const float sq = sqdist(q, bank + static_cast<int64_t>(j) * d, d);
-    const Cand cand{std::sqrt(std::max(sq, 0.f)), j};  // as the existing path returns it
+    const Entry cand{std::sqrt(std::max(sq, 0.f)), j};  // as the existing path returns it
     if (nbest < k) {
       best[nbest++] = cand;
       std::push_heap(best.begin(), best.begin() + nbest);
@@ -364,7 +367,7 @@ inline std::pair<int64_t, int64_t> prepass_chunk(
   }
 
   // Candidates: the c smallest projected values per row, tile by tile of the bank.
-  std::vector<Cand> store(static_cast<size_t>(tq * 2 * c));
+  std::vector<Entry> store(static_cast<size_t>(tq * 2 * c));
   std::vector<TopC> top(tq);
   for (int64_t t = 0; t < tq; ++t) {
     top[t] = TopC{store.data() + t * 2 * c, 0, c, std::numeric_limits<float>::infinity()};
@@ -379,7 +382,7 @@ inline std::pair<int64_t, int64_t> prepass_chunk(
   }
 
   int64_t certified = 0, refined = 0;
-  std::vector<Cand> best(static_cast<size_t>(k));
+  std::vector<Entry> best(static_cast<size_t>(k));
   for (int64_t t = 0; t < tq; ++t) {
     const auto lb = [&](float v) { return P.bound(v, pqn[t], eps_q[t], e_r[t]); };
     const int64_t row = rows[t];
