@@ -79,17 +79,21 @@ constexpr int kRefineThreads = 256;  // 8 rows (warps) per block
 
 enum class Gemm { kFp32, kBf16x3 };
 
+// An ATen op overload looked up through the dispatcher (nullopt when this torch lacks it),
+// so that the kernel builds and runs against torch versions with or without it.
+template <class Fn>
+std::optional<c10::TypedOperatorHandle<Fn>> find_op(const char* name, const char* overload) {
+  auto h = c10::Dispatcher::singleton().findSchema({name, overload});
+  if (!h.has_value()) return std::nullopt;
+  return h->typed<Fn>();
+}
+
 // aten::mm.dtype_out (bf16 inputs, fp32 output and accumulation), looked up once: torch
 // versions without it fall back to the fp32 GEMM.
 using MmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, c10::ScalarType,
                                at::Tensor&);
 const c10::TypedOperatorHandle<MmDtypeOut>* mm_dtype_op() {
-  static const std::optional<c10::TypedOperatorHandle<MmDtypeOut>> op =
-      []() -> std::optional<c10::TypedOperatorHandle<MmDtypeOut>> {
-    auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
-    if (!h.has_value()) return std::nullopt;
-    return h->typed<MmDtypeOut>();
-  }();
+  static const auto op = find_op<MmDtypeOut>("aten::mm", "dtype_out");
   return op.has_value() ? &*op : nullptr;
 }
 
@@ -100,12 +104,7 @@ using AddmmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, const at
                                   c10::ScalarType, const c10::Scalar&, const c10::Scalar&,
                                   at::Tensor&);
 const c10::TypedOperatorHandle<AddmmDtypeOut>* addmm_dtype_op() {
-  static const std::optional<c10::TypedOperatorHandle<AddmmDtypeOut>> op =
-      []() -> std::optional<c10::TypedOperatorHandle<AddmmDtypeOut>> {
-    auto h = c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"});
-    if (!h.has_value()) return std::nullopt;
-    return h->typed<AddmmDtypeOut>();
-  }();
+  static const auto op = find_op<AddmmDtypeOut>("aten::addmm", "dtype_out");
   return op.has_value() ? &*op : nullptr;
 }
 
