@@ -30,7 +30,6 @@ def os_error_text(exc: OSError) -> str:
     return (exc.strerror or str(exc)) + (f": {filename}" if filename else "")
 
 
-
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError``
     (CUDA) or the CPU allocator's RuntimeError ("can't allocate memory")."""
