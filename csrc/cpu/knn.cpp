@@ -59,6 +59,7 @@
 #include "../common.h"
 #include "../knn_bound.h"
 #include "knn_project.h"
+#include "parallel.h"
 #include "sqdist.h"
 
 namespace patchcore_fast {
@@ -400,7 +401,7 @@ void run_rows(const Problem& P, const int64_t* rows, int64_t n, bool second,
     const int64_t tb = std::max<int64_t>(
         1, std::min<int64_t>(kTileCols, kThreadTileBytes / (4 * P.d)));
     std::vector<std::vector<int64_t>> local(nblocks);
-    at::parallel_for(0, nblocks, 1, [&](int64_t a, int64_t b) {
+    parallel_for_tls(0, nblocks, 1, [&](int64_t a, int64_t b) {
       // Inside the parallel region the GEMM runs single-threaded on this thread's chunk.
       for (int64_t blk = a; blk < b; ++blk) {
         const int64_t r0 = blk * tq;
@@ -522,7 +523,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
     const int64_t nchunks = (n2 + tq - 1) / tq;
     std::vector<std::vector<int64_t>> local(nchunks);
     std::atomic<int64_t> ok_rows{0};
-    at::parallel_for(0, nchunks, 1, [&](int64_t a, int64_t b) {
+    parallel_for_tls(0, nchunks, 1, [&](int64_t a, int64_t b) {
       for (int64_t c = a; c < b; ++c) {
         const int64_t r0 = pilot + c * tq;
         const auto res = knn_project::prepass_chunk(
