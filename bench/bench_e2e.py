@@ -8,17 +8,21 @@ b = 9, Gaussian-blurred maps.
 
 Groups, side by side in one run (each entry's ``extra_info`` has ``images_per_s``):
 
-- ``tensors-<device>-b<B>``: a batch of B preprocessed images on the device -> scores and
-  maps (``PatchCore.embedder`` + ``score_embeddings``), fp32 and bf16, against anomalib
-  2.7's ``PatchcoreModel`` (same backbone, layers and bank size; its embeddings are
-  1,536-d) when installed. B = 1 is the latency of one image.
+- ``tensors-<device>-b<B>-<inputs>``: a batch of B preprocessed images on the device ->
+  scores and maps (``PatchCore.embedder`` + ``score_embeddings``), fp32 and bf16, against
+  anomalib 2.7's ``PatchcoreModel`` (same backbone, layers and bank size; its embeddings
+  are 1,536-d) when installed. B = 1 is the latency of one image. ``photos``: generated
+  product photos held out of the bank (what a line scores: mostly good parts); ``noise``:
+  Gaussian noise in the normalised input space, every patch far from the bank (further
+  than a defect's), the hard case for the k-NN's exactness certificate.
 - ``files-<device>-b<B>``: PNG files -> scores (and overlays) through the CLI's score path
   (:func:`patchcore_fast.evaluation.score_images`), with and without overlays, beside
   decoding alone (files -> normalised tensors with the same workers: the limit the files
   path can reach).
 
 Small sizes by default (CI runs this on 2 CPU cores in a few minutes); full sizes with
-``PATCHCORE_FAST_BENCH_FULL=1`` (batch 64 too, and 512 files instead of 16).
+``PATCHCORE_FAST_BENCH_FULL=1`` (batch 64 too, and 512 files instead of 16). Every query
+image is held out of the bank.
 
     .venv/bin/pytest bench/bench_e2e.py --benchmark-only --benchmark-json=/tmp/e2e.json -s
     .venv/bin/python bench/report.py /tmp/e2e.json
@@ -48,6 +52,7 @@ BANK_ROWS = 16_386
 BANK_IMAGES = 21          # 21 x 784 = 16,464 patches >= BANK_ROWS
 BATCHES = (1, 8, 64) if FULL else (1, 8)
 FILES = 512 if FULL else 16
+HELD_OUT = max(FILES, max(BATCHES))  # query images, none of them in the bank
 ROUNDS = 3 if FULL else 2
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU"))]
@@ -61,21 +66,27 @@ def _sync(device: str) -> None:
 
 @pytest.fixture(scope="module")
 def images_dir():
-    """Generated 256 x 256 PNG photos (demo data): BANK_IMAGES good ones for the banks and
-    FILES test images for the files groups."""
+    """Generated 256 x 256 PNG photos (demo data): BANK_IMAGES good ones for the banks,
+    then HELD_OUT ones for the queries."""
     with tempfile.TemporaryDirectory() as tmp:
-        write_demo_data(tmp, seed=0, n_train=max(BANK_IMAGES, FILES), n_test_good=0,
+        write_demo_data(tmp, seed=0, n_train=BANK_IMAGES + HELD_OUT, n_test_good=0,
                         n_test_defect=0)
         yield Path(tmp) / "widget" / "train" / "good"
 
 
+def _query_paths(images_dir: Path) -> list:
+    return list_images([images_dir])[BANK_IMAGES:]
+
+
 @pytest.fixture(scope="module")
 def train_batch(images_dir):
-    """Tensor[BANK_IMAGES, 3, 224, 224]: the bank's images, preprocessed."""
-    paths = list_images([images_dir])[:BANK_IMAGES]
-    cfg = PatchCoreConfig()
-    model = PatchCore(cfg)
-    return torch.cat([b for _, b in iterate_images(paths, model.preprocess, 8)])
+    """(Tensor[BANK_IMAGES, 3, 224, 224], Tensor[max(BATCHES), 3, 224, 224]): the bank's
+    images and held-out query images, preprocessed."""
+    paths = list_images([images_dir])
+    model = PatchCore(PatchCoreConfig())
+    bank = torch.cat([b for _, b in iterate_images(paths[:BANK_IMAGES], model.preprocess, 8)])
+    held = paths[BANK_IMAGES:BANK_IMAGES + max(BATCHES)]
+    return bank, torch.cat([b for _, b in iterate_images(held, model.preprocess, 8)])
 
 
 _MODELS: dict = {}
@@ -140,27 +151,35 @@ def _run(benchmark, fn, device: str, images: int) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _train(train_batch):
-    _MODELS["train"] = train_batch
+    _MODELS["train"], _MODELS["held"] = train_batch
     yield
     _MODELS.clear()
 
 
-def _batch(b: int, device: str) -> torch.Tensor:
+def _batch(b: int, device: str, inputs: str) -> torch.Tensor:
+    if inputs == "photos":
+        return _MODELS["held"][:b].to(device)
     g = torch.Generator().manual_seed(b)
     return torch.randn(b, 3, 224, 224, generator=g).to(device)
+
+
+INPUTS = ["photos", "noise"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_kernel_tensors(benchmark, device, batch, precision):
+@pytest.mark.parametrize("inputs", INPUTS)
+def test_kernel_tensors(benchmark, device, batch, precision, inputs):
     """Ours: preprocessed tensors on the device -> scores and maps."""
-    benchmark.group = f"tensors-{device}-b{batch}"
+    benchmark.group = f"tensors-{device}-b{batch}-{inputs}"
     if precision == "bf16" and device == "cpu" and batch > 1 and not FULL:
         pytest.skip("bf16 on the CPU beyond batch 1: full runs only (emulated without "
                     "AVX512-BF16, minutes per batch)")
+    if precision == "bf16" and inputs == "noise":
+        pytest.skip("bf16: photos only")
     model = ours(device, precision)
-    x = _batch(batch, device)
+    x = _batch(batch, device, inputs)
 
     def fn():
         with torch.inference_mode():
@@ -173,11 +192,12 @@ def test_kernel_tensors(benchmark, device, batch, precision):
 @pytest.mark.skipif(PatchcoreModel is None, reason="anomalib is not installed")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_anomalib_tensors(benchmark, device, batch):
+@pytest.mark.parametrize("inputs", INPUTS)
+def test_anomalib_tensors(benchmark, device, batch, inputs):
     """anomalib 2.7's PatchcoreModel, same backbone, layers and bank size."""
-    benchmark.group = f"tensors-{device}-b{batch}"
+    benchmark.group = f"tensors-{device}-b{batch}-{inputs}"
     model = peer(device)
-    x = _batch(batch, device)
+    x = _batch(batch, device, inputs)
 
     def fn():
         with torch.inference_mode():
@@ -196,7 +216,7 @@ def test_decode_only(benchmark, images_dir, device, batch):
     """Files -> normalised tensors on the device, the same reader and workers as scoring."""
     benchmark.group = f"files-{device}-b{batch}"
     model = ours(device, "fp32")
-    paths = list_images([images_dir])[:FILES]
+    paths = _query_paths(images_dir)[:FILES]
 
     def fn():
         for _, x in iterate_images(paths, model.preprocess, batch, WORKERS):
@@ -213,7 +233,7 @@ def test_kernel_files(benchmark, images_dir, device, batch, overlays):
     benchmark.group = f"files-{device}-b{batch}"
     model = ours(device, "fp32")
     model.config.batch_size = batch
-    paths = list_images([images_dir])[:FILES]
+    paths = _query_paths(images_dir)[:FILES]
     names = {p: p.stem for p in paths}
 
     def fn():
