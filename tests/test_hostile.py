@@ -412,3 +412,29 @@ def test_model_save_file_too_large_real(demo, tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"cannot write {target}: " in lines[0] and "large" in lines[0], lines
     assert target.read_bytes() == before and _files(tmp_path) == [target]
+
+
+def test_file_sha256_is_memoised_but_sees_a_changed_file(tmp_path):
+    import hashlib
+
+    from patchcore_fast import backbone
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    want = hashlib.sha256(b"a" * 1000).hexdigest()
+    assert backbone.file_sha256(f) == want
+    hits = backbone._sha256.cache_info().hits
+    assert backbone.file_sha256(str(f)) == want  # hashed once per run, not once per use
+    assert backbone._sha256.cache_info().hits == hits + 1
+    # Replaced atomically (a new inode), same size:
+    with atomic_path(f) as tmp:
+        Path(tmp).write_bytes(b"b" * 1000)
+    assert backbone.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest()
+    # Rewritten in place, same size, a later modification time:
+    st = f.stat()
+    f.write_bytes(b"c" * 1000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert backbone.file_sha256(f) == hashlib.sha256(b"c" * 1000).hexdigest()
+    # Another size:
+    f.write_bytes(b"c" * 999)
+    assert backbone.file_sha256(f) == hashlib.sha256(b"c" * 999).hexdigest()
