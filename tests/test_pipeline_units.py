@@ -128,3 +128,35 @@ def test_anomaly_map_shape_and_constant():
     maps = scoring.anomaly_maps(d, (28, 28), (224, 224), 4.0)
     assert maps.shape == (2, 224, 224)
     torch.testing.assert_close(maps, torch.full_like(maps, 3.0))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])
+def test_batch_norms_folded_into_convolutions(name, tmp_path):
+    # The frozen torchvision backbones fold each batch norm into the convolution before it
+    # (backbone._fold_batch_norms): no batch norm is left, and the layer maps are the
+    # unfolded network's to float32 rounding. Batch-norm statistics far from the identity,
+    # so that a fold that dropped or misplaced one could not pass.
+    import torchvision.models as tvm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = getattr(tvm, name)(weights=None).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.3, 3.0)
+            m.weight.data.uniform_(0.3, 1.7)
+            m.bias.data.normal_(0, 0.2)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    bb = load_backbone(name, ("layer2", "layer3"), str(weights))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.modules())
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        got = bb(x)
+        h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        l2 = net.layer2(net.layer1(h))
+        want = [l2, net.layer3(l2)]
+    for g, w in zip(got, want):
+        scale = w.abs().max()
+        assert float((g - w).abs().max() / scale) < 1e-5
