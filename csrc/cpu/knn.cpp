@@ -153,13 +153,6 @@ inline void pool_push(Pool& p, int64_t k, float v, int32_t i, std::vector<Entry>
   }
 }
 
-inline double sqnorm_double(const float* a, int64_t d) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t t = 0; t < d; ++t) s += static_cast<double>(a[t]) * a[t];
-  return s;
-}
-
 // Fused selection of one query row over one GEMM tile: e = ||b||^2 - 2 q.b (one fma,
 // rounded once, the same in the vector filter and the scalar insert) into the row pool.
 //   ip: [nb] inner products q.b of this row; bn: [nb] bank norms of the tile; j0: first
@@ -280,10 +273,8 @@ void knn_block(const Problem& P, const int64_t* rows, int64_t tq, int64_t tb,
   float* qc = qblock.data_ptr<float>();
   std::vector<double> qn(tq), eb(tq);
   auto centre = [&](int64_t r) {
-    const float* src = P.query + rows[r] * d;
     float* dst = qc + r * d;
-#pragma omp simd
-    for (int64_t t = 0; t < d; ++t) dst[t] = src[t] - P.mean[t];
+    centre_row(P.query + rows[r] * d, P.mean, d, dst);
     qn[r] = sqnorm_double(dst, d);
     eb[r] = P.bound(std::sqrt(qn[r]), P.bmax);
   };
@@ -332,12 +323,7 @@ void knn_block(const Problem& P, const int64_t* rows, int64_t tq, int64_t tb,
     const int64_t nb = std::min(tb, P.m - j0);
     // fl(b - mu): the same rounding as the norms P.bn were computed from.
     auto centre_tile = [&](int64_t a, int64_t e) {
-      for (int64_t j = a; j < e; ++j) {
-        const float* src = P.bank + (j0 + j) * d;
-        float* dst = tc + j * d;
-#pragma omp simd
-        for (int64_t t = 0; t < d; ++t) dst[t] = src[t] - P.mean[t];
-      }
+      for (int64_t j = a; j < e; ++j) centre_row(P.bank + (j0 + j) * d, P.mean, d, tc + j * d);
     };
     if (parallel_rows) {
       at::parallel_for(0, nb, 64, centre_tile);

@@ -211,19 +211,12 @@ inline Projection make_projection(const float* bank, const float* mean, int64_t 
     float* tc = tile.data_ptr<float>();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j0 = t * kTile, nb = std::min(kTile, m - j0);
-      for (int64_t j = 0; j < nb; ++j) {
-        const float* src = bank + (j0 + j) * d;
-        float* dst = tc + j * d;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) dst[c] = src[c] - mean[c];
-      }
+      for (int64_t j = 0; j < nb; ++j) centre_row(bank + (j0 + j) * d, mean, d, tc + j * d);
       at::Tensor out = P.pb.narrow(0, j0, nb);
       at::mm_out(out, tile.narrow(0, 0, nb), u);
       const float* pp = out.data_ptr<float>();
       for (int64_t j = 0; j < nb; ++j) {
-        double acc = 0.0;
-        for (int64_t c = 0; c < r; ++c) acc += static_cast<double>(pp[j * r + c]) * pp[j * r + c];
-        P.pbn[j0 + j] = static_cast<float>(acc);
+        P.pbn[j0 + j] = static_cast<float>(sqnorm_double(pp + j * r, r));
       }
     }
   });
@@ -354,23 +347,15 @@ inline std::pair<int64_t, int64_t> prepass_chunk(
   float* qc = qblock.data_ptr<float>();
   std::vector<double> eps_q(tq), pqn(tq), e_r(tq);
   for (int64_t t = 0; t < tq; ++t) {
-    const float* src = query + rows[t] * d;
     float* dst = qc + t * d;
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < d; ++j) {
-      dst[j] = src[j] - mean[j];
-      s += static_cast<double>(dst[j]) * dst[j];
-    }
-    eps_q[t] = P.eps_rel * std::sqrt(s) * (1.0 + 1e-6);
+    centre_row(query + rows[t] * d, mean, d, dst);
+    eps_q[t] = P.eps_rel * std::sqrt(sqnorm_double(dst, d)) * (1.0 + 1e-6);
   }
   const at::Tensor pq = at::mm(qblock, P.U);  // [tq, r]
   const float* pqp = pq.data_ptr<float>();
   for (int64_t t = 0; t < tq; ++t) {
-    double s = 0.0;
-    for (int64_t j = 0; j < r; ++j) s += static_cast<double>(pqp[t * r + j]) * pqp[t * r + j];
-    pqn[t] = s;
-    e_r[t] = P.er(std::sqrt(s) * (1.0 + 1e-6), P.pbmax);
+    pqn[t] = sqnorm_double(pqp + t * r, r);
+    e_r[t] = P.er(std::sqrt(pqn[t]) * (1.0 + 1e-6), P.pbmax);
   }
 
   // Candidates: the c smallest projected values per row, tile by tile of the bank.

@@ -114,6 +114,23 @@ inline void sqdist_group(const float* __restrict a, const float* const* b, int64
   for (int q = 0; q < kSqdistGroup; ++q) out[q] = lane_sum(s[q]);
 }
 
+// Rows centred on the bank's mean, and squared norms, for the k-NN kernels (knn.cpp and
+// its projected pre-pass, knn_project.h). Their bounds take a centred row to be fl(x - mu)
+// coordinate by coordinate and a squared norm to be a double sum rounded at most once, so
+// every centred copy and every such norm is made by these two.
+inline void centre_row(const float* __restrict src, const float* __restrict mean, int64_t d,
+                       float* __restrict dst) {
+#pragma omp simd
+  for (int64_t t = 0; t < d; ++t) dst[t] = src[t] - mean[t];
+}
+
+inline double sqnorm_double(const float* a, int64_t d) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t t = 0; t < d; ++t) s += static_cast<double>(a[t]) * a[t];
+  return s;
+}
+
 }  // namespace patchcore_fast
 
 #pragma GCC diagnostic pop
