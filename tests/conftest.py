@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +16,16 @@ def mvtec_root() -> Path:
         pytest.skip(f"MVTec AD bottle not found under {root} (set PATCHCORE_FAST_DATA to the "
                     f"MVTec AD root that contains bottle/)")
     return root
+
+
+@pytest.fixture
+def two_threads():
+    """At least 2 intra-op threads, so that parallel regions run chunks on a worker thread
+    (OpenMP makes the team whatever the host's core count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -313,7 +313,7 @@ def test_fit_of_a_folder_into_a_folder_is_named_for_the_file(tmp_path):
     assert fit_targets(good, None, models / "line3.safetensors", None)[0][0] == "line3"
 
 
-def test_fit_and_score_wide_resnet50_with_threads(demo, tmp_path):
+def test_fit_and_score_wide_resnet50_with_threads(demo, tmp_path, two_threads):
     # The default backbone at its default size, with 2 intra-op threads: fit's reweighting
     # neighbourhoods and scoring run the CPU k-NN kernel under torch.inference_mode on
     # 1,024-wide features, where its projected pre-pass is taken. A worker thread writing
@@ -321,21 +321,16 @@ def test_fit_and_score_wide_resnet50_with_threads(demo, tmp_path):
     # InferenceMode") on any CPU with more than one thread.
     from patchcore_fast import ops
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(2, before))
-    try:
-        model = tmp_path / "wrn.safetensors"
-        assert main(["fit", str(demo), "--category", "widget", "-o", str(model), "--backbone",
-                     "wide_resnet50_2", "--pretrained", "false", "--coreset-ratio", "0.25",
-                     "--quiet", "--device", "cpu"]) == 0
-        out = tmp_path / "scores"
-        tests = sorted(str(d) for d in (demo / "widget" / "test").iterdir())
-        assert main(["score", str(model), *tests, "-o", str(out), "--quiet"]) == 0
-        bank = PatchCore.load(model, device="cpu").bank
-        _, _, stats = ops.knn_stats(bank, bank, 9)
-        print(f"\nbank {tuple(bank.shape)}, neighbourhoods: {stats}")
-        assert stats["projected"] > 0, stats  # the path this test is about was taken
-        rows = list(csv.DictReader(open(out / "scores.csv")))
-        assert len(rows) == sum(len(_files(Path(t))) for t in tests)
-    finally:
-        torch.set_num_threads(before)
+    model = tmp_path / "wrn.safetensors"
+    assert main(["fit", str(demo), "--category", "widget", "-o", str(model), "--backbone",
+                 "wide_resnet50_2", "--pretrained", "false", "--coreset-ratio", "0.25",
+                 "--quiet", "--device", "cpu"]) == 0
+    out = tmp_path / "scores"
+    tests = sorted(str(d) for d in (demo / "widget" / "test").iterdir())
+    assert main(["score", str(model), *tests, "-o", str(out), "--quiet"]) == 0
+    bank = PatchCore.load(model, device="cpu").bank
+    _, _, stats = ops.knn_stats(bank, bank, 9)
+    print(f"\nbank {tuple(bank.shape)}, neighbourhoods: {stats}")
+    assert stats["projected"] > 0, stats  # the path this test is about was taken
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == sum(len(_files(Path(t))) for t in tests)

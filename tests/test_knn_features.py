@@ -445,16 +445,6 @@ def test_projection_pilot_switches_it_off():
 
 # ----- the kernels under torch.inference_mode, with worker threads -----------------------
 
-@pytest.fixture
-def two_threads():
-    """At least 2 intra-op threads, so that parallel regions run chunks on a worker thread
-    (OpenMP makes the team whatever the host's core count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(2, before))
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["default", "projection", "no-projection", "many-blocks"])
 @pytest.mark.parametrize("inputs", ["inference-tensors", "normal-tensors"])
