@@ -82,11 +82,11 @@ def _query_paths(images_dir: Path) -> list:
 def train_batch(images_dir):
     """(Tensor[BANK_IMAGES, 3, 224, 224], Tensor[max(BATCHES), 3, 224, 224]): the bank's
     images and held-out query images, preprocessed."""
-    paths = list_images([images_dir])
     model = PatchCore(PatchCoreConfig())
-    bank = torch.cat([b for _, b in iterate_images(paths[:BANK_IMAGES], model.preprocess, 8)])
-    held = paths[BANK_IMAGES:BANK_IMAGES + max(BATCHES)]
-    return bank, torch.cat([b for _, b in iterate_images(held, model.preprocess, 8)])
+    bank = list_images([images_dir])[:BANK_IMAGES]
+    held = _query_paths(images_dir)[:max(BATCHES)]
+    return tuple(torch.cat([b for _, b in iterate_images(paths, model.preprocess, 8)])
+                 for paths in (bank, held))
 
 
 _MODELS: dict = {}
