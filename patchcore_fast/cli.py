@@ -1,4 +1,4 @@
-"""The ``patchcore-fast`` command: fit, score, evaluate, study, demo-data.
+"""The ``patchcore-fast`` command: fit, score, evaluate, study, demo-data, export.
 
 Every problem with the user's input ends the run with one line on stderr,
 ``patchcore-fast: error: <what is wrong>``, and exit code 2; every output file is written
@@ -44,6 +44,10 @@ _EVAL_EXAMPLES = f"""examples:
 _STUDY_EXAMPLES = f"""examples:
   {PROG} study /data/mvtec --category bottle --backbone efficientnet_lite0 \\
       --coreset-ratio 0.01 0.1 0.25 -o study/
+"""
+_EXPORT_EXAMPLES = f"""examples:
+  {PROG} export bottle.safetensors -o bottle.onnx
+  python -m patchcore_fast.onnx_example bottle.onnx photo.png   # onnxruntime, numpy, Pillow
 """
 _DEMO_EXAMPLES = f"""examples (offline, on a fresh machine):
   {PROG} demo-data demo/
@@ -236,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, many_ratios=True)
     _common(p)
 
+    p = sub.add_parser("export", help="write a fitted model as one ONNX graph",
+                       epilog=_EXPORT_EXAMPLES, formatter_class=raw,
+                       description="Export a model to ONNX: preprocessed images [N, 3, H, W] "
+                       "-> image score and anomaly map, standard operators only (README, "
+                       "\"Export to ONNX\").")
+    p.add_argument("model", help="model file written by fit")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="ONNX file to "
+                   "write (with FILE.onnx.data beside it when the constants pass 2 GB)")
+    p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
+                   "fitted with a local file that has moved")
+    p.add_argument("--quiet", "-q", action="store_true", help="no messages")
+
     p = sub.add_parser("demo-data", help="write a small synthetic MVTec-style data set",
                        epilog=_DEMO_EXAMPLES, formatter_class=raw,
                        description="Write a seeded synthetic data set: 'widget' (square, textured "
@@ -408,8 +424,20 @@ def cmd_demo_data(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from .export import check_export_target, export_onnx
+
+    check_export_target(args.output, args.model)  # before the model is read
+    model = PatchCore.load(args.model, device="cpu", weights=args.weights)
+    r = export_onnx(model, args.output, args.model)
+    log(f"wrote {r.path}" + (f" and {r.data_path}" if r.data_path else "")
+        + f": {r.file_bytes / 1e6:,.1f} MB, input [N, 3, {r.input_size[0]}, "
+        f"{r.input_size[1]}], outputs {', '.join(r.outputs)}, {r.seconds:.1f} s")
+    return 0
+
+
 _VERBS = {"fit": cmd_fit, "score": cmd_score, "evaluate": cmd_evaluate, "study": cmd_study,
-          "demo-data": cmd_demo_data}
+          "demo-data": cmd_demo_data, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,224 @@
+"""ONNX export (issue #23): the graph in ONNX Runtime against the package on the same
+inputs, the standalone example in a process that cannot import patchcore_fast, external
+data, and bad output paths refused in one line."""
+
+import ast
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from patchcore_fast import PatchCore
+from patchcore_fast.cli import main
+from patchcore_fast.data import iterate_images, list_images
+from patchcore_fast.demo import write_demo_data
+from patchcore_fast.errors import PatchCoreError
+from patchcore_fast.export import export_onnx
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "patchcore_fast" / "onnx_example.py"
+# Two models between them cover both geometries and both image scores: Lite0 on the
+# default padded square (rod photos, 1:1 to 1:3, are padded), a random ResNet-18 on the
+# paper's resize-and-crop without the reweighting.
+MODELS = {
+    "lite0-longer": ["--backbone", "efficientnet_lite0", "--image-size", "64"],
+    "resnet18-crop": ["--backbone", "resnet18", "--pretrained", "false", "--resize",
+                      "shorter", "--image-size", "72", "--crop", "64",
+                      "--num-neighbors", "0"],
+}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_data(root, seed=3, n_train=6, n_test_good=2, n_test_defect=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def photos(demo, tmp_path_factory) -> list[Path]:
+    """Square widget photos and elongated rod photos, copied to unique names (the example
+    names its maps after the photos)."""
+    out = tmp_path_factory.mktemp("photos")
+    for path in sorted(demo.glob("*/test/*/*.png")):
+        category, _, kind, name = path.relative_to(demo).parts
+        shutil.copy(path, out / f"{category}_{kind}_{name}")
+    return list_images([out], "input", [])
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def exported(request, demo, tmp_path_factory) -> tuple[Path, Path]:
+    """(model file, .onnx file), both written through the command line."""
+    out = tmp_path_factory.mktemp(request.param)
+    model = out / "m.safetensors"
+    assert main(["fit", str(demo), "--category", "widget", "-o", str(model),
+                 "--coreset-ratio", "0.25", "--device", "cpu", "--quiet",
+                 *MODELS[request.param]]) == 0
+    onnx_file = out / "m.onnx"
+    assert main(["export", str(model), "-o", str(onnx_file), "--quiet"]) == 0
+    return model, onnx_file
+
+
+def _session(path: Path):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _assert_close(onnx_scores, scores, onnx_maps, maps) -> None:
+    """Scores within 1e-4 relative, maps within 1e-3 of each map's range (the issue's
+    acceptance)."""
+    scores = np.asarray(scores, np.float64)
+    np.testing.assert_allclose(onnx_scores, scores, rtol=1e-4, atol=0)
+    for got, want in zip(onnx_maps, maps):
+        want = np.asarray(want, np.float64)
+        assert got.shape == want.shape
+        span = want.max() - want.min()
+        assert span > 0
+        assert np.abs(got - want).max() <= 1e-3 * span
+
+
+def test_graph_equals_the_package_on_the_same_inputs(exported, photos):
+    model_file, onnx_file = exported
+    model = PatchCore.load(model_file, device="cpu")
+    session = _session(onnx_file)
+    batches = list(iterate_images(photos, model.preprocess, batch_size=5))
+    assert len(batches) >= 2
+    for _, batch in batches + [([0], batches[0][1][:1])]:  # batch 1: the dynamic axis
+        with torch.inference_mode():
+            patches, grid = model.embedder(batch)
+            scores, maps = model.score_embeddings(patches, grid, tuple(batch.shape[-2:]))
+        got_scores, got_maps = session.run(["score", "map"], {"images": batch.numpy()})
+        assert got_scores.dtype == np.float32 and got_maps.shape == tuple(maps.shape)
+        _assert_close(got_scores, scores.numpy(), got_maps, maps.numpy())
+
+
+def test_graph_is_standard_onnx_with_the_bank_once(exported):
+    model_file, onnx_file = exported
+    model = PatchCore.load(model_file, device="cpu")
+    proto = onnx.load(str(onnx_file))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}  # no custom operator
+    m, d = model.bank.shape
+    shapes = [tuple(t.dims) for t in proto.graph.initializer]
+    assert shapes.count((m, d)) == 1  # one constant serves the Gemm and the Gathers
+    meta = {p.key: p.value for p in proto.metadata_props}
+    c = model.config
+    assert (meta["resize"], int(meta["image_size"]), int(meta["crop"])) == (
+        c.resize, c.image_size, c.crop)
+    assert [i.name for i in proto.graph.input] == ["images"]
+    assert [o.name for o in proto.graph.output] == ["score", "map"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    side = c.crop or c.image_size
+    assert dims[0].dim_param and [x.dim_value for x in dims[1:]] == [3, side, side]
+
+
+def test_example_runs_without_the_package(exported, photos, tmp_path):
+    """The example, in a fresh interpreter that cannot import patchcore_fast, gives the
+    package's scores and its maps at each photo's own size."""
+    model_file, onnx_file = exported
+    # A folder of its own: the .onnx file and the script, as a user would copy them.
+    work = tmp_path / "standalone"
+    work.mkdir()
+    shutil.copy(onnx_file, work / "model.onnx")
+    shutil.copy(EXAMPLE, work / "onnx_example.py")
+    guard = ("import sys; sys.modules['patchcore_fast'] = None; "  # import -> ImportError
+             "import runpy; sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    names = [str(p) for p in photos]
+    run = subprocess.run([sys.executable, "-I", "-c", guard, "onnx_example.py", "model.onnx",
+                          *names, "--maps", "maps", "--batch-size", "3"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split(",") for line in run.stdout.splitlines()]
+    assert [r[0] for r in rows] == names
+    pred = PatchCore.load(model_file, device="cpu").predict(photos)
+    maps = [np.load(work / "maps" / (p.stem + ".npy")) for p in photos]
+    _assert_close(np.array([float(r[1]) for r in rows]), pred.scores, maps, pred.maps)
+
+
+def test_example_imports_only_onnxruntime_numpy_pillow():
+    tree = ast.parse(EXAMPLE.read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots.add((node.module or "").split(".")[0])
+    third_party = roots - set(sys.stdlib_module_names) - {"__future__"}
+    assert third_party == {"numpy", "onnxruntime", "PIL"}
+
+
+@pytest.mark.parametrize("exported", ["lite0-longer"], indirect=True)
+def test_external_data_gives_the_same_graph(exported, photos, tmp_path):
+    """Above the threshold the constants go to FILE.onnx.data, found by its file name: the
+    pair still runs after moving together to another folder."""
+    model_file, onnx_file = exported
+    model = PatchCore.load(model_file, device="cpu")
+    report = export_onnx(model, tmp_path / "a" / "x.onnx", model_file, external_data_above=0)
+    assert report.data_path == tmp_path / "a" / "x.onnx.data"
+    # Every constant but the few tiny ones (<= 256 bytes) that stay in the graph.
+    assert report.data_path.stat().st_size >= 0.99 * report.constant_bytes
+    assert (tmp_path / "a" / "x.onnx").stat().st_size < 10 ** 6
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    _, batch = next(iter(iterate_images(photos, model.preprocess, batch_size=3)))
+    want = _session(onnx_file).run(None, {"images": batch.numpy()})
+    got = _session(tmp_path / "b" / "x.onnx").run(None, {"images": batch.numpy()})
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["x.onnx", "x.onnx.data"]
+
+
+def _refused(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("patchcore-fast: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("exported", ["resnet18-crop"], indirect=True)
+def test_bad_outputs_are_refused_in_one_line(exported, tmp_path, capsys):
+    model_file, _ = exported
+    before = model_file.read_bytes()
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = {str(model_file): "would overwrite the input file",
+             str(folder): "is a folder",
+             str(a_file / "x.onnx"): "is a file, not a folder"}
+    if Path("/proc/self").is_dir():  # a place nobody, root included, can create files in
+        cases["/proc/x.onnx"] = "cannot write"
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases[str(locked / "x.onnx")] = "permission denied"
+    for out, why in cases.items():
+        line = _refused(["export", str(model_file), "-o", out], capsys)
+        assert why in line and out.split("/")[-1] in line, line
+    assert model_file.read_bytes() == before
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == (
+        sorted(["a folder", "file.txt"] + (["locked"] if os.geteuid() != 0 else [])))
+    missing = _refused(["export", str(tmp_path / "none.safetensors"), "-o",
+                        str(tmp_path / "x.onnx")], capsys)
+    assert "does not exist" in missing
+
+
+@pytest.mark.parametrize("exported", ["resnet18-crop"], indirect=True)
+def test_input_that_follows_the_photo_is_refused(exported):
+    model = PatchCore.load(exported[0], device="cpu")
+    model.config = dataclasses.replace(model.config, resize="shorter", crop=0)
+    with pytest.raises(PatchCoreError, match="no one input size"):
+        export_onnx(model, Path(exported[1]).with_name("never.onnx"))
+    assert not Path(exported[1]).with_name("never.onnx").exists()
