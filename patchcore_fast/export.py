@@ -30,7 +30,7 @@ keeps the ``candidates`` best rows of each query, and their distances are comput
 as direct differences ``||q - b||`` (a ``Gather`` of the rows): the winner's distance is the
 float32 distance the package reports, not the expansion's, whose rounding grows with the
 norms. Memory at run time: the ``[N x patches, M]`` key matrix, 4 bytes each (bottle,
-WideResNet-50, 10 % bank: 784 x 16,385 x 4 = 51 MB per image), so the caller bounds it with
+WideResNet-50, 10 % bank: 784 x 16,386 x 4 = 51 MB per image), so the caller bounds it with
 the batch size.
 
 Where the weights go: ONNX is a protobuf message, and protobuf refuses to write or read a
@@ -39,9 +39,9 @@ message of 2 GiB or more. The constants are the backbone's weights plus the bank
 neighbourhoods (``M x b x 8`` bytes). Up to :data:`EXTERNAL_DATA_ABOVE` bytes of constants
 they live inside ``FILE.onnx``; above it, in ONNX external data, one file ``FILE.onnx.data``
 next to it (the graph names it by its file name, so the two move together). With
-WideResNet-50 (its layers up to ``layer3``: 37 MB... see :func:`export_onnx`'s report) the
-limit is reached at about 450,000 bank rows of width 1,024; the whole bottle training set,
-163,856 rows, stays inside.
+WideResNet-50 (its layers up to ``layer3``, batch norms folded: 95 MiB) the limit is reached
+at about 470,000 bank rows of width 1,024 (4,172 bytes a row with its squared norm and 9
+neighbours); the whole bottle training set, 163,856 rows, stays inside.
 """
 
 from __future__ import annotations
