@@ -121,22 +121,41 @@ def test_graph_is_standard_onnx_with_the_bank_once(exported):
     assert dims[0].dim_param and [x.dim_value for x in dims[1:]] == [3, side, side]
 
 
+def _bare_site(folder: Path) -> Path:
+    """A folder holding links to numpy, onnxruntime and Pillow (and the shared libraries
+    their wheels ship in ``*.libs``) and nothing else: the example's whole import path."""
+    import importlib.util
+
+    folder.mkdir()
+    for name in ("numpy", "onnxruntime", "PIL"):
+        package = Path(importlib.util.find_spec(name).submodule_search_locations[0])
+        (folder / name).symlink_to(package)
+        for libs in package.parent.glob("*.libs"):
+            if not (folder / libs.name).exists():
+                (folder / libs.name).symlink_to(libs)
+    return folder
+
+
 def test_example_runs_without_the_package(exported, photos, tmp_path):
-    """The example, in a fresh interpreter that cannot import patchcore_fast, gives the
-    package's scores and its maps at each photo's own size."""
+    """The example, in an interpreter whose import path is the standard library plus
+    numpy, onnxruntime and Pillow (no site-packages, where patchcore_fast is installed),
+    gives the package's scores and its maps at each photo's own size."""
     model_file, onnx_file = exported
     # A folder of its own: the .onnx file and the script, as a user would copy them.
     work = tmp_path / "standalone"
     work.mkdir()
     shutil.copy(onnx_file, work / "model.onnx")
     shutil.copy(EXAMPLE, work / "onnx_example.py")
-    guard = ("import sys; sys.modules['patchcore_fast'] = None; "  # import -> ImportError
-             "import runpy; sys.argv = sys.argv[1:]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    site = _bare_site(tmp_path / "site")
+    guard = ("import sys, importlib.util, runpy; sys.path.append(sys.argv[1]); "
+             "assert importlib.util.find_spec('patchcore_fast') is None, sys.path; "
+             "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     names = [str(p) for p in photos]
-    run = subprocess.run([sys.executable, "-I", "-c", guard, "onnx_example.py", "model.onnx",
-                          *names, "--maps", "maps", "--batch-size", "3"],
+    # -I: no PYTHONPATH, user site or script folder; -S: no site-packages.
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", guard, str(site),
+                          "onnx_example.py", "model.onnx", *names, "--maps", "maps",
+                          "--batch-size", "3"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = [line.split(",") for line in run.stdout.splitlines()]
