@@ -174,7 +174,9 @@ def test_agreement(name):
             print(f"  {runtime}: worst score difference {w['score']:.2e} relative, map "
                   f"{w['map_input']:.2e} (input) / {w['map_photo']:.2e} (photo) of its "
                   f"range; image AUROC {got['image_auroc']:.6f}, pixel AUROC "
-                  f"{got['pixel_auroc']:.6f}")
+                  f"{got['pixel_auroc']:.6f} (differences from the package's "
+                  f"{abs(got['image_auroc'] - want['image_auroc']):.1e}, "
+                  f"{abs(got['pixel_auroc'] - want['pixel_auroc']):.1e})")
             assert w["score"] <= 1e-4
             assert w["map_input"] <= 1e-3 and w["map_photo"] <= 1e-3
             for k in ("image_auroc", "pixel_auroc"):
@@ -192,9 +194,9 @@ def _time(benchmark, fn, images: int) -> None:
           f"{os.getloadavg()[0]:.1f}")
 
 
-@pytest.mark.parametrize("name", ["bottle-lite0", "demo-wrn50"])
-@pytest.mark.parametrize("batch", [1, BATCH])
 @pytest.mark.parametrize("runtime", ["package", "onnxruntime", "openvino"])
+@pytest.mark.parametrize("batch", [1, BATCH])
+@pytest.mark.parametrize("name", ["bottle-lite0", "demo-wrn50"])
 def test_throughput(benchmark, name, batch, runtime):
     benchmark.group = f"cpu-{name}-b{batch}"
     if runtime == "openvino" and openvino is None:

@@ -6,7 +6,8 @@
 
 Prints ``photo,score`` per photo (plus ``,normalised,label`` when the model carries a
 calibration) and, with ``--maps DIR``, writes each anomaly map at the photo's own size as
-``DIR/<name>.npy`` (float32, rows x columns = photo height x width).
+``DIR/<name>.npy`` (float32, rows x columns = photo height x width; a second photo of
+the same name: ``<name>-2.npy``).
 
 This file imports nothing from patchcore_fast: copy it next to the ``.onnx`` file and it
 runs. The graph needs the photo prepared exactly as the package prepares it; the steps
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     outputs = [o.name for o in session.get_outputs()]
+    seen: dict[str, int] = {}
     if args.maps:
         Path(args.maps).mkdir(parents=True, exist_ok=True)
     for lo in range(0, len(args.photos), args.batch_size):
@@ -132,9 +134,12 @@ def main(argv=None) -> int:
                 row += [f"{result['normalised'][i]:.9g}",
                         "defective" if result["label"][i] else "good"]
             print(",".join(row))
-            if args.maps:
+            if args.maps:  # <name>.npy; photos of the same name: <name>-2.npy, ...
+                stem = Path(path).stem
+                seen[stem] = seen.get(stem, 0) + 1
+                name = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
                 amap = map_to_photo(result["map"][i], *photo.size, meta)
-                np.save(Path(args.maps) / (Path(path).stem + ".npy"), amap)
+                np.save(Path(args.maps) / f"{name}.npy", amap)
     return 0
 
 

@@ -5,6 +5,7 @@ data, and bad output paths refused in one line."""
 import ast
 import dataclasses
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -241,3 +242,65 @@ def test_input_that_follows_the_photo_is_refused(exported):
     with pytest.raises(PatchCoreError, match="no one input size"):
         export_onnx(model, Path(exported[1]).with_name("never.onnx"))
     assert not Path(exported[1]).with_name("never.onnx").exists()
+
+
+def test_readme_commands_run_as_written(exported, demo, tmp_path):
+    """The README's export block, line by line, on the Quick start's layout (a demo folder
+    with widget.safetensors); only the .venv paths and the repository path of the example
+    are this checkout's."""
+    model_file, _ = exported
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Export to ONNX"):]
+    block = section[section.index("```bash") + 7:]
+    lines = [l for l in block[:block.index("```")].splitlines() if l.strip()]
+    assert len(lines) == 2 and "export" in lines[0] and "onnx_example.py" in lines[1]
+    shutil.copytree(demo, tmp_path / "demo")
+    shutil.copy(model_file, tmp_path / "demo" / "widget.safetensors")
+    here = {".venv/bin/patchcore-fast": f"{sys.executable} -m patchcore_fast.cli",
+            ".venv/bin/python": sys.executable, "patchcore_fast/onnx_example.py": str(EXAMPLE)}
+    for line in lines:
+        for old, new in here.items():
+            line = line.replace(old, new)
+        run = subprocess.run(shlex.split(line), cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr
+    printed = run.stdout.splitlines()
+    assert [r.split(",")[0] for r in printed] == ["demo/widget/test/scratch/000.png",
+                                                  "demo/widget/test/good/000.png"]
+    assert float(printed[0].split(",")[1]) > float(printed[1].split(",")[1])  # defect higher
+    maps = tmp_path / "demo" / "onnx-maps"
+    assert sorted(p.name for p in maps.iterdir()) == ["000-2.npy", "000.npy"]  # same names
+    assert np.load(maps / "000.npy").max() > np.load(maps / "000-2.npy").max()
+
+
+@pytest.mark.parametrize("resize", ["longer", "shorter", "stretch"])
+def test_example_geometry_is_the_package_s(resize):
+    """The example's own placement, preparation and way back (it may not import the
+    package) against geometry.place, Preprocess.image and Placement.to_original, on photo
+    shapes that round halves, pad on one side and crop odd margins."""
+    from PIL import Image
+
+    from patchcore_fast import onnx_example as ex
+    from patchcore_fast.data import Preprocess
+    from patchcore_fast.geometry import place
+
+    rng = np.random.default_rng(0)
+    for size, crop in [((900, 900), 0), ((160, 480), 0), ((333, 101), 64), ((97, 250), 80),
+                       ((1, 7), 0), ((641, 479), 96)]:
+        if resize == "shorter" and crop == 0:
+            crop = 64  # the export's only shorter geometry: with a crop
+        meta = {"resize": resize, "image_size": "96", "crop": str(crop),
+                "mean": "[0.485, 0.456, 0.406]", "std": "[0.229, 0.224, 0.225]",
+                "pad_fill": "[124, 116, 104]"}
+        p = place(size, resize, 96, crop)
+        assert ex.placement(*size, meta) == (p.resized, p.canvas, p.offset, p.box)
+        photo = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8))
+        pre = Preprocess(96, crop, resize=resize)
+        np.testing.assert_array_equal(ex.prepare(photo, meta), pre.image(photo).numpy())
+        amap = rng.random(p.input_size).astype(np.float32)
+        want = p.to_original(torch.from_numpy(amap)).numpy()
+        # torch computes the source coordinates in float32, the example in float64: on
+        # this random map (values in [0, 1], neighbours apart by up to 1) they differ by a
+        # few 1e-6 at 900 pixels.
+        np.testing.assert_allclose(ex.map_to_photo(amap, *size, meta), want, rtol=0,
+                                   atol=2e-5)
