@@ -16,9 +16,12 @@ input and at the photo's size (relative to each map's range), and the image and 
 AUROC of both (the package's metrics on the package's geometry). It asserts the issue's
 bounds: scores 1e-4, maps 1e-3, AUROCs 1e-6.
 
-``test_throughput``: one group per workload and batch, ``cpu-<workload>-b<B>``: the
-package, ONNX Runtime and (when installed) OpenVINO on the same preprocessed batch, each
-with ``images_per_s`` in its ``extra_info``. OpenVINO runs with
+``test_throughput``: one group per workload, batch and thread count,
+``cpu-<workload>-b<B>-t<T>``: the package, ONNX Runtime and (when installed) OpenVINO on
+the same preprocessed batch, each with ``images_per_s`` and the load average in its
+``extra_info``. One thread as well as all cores: on a machine shared with other jobs,
+torch's OpenMP pool of 2 threads ran up to 5x slower than its single thread (load 18 on 2
+cores), so only the one-thread groups say something about the code there. OpenVINO runs with
 ``INFERENCE_PRECISION_HINT=f32``: its CPU default on a CPU with bf16 units is bf16, whose
 maps here were 37 % of their range off (README, "Export to ONNX").
 
@@ -88,11 +91,11 @@ def _fitted(name: str) -> list[tuple[PatchCore, Path, Path, object]]:
     return out
 
 
-def _runtimes(onnx_file: Path) -> dict:
+def _runtimes(onnx_file: Path, threads: int = THREADS) -> dict:
     """{runtime: fn(images array[N, 3, H, W]) -> (scores, maps)} for ONNX Runtime and,
-    when installed, OpenVINO (f32)."""
+    when installed, OpenVINO (f32), each with ``threads`` threads."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
+    options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(onnx_file), options,
                                    providers=["CPUExecutionProvider"])
     out = {"onnxruntime": lambda x: session.run(["score", "map"], {"images": x})}
@@ -100,7 +103,7 @@ def _runtimes(onnx_file: Path) -> dict:
         core = openvino.Core()
         compiled = core.compile_model(core.read_model(str(onnx_file)), "CPU",
                                       {"INFERENCE_PRECISION_HINT": "f32",
-                                       "INFERENCE_NUM_THREADS": THREADS})
+                                       "INFERENCE_NUM_THREADS": threads})
         request = compiled.create_infer_request()
 
         def run(x):
@@ -197,8 +200,11 @@ def _time(benchmark, fn, images: int) -> None:
 @pytest.mark.parametrize("runtime", ["package", "onnxruntime", "openvino"])
 @pytest.mark.parametrize("batch", [1, BATCH])
 @pytest.mark.parametrize("name", ["bottle-lite0", "demo-wrn50"])
-def test_throughput(benchmark, name, batch, runtime):
-    benchmark.group = f"cpu-{name}-b{batch}"
+@pytest.mark.parametrize("threads", sorted({1, THREADS}))
+def test_throughput(benchmark, threads, name, batch, runtime):
+    """Images per second on the CPU with ``threads`` threads each (torch's intra-op pool,
+    ONNX Runtime's ``intra_op_num_threads``, OpenVINO's ``INFERENCE_NUM_THREADS``)."""
+    benchmark.group = f"cpu-{name}-b{batch}-t{threads}"
     if runtime == "openvino" and openvino is None:
         pytest.skip("openvino is not installed")
     model, _, onnx_file, _ = _fitted(name)[0]
@@ -210,11 +216,16 @@ def test_throughput(benchmark, name, batch, runtime):
                 patches, grid = model.embedder(x)
                 return model.score_embeddings(patches, grid, tuple(x.shape[-2:]))
     else:
-        run, feed = _runtimes(onnx_file)[runtime], x.numpy()
+        run, feed = _runtimes(onnx_file, threads)[runtime], x.numpy()
 
         def fn():
             return run(feed)
-    _time(benchmark, fn, batch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _time(benchmark, fn, batch)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_resizers():

@@ -304,3 +304,35 @@ def test_example_geometry_is_the_package_s(resize):
         # few 1e-6 at 900 pixels.
         np.testing.assert_allclose(ex.map_to_photo(amap, *size, meta), want, rtol=0,
                                    atol=2e-5)
+
+
+def _triangle_pass(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """One pass of the README's resize recipe (step 3) along ``axis``, 8-bit in and out."""
+    a = np.moveaxis(a, axis, 0).astype(np.int64)
+    scale = a.shape[0] / n_out
+    wide = max(scale, 1.0)  # the triangle's half-width, in source pixels
+    out = np.empty((n_out, *a.shape[1:]), np.int64)
+    for i in range(n_out):
+        centre = (i + 0.5) * scale
+        lo, hi = max(int(centre - wide + 0.5), 0), min(int(centre + wide + 0.5), a.shape[0])
+        w = np.maximum(0.0, 1.0 - np.abs((np.arange(lo, hi) - centre + 0.5) / wide))
+        fixed = np.trunc(0.5 + w / w.sum() * 2 ** 22).astype(np.int64)  # 22-bit weights
+        out[i] = np.clip((2 ** 21 + np.tensordot(fixed, a[lo:hi], axes=(0, 0))) >> 22, 0, 255)
+    return np.moveaxis(out, 0, axis)
+
+
+def test_readme_resize_recipe_is_pillow_s_within_one_level():
+    """README step 3 for other languages: two separable triangle-filter passes with 22-bit
+    fixed-point weights give Pillow's BILINEAR resize within one 8-bit level (exactly when
+    both sides shrink by the same factor, as bottle's 900 -> 224)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for (w, h), (rw, rh) in [((900, 900), (224, 224)), ((160, 480), (75, 224)),
+                             ((97, 250), (64, 165)), ((31, 17), (224, 123))]:
+        a = rng.integers(0, 256, (h, w, 3), np.uint8)
+        want = np.asarray(Image.fromarray(a).resize((rw, rh), Image.BILINEAR)).astype(int)
+        got = _triangle_pass(_triangle_pass(a, rw, 1), rh, 0)
+        assert np.abs(got - want).max() <= 1
+        if w == h:
+            np.testing.assert_array_equal(got, want)
