@@ -2,7 +2,7 @@
 
 Workload: bottle-real, the 163,856 x 128 projected bottle features (see
 _common.bottle_projected), split in rank order into equal shards; ``STEPS`` steps of
-patchcore_fast.distributed.greedy_coreset_sharded. Every configuration runs in freshly
+patchcore_fast.sharded.greedy_coreset_sharded. Every configuration runs in freshly
 spawned processes on localhost (gloo); each rank times its own loop after a barrier, and
 rank 0 reports steps per second (the benchmark's own time also counts process start and
 data loading, so compare the printed steps/s). The selections of all configurations
@@ -57,7 +57,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, threads: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from patchcore_fast.distributed import greedy_coreset_sharded
+    from patchcore_fast.sharded import greedy_coreset_sharded
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

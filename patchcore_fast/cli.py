@@ -142,7 +142,10 @@ def _loaded_model_options(p: argparse.ArgumentParser) -> None:
     """Options of the verbs that run a fitted model (score, evaluate)."""
     p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
                    "fitted with a local file that has moved")
-    p.add_argument("--bank-shards", action="store_true", help=distributed.BANK_SHARDS_HELP)
+    p.add_argument("--bank-shards", action="store_true", help="under torchrun: split the "
+                   "memory bank across the processes (each holds 1/N of it on its device and "
+                   "every process embeds every image; for banks that do not fit one device; "
+                   "same scores)")
     _common(p, seed=False)
 
 
@@ -309,7 +312,8 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 
 # ----- verbs --------------------------------------------------------------------------
 
-def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+def cmd_fit(args: argparse.Namespace, log: Callable[[str], None],
+           launch: distributed.Launch) -> int:
     config = _config_from_args(args)
     targets = outputs.fit_targets(args.data, args.category, args.output, args.weights)
     _warn_random_weights(config)
@@ -330,7 +334,8 @@ def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     return 0
 
 
-def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+def cmd_score(args: argparse.Namespace, log: Callable[[str], None],
+             launch: distributed.Launch) -> int:
     model = _load(args.model, args)  # its errors first; nothing is read or written yet
     out = Path(args.output)
     skipped: list[str] = []
@@ -338,7 +343,7 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     overlays = not args.no_overlays
     names, run, done, todo = evaluation.plan_score(
         f"-o {args.output}", args.model, args.inputs, inputs, out, args.threshold, overlays,
-        args.save_maps, args.weights, args.resume)
+        args.save_maps, args.weights, args.resume, launch)
     if done:
         log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
     new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
@@ -347,14 +352,15 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     if not scores:
         raise PatchCoreError("none of the input images could be read")
     written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
-                                   skipped, run) if distributed.is_main() else 0
+                                   skipped, run) if launch.is_main else 0
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")
         + _skipped(skipped))
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None],
+                launch: distributed.Launch) -> int:
     sets = evaluation.evaluation_sets(args.model, args.data, args.category, args.good,
                                 args.defective, args.masks)
     out = Path(args.output)
@@ -372,13 +378,14 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
             f"{m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
             f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
         results.append(r)
-    if len(sets) > 1 and distributed.is_main():
+    if len(sets) > 1 and launch.is_main:
         outputs.write_summary(out, results)
         log(f"summary of {len(results)} categories -> {out}/summary.csv")
     return 0
 
 
-def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+def cmd_study(args: argparse.Namespace, log: Callable[[str], None],
+             launch: distributed.Launch) -> int:
     data = Path(args.data)
     cats = mvtec_categories(data, args.category)
     if cats is None:
@@ -401,7 +408,8 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     return 0
 
 
-def cmd_demo_data(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+def cmd_demo_data(args: argparse.Namespace, log: Callable[[str], None],
+                 launch: distributed.Launch) -> int:
     counts = write_demo_data(args.output, seed=args.seed, overwrite=args.overwrite)
     log(f"wrote synthetic categories widget and rod to {args.output}: " +
         ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -434,8 +442,9 @@ def _run(argv: Sequence[str] | None) -> int:
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    error = f"{PROG}: error: " + (f"rank {launch.rank} of {launch.world}: " if launch else "")
-    log = _logger(getattr(args, "quiet", False) or (launch is not None and not launch.is_main))
+    error = f"{PROG}: error: " + (f"rank {launch.rank} of {launch.world}: "
+                                  if launch.world > 1 else "")
+    log = _logger(getattr(args, "quiet", False) or not launch.is_main)
     fail = getattr(args, "on_error", "skip") == "fail"
     with warnings.catch_warnings():
         # --on-error fail turns the first skipped file into an exception, raised where the
@@ -447,14 +456,14 @@ def _run(argv: Sequence[str] | None) -> int:
                 raise PatchCoreError(f"--temp-dir {args.temp_dir} is not an existing folder")
             return distributed.run(launch, args.verb, lambda: resolve_device(args.device),
                                    getattr(args, "dist_timeout", 0.0),
-                                   lambda: _VERBS[args.verb](args, log))
+                                   lambda: _VERBS[args.verb](args, log, launch))
         except MemoryError as exc:
             print(f"{error}{_out_of_memory(exc)}", file=sys.stderr)
         except distributed.DistError as exc:  # a rank died, failed or timed out
             if out_of_memory(exc):  # torch.OutOfMemoryError, the CPU allocator's
                 print(f"{error}{_out_of_memory(exc)}", file=sys.stderr)
                 return 2
-            if launch is None:  # a RuntimeError of one process: a bug, with its traceback
+            if launch.world == 1:  # a RuntimeError of one process: a bug, with its traceback
                 raise
             print(f"{error}{distributed.describe_failure(exc)}", file=sys.stderr)
             return 1

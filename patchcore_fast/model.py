@@ -33,6 +33,7 @@ from .features import PatchEmbedder
 from .files import atomic_path
 from .geometry import (DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT,
                        RESIZE_MODES)
+from .sharded import ShardedBank, TrainingRows
 from .scoring import anomaly_maps, bank_neighbourhoods, image_scores, nearest_bank_rows
 
 FORMAT = "patchcore-fast"
@@ -381,19 +382,19 @@ class PatchCore:
 
         for r in ratios:
             coreset_size(1, r)  # validates every ratio before any work
-        paths = _list_inputs(images, skipped)
         # Under torch.distributed each rank embeds its contiguous share of the images and
-        # the coreset runs on the shards (distributed.py); rank 0 ends with the bank.
+        # the coreset runs on the shards (sharded.py); rank 0 ends with the bank.
         launch = distributed.current()
-        if launch is not None:
-            paths = launch.share(paths)
-            progress = progress and launch.is_main
+        paths = launch.share(_list_inputs(images, skipped))
+        progress = progress and launch.is_main
         c = self.config
         t0 = time.perf_counter()
         n_images = 0
         fixed = self.preprocess.fixed_input
+        # One process projects its rows as they come (the global blocks from row 0); the
+        # ranks of a distributed run project theirs in the same blocks afterwards.
         with StreamingCoreset(ratios[0], c.projection_dim, c.seed, temp_dir=temp_dir,
-                              in_memory=not streaming, project=launch is None) as sc:
+                              in_memory=not streaming, project=launch.world == 1) as sc:
             # Pass 1: features -> temporary file (or memory) + projections in memory.
             for batch, patches in self._embed_paths(paths, skipped, progress,
                                                     "fit: features"):
@@ -406,72 +407,33 @@ class PatchCore:
                     sc.expected_rows = len(paths) * patches.shape[1]
                 sc.add(patches.reshape(-1, patches.shape[-1]))
                 n_images += len(batch)
-            if launch is not None:
-                yield from self._fit_sharded(sc, launch, ratios, n_images, t0, progress)
-                return
-            if sc.n == 0:
-                raise PatchCoreError("none of the training images could be read")
+            rows = TrainingRows(sc, launch, n_images, self.grid, self.device)
+            self.grid = rows.grid
             synchronize(self.device)
             feature_seconds = time.perf_counter() - t0
             # Pass 2, per ratio: the greedy selection on the projections (kept for the
-            # next ratio unless this is the last), then the chosen rows.
+            # next ratio unless this is the last), then the chosen rows (on rank 0).
             for j, ratio in enumerate(ratios):
                 last = j == len(ratios) - 1
                 t1 = time.perf_counter()
                 with torch.inference_mode(), tqdm(total=2, desc="fit: coreset and gather",
                                                   disable=not progress, leave=False) as bar:
-                    idx = sc.select(ratio, keep_projections=not last)
+                    idx = rows.select(ratio, keep_projections=not last)
                     bar.update()
-                    bank = sc.gather(idx).contiguous()
+                    bank = rows.gather(idx)
                     bar.update()
                 synchronize(self.device)  # CUDA work is asynchronous: time it finished
                 t2 = time.perf_counter()
                 if ratio != self.config.coreset_ratio:
                     self.config = dataclasses.replace(self.config, coreset_ratio=ratio)
-                self._set_bank(bank, progress)
-                self.fit_stats.update(patches=sc.n, images=n_images,
+                if bank is not None:  # None on the other ranks of a distributed fit
+                    self._set_bank(bank.contiguous(), progress)
+                self.fit_stats.update(patches=rows.n, images=rows.images,
                                       feature_seconds=feature_seconds,
-                                      coreset_seconds=t2 - t1, streaming=streaming)
+                                      coreset_seconds=t2 - t1, streaming=streaming,
+                                      **rows.record)
                 self.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
                 yield ratio
-
-    def _fit_sharded(self, sc: StreamingCoreset, launch: "distributed.Launch",
-                     ratios: Sequence[float], n_images: int, t0: float, progress: bool
-                     ) -> Iterator[float]:
-        """Pass 2 of :meth:`_fit` across the ranks of a distributed run (collective).
-
-        The same selection and bank as one process on all the images: the projection in
-        the same global blocks, the greedy steps on the shards (one all-gather each), the
-        chosen full-width rows gathered to rank 0, which alone holds the bank and computes
-        its neighbourhoods (over the whole bank). Other ranks end with ``bank`` None.
-        """
-        device = self.device
-        grid = list(self.grid) if self.grid else [0, 0]
-        table = distributed.all_gather_ints([sc.n, sc.dim or 0, n_images, *grid], device)
-        counts, n = [row[0] for row in table], sum(row[0] for row in table)
-        if n == 0:
-            raise PatchCoreError("none of the training images could be read")
-        dim = max(row[1] for row in table)
-        self.grid = next(tuple(row[3:5]) for row in table if row[0])
-        shard = distributed.project_shard(sc, launch, dim, counts, device)
-        feature_seconds = time.perf_counter() - t0
-        for j, ratio in enumerate(ratios):
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                idx = distributed.select_sharded(shard, n, ratio, sc, dim, device)
-                bank = distributed.gather_bank(sc, idx, launch, dim, counts, device)
-            t2 = time.perf_counter()
-            if ratio != self.config.coreset_ratio:
-                self.config = dataclasses.replace(self.config, coreset_ratio=ratio)
-            if launch.is_main:
-                self._set_bank(bank.contiguous(), progress)
-            self.fit_stats.update(patches=n, images=sum(row[2] for row in table),
-                                  feature_seconds=feature_seconds, coreset_seconds=t2 - t1,
-                                  streaming=sc.in_memory is False, world_size=launch.world,
-                                  rank_images=[row[2] for row in table],
-                                  rank_patches=counts)
-            self.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
-            yield ratio
 
     def _set_bank(self, bank: Tensor, progress: bool = False) -> None:
         """Keep ``bank`` (Tensor[M, D]) and precompute its reweighting neighbourhoods."""
@@ -652,7 +614,7 @@ class PatchCore:
             precision: the backbone's arithmetic, ``fp32`` or ``bf16``; None: the saved
                 setting (``fp32`` for files written before the setting existed).
             bank_shards: under torchrun, keep only this rank's share of the bank on the
-                device (:class:`~patchcore_fast.distributed.ShardedBank`; scoring is then
+                device (:class:`~patchcore_fast.sharded.ShardedBank`; scoring is then
                 collective); ignored in one process.
 
         Returns:
@@ -695,9 +657,9 @@ class PatchCore:
         model = cls(config, **{k: v for k, v in runtime.items() if v is not None})
         model.backbone_info = info
         model._projection = projection
-        launch = distributed.current() if bank_shards else None
-        model.bank = bank.to(model.device) if launch is None else distributed.ShardedBank(
-            bank, launch.rank, launch.world, model.device)
+        launch = distributed.current()
+        model.bank = (ShardedBank(bank, launch.rank, launch.world, model.device)
+                      if bank_shards and launch.world > 1 else bank.to(model.device))
         model.neighbourhoods = hood.to(model.device) if hood is not None else None
         model.grid = tuple(grid) if grid else None
         model.fit_stats = fit_stats

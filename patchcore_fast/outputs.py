@@ -541,10 +541,11 @@ class Journal:
         out: output folder.
         resume: append to the journal of an earlier run instead of starting a new one.
         run: this run's record (JSON-serialisable).
+        keep: False records nothing (the ranks of a distributed run, which keep none).
     """
 
-    def __init__(self, out: Path, resume: bool, run: dict | None = None):
-        self.out, self.resume, self.run = out, resume, run or {}
+    def __init__(self, out: Path, resume: bool, run: dict | None = None, keep: bool = True):
+        self.out, self.resume, self.run, self.keep = out, resume, run or {}, keep
         self._file = None
 
     def _open(self) -> None:
@@ -567,6 +568,8 @@ class Journal:
 
     def record(self, scores: Sequence[tuple[Path, float]]) -> None:
         """Add (image, score) rows and make them durable (``fsync``)."""
+        if not self.keep:
+            return
         try:
             if self._file is None:
                 self._open()

@@ -30,7 +30,7 @@ def nearest_bank_rows(patches: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
     Args:
         patches (Tensor[Q, D]): test embeddings.
         bank (Tensor[M, D]): memory bank, or a
-            :class:`~patchcore_fast.distributed.ShardedBank` (same answer, collective).
+            :class:`~patchcore_fast.sharded.ShardedBank` (same answer, collective).
 
     Returns:
         (Tensor[Q] float32, Tensor[Q] int64): Euclidean distances and bank rows.

@@ -217,7 +217,7 @@ def _worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None
 
     import torch.distributed as dist
 
-    from patchcore_fast.distributed import greedy_coreset_sharded
+    from patchcore_fast.sharded import greedy_coreset_sharded
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
