@@ -18,8 +18,6 @@ Supported:
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import io
 import os
 import sys
@@ -31,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import PatchCoreError, first_line
+from .files import file_sha256
 
 # torchvision networks: their layer names in forward order and the default pair.
 _TORCHVISION = {
@@ -109,30 +108,6 @@ class _ResNetBody(nn.Module):
             x = stage(x)
             maps[name] = x
         return [maps[name] for name in self.layers]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file (identifies local weights inside the model file, and the model
-    and weights of a ``score --resume`` run).
-
-    Memoised per file identity: (device, inode, size, modification time in ns) of the
-    resolved path. One ``score --weights FILE`` used to hash the weights file three times
-    (loading the model, building the backbone, the resume record): 0.18 s each for
-    WideResNet-50's 270 MB here. A file rewritten in place keeps its inode but not its
-    size and time, and an atomic replace gives a new inode; only a rewrite to the same size
-    within one tick of the file system's clock (a few ms) could be missed, within a run.
-    """
-    st = os.stat(path)
-    return _sha256((os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(identity: tuple) -> str:
-    digest = hashlib.sha256()
-    with open(identity[0], "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

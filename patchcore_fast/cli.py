@@ -15,15 +15,16 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import distributed, evaluation, outputs
+from . import datasets, distributed, evaluation, outputs
 from ._version import __version__
-from .data import list_images, mvtec_categories
+from .config import PatchCoreConfig, resolve_device
+from .datasets import list_images, mvtec_categories
 from .demo import write_demo_data
 from .errors import (PatchCoreError, SkippedFileWarning, first_line, os_error_text,
                      out_of_memory)
 from .files import check_outputs
-from .geometry import add_geometry_options, add_maps_at_option
-from .model import PatchCore, PatchCoreConfig, resolve_device
+from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
+from .model import PatchCore
 
 PROG = "patchcore-fast"
 
@@ -96,6 +97,44 @@ def _category(text: str) -> str:
         raise argparse.ArgumentTypeError(f"a category is the name of a folder under DATA, "
                                          f"not a path, got {text!r}")
     return name
+
+
+def _crop_arg(text: str) -> int:
+    value = text.strip().lower()
+    if value in ("none", "0"):
+        return 0
+    try:
+        crop = int(value)
+    except ValueError:
+        crop = -1
+    if crop < 0:
+        raise argparse.ArgumentTypeError(f"expected a crop side in pixels, or none, got {text!r}")
+    return crop
+
+
+def add_maps_at_option(group) -> None:
+    """``--maps-at`` of ``evaluate`` and ``study``."""
+    group.add_argument("--maps-at", choices=MAPS_AT, default="original",
+                       help="original (default): maps and pixel metrics at each photo's own "
+                            "size, every pixel of its mask; crop: at the model's input, "
+                            "padding left out (the paper's protocol)")
+
+
+def add_geometry_options(group, maps_at: bool = False) -> None:
+    """The geometry options of ``fit`` and ``study`` (saved in the model); ``maps_at``
+    adds :func:`add_maps_at_option` (study)."""
+    if maps_at:
+        add_maps_at_option(group)
+    group.add_argument("--resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,
+                       help=f"longer: longer side to --image-size, on a padded square "
+                            f"(padding ignored by maps and metrics); shorter: shorter side to "
+                            f"--image-size, then --crop (the paper: shorter 256, crop 224); "
+                            f"stretch: both sides, aspect not kept (default {DEFAULT_RESIZE})")
+    group.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+                       help=f"target side of --resize (default {DEFAULT_IMAGE_SIZE})")
+    group.add_argument("--crop", type=_crop_arg, default=DEFAULT_CROP, metavar="PX|none",
+                       help=f"centre crop side; none or 0: the whole resized image, maps "
+                            f"cover the whole photo (default {DEFAULT_CROP or 'none'})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -315,7 +354,7 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 def cmd_fit(args: argparse.Namespace, log: Callable[[str], None],
            launch: distributed.Launch) -> int:
     config = _config_from_args(args)
-    targets = outputs.fit_targets(args.data, args.category, args.output, args.weights)
+    targets = datasets.fit_targets(args.data, args.category, args.output, args.weights)
     _warn_random_weights(config)
     for name, folder, out in targets:
         skipped: list[str] = []

@@ -3,7 +3,7 @@
 All three keep their memory bounded whatever the number of images: maps are counted into
 per-defect pixel histograms (:class:`~patchcore_fast.metrics.PixelHistogram`: pixel AUROC,
 PRO, the overlays' colour scale) and parked in a temporary file for the overlays
-(:func:`~patchcore_fast.outputs.write_map_files`); no array of all maps or masks is built.
+(:func:`~patchcore_fast.overlays.write_map_files`); no array of all maps or masks is built.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ import numpy as np
 import torch
 
 from . import distributed, metrics
-from .data import (TestImage, UnreadableImage, folder_test, image_size, mvtec_categories,
-                   mvtec_test, read_mask, read_size_again, skip_file)
+from .config import PatchCoreConfig
+from .datasets import TestImage, folder_test, mvtec_categories, mvtec_test, skip_file
 from .errors import PatchCoreError
-from .files import ArraySpool, MapSpool, check_outputs
+from .files import ArraySpool, MapSpool, check_outputs, file_sha256
+from .images import UnreadableImage, image_size, read_mask, read_size_again
+from .journal import Journal, read_done, run_record
 from .metrics import PixelHistogram
-from .model import PatchCore, PatchCoreConfig
-from .backbone import file_sha256
+from .model import PatchCore
+from .outputs import (evaluation_files, evaluation_names, score_files, summary_files,
+                      unique_names, write_evaluation)
+from .overlays import write_map_files
 from .sharded import ShardedBank
-from .outputs import (Journal, evaluation_files, evaluation_names, read_done, run_record,
-                      score_files, summary_files, unique_names, write_evaluation,
-                      write_map_files)
 
 
 # ----- test images and their masks --------------------------------------------------------
@@ -127,7 +128,7 @@ def mask_of(item: TestImage, preprocess, maps_at: str = "original") -> np.ndarra
 
     Args:
         item: the test image.
-        preprocess (data.Preprocess): the model's geometry.
+        preprocess (geometry.Preprocess): the model's geometry.
         maps_at: ``original``: the mask itself (the photo's size); ``crop``: put through
             the model's geometry and cut to the pixels that show the photo.
 
@@ -219,7 +220,7 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
 
     Pass 1 scores batch by batch; each batch's maps go to a temporary file and into a
     histogram of their pixels that sets the colour scale. Pass 2 writes the images. An
-    image enters the journal (:class:`~patchcore_fast.outputs.Journal`) once its files are
+    image enters the journal (:class:`~patchcore_fast.journal.Journal`) once its files are
     written, so a killed run resumes exactly where its outputs stop.
 
     Under torchrun each rank scores its share (:func:`_shares`) and counts its maps'

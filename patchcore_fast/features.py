@@ -3,7 +3,7 @@
 For every position of the stride-8 grid PatchCore builds one vector:
 
 3. *local aggregation*: each layer map is averaged over a p x p neighbourhood (p = 3,
-   stride 1, zero padding 1), so a feature sees its neighbours without losing resolution;
+   stride 1, zero padding 1), so a feature sees its neighbors without losing resolution;
 4. *alignment*: the deeper (stride-16) map is upsampled bilinearly onto the stride-8 grid
    and the layers are concatenated per position;
 5. *width*: as in the official code, each layer's channels are adaptive-average-pooled to
@@ -16,7 +16,7 @@ channels than ``target_embed_dim`` (efficientnet_lite0: 40 + 112 = 152 < 1024), 
 embeddings ``W x`` live in a subspace of dimension rank(W); with ``compact=True`` the model
 stores them in an orthonormal basis of that subspace instead (``R x`` with
 ``R^T R = W^T W``). Euclidean distances, and so every PatchCore score, are unchanged, while
-memory and nearest-neighbour time shrink by ``target_embed_dim / rank(W)``.
+memory and nearest-neighbor time shrink by ``target_embed_dim / rank(W)``.
 
 Extraction works batch by batch (:meth:`PatchEmbedder.forward`), so a caller can stream.
 """
