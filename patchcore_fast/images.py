@@ -71,11 +71,11 @@ def _decode_png(path: Path, img: Image.Image) -> Image.Image | None:
             or not img.tile or img.tile[0][3] != "RGB"):
         return None
     try:
+        # Here, not at start-up: deprecated since torchvision 0.29 in favour of TorchCodec;
+        # once removed, the import fails here and Pillow reads every file.
         import torchvision.io as tio
 
         with warnings.catch_warnings():
-            # Deprecated since torchvision 0.29 in favour of TorchCodec; once removed, the
-            # import fails here and Pillow reads every file.
             warnings.simplefilter("ignore", DeprecationWarning)
             data = tio.read_file(str(path))
             if b"eXIf" in data.numpy().tobytes():
