@@ -49,7 +49,7 @@ class PatchCoreConfig:
             image.
         mean: normalisation mean (RGB).
         std: normalisation standard deviation (RGB).
-        patch_size: local aggregation neighbourhood p (step 3).
+        patch_size: local aggregation neighborhood p (step 3).
         pretrain_embed_dim: per-layer pooled width (step 5).
         target_embed_dim: embedding width (step 5).
         compact: keep embeddings in an isometric basis when narrower than
