@@ -287,7 +287,7 @@ class PatchCore:
                                           disable=not progress, leave=False) as bar:
             self.bank = bank
             self.neighbors = (bank_neighbors(self.bank, self.config.num_neighbors)
-                          if self.config.num_neighbors > 0 else None)
+                              if self.config.num_neighbors > 0 else None)
             bar.update()
         synchronize(self.device)
         self.fit_stats.update(bank_rows=int(self.bank.shape[0]),
