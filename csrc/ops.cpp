@@ -43,10 +43,15 @@ TORCH_LIBRARY(patchcore_fast, m) {
   //   returns (distances: Tensor[Q, k] float32, Euclidean (not squared), ascending;
   //            indices: Tensor[Q, k] int64).
   m.def("knn(Tensor query, Tensor bank, int k) -> (Tensor, Tensor)");
-  // knn plus how the kernel got there (tests and debugging): stats is Tensor[6] int64 =
-  //   (rows, rows rescored by the second pass, rows that fell back to a direct-difference
-  //    scan of the whole bank (expected 0), candidates refined with direct differences,
-  //    rows sent through the CPU's projected pre-pass (0 when off; always 0 on CUDA),
-  //    rows that pre-pass certified).
-  m.def("knn_stats(Tensor query, Tensor bank, int k) -> (Tensor, Tensor, Tensor)");
+  // knn plus how the kernel got there (tests, debugging, benchmarks), with the variant made
+  // explicit where knn picks it (pytorch3d's `version`; see check_knn_variant in common.h):
+  //   gemm: "auto" | "fp32" | "bf16x3", the CUDA kernel's ranking GEMM;
+  //   project: "auto" | "off" | "force", the CPU kernel's projected pre-pass;
+  //   project_bound_scale: multiplies the pre-pass's lower bound (1 in use; > 1 invalid).
+  //   stats is Tensor[6] int64 = (rows, rows rescored by the second pass, rows that fell
+  //   back to a direct-difference scan of the whole bank (expected 0), candidates refined
+  //   with direct differences, rows sent through the CPU's projected pre-pass (0 when off;
+  //   always 0 on CUDA), rows that pre-pass certified).
+  m.def("knn_stats(Tensor query, Tensor bank, int k, str gemm=\"auto\", str project=\"auto\", "
+        "float project_bound_scale=1.0) -> (Tensor, Tensor, Tensor)");
 }

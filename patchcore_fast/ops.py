@@ -1,9 +1,11 @@
 """The only door to the compiled kernels.
 
-Typed wrappers with input validation (a ``ValueError`` naming the argument, before any
-kernel runs), fake-tensor registrations so the ops work under ``torch.compile``, and the
+Typed wrappers, fake-tensor registrations so the ops work under ``torch.compile``, and the
 fallback to :mod:`patchcore_fast.reference` (with one warning) when the compiled library
-is missing.
+is missing. Arguments are validated once: by the kernels (a ``ValueError`` naming the
+argument, ``TORCH_CHECK_VALUE``), or, in front of the reference fallback only, by the same
+checks written here. The kernels fold the bank's NaN / Inf check into the pass over the
+bank they make anyway, so a scoring call never scans the bank a second time for it.
 """
 
 from __future__ import annotations
@@ -75,9 +77,16 @@ def _use_kernel(t: Tensor, op: str) -> bool:
     return False
 
 
-def _check_points(t: Tensor, name: str) -> None:
+def _float32(t: Tensor, name: str) -> Tensor:
+    """``t`` as float32 when it is a floating-point tensor; any other tensor unchanged, for
+    the kernel (or the reference's checks) to refuse by name."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} should be a torch.Tensor, got {type(t).__name__}")
+    return t.float() if t.is_floating_point() else t
+
+
+def _check_points(t: Tensor, name: str) -> None:
+    # The kernels' argument checks (csrc/common.h), for the reference fallback only.
     if t.dim() != 2:
         raise ValueError(f"{name} should be a 2-D tensor [rows, dim], got {t.dim()}-D "
                          f"with shape {tuple(t.shape)}")
@@ -114,18 +123,17 @@ def greedy_coreset(features: Tensor, k: int, start: int = 0) -> Tensor:
     Returns:
         Tensor[k] int64 on the device of ``features``: selected rows in selection order.
     """
+    features, k, start = _float32(features, "features"), int(k), int(start)
+    if _use_kernel(features, "greedy_coreset"):
+        return torch.ops.patchcore_fast.greedy_coreset.default(features, k, start)
     _check_points(features, "features")
     n = features.shape[0]
     if n == 0:
         raise ValueError("features is empty (0 rows): nothing to select from")
-    k, start = int(k), int(start)
     if not 1 <= k <= n:
         raise ValueError(f"k should be between 1 and the number of rows {n}, got {k}")
     if not 0 <= start < n:
         raise ValueError(f"start should be a row index in [0, {n}), got {start}")
-    features = features.float()
-    if _use_kernel(features, "greedy_coreset"):
-        return torch.ops.patchcore_fast.greedy_coreset.default(features, k, start)
     return reference.greedy_coreset(features, k, start)
 
 
@@ -203,12 +211,11 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     and refine those with direct differences; a certificate proves the answer exact (see
     csrc/knn_bound.h). On wide low-rank features the CPU kernel first ranks the bank on 32
     principal coordinates and refines the best rows until a rigorous lower bound certifies
-    the answer (csrc/cpu/knn_project.h); the result is the same. There is no per-row
+    the answer (csrc/cpu/knn_project.cpp); the result is the same. There is no per-row
     full-bank scan on real features: :func:`knn_stats` counts the rows that needed more
     than the first pass. On CUDA the ranking GEMM runs on tensor cores, each row split into
     two bf16 parts (three bf16 products, fp32 accumulation), with a wider bound that keeps
-    the answer exact; the environment variable ``PATCHCORE_FAST_KNN_GEMM=fp32`` selects an
-    fp32 GEMM instead.
+    the answer exact (:func:`knn_stats` with ``gemm="fp32"`` runs an fp32 GEMM instead).
 
     Args:
         query (Tensor[Q, D]): query rows; converted to float32. Q may be 0.
@@ -219,19 +226,31 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         (Tensor[Q, k] float32, Tensor[Q, k] int64): Euclidean (not squared) distances in
         ascending order, and the bank row of each.
     """
-    query, bank, k = _check_knn(query, bank, k)
+    query, bank, k = _float32(query, "query"), _float32(bank, "bank"), int(k)
     if _use_kernel(query, "knn"):
         return torch.ops.patchcore_fast.knn.default(query, bank, k)
+    _check_knn(query, bank, k)
     return reference.knn(query, bank, k, exact=False)
 
 
-def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, dict]:
-    """:func:`knn` plus how the kernel got there (a debugging and test aid).
+def knn_stats(query: Tensor, bank: Tensor, k: int = 1, *, gemm: str = "auto",
+              project: str = "auto", project_bound_scale: float = 1.0
+              ) -> tuple[Tensor, Tensor, dict]:
+    """:func:`knn` plus how the kernel got there, with its variant chosen explicitly (a
+    debugging, test and benchmark aid; :func:`knn` is ``knn_stats`` with the defaults).
 
     Args:
         query (Tensor[Q, D]): query rows; converted to float32.
         bank (Tensor[M, D]): bank rows, same device; converted to float32.
         k (int): neighbours per query, 1 <= k <= M.
+        gemm (str): the CUDA kernel's ranking GEMM: ``"auto"`` (tensor cores, each row
+            split into two bf16 parts, where this torch allows it), ``"fp32"`` or
+            ``"bf16x3"``; no effect on the CPU.
+        project (str): the CPU kernel's projected pre-pass: ``"auto"`` (taken where its
+            rule says it pays), ``"off"`` or ``"force"`` (whenever it is valid, no rule and
+            no pilot); no effect on CUDA.
+        project_bound_scale (float): multiplies the pre-pass's lower bound: 1 in use; a
+            value > 1 makes the bound invalid (tests show that exactness then breaks).
 
     Returns:
         (Tensor[Q, k] float32, Tensor[Q, k] int64, dict): the result of :func:`knn`, and
@@ -240,17 +259,19 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, 
         ``exact_scans`` (rows that fell back to a direct-difference scan of the whole bank:
         the last resort, expected 0) and ``refined`` (candidates recomputed with direct
         differences, all passes), ``projected`` (rows sent through the CPU kernel's
-        projected lower-bound pre-pass, csrc/cpu/knn_project.h: 0 when the pre-pass was
+        projected lower-bound pre-pass, csrc/cpu/knn_project.cpp: 0 when the pre-pass was
         not taken) and ``projected_certified`` (rows it settled; the others went through
         the first pass, and those the first pass cannot settle count in
         ``second_pass``). Without the compiled library: the reference's result and every
         count -1.
     """
-    query, bank, k = _check_knn(query, bank, k)
+    query, bank, k = _float32(query, "query"), _float32(bank, "bank"), int(k)
     if _use_kernel(query, "knn_stats"):
-        d, i, s = torch.ops.patchcore_fast.knn_stats.default(query, bank, k)
+        d, i, s = torch.ops.patchcore_fast.knn_stats.default(
+            query, bank, k, gemm, project, float(project_bound_scale))
         s = s.tolist()
     else:
+        _check_knn(query, bank, k)
         d, i = reference.knn(query, bank, k, exact=False)
         s = [-1] * 6
     keys = ("rows", "second_pass", "exact_scans", "refined", "projected",
@@ -258,7 +279,8 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, 
     return d, i, dict(zip(keys, s))
 
 
-def _check_knn(query: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
+def _check_knn(query: Tensor, bank: Tensor, k: int) -> None:
+    # The kernels' checks of knn (csrc/common.h), for the reference fallback only.
     _check_points(query, "query")
     _check_points(bank, "bank")
     if bank.shape[0] == 0:
@@ -269,10 +291,8 @@ def _check_knn(query: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor, int
     if query.device != bank.device:
         raise ValueError(f"query and bank should be on the same device, got {query.device} "
                          f"and {bank.device}")
-    k = int(k)
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k should be between 1 and the bank size {bank.shape[0]}, got {k}")
-    return query.float(), bank.float(), k
 
 
 # Fake (meta) implementations: output shapes from input shapes, so the ops trace under
@@ -298,6 +318,6 @@ if compiled():
                 query.new_empty((query.shape[0], k), dtype=torch.int64))
 
     @torch.library.register_fake("patchcore_fast::knn_stats")
-    def _knn_stats_fake(query, bank, k):
+    def _knn_stats_fake(query, bank, k, gemm="auto", project="auto", project_bound_scale=1.0):
         d, i = _knn_fake(query, bank, k)
         return d, i, query.new_empty((6,), dtype=torch.int64)

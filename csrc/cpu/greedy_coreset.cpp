@@ -24,10 +24,9 @@
 //
 // Every ub is a min over computed direct-difference distances (sqdist.h), like the
 // reference's min_d, and differs from it only by the summation order of those sums (a few
-// ulps), which can reorder near-ties only. (The triangle-inequality pruning of Elkan-style
-// clusters was tried first: on 128-d data, Gaussian or of intrinsic dimension 12, the
-// cluster test d(c, a) >= 2 radius(a) almost never fires and the per-point test skipped
-// under 60 % of the distances, 2-3x at best, while lazy evaluation skips ~95 %.)
+// ulps), which can reorder near-ties only. (Elkan-style triangle-inequality pruning was
+// tried first and skips far fewer distances: bench/RESULTS.md, "Elkan-style pruning (tried
+// before lazy evaluation, not kept)".)
 //
 // What a refresh costs. Lazy evaluation still leaves about 620 million distances at bottle
 // 10 % (163,856 x 128, k = 16,385), each a 128-d pass over a centre row. Profiled, the
@@ -304,7 +303,7 @@ void greedy_coreset_impl(const float* x, int64_t n, int64_t dim, int64_t k, int6
     ub[i] = sqdist(xi, first, dim);
     bad += (z != 0.f);
   }
-  TORCH_CHECK(bad == 0, "features contains NaN or Inf values (", bad, " rows)");
+  TORCH_CHECK_VALUE(bad == 0, "features contains NaN or Inf values (", bad, " rows)");
 
   if (k == 1) return;
   const SubspaceBound bound = make_subspace_bound(x, n, dim, threads);
