@@ -213,7 +213,8 @@ def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, state: li
         raise ValueError(f"step should be in [0, {indices.shape[0]}), got {step}")
     if offset < 0 or offset + shard.shape[0] > 2**31 - 1:
         raise ValueError(f"offset should be >= 0 with offset + rows <= 2^31 - 1, got {offset}")
-    devices = {t.device for t in (shard, candidates, indices, *state)}
+    # (the kernel checks every state tensor's device, dtype and shape)
+    devices = {t.device for t in (shard, candidates, indices, *state[:1])}
     if len(devices) != 1:
         raise ValueError(f"shard, candidates, state and indices should be on one device, got "
                          f"{sorted(map(str, devices))}")
