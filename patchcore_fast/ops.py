@@ -32,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 _warned = False
 
-_OPS = ("greedy_coreset", "coreset_shard_step", "knn", "knn_stats")
+_OPS = ("greedy_coreset", "coreset_shard_state", "coreset_shard_step", "knn", "knn_stats")
 
 
 def compiled() -> bool:
@@ -137,16 +137,52 @@ def greedy_coreset(features: Tensor, k: int, start: int = 0) -> Tensor:
     return reference.greedy_coreset(features, k, start)
 
 
-def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Tensor,
+def _check_shard(shard: Tensor) -> None:
+    if not isinstance(shard, Tensor) or shard.dtype != torch.float32:
+        raise ValueError(f"shard should be a float32 tensor, got "
+                         f"{getattr(shard, 'dtype', type(shard).__name__)}")
+    if shard.dim() != 2 or shard.shape[1] == 0:
+        raise ValueError(f"shard should be a 2-D tensor [rows, dim] with dim >= 1, got shape "
+                         f"{tuple(shard.shape)}")
+
+
+def coreset_shard_state(shard: Tensor, k: int, lazy: bool = True) -> list[Tensor]:
+    """The state of this rank's shard for :func:`coreset_shard_step` (one per run).
+
+    Its layout is the kernel's own (csrc/coreset_shard_step.h): with ``lazy`` on the CPU,
+    the lazy evaluation's upper bounds, heap, bound coordinates and centre tables (the
+    single-process kernel's method, per rank); otherwise (and always on CUDA) each row's
+    distance to its nearest centre, for the plain pass. Callers only pass it to every step
+    of the run. Both kinds give the same selection.
+
+    Args:
+        shard (Tensor[N_r, D]): float32 rows of this rank (may have 0 rows).
+        k (int): the number of centres the run selects, >= 1.
+        lazy (bool): the lazy evaluation (CPU); False: one plain pass per step (the
+            tests' oracle; the only kind on CUDA, which ignores this).
+
+    Returns:
+        list[Tensor]: the state, on the shard's device.
+    """
+    _check_shard(shard)
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k should be >= 1, got {k}")
+    if _use_kernel(shard, "coreset_shard_state"):
+        return torch.ops.patchcore_fast.coreset_shard_state.default(shard, k, bool(lazy))
+    return reference.coreset_shard_state(shard, k, lazy)
+
+
+def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, state: list[Tensor],
                        indices: Tensor, step: int) -> Tensor:
     """One step of the exact distributed coreset on this rank's shard of the rows.
 
     ``candidates`` holds every rank's record of the previous step (all-gathered): the
-    largest packed key names the new centre and carries its row. This lowers ``min_d``
-    with each row's squared distance to it (the same arithmetic as
-    :func:`greedy_coreset`, so the shards together hold a single process's values bit for
-    bit), sets ``indices[step]`` and returns this rank's record for the next step. See
-    :mod:`patchcore_fast.distributed` for the loop around it.
+    largest packed key names the new centre and carries its row. This sets
+    ``indices[step]``, updates ``state`` with the new centre (distances computed with the
+    arithmetic of :func:`greedy_coreset`, so the ranks' offers are a single process's
+    values bit for bit) and returns this rank's record for the next step: its farthest
+    unselected row. See :mod:`patchcore_fast.distributed` for the loop around it.
 
     Only shapes, dtypes and devices are checked (no value is read, so on a GPU the step
     never waits for the device).
@@ -156,31 +192,27 @@ def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Te
         candidates (Tensor[R, D + 2]): int32 records, one per rank: words 0-1 a packed
             (squared distance, global index) key (``reference.pack_keys``; 0 = none), then
             the float32 bits of the row (integer words: the key would be a NaN as floats).
+            At step 0 only the owner of the first centre offers it.
         offset (int): global index of the shard's first row.
-        min_d (Tensor[N_r]): float32, each row's squared distance to its nearest centre
-            (+inf before the first step, -1 once selected); updated in place.
+        state (list[Tensor]): from :func:`coreset_shard_state` for this shard and
+            ``k = len(indices)``; updated in place.
         indices (Tensor[k]): int64 selection being built; ``indices[step]`` is written.
-        step (int): the step, 0 <= step < k.
+        step (int): the step, 0 <= step < k, called in order 0, 1, ...
 
     Returns:
-        Tensor[D + 2] int32: this shard's record (its farthest unselected row's key and
-        row; key 0 and a zero row when none is left).
+        Tensor[D + 2] int32: this shard's record (key 0 and a zero row when none is left;
+        not used after the last step).
     """
-    for t, name, dtype in ((shard, "shard", torch.float32), (min_d, "min_d", torch.float32),
-                           (candidates, "candidates", torch.int32)):
-        if not isinstance(t, Tensor) or t.dtype != dtype:
-            raise ValueError(f"{name} should be a {str(dtype)[6:]} tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)}")
-    if shard.dim() != 2 or shard.shape[1] == 0:
-        raise ValueError(f"shard should be a 2-D tensor [rows, dim] with dim >= 1, got shape "
-                         f"{tuple(shard.shape)}")
+    _check_shard(shard)
+    if not isinstance(candidates, Tensor) or candidates.dtype != torch.int32:
+        raise ValueError(f"candidates should be a int32 tensor, got "
+                         f"{getattr(candidates, 'dtype', type(candidates).__name__)}")
     if candidates.dim() != 2 or candidates.shape[0] == 0 or \
             candidates.shape[1] != shard.shape[1] + 2:
         raise ValueError(f"candidates should be [ranks, D + 2] = [ranks, {shard.shape[1] + 2}]"
                          f", got shape {tuple(candidates.shape)}")
-    if min_d.shape != (shard.shape[0],):
-        raise ValueError(f"min_d should have shape ({shard.shape[0]},) (one per shard row), "
-                         f"got {tuple(min_d.shape)}")
+    if not isinstance(state, (list, tuple)) or not all(isinstance(t, Tensor) for t in state):
+        raise ValueError("state should be the list of tensors coreset_shard_state returned")
     if not isinstance(indices, Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices should be a 1-D int64 tensor, got "
                          f"{getattr(indices, 'dtype', type(indices).__name__)}")
@@ -189,14 +221,15 @@ def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Te
         raise ValueError(f"step should be in [0, {indices.shape[0]}), got {step}")
     if offset < 0 or offset + shard.shape[0] > 2**31 - 1:
         raise ValueError(f"offset should be >= 0 with offset + rows <= 2^31 - 1, got {offset}")
-    devices = {t.device for t in (shard, candidates, min_d, indices)}
+    # (the kernel checks every state tensor's device, dtype and shape)
+    devices = {t.device for t in (shard, candidates, indices, *state[:1])}
     if len(devices) != 1:
-        raise ValueError(f"shard, candidates, min_d and indices should be on one device, got "
+        raise ValueError(f"shard, candidates, state and indices should be on one device, got "
                          f"{sorted(map(str, devices))}")
     if _use_kernel(shard, "coreset_shard_step"):
         return torch.ops.patchcore_fast.coreset_shard_step.default(
-            shard, candidates, offset, min_d, indices, step)
-    return reference.coreset_shard_step(shard, candidates, offset, min_d, indices, step)
+            shard, candidates, offset, list(state), indices, step)
+    return reference.coreset_shard_step(shard, candidates, offset, state, indices, step)
 
 
 def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
@@ -304,8 +337,21 @@ if compiled():
         torch._check(features.dim() == 2)
         return features.new_empty((k,), dtype=torch.int64)
 
+    @torch.library.register_fake("patchcore_fast::coreset_shard_state")
+    def _coreset_shard_state_fake(shard, k, lazy=True):
+        torch._check(shard.dim() == 2)
+        n, d = shard.shape
+        if shard.device.type == "cuda" or not lazy:  # the layouts of csrc/coreset_shard_step.h
+            return [shard.new_empty((n,))]
+        bounded = d >= 64
+        return [shard.new_empty((n,)), shard.new_empty((n,), dtype=torch.int32),
+                shard.new_empty((n + 1,), dtype=torch.int64),
+                shard.new_empty((n if bounded else 0, 32)),
+                shard.new_empty((d + 1, 32), dtype=torch.float64), shard.new_empty((k, d)),
+                shard.new_empty(((k + 7) // 8 * 64 + 24 * k if bounded else 0,))]
+
     @torch.library.register_fake("patchcore_fast::coreset_shard_step")
-    def _coreset_shard_step_fake(shard, candidates, offset, min_d, indices, step):
+    def _coreset_shard_step_fake(shard, candidates, offset, state, indices, step):
         torch._check(shard.dim() == 2 and candidates.dim() == 2)
         torch._check(candidates.shape[1] == shard.shape[1] + 2)
         return candidates.new_empty((shard.shape[1] + 2,))

@@ -82,8 +82,11 @@ def greedy_coreset_sharded(shard: Tensor, k: int, start: int = 0, group=None) ->
     The result is :func:`patchcore_fast.ops.greedy_coreset` on that concatenation.
 
     Cost: ``k`` all-gathers of ``world x (D + 2)`` int32 words (one per step) plus one at
-    setup; each step also makes one pass over the shard (the plain loop: the lazy
-    evaluation of the single-process kernel needs the whole heap in one place).
+    setup. On the CPU each rank runs the single-process kernel's lazy evaluation on its
+    shard (its own heap of upper bounds and its own exact subspace bound; state kept
+    across steps by :func:`patchcore_fast.ops.coreset_shard_state`): per step it brings
+    its own farthest row up to date and offers that, and only the offers travel. On CUDA
+    each step is one plain pass over the shard (csrc/coreset_shard_step.h says why).
 
     Args:
         shard (Tensor[N_r, D]): this rank's rows (converted to float32); CPU with gloo,
@@ -115,7 +118,7 @@ def greedy_coreset_sharded(shard: Tensor, k: int, start: int = 0, group=None) ->
     offset = sum(rows[:rank])
     device = shard.device
 
-    min_d = torch.full((rows[rank],), float("inf"), dtype=torch.float32, device=device)
+    state = ops.coreset_shard_state(shard, k)
     indices = torch.empty(k, dtype=torch.int64, device=device)
     # Step 0's candidates: only the owner of `start` offers it (any non-zero key will do).
     record = torch.zeros(width + 2, dtype=torch.int32, device=device)
@@ -129,7 +132,7 @@ def greedy_coreset_sharded(shard: Tensor, k: int, start: int = 0, group=None) ->
     candidates = gathered.view(-1, width + 2)
     for step in range(k):
         _all_gather(gathered, record, group=group)  # the step's collective
-        record = ops.coreset_shard_step(shard, candidates, offset, min_d, indices, step)
+        record = ops.coreset_shard_step(shard, candidates, offset, state, indices, step)
     return indices
 
 
