@@ -351,8 +351,7 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 
 # ----- verbs --------------------------------------------------------------------------
 
-def cmd_fit(args: argparse.Namespace, log: Callable[[str], None],
-           launch: distributed.Launch) -> int:
+def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     config = _config_from_args(args)
     targets = datasets.fit_targets(args.data, args.category, args.output, args.weights)
     _warn_random_weights(config)
@@ -373,8 +372,7 @@ def cmd_fit(args: argparse.Namespace, log: Callable[[str], None],
     return 0
 
 
-def cmd_score(args: argparse.Namespace, log: Callable[[str], None],
-             launch: distributed.Launch) -> int:
+def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     model = _load(args.model, args)  # its errors first; nothing is read or written yet
     out = Path(args.output)
     skipped: list[str] = []
@@ -382,7 +380,7 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None],
     overlays = not args.no_overlays
     names, run, done, todo = evaluation.plan_score(
         f"-o {args.output}", args.model, args.inputs, inputs, out, args.threshold, overlays,
-        args.save_maps, args.weights, args.resume, launch)
+        args.save_maps, args.weights, args.resume, args.launch)
     if done:
         log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
     new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
@@ -391,15 +389,14 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None],
     if not scores:
         raise PatchCoreError("none of the input images could be read")
     written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
-                                   skipped, run) if launch.is_main else 0
+                                   skipped, run) if args.launch.is_main else 0
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")
         + _skipped(skipped))
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None],
-                launch: distributed.Launch) -> int:
+def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     sets = evaluation.evaluation_sets(args.model, args.data, args.category, args.good,
                                 args.defective, args.masks)
     out = Path(args.output)
@@ -417,14 +414,13 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None],
             f"{m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
             f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
         results.append(r)
-    if len(sets) > 1 and launch.is_main:
+    if len(sets) > 1 and args.launch.is_main:
         outputs.write_summary(out, results)
         log(f"summary of {len(results)} categories -> {out}/summary.csv")
     return 0
 
 
-def cmd_study(args: argparse.Namespace, log: Callable[[str], None],
-             launch: distributed.Launch) -> int:
+def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     data = Path(args.data)
     cats = mvtec_categories(data, args.category)
     if cats is None:
@@ -447,8 +443,7 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None],
     return 0
 
 
-def cmd_demo_data(args: argparse.Namespace, log: Callable[[str], None],
-                 launch: distributed.Launch) -> int:
+def cmd_demo_data(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     counts = write_demo_data(args.output, seed=args.seed, overwrite=args.overwrite)
     log(f"wrote synthetic categories widget and rod to {args.output}: " +
         ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -477,7 +472,9 @@ def _run(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # --help, --version and argparse errors
         return int(exc.code or 0)
     try:
-        launch = distributed.launch_for(args.verb)
+        # The run's launch, chosen here once; the verbs read it as args.launch (rank 0
+        # writes the merged files).
+        args.launch = launch = distributed.launch_for(args.verb)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -495,7 +492,7 @@ def _run(argv: Sequence[str] | None) -> int:
                 raise PatchCoreError(f"--temp-dir {args.temp_dir} is not an existing folder")
             return distributed.run(launch, args.verb, lambda: resolve_device(args.device),
                                    getattr(args, "dist_timeout", 0.0),
-                                   lambda: _VERBS[args.verb](args, log, launch))
+                                   lambda: _VERBS[args.verb](args, log))
         except MemoryError as exc:
             print(f"{error}{_out_of_memory(exc)}", file=sys.stderr)
         except distributed.DistError as exc:  # a rank died, failed or timed out
