@@ -42,11 +42,12 @@ import torch
 
 import _common
 from patchcore_fast import metrics
-from patchcore_fast.data import iterate_images, mvtec_test
+from patchcore_fast.datasets import iterate_images, mvtec_test
 from patchcore_fast.demo import write_demo_data
 from patchcore_fast.evaluation import add_maps, mask_of
 from patchcore_fast.export import export_onnx
-from patchcore_fast.model import PatchCore, PatchCoreConfig
+from patchcore_fast.config import PatchCoreConfig
+from patchcore_fast.model import PatchCore
 
 ort = pytest.importorskip("onnxruntime")
 try:

@@ -18,7 +18,7 @@ timm networks in eval mode, whose batch norms the exporter folds), the local agg
 and the alignment of :func:`~patchcore_fast.features.aggregate`, the embedding matrix (one
 ``Gemm``), the nearest bank row of each patch, the reweighting of
 :func:`~patchcore_fast.scoring.image_scores` (a ``Gather`` of the precomputed
-neighbourhoods, a constant) and :func:`~patchcore_fast.scoring.anomaly_maps` (bilinear
+neighbors, a constant) and :func:`~patchcore_fast.scoring.anomaly_maps` (bilinear
 ``Resize``, reflect ``Pad`` and two 1-D ``Conv`` of the Gaussian).
 
 The nearest-neighbour search is the faiss expansion as plain linear algebra (DESIGN.md,
@@ -36,7 +36,7 @@ the batch size.
 Where the weights go: ONNX is a protobuf message, and protobuf refuses to write or read a
 message of 2 GiB or more. The constants are the backbone's weights plus the bank (``M x D x
 4`` bytes: 4 KiB a row at the default width 1,024), its squared norms and the
-neighbourhoods (``M x b x 8`` bytes). Up to :data:`EXTERNAL_DATA_ABOVE` bytes of constants
+neighbors (``M x b x 8`` bytes). Up to :data:`EXTERNAL_DATA_ABOVE` bytes of constants
 they live inside ``FILE.onnx``; above it, in ONNX external data, one file ``FILE.onnx.data``
 next to it (the graph names it by its file name, so the two move together). With
 WideResNet-50 (its layers up to ``layer3``, batch norms folded: 95 MiB) the limit is reached
@@ -106,8 +106,8 @@ class ExportGraph(nn.Module):
         self.register_buffer("shift", (-centre).float())
         self.register_buffer("bank", centred)
         self.register_buffer("bank_sq", centred.double().pow(2).sum(dim=1).float())
-        hood = model.neighbourhoods
-        self.register_buffer("hood", None if hood is None else hood.detach().cpu().long())
+        hood = model.neighbors
+        self.register_buffer("neighbors", None if hood is None else hood.detach().cpu().long())
 
     def nearest(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Each query's nearest bank row (step 8), as plain linear algebra.
@@ -146,7 +146,7 @@ class ExportGraph(nn.Module):
         dist, idx = self.nearest(q)
         patches = q.reshape(n, h * w, q.shape[1])
         dist, idx = dist.reshape(n, h * w), idx.reshape(n, h * w)
-        scores = image_scores(patches, dist, idx, self.bank, self.hood)
+        scores = image_scores(patches, dist, idx, self.bank, self.neighbors)
         maps = anomaly_maps(dist, (h, w), self.input_size, self.blur_sigma)
         return scores, maps
 
@@ -158,7 +158,7 @@ class ExportReport:
     Attributes:
         path: the ``.onnx`` file.
         data_path: the external-data file, or None when everything is inside ``path``.
-        constant_bytes: bytes of the graph's constants (weights, bank, neighbourhoods).
+        constant_bytes: bytes of the graph's constants (weights, bank, neighbors).
         file_bytes: bytes written (both files).
         seconds: wall time of the export.
         input_size: (H, W) of the input.

@@ -4,10 +4,10 @@
     pip install onnxruntime numpy Pillow
     python onnx_example.py bottle.onnx photo.png more/*.jpg --maps maps/
 
-Prints ``photo,score`` per photo (plus ``,normalised,label`` when the model carries a
-calibration) and, with ``--maps DIR``, writes each anomaly map at the photo's own size as
-``DIR/<name>.npy`` (float32, rows x columns = photo height x width; a second photo of
-the same name: ``<name>-2.npy``).
+Prints ``photo,score`` per photo (plus ``,normalised,label`` when the graph has those
+outputs: a calibrated model) and, with ``--maps DIR``, writes each anomaly map at the
+photo's own size as ``DIR/<name>.npy`` (float32, rows x columns = photo height x width; a
+second photo of the same name: ``<name>-2.npy``).
 
 This file imports nothing from patchcore_fast: copy it next to the ``.onnx`` file and it
 runs. The graph needs the photo prepared exactly as the package prepares it; the steps

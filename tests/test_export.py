@@ -17,7 +17,7 @@ import torch
 
 from patchcore_fast import PatchCore
 from patchcore_fast.cli import main
-from patchcore_fast.data import iterate_images, list_images
+from patchcore_fast.datasets import iterate_images, list_images
 from patchcore_fast.demo import write_demo_data
 from patchcore_fast.errors import PatchCoreError
 from patchcore_fast.export import export_onnx
@@ -244,6 +244,7 @@ def test_input_that_follows_the_photo_is_refused(exported):
     assert not Path(exported[1]).with_name("never.onnx").exists()
 
 
+@pytest.mark.parametrize("exported", ["lite0-longer"], indirect=True)
 def test_readme_commands_run_as_written(exported, demo, tmp_path):
     """The README's export block, line by line, on the Quick start's layout (a demo folder
     with widget.safetensors); only the .venv paths and the repository path of the example
@@ -256,13 +257,12 @@ def test_readme_commands_run_as_written(exported, demo, tmp_path):
     assert len(lines) == 2 and "export" in lines[0] and "onnx_example.py" in lines[1]
     shutil.copytree(demo, tmp_path / "demo")
     shutil.copy(model_file, tmp_path / "demo" / "widget.safetensors")
-    here = {".venv/bin/patchcore-fast": f"{sys.executable} -m patchcore_fast.cli",
-            ".venv/bin/python": sys.executable, "patchcore_fast/onnx_example.py": str(EXAMPLE)}
+    here = {".venv/bin/patchcore-fast": [sys.executable, "-m", "patchcore_fast.cli"],
+            ".venv/bin/python": [sys.executable],
+            "patchcore_fast/onnx_example.py": [str(EXAMPLE)]}
     for line in lines:
-        for old, new in here.items():
-            line = line.replace(old, new)
-        run = subprocess.run(shlex.split(line), cwd=tmp_path, capture_output=True, text=True,
-                             timeout=600)
+        argv = [a for word in shlex.split(line) for a in here.get(word, [word])]
+        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr
     printed = run.stdout.splitlines()
     assert [r.split(",")[0] for r in printed] == ["demo/widget/test/scratch/000.png",
@@ -281,7 +281,7 @@ def test_example_geometry_is_the_package_s(resize):
     from PIL import Image
 
     from patchcore_fast import onnx_example as ex
-    from patchcore_fast.data import Preprocess
+    from patchcore_fast.geometry import Preprocess
     from patchcore_fast.geometry import place
 
     rng = np.random.default_rng(0)
