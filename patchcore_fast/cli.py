@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import logging
 import math
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,7 +25,7 @@ from .data import list_images, mvtec_categories
 from .demo import write_demo_data
 from .errors import (PatchCoreError, SkippedFileWarning, first_line, os_error_text,
                      out_of_memory)
-from .files import check_outputs
+from .files import check_outputs, file_problem
 from .geometry import add_geometry_options, add_maps_at_option
 from .model import PatchCore, PatchCoreConfig, resolve_device
 
@@ -75,6 +79,10 @@ def _number(kind: type, ok, expected: str):
 
 
 _ratio = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+# b = 1 leaves m* alone in its neighbourhood: Eq. 7's factor is then 1 - 1 = 0 for every
+# image (scoring.py: the reweighting).
+_neighbours = _number(int, lambda v: v == 0 or v >= 2, "0 (off) or at least 2 (with 1 the "
+                      "nearest bank row is its own only neighbour and every score is 0)")
 # NaN would label every image good and is not JSON; inf labels all alike.
 _finite = _number(float, math.isfinite, "a finite number")
 # At most 30 days: datetime.timedelta (the process group's timeout) overflows near 1e14 s.
@@ -96,6 +104,24 @@ def _category(text: str) -> str:
         raise argparse.ArgumentTypeError(f"a category is the name of a folder under DATA, "
                                          f"not a path, got {text!r}")
     return name
+
+
+#: The arguments that name files or folders (an empty one would mean the current folder).
+_PATH_ARGUMENTS = ("data", "model", "inputs", "output", "good", "defective", "masks",
+                   "temp_dir", "weights")
+
+
+def _empty_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The first file or folder argument given as an empty string (``-o "$UNSET"``), named
+    as ``--help`` names it, or None. An empty path is the current folder to the operating
+    system: a run would read or write there without having been asked to."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[args.verb]._actions:
+        value = getattr(args, action.dest, None) if action.dest in _PATH_ARGUMENTS else None
+        values = value if isinstance(value, list) else [value]
+        if any(v == "" for v in values):
+            return "/".join(action.option_strings) or action.metavar or action.dest
+    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -167,8 +193,9 @@ def _model_options(p: argparse.ArgumentParser, many_ratios: bool = False) -> Non
                        help="fraction of training patches kept in the memory bank "
                             "(default 0.1; 1 keeps all)")
     add_geometry_options(g, maps_at=many_ratios)
-    g.add_argument("--num-neighbors", type=int, default=9,
-                   help="b of the image-score reweighting (paper Eq. 7); 0 turns it off")
+    g.add_argument("--num-neighbors", type=_neighbours, default=9,
+                   help="b of the image-score reweighting (paper Eq. 7), at least 2; 0 turns "
+                        "it off (default 9)")
     g.add_argument("--embed-dim", type=int, default=1024,
                    help="pretrain and target embedding width (default 1024)")
 
@@ -184,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a model on good images", epilog=_FIT_EXAMPLES,
                        formatter_class=raw, description="Fit a PatchCore memory bank on good "
                        "images: a folder of images, or an MVTec-style root with --category.")
-    p.add_argument("data", help="folder of good images, or MVTec-style root / category folder")
+    p.add_argument("data", metavar="DATA",
+                   help="folder of good images, or MVTec-style root / category folder")
     _categories(p)
     p.add_argument("-o", "--output", required=True, metavar="MODEL",
                    help="model file (.safetensors), or a folder for several categories")
@@ -197,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score images with a fitted model", epilog=_SCORE_EXAMPLES,
                        formatter_class=raw, description="Score images: writes scores.csv, "
                        "scores.json and a heatmap overlay per image.")
-    p.add_argument("model", help="model file written by fit")
+    p.add_argument("model", metavar="MODEL", help="model file written by fit")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--threshold", type=_finite, help="image score at or above which an image "
@@ -212,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EVAL_EXAMPLES, formatter_class=raw,
                        description="Evaluate a model: metrics.json (image AUROC, pixel AUROC, "
                        "PRO, F1-max), roc.png, scores.csv and overlays.")
-    p.add_argument("model", help="model file, or the folder of per-category models")
-    p.add_argument("data", nargs="?", help="MVTec-style root or category folder")
+    p.add_argument("model", metavar="MODEL",
+                   help="model file, or the folder of per-category models")
+    p.add_argument("data", nargs="?", metavar="DATA", help="MVTec-style root or category folder")
     _categories(p)
     p.add_argument("--good", metavar="DIR", help="folder of good test images (folder layout)")
     p.add_argument("--defective", metavar="DIR", help="folder of defective test images, or "
@@ -230,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_STUDY_EXAMPLES, formatter_class=raw,
                        description="Fit and evaluate at several coreset ratios (features are "
                        "extracted once); writes study.csv, study.json and study.png.")
-    p.add_argument("data", help="MVTec-style root or category folder")
+    p.add_argument("data", metavar="DATA", help="MVTec-style root or category folder")
     _categories(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     _model_options(p, many_ratios=True)
@@ -274,9 +303,22 @@ def _config_from_args(args: argparse.Namespace, ratio: float | None = None
         num_neighbors=args.num_neighbors, pretrain_embed_dim=args.embed_dim,
         target_embed_dim=args.embed_dim, device=args.device, **runtime)
     config.validate()
-    if args.weights and not Path(args.weights).is_file():
-        raise PatchCoreError(f"weights file {args.weights} does not exist")
+    why = args.weights and file_problem(args.weights)
+    if why:
+        raise PatchCoreError(f"weights file {args.weights} {why}")
     return config
+
+
+def _check_temp_dir(folder: str) -> None:
+    """``--temp-dir`` is an existing folder where a temporary file can be made (checked
+    before any work, by making one: permissions, read-only or pseudo file systems)."""
+    if not Path(folder).is_dir():
+        raise PatchCoreError(f"--temp-dir {folder} is not an existing folder")
+    try:
+        tempfile.TemporaryFile(prefix="patchcore-fast-", dir=folder).close()
+    except OSError as exc:
+        raise PatchCoreError(f"--temp-dir {folder}: cannot create a temporary file there "
+                             f"({exc.strerror or exc}); choose a writable folder") from None
 
 
 def _warn_random_weights(config: PatchCoreConfig) -> None:
@@ -412,15 +454,90 @@ _VERBS = {"fit": cmd_fit, "score": cmd_score, "evaluate": cmd_evaluate, "study":
           "demo-data": cmd_demo_data}
 
 
+class _Stream(io.TextIOBase):
+    """A standard stream that messages and progress bars can never break.
+
+    A write that fails (the reader of a pipe has left, ``2>&1 | head``: EPIPE; a closed
+    stream) loses that message and every later one, not the run: the work and its outputs
+    never depend on anyone reading the messages. The stream's descriptor is then pointed at
+    /dev/null, so that the interpreter's final flush (which would make the exit code 120)
+    and the C libraries' own writes succeed too.
+    """
+
+    def __init__(self, stream):
+        self._stream, self.lost = stream, stream is None
+
+    def _lose(self) -> None:
+        self.lost = True
+        with contextlib.suppress(Exception):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                self._stream.write(text)
+            except (OSError, ValueError):
+                self._lose()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lose()
+
+    def isatty(self) -> bool:
+        return not self.lost and bool(getattr(self._stream, "isatty", lambda: False)())
+
+    def fileno(self) -> int:
+        if self.lost:
+            raise io.UnsupportedOperation("the stream is gone")
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+
+def _open_closed_descriptors() -> None:
+    """Point standard descriptors that were closed (``2>&-``) at /dev/null.
+
+    Otherwise the next file the run opens gets descriptor 2, and everything written to
+    "stderr" (by the C libraries too) lands in it: possibly an output file. ``os.open``
+    takes the lowest free descriptor, so each closed one is filled in turn.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
+
+
+#: Loggers of the libraries used, held at ERROR: their warnings (matplotlib's cache
+#: folder and font cache, the hub's retries) are not the tool's messages.
+_QUIET_LOGGERS = ("matplotlib", "PIL", "huggingface_hub", "timm", "urllib3", "httpx")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``patchcore-fast`` (its console script, ``patchcore_fast_entry``, sets
     the Ctrl-C handler first). Returns the exit code: 0 on success, 1 when a distributed
-    run failed, 2 on a user error (one line on stderr), 130 on Ctrl-C."""
+    run failed, 2 on a user error (one line on stderr), 130 on Ctrl-C. Messages go to
+    stderr through :class:`_Stream`: a closed or broken stderr never changes the outcome."""
+    _open_closed_descriptors()
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Stream(sys.stdout), _Stream(sys.stderr)
     try:
         return _run(argv)
     except KeyboardInterrupt:  # the run's finally blocks have removed its temporary files
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -429,6 +546,11 @@ def _run(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and argparse errors
         return int(exc.code or 0)
+    empty = _empty_path(parser, args)
+    if empty:
+        print(f"{PROG}: error: {empty}: empty path (an unset variable?); name a file or "
+              f"folder", file=sys.stderr)
+        return 2
     try:
         launch = distributed.launch_for(args.verb)
     except ValueError as exc:
@@ -443,8 +565,8 @@ def _run(argv: Sequence[str] | None) -> int:
         warnings.simplefilter("error" if fail else "always", SkippedFileWarning)
         warnings.showwarning = _show_warning
         try:
-            if getattr(args, "temp_dir", None) and not Path(args.temp_dir).is_dir():
-                raise PatchCoreError(f"--temp-dir {args.temp_dir} is not an existing folder")
+            if getattr(args, "temp_dir", None):
+                _check_temp_dir(args.temp_dir)
             return distributed.run(launch, args.verb, lambda: resolve_device(args.device),
                                    getattr(args, "dist_timeout", 0.0),
                                    lambda: _VERBS[args.verb](args, log))
