@@ -151,7 +151,7 @@ class StreamingCoreset:
         in_memory: keep the full-width rows in memory (on their device) instead of a file.
         project: project the rows as they arrive (default); False only keeps them, for a
             caller that projects them itself (the distributed fit, whose blocks are the
-            global bank's: :func:`patchcore_fast.distributed.project_shard`).
+            global bank's: :func:`patchcore_fast.sharded.project_shard`).
 
     Example:
         >>> with StreamingCoreset(0.01, 128, seed=0) as sc:
