@@ -24,9 +24,9 @@ from ._version import __version__
 from .config import PatchCoreConfig, resolve_device
 from .datasets import list_images, mvtec_categories
 from .demo import write_demo_data
-from .errors import (PatchCoreError, SkippedFileWarning, first_line, os_error_text,
-                     out_of_memory)
-from .files import check_outputs, file_problem
+from .errors import (InputWarning, PatchCoreError, SkippedFileWarning, first_line,
+                     os_error_text, out_of_memory)
+from .files import check_outputs, file_problem, output_lock
 from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
 from .model import PatchCore
 
@@ -391,6 +391,13 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
                           precision=args.precision, bank_shards=args.bank_shards)
 
 
+def _holding(option: str, out: Path, launch: distributed.Launch):
+    """The output folder held for this run (:func:`~patchcore_fast.files.output_lock`: a
+    second run into it meanwhile is refused), by rank 0, which writes the merged files;
+    the other ranks of a torchrun run write their overlays into the folder it holds."""
+    return output_lock(option, out) if launch.is_main else contextlib.nullcontext()
+
+
 # ----- verbs --------------------------------------------------------------------------
 
 def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
@@ -420,18 +427,20 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     skipped: list[str] = []
     inputs = list_images(args.inputs, "input", skipped)
     overlays = not args.no_overlays
-    names, run, done, todo = evaluation.plan_score(
+    names, run = evaluation.plan_score(
         f"-o {args.output}", args.model, args.inputs, inputs, out, args.threshold, overlays,
         args.save_maps, args.weights, args.resume, args.launch)
-    if done:
-        log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
-    new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
-                                  args.save_maps, args.temp_dir, not args.quiet, run)
-    scores = {**done, **new}
-    if not scores:
-        raise PatchCoreError("none of the input images could be read")
-    written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
-                                   skipped, run) if args.launch.is_main else 0
+    with _holding(f"-o {args.output}", out, args.launch):
+        done, todo = evaluation.earlier_results(out, run, inputs, args.resume)
+        if done:
+            log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
+        new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
+                                      args.save_maps, args.temp_dir, not args.quiet, run)
+        scores = {**done, **new}
+        if not scores:
+            raise PatchCoreError("none of the input images could be read")
+        written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
+                                       skipped, run) if args.launch.is_main else 0
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")
         + _skipped(skipped))
@@ -445,20 +454,22 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     evaluation.check_evaluation_outputs(f"-o {args.output}", out, sets, not args.no_overlays,
                                         args.save_maps, args.weights)
     results = []
-    for name, file, items, skipped in sets:
-        model = _load(file, args)
-        sub = out / name if len(sets) > 1 else out
-        r = evaluation.evaluate_category(name, model, items, skipped, sub, args.model,
-                                         not args.no_overlays, args.save_maps,
-                                         args.temp_dir, not args.quiet, args.maps_at)
-        m = {k: outputs.fmt_metric(r[k]) for k in ("image_auroc", "pixel_auroc", "pro", "f1_max")}
-        log(f"{name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, PRO "
-            f"{m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
-            f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
-        results.append(r)
-    if len(sets) > 1 and args.launch.is_main:
-        outputs.write_summary(out, results)
-        log(f"summary of {len(results)} categories -> {out}/summary.csv")
+    with _holding(f"-o {args.output}", out, args.launch):
+        for name, file, items, skipped, _ in sets:
+            model = _load(file, args)
+            sub = out / name if len(sets) > 1 else out
+            r = evaluation.evaluate_category(name, model, items, skipped, sub, args.model,
+                                             not args.no_overlays, args.save_maps,
+                                             args.temp_dir, not args.quiet, args.maps_at)
+            m = {k: outputs.fmt_metric(r[k])
+                 for k in ("image_auroc", "pixel_auroc", "pro", "f1_max")}
+            log(f"{name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, "
+                f"PRO {m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
+                f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
+            results.append(r)
+        if len(sets) > 1 and args.launch.is_main:
+            outputs.write_summary(out, results)
+            log(f"summary of {len(results)} categories -> {out}/summary.csv")
     return 0
 
 
@@ -474,13 +485,15 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
                   [folder for _, folder in cats], [args.weights] if args.weights else [])
     _warn_random_weights(base)
     rows = []
-    for name, folder in cats:
-        for r in evaluation.study_category(name, folder, base, ratios, args.temp_dir,
-                                           not args.quiet, args.maps_at):
-            log(f"{name} ratio {r['coreset_ratio']}: image AUROC {r['image_auroc']}, pixel "
-                f"AUROC {r['pixel_auroc']}, PRO {r['pro']}, fit {r['fit_seconds']:.1f} s")
-            rows.append(r)
-    outputs.write_study(out, base.to_json(), rows)
+    with _holding(f"-o {args.output}", out, args.launch):
+        for name, folder in cats:
+            for r in evaluation.study_category(name, folder, base, ratios, args.temp_dir,
+                                               not args.quiet, args.maps_at):
+                log(f"{name} ratio {r['coreset_ratio']}: image AUROC {r['image_auroc']}, "
+                    f"pixel AUROC {r['pixel_auroc']}, PRO {r['pro']}, fit "
+                    f"{r['fit_seconds']:.1f} s")
+                rows.append(r)
+        outputs.write_study(out, base.to_json(), rows)
     log(f"study of {len(ratios)} ratios -> {out}/study.csv, study.png")
     return 0
 
@@ -608,6 +621,7 @@ def _run(argv: Sequence[str] | None) -> int:
         # --on-error fail turns the first skipped file into an exception, raised where the
         # file is met: nothing after it is computed and no output file is written.
         warnings.simplefilter("error" if fail else "always", SkippedFileWarning)
+        warnings.simplefilter("always", InputWarning)  # each file named, in every run
         warnings.showwarning = _show_warning
         try:
             if getattr(args, "temp_dir", None):

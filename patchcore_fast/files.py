@@ -266,6 +266,15 @@ class MapSpool:
 
 # ----- what a path is ----------------------------------------------------------------------
 
+def text_name(path: str | os.PathLike) -> str:
+    """A path as text, the way every output names it (tables, JSON, journal, overlay names,
+    messages): as it is when its bytes are UTF-8, else each byte that is not as ``\\xNN``
+    (an old share's Latin-1 ``caf\\xe9.png``). Outputs are always valid UTF-8, and two
+    different names stay different."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+
 def file_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as a regular file, in words, or None when it can.
 

@@ -289,6 +289,12 @@ class PixelHistogram:
             out.images += p.images
         return out
 
+    @property
+    def defect_pixels(self) -> int:
+        """Defect pixels counted so far (how much ground truth the metrics rest on)."""
+        self._flush()
+        return int(self.defect.sum())
+
     # ----- curves and areas ---------------------------------------------------------
 
     @property
