@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import logging
 import math
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,9 +22,10 @@ from .datasets import list_images, mvtec_categories
 from .demo import write_demo_data
 from .errors import (InputWarning, PatchCoreError, SkippedFileWarning, first_line,
                      os_error_text, out_of_memory)
-from .files import check_outputs, file_problem, output_lock
+from .files import check_outputs, check_temp_dir, file_problem, output_lock
 from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
 from .model import PatchCore
+from .streams import guarded_streams
 
 PROG = "patchcore-fast"
 
@@ -80,8 +77,6 @@ def _number(kind: type, ok, expected: str):
 
 
 _ratio = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
-# b = 1 leaves m* alone in its neighbourhood: Eq. 7's factor is then 1 - 1 = 0 for every
-# image (scoring.py: the reweighting).
 _neighbours = _number(int, lambda v: v == 0 or v >= 2, "0 (off) or at least 2 (with 1 the "
                       "nearest bank row is its own only neighbour and every score is 0)")
 # NaN would label every image good and is not JSON; inf labels all alike.
@@ -145,20 +140,17 @@ def add_geometry_options(group, maps_at: bool = False) -> None:
                             f"cover the whole photo (default {DEFAULT_CROP or 'none'})")
 
 
-#: The arguments that name files or folders (an empty one would mean the current folder).
 _PATH_ARGUMENTS = ("data", "model", "inputs", "output", "good", "defective", "masks",
                    "temp_dir", "weights")
 
 
 def _empty_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
-    """The first file or folder argument given as an empty string (``-o "$UNSET"``), named
-    as ``--help`` names it, or None. An empty path is the current folder to the operating
-    system: a run would read or write there without having been asked to."""
+    """The first file or folder argument given as "" (``-o "$UNSET"``: the current folder
+    to the operating system), named as ``--help`` names it, or None."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for action in sub.choices[args.verb]._actions:
-        value = getattr(args, action.dest, None) if action.dest in _PATH_ARGUMENTS else None
-        values = value if isinstance(value, list) else [value]
-        if any(v == "" for v in values):
+        given = getattr(args, action.dest, None) if action.dest in _PATH_ARGUMENTS else None
+        if given == "" or (isinstance(given, list) and "" in given):
             return "/".join(action.option_strings) or action.metavar or action.dest
     return None
 
@@ -236,8 +228,7 @@ def _model_options(p: argparse.ArgumentParser, many_ratios: bool = False) -> Non
                             "(default 0.1; 1 keeps all)")
     add_geometry_options(g, maps_at=many_ratios)
     g.add_argument("--num-neighbors", type=_neighbours, default=9,
-                   help="b of the image-score reweighting (paper Eq. 7), at least 2; 0 turns "
-                        "it off (default 9)")
+                   help="b of the reweighting (paper Eq. 7): 0 (off) or at least 2 (default 9)")
     g.add_argument("--embed-dim", type=int, default=1024,
                    help="pretrain and target embedding width (default 1024)")
 
@@ -253,8 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a model on good images", epilog=_FIT_EXAMPLES,
                        formatter_class=raw, description="Fit a PatchCore memory bank on good "
                        "images: a folder of images, or an MVTec-style root with --category.")
-    p.add_argument("data", metavar="DATA",
-                   help="folder of good images, or MVTec-style root / category folder")
+    p.add_argument("data", metavar="DATA", help="good images: a folder, or an MVTec root")
     _categories(p)
     p.add_argument("-o", "--output", required=True, metavar="MODEL",
                    help="model file (.safetensors), or a folder for several categories")
@@ -282,8 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EVAL_EXAMPLES, formatter_class=raw,
                        description="Evaluate a model: metrics.json (image AUROC, pixel AUROC, "
                        "PRO, F1-max), roc.png, scores.csv and overlays.")
-    p.add_argument("model", metavar="MODEL",
-                   help="model file, or the folder of per-category models")
+    p.add_argument("model", metavar="MODEL", help="model file, or folder of category models")
     p.add_argument("data", nargs="?", metavar="DATA", help="MVTec-style root or category folder")
     _categories(p)
     p.add_argument("--good", metavar="DIR", help="folder of good test images (folder layout)")
@@ -345,22 +334,9 @@ def _config_from_args(args: argparse.Namespace, ratio: float | None = None
         num_neighbors=args.num_neighbors, pretrain_embed_dim=args.embed_dim,
         target_embed_dim=args.embed_dim, device=args.device, **runtime)
     config.validate()
-    why = args.weights and file_problem(args.weights)
-    if why:
+    if args.weights and (why := file_problem(args.weights)):
         raise PatchCoreError(f"weights file {args.weights} {why}")
     return config
-
-
-def _check_temp_dir(folder: str) -> None:
-    """``--temp-dir`` is an existing folder where a temporary file can be made (checked
-    before any work, by making one: permissions, read-only or pseudo file systems)."""
-    if not Path(folder).is_dir():
-        raise PatchCoreError(f"--temp-dir {folder} is not an existing folder")
-    try:
-        tempfile.TemporaryFile(prefix="patchcore-fast-", dir=folder).close()
-    except OSError as exc:
-        raise PatchCoreError(f"--temp-dir {folder}: cannot create a temporary file there "
-                             f"({exc.strerror or exc}); choose a writable folder") from None
 
 
 def _warn_random_weights(config: PatchCoreConfig) -> None:
@@ -389,13 +365,6 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
     return PatchCore.load(path, device=args.device, weights=args.weights,
                           batch_size=args.batch_size, num_workers=args.workers,
                           precision=args.precision, bank_shards=args.bank_shards)
-
-
-def _holding(option: str, out: Path, launch: distributed.Launch):
-    """The output folder held for this run (:func:`~patchcore_fast.files.output_lock`: a
-    second run into it meanwhile is refused), by rank 0, which writes the merged files;
-    the other ranks of a torchrun run write their overlays into the folder it holds."""
-    return output_lock(option, out) if launch.is_main else contextlib.nullcontext()
 
 
 # ----- verbs --------------------------------------------------------------------------
@@ -430,7 +399,7 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     names, run = evaluation.plan_score(
         f"-o {args.output}", args.model, args.inputs, inputs, out, args.threshold, overlays,
         args.save_maps, args.weights, args.resume, args.launch)
-    with _holding(f"-o {args.output}", out, args.launch):
+    with output_lock(f"-o {args.output}", out, args.launch.is_main):
         done, todo = evaluation.earlier_results(out, run, inputs, args.resume)
         if done:
             log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
@@ -454,7 +423,7 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     evaluation.check_evaluation_outputs(f"-o {args.output}", out, sets, not args.no_overlays,
                                         args.save_maps, args.weights)
     results = []
-    with _holding(f"-o {args.output}", out, args.launch):
+    with output_lock(f"-o {args.output}", out, args.launch.is_main):
         for name, file, items, skipped, _ in sets:
             model = _load(file, args)
             sub = out / name if len(sets) > 1 else out
@@ -485,13 +454,12 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
                   [folder for _, folder in cats], [args.weights] if args.weights else [])
     _warn_random_weights(base)
     rows = []
-    with _holding(f"-o {args.output}", out, args.launch):
+    with output_lock(f"-o {args.output}", out, args.launch.is_main):
         for name, folder in cats:
             for r in evaluation.study_category(name, folder, base, ratios, args.temp_dir,
                                                not args.quiet, args.maps_at):
-                log(f"{name} ratio {r['coreset_ratio']}: image AUROC {r['image_auroc']}, "
-                    f"pixel AUROC {r['pixel_auroc']}, PRO {r['pro']}, fit "
-                    f"{r['fit_seconds']:.1f} s")
+                log(f"{name} ratio {r['coreset_ratio']}: image AUROC {r['image_auroc']}, pixel"
+                    f" AUROC {r['pixel_auroc']}, PRO {r['pro']}, fit {r['fit_seconds']:.1f} s")
                 rows.append(r)
         outputs.write_study(out, base.to_json(), rows)
     log(f"study of {len(ratios)} ratios -> {out}/study.csv, study.png")
@@ -509,90 +477,18 @@ _VERBS = {"fit": cmd_fit, "score": cmd_score, "evaluate": cmd_evaluate, "study":
           "demo-data": cmd_demo_data}
 
 
-class _Stream(io.TextIOBase):
-    """A standard stream that messages and progress bars can never break.
-
-    A write that fails (the reader of a pipe has left, ``2>&1 | head``: EPIPE; a closed
-    stream) loses that message and every later one, not the run: the work and its outputs
-    never depend on anyone reading the messages. The stream's descriptor is then pointed at
-    /dev/null, so that the interpreter's final flush (which would make the exit code 120)
-    and the C libraries' own writes succeed too.
-    """
-
-    def __init__(self, stream):
-        self._stream, self.lost = stream, stream is None
-
-    def _lose(self) -> None:
-        self.lost = True
-        with contextlib.suppress(Exception):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self._stream.fileno())
-            os.close(null)
-
-    def write(self, text: str) -> int:
-        if not self.lost:
-            try:
-                self._stream.write(text)
-            except (OSError, ValueError):
-                self._lose()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.lost:
-            try:
-                self._stream.flush()
-            except (OSError, ValueError):
-                self._lose()
-
-    def isatty(self) -> bool:
-        return not self.lost and bool(getattr(self._stream, "isatty", lambda: False)())
-
-    def fileno(self) -> int:
-        if self.lost:
-            raise io.UnsupportedOperation("the stream is gone")
-        return self._stream.fileno()
-
-    @property
-    def encoding(self) -> str:
-        return getattr(self._stream, "encoding", None) or "utf-8"
-
-
-def _open_closed_descriptors() -> None:
-    """Point standard descriptors that were closed (``2>&-``) at /dev/null.
-
-    Otherwise the next file the run opens gets descriptor 2, and everything written to
-    "stderr" (by the C libraries too) lands in it: possibly an output file. ``os.open``
-    takes the lowest free descriptor, so each closed one is filled in turn.
-    """
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
-
-
-#: Loggers of the libraries used, held at ERROR: their warnings (matplotlib's cache
-#: folder and font cache, the hub's retries) are not the tool's messages.
-_QUIET_LOGGERS = ("matplotlib", "PIL", "huggingface_hub", "timm", "urllib3", "httpx")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``patchcore-fast`` (its console script, ``patchcore_fast_entry``, sets
     the Ctrl-C handler first). Returns the exit code: 0 on success, 1 when a distributed
     run failed, 2 on a user error (one line on stderr), 130 on Ctrl-C. Messages go to
-    stderr through :class:`_Stream`: a closed or broken stderr never changes the outcome."""
-    _open_closed_descriptors()
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Stream(sys.stdout), _Stream(sys.stderr)
-    try:
-        return _run(argv)
-    except KeyboardInterrupt:  # the run's finally blocks have removed its temporary files
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        sys.stdout, sys.stderr = streams
+    stderr through :func:`~patchcore_fast.streams.guarded_streams`: a closed or broken
+    stderr never changes the outcome."""
+    with guarded_streams():
+        try:
+            return _run(argv)
+        except KeyboardInterrupt:  # the run's finally blocks have removed its temp files
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -602,10 +498,6 @@ def _run(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # --help, --version and argparse errors
         return int(exc.code or 0)
     empty = _empty_path(parser, args)
-    if empty:
-        print(f"{PROG}: error: {empty}: empty path (an unset variable?); name a file or "
-              f"folder", file=sys.stderr)
-        return 2
     try:
         # The run's launch, chosen here once; the verbs read it as args.launch (rank 0
         # writes the merged files).
@@ -624,8 +516,11 @@ def _run(argv: Sequence[str] | None) -> int:
         warnings.simplefilter("always", InputWarning)  # each file named, in every run
         warnings.showwarning = _show_warning
         try:
+            if empty:
+                raise PatchCoreError(f"{empty}: empty path (an unset variable?); name a file "
+                                     f"or folder")
             if getattr(args, "temp_dir", None):
-                _check_temp_dir(args.temp_dir)
+                check_temp_dir(args.temp_dir)
             return distributed.run(launch, args.verb, lambda: resolve_device(args.device),
                                    getattr(args, "dist_timeout", 0.0),
                                    lambda: _VERBS[args.verb](args, log))

@@ -117,8 +117,8 @@ def _once(paths: list[Path]) -> list[Path]:
                           f"read once", InputWarning, stacklevel=3)
         name = text_name(spellings[0])
         if name != str(spellings[0]):
-            warnings.warn(f"the name of {name} is not valid UTF-8: the outputs write it so, "
-                          f"each byte that is not as \\xNN", InputWarning, stacklevel=3)
+            warnings.warn(f"the name of {name} is not valid UTF-8: the outputs write each "
+                          f"such byte as \\xNN, as here", InputWarning, stacklevel=3)
     return [spellings[0] for spellings in seen.values()]
 
 

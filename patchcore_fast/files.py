@@ -269,8 +269,9 @@ class MapSpool:
 def text_name(path: str | os.PathLike) -> str:
     """A path as text, the way every output names it (tables, JSON, journal, overlay names,
     messages): as it is when its bytes are UTF-8, else each byte that is not as ``\\xNN``
-    (an old share's Latin-1 ``caf\\xe9.png``). Outputs are always valid UTF-8, and two
-    different names stay different."""
+    (an old share's Latin-1 ``caf\\xe9.png``), so outputs are always valid UTF-8. (A file
+    literally named ``caf\\xe9.png`` would read the same: overlay names stay apart all the
+    same, :func:`~patchcore_fast.outputs.unique_names`.)"""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
@@ -303,10 +304,23 @@ def file_problem(path: str | os.PathLike) -> str | None:
     return "is not a regular file"
 
 
+def check_temp_dir(folder: str) -> None:
+    """``--temp-dir`` is an existing folder where a temporary file can be made (checked
+    before any work, by making one: permissions, read-only or pseudo file systems)."""
+    if not Path(folder).is_dir():
+        raise PatchCoreError(f"--temp-dir {folder} is not an existing folder")
+    try:
+        tempfile.TemporaryFile(prefix="patchcore-fast-", dir=folder).close()
+    except OSError as exc:
+        raise PatchCoreError(f"--temp-dir {folder}: cannot create a temporary file there "
+                             f"({exc.strerror or exc}); choose a writable folder") from None
+
+
 # ----- where outputs may go ---------------------------------------------------------------
 
 @contextlib.contextmanager
-def output_lock(option: str, folder: str | os.PathLike) -> Iterator[None]:
+def output_lock(option: str, folder: str | os.PathLike, hold: bool = True
+                ) -> Iterator[None]:
     """Hold the output folder for this run: a second run into it meanwhile is refused.
 
     The lock is ``flock`` on the folder itself (created if missing), so no lock file is
@@ -317,10 +331,15 @@ def output_lock(option: str, folder: str | os.PathLike) -> Iterator[None]:
     Args:
         option: the option naming the folder, for the message (e.g. ``"-o out/"``).
         folder: the output folder.
+        hold: False does nothing (the ranks of a torchrun run other than 0, which write
+            into the folder rank 0 holds).
 
     Raises:
         PatchCoreError: another process holds the folder (one line naming it).
     """
+    if not hold:
+        yield
+        return
     folder = Path(folder)
     made = not folder.exists()
     try:

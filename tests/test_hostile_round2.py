@@ -48,8 +48,8 @@ from patchcore_fast.metrics import f1_max
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--quiet"]
-FIT = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--crop", "64",
-       "--coreset-ratio", "0.25", *SMALL]
+FIT = [*SMALL, "--backbone", "efficientnet_lite0", "--coreset-ratio", "0.25",
+       "--image-size", "64", "--crop", "64"]  # as the demo model is fitted
 
 
 @pytest.fixture(scope="module")
