@@ -19,13 +19,23 @@ _LINE = b"patchcore-fast: interrupted\n"
 def _interrupted(signum, frame):  # pragma: no cover - runs in the interrupted process
     # Nothing has been written yet (or the command has returned): no cleanup to run, so
     # leave at once, without unwinding through a half-imported module.
-    os.write(2, _LINE)
+    try:
+        os.write(2, _LINE)
+    except OSError:  # stderr closed, or a pipe whose reader has left
+        pass
     os._exit(130)
 
 
 def main() -> int:
     """Entry point of the console script (see :func:`patchcore_fast.cli.main`)."""
     signal.signal(signal.SIGINT, _interrupted)
+    # Standard descriptors closed by the caller (2>&-) get /dev/null before the imports
+    # open any file, which would otherwise take descriptor 2 (cli.main does it again).
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
     from patchcore_fast.cli import main as command
 
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -85,7 +85,7 @@ def train_batch(images_dir):
     model = PatchCore(PatchCoreConfig())
     bank = list_images([images_dir])[:BANK_IMAGES]
     held = _query_paths(images_dir)[:max(BATCHES)]
-    return tuple(torch.cat([b for _, b in iterate_images(paths, model.preprocess, 8)])
+    return tuple(torch.cat([b for _, b, _ in iterate_images(paths, model.preprocess, 8)])
                  for paths in (bank, held))
 
 
@@ -219,7 +219,7 @@ def test_decode_only(benchmark, images_dir, device, batch):
     paths = _query_paths(images_dir)[:FILES]
 
     def fn():
-        for _, x in iterate_images(paths, model.preprocess, batch, WORKERS):
+        for _, x, _ in iterate_images(paths, model.preprocess, batch, WORKERS):
             x.to(device)
 
     _run(benchmark, fn, device, len(paths))

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import PatchCoreError, first_line
-from .files import file_sha256
+from .files import file_problem, file_sha256
 
 # torchvision networks: their layer names in forward order and the default pair.
 _TORCHVISION = {
@@ -122,8 +122,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         dict of parameter name to tensor.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PatchCoreError(f"weights file {path} does not exist")
+    why = file_problem(path)
+    if why:
+        raise PatchCoreError(f"weights file {path} {why}")
     try:
         if path.suffix == ".safetensors":
             return safetensors.torch.load_file(str(path))
@@ -196,27 +197,92 @@ def _torchvision_backbone(name: str, layers: Sequence[str], weights: str | None,
         source = f"file:{file_sha256(weights)}"
     elif pretrained:
         enum = getattr(tvm, _TORCHVISION[name][1]).IMAGENET1K_V1
-        # torch.hub announces a download (stdout or stderr, by version) before trying; hold
-        # that line back so an offline run ends with our single error line, and show it
-        # once the download worked.
-        said = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-                state = enum.get_state_dict(progress=False, check_hash=True)
-            if said.getvalue():
-                print(said.getvalue().rstrip(), file=sys.stderr)
-        except Exception as exc:  # offline: URLError, socket errors, hub errors
-            raise PatchCoreError(
-                f"cannot get the ImageNet weights of {name} ({first_line(exc)}); offline, pass "
-                f"--weights FILE (a torchvision state dict, e.g. {enum.url.rsplit('/', 1)[-1]}) "
-                f"or use --backbone efficientnet_lite0 (weights from pip package "
-                f"{_LITE0_PACKAGE})") from None
+        checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+        cached = (checkpoints / enum.url.rsplit("/", 1)[-1]).is_file()
+        state = _download(lambda: enum.get_state_dict(progress=False, check_hash=True),
+                          None if cached else enum.url, checkpoints,
+                          f"the ImageNet weights of {name}",
+                          f"--weights FILE (a torchvision state dict, e.g. "
+                          f"{enum.url.rsplit('/', 1)[-1]}) or use --backbone "
+                          f"efficientnet_lite0 (weights from pip package {_LITE0_PACKAGE})")
         net.load_state_dict(state)
         source = "torchvision:IMAGENET1K_V1"
     else:
         source = "random"
     _fold_batch_norms(net)
     return _ResNetBody(net, layers), source
+
+
+def _offline(url: str, timeout: float = 10.0) -> str | None:
+    """Why ``url``'s server cannot be reached (no DNS, no route, refused, a dead proxy,
+    a timeout), or None when it answers anything at all (even an error status: the
+    download will say what is wrong). One HEAD request, through the proxies of the
+    environment, as the downloads go."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                               timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return None  # reached; let the download report the certificate
+        return first_line(reason) if isinstance(reason, BaseException) else str(reason)
+    return None
+
+
+@contextlib.contextmanager
+def _folders_removed_on_failure(leaf: Path):
+    """Remove the folders up to ``leaf`` that the body made, if it fails and left them
+    empty: a failed download must not leave ``~/.cache/torch/hub/checkpoints`` behind."""
+    made, p = [], leaf
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
+
+
+def _download(fetch, url: str | None, cache: Path, what: str, instead: str):
+    """Weights from the network: ``fetch()``, with one policy for every source.
+
+    Before anything is fetched or any folder made, ``url`` (None: the weights are in the
+    cache, no network needed) is tried once (:func:`_offline`): without network the run
+    ends at once in one line, instead of a library's retries (timm's hub: 22 lines over
+    52 s). Messages of the download (torch.hub's announcement, the hub's retries) are held
+    back, and shown only once it worked; folders it made under ``cache`` are removed when it
+    fails.
+
+    Args:
+        fetch: downloads (or reads from the cache) and returns the weights.
+        url: the address ``fetch`` will ask, or None when it will not need the network.
+        cache: the cache folder ``fetch`` writes into.
+        what: what is fetched, for the message ("the ImageNet weights of resnet18").
+        instead: what to do offline ("--weights FILE or ...").
+    """
+    why = _offline(url) if url else None
+    if why:
+        raise PatchCoreError(f"cannot get {what}: no network ({why}); offline, pass {instead}")
+    said = io.StringIO()
+    try:
+        with _folders_removed_on_failure(cache), contextlib.redirect_stdout(said), \
+                contextlib.redirect_stderr(said):
+            result = fetch()
+    except Exception as exc:  # URLError, socket errors, hub errors, a bad checksum
+        raise PatchCoreError(f"cannot get {what} ({first_line(exc)}); offline, pass "
+                             f"{instead}") from None
+    if said.getvalue().strip():
+        print(said.getvalue().rstrip(), file=sys.stderr)
+    return result
 
 
 def _fold_batch_norms(net: nn.Module) -> None:
@@ -335,15 +401,14 @@ def _timm_backbone(name: str, layers: Sequence[str] | None, weights: str | None,
     del probe
     use_timm_hub = pretrained and not weights and name != "efficientnet_lite0"
     arch = _timm_architecture(name, weights, pretrained)
-    try:
-        body = timm.create_model(arch, pretrained=use_timm_hub, features_only=True,
-                                 out_indices=indices)
-    except Exception as exc:
-        if use_timm_hub:
-            raise PatchCoreError(
-                f"cannot get the pretrained weights of {name} ({first_line(exc)}); offline, "
-                f"pass --weights FILE or use --backbone efficientnet_lite0") from None
-        raise PatchCoreError(f"cannot build {name}: {first_line(exc)}") from None
+    if use_timm_hub:
+        body = _timm_pretrained(timm, name, arch, indices)
+    else:
+        try:
+            body = timm.create_model(arch, pretrained=False, features_only=True,
+                                     out_indices=indices)
+        except Exception as exc:
+            raise PatchCoreError(f"cannot build {name}: {first_line(exc)}") from None
     if weights or (pretrained and name == "efficientnet_lite0"):
         if weights:
             state, source = read_state_dict(weights), f"file:{file_sha256(weights)}"
@@ -375,6 +440,39 @@ def _timm_backbone(name: str, layers: Sequence[str] | None, weights: str | None,
     if getattr(body, "feature_hooks", 1) is None and hasattr(body, "_stage_out_idx"):
         body.blocks = body.blocks[:max(body._stage_out_idx)]
     return body, tuple(str(i) for i in indices), source
+
+
+def _timm_pretrained(timm, name: str, arch: str, indices: tuple[int, ...]) -> nn.Module:
+    """A timm features model with its pretrained weights from the Hugging Face hub.
+
+    Weights already in the hub's cache are read from there without the network (the hub
+    would otherwise ask the server first, retrying for a minute when offline); others are
+    downloaded under :func:`_download`'s policy.
+    """
+    import huggingface_hub
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    cached = None
+    if hub_id:
+        found = (huggingface_hub.try_to_load_from_cache(hub_id, f)
+                 for f in ("model.safetensors", "pytorch_model.bin"))
+        cached = next((f for f in found if isinstance(f, str)), None)
+    if not cached and huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise PatchCoreError(f"cannot get the pretrained weights of {name}: HF_HUB_OFFLINE "
+                             f"is set and they are not in the hub's cache; pass --weights FILE "
+                             f"or use --backbone efficientnet_lite0")
+    overlay = {"file": cached} if cached else None
+    endpoint = None if cached else (huggingface_hub.constants.ENDPOINT if hub_id
+                                    else getattr(cfg, "url", None))
+
+    def fetch() -> nn.Module:
+        return timm.create_model(arch, pretrained=True, features_only=True,
+                                 out_indices=indices, pretrained_cfg_overlay=overlay)
+
+    return _download(fetch, endpoint, Path(huggingface_hub.constants.HF_HUB_CACHE),
+                     f"the pretrained weights of {name}",
+                     "--weights FILE or use --backbone efficientnet_lite0")
 
 
 def load_backbone(name: str, layers: Sequence[str] | None = None, weights: str | None = None,

@@ -20,11 +20,12 @@ from ._version import __version__
 from .config import PatchCoreConfig, resolve_device
 from .datasets import list_images, mvtec_categories
 from .demo import write_demo_data
-from .errors import (PatchCoreError, SkippedFileWarning, first_line, os_error_text,
-                     out_of_memory)
-from .files import check_outputs
+from .errors import (InputWarning, PatchCoreError, SkippedFileWarning, first_line,
+                     os_error_text, out_of_memory)
+from .files import check_outputs, check_temp_dir, file_problem, output_lock
 from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
 from .model import PatchCore
+from .streams import guarded_streams
 
 PROG = "patchcore-fast"
 
@@ -80,6 +81,8 @@ def _number(kind: type, ok, expected: str):
 
 
 _ratio = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+_neighbours = _number(int, lambda v: v == 0 or v >= 2, "0 (off) or at least 2 (with 1 the "
+                      "nearest bank row is its own only neighbour and every score is 0)")
 # NaN would label every image good and is not JSON; inf labels all alike.
 _finite = _number(float, math.isfinite, "a finite number")
 # At most 30 days: datetime.timedelta (the process group's timeout) overflows near 1e14 s.
@@ -139,6 +142,21 @@ def add_geometry_options(group, maps_at: bool = False) -> None:
     group.add_argument("--crop", type=_crop_arg, default=DEFAULT_CROP, metavar="PX|none",
                        help=f"centre crop side; none or 0: the whole resized image, maps "
                             f"cover the whole photo (default {DEFAULT_CROP or 'none'})")
+
+
+_PATH_ARGUMENTS = ("data", "model", "inputs", "output", "good", "defective", "masks",
+                   "temp_dir", "weights")
+
+
+def _empty_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The first file or folder argument given as "" (``-o "$UNSET"``: the current folder
+    to the operating system), named as ``--help`` names it, or None."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[args.verb]._actions:
+        given = getattr(args, action.dest, None) if action.dest in _PATH_ARGUMENTS else None
+        if given == "" or (isinstance(given, list) and "" in given):
+            return "/".join(action.option_strings) or action.metavar or action.dest
+    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,8 +231,8 @@ def _model_options(p: argparse.ArgumentParser, many_ratios: bool = False) -> Non
                        help="fraction of training patches kept in the memory bank "
                             "(default 0.1; 1 keeps all)")
     add_geometry_options(g, maps_at=many_ratios)
-    g.add_argument("--num-neighbors", type=int, default=9,
-                   help="b of the image-score reweighting (paper Eq. 7); 0 turns it off")
+    g.add_argument("--num-neighbors", type=_neighbours, default=9,
+                   help="b of the reweighting (paper Eq. 7): 0 (off) or at least 2 (default 9)")
     g.add_argument("--embed-dim", type=int, default=1024,
                    help="pretrain and target embedding width (default 1024)")
 
@@ -230,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a model on good images", epilog=_FIT_EXAMPLES,
                        formatter_class=raw, description="Fit a PatchCore memory bank on good "
                        "images: a folder of images, or an MVTec-style root with --category.")
-    p.add_argument("data", help="folder of good images, or MVTec-style root / category folder")
+    p.add_argument("data", metavar="DATA", help="good images: a folder, or an MVTec root")
     _categories(p)
     p.add_argument("-o", "--output", required=True, metavar="MODEL",
                    help="model file (.safetensors), or a folder for several categories")
@@ -243,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score images with a fitted model", epilog=_SCORE_EXAMPLES,
                        formatter_class=raw, description="Score images: writes scores.csv, "
                        "scores.json and a heatmap overlay per image.")
-    p.add_argument("model", help="model file written by fit")
+    p.add_argument("model", metavar="MODEL", help="model file written by fit")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--threshold", type=_finite, help="image score at or above which an image "
@@ -258,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EVAL_EXAMPLES, formatter_class=raw,
                        description="Evaluate a model: metrics.json (image AUROC, pixel AUROC, "
                        "PRO, F1-max), roc.png, scores.csv and overlays.")
-    p.add_argument("model", help="model file, or the folder of per-category models")
-    p.add_argument("data", nargs="?", help="MVTec-style root or category folder")
+    p.add_argument("model", metavar="MODEL", help="model file, or folder of category models")
+    p.add_argument("data", nargs="?", metavar="DATA", help="MVTec-style root or category folder")
     _categories(p)
     p.add_argument("--good", metavar="DIR", help="folder of good test images (folder layout)")
     p.add_argument("--defective", metavar="DIR", help="folder of defective test images, or "
@@ -276,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_STUDY_EXAMPLES, formatter_class=raw,
                        description="Fit and evaluate at several coreset ratios (features are "
                        "extracted once); writes study.csv, study.json and study.png.")
-    p.add_argument("data", help="MVTec-style root or category folder")
+    p.add_argument("data", metavar="DATA", help="MVTec-style root or category folder")
     _categories(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     _model_options(p, many_ratios=True)
@@ -332,8 +350,8 @@ def _config_from_args(args: argparse.Namespace, ratio: float | None = None
         num_neighbors=args.num_neighbors, pretrain_embed_dim=args.embed_dim,
         target_embed_dim=args.embed_dim, device=args.device, **runtime)
     config.validate()
-    if args.weights and not Path(args.weights).is_file():
-        raise PatchCoreError(f"weights file {args.weights} does not exist")
+    if args.weights and (why := file_problem(args.weights)):
+        raise PatchCoreError(f"weights file {args.weights} {why}")
     return config
 
 
@@ -394,18 +412,20 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     skipped: list[str] = []
     inputs = list_images(args.inputs, "input", skipped)
     overlays = not args.no_overlays
-    names, run, done, todo = evaluation.plan_score(
+    names, run = evaluation.plan_score(
         f"-o {args.output}", args.model, args.inputs, inputs, out, args.threshold, overlays,
         args.save_maps, args.weights, args.resume, args.launch)
-    if done:
-        log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
-    new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
-                                  args.save_maps, args.temp_dir, not args.quiet, run)
-    scores = {**done, **new}
-    if not scores:
-        raise PatchCoreError("none of the input images could be read")
-    written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
-                                   skipped, run) if args.launch.is_main else 0
+    with output_lock(f"-o {args.output}", out, args.launch.is_main):
+        done, todo = evaluation.earlier_results(out, run, inputs, args.resume)
+        if done:
+            log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
+        new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
+                                      args.save_maps, args.temp_dir, not args.quiet, run)
+        scores = {**done, **new}
+        if not scores:
+            raise PatchCoreError("none of the input images could be read")
+        written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
+                                       skipped, run) if args.launch.is_main else 0
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")
         + _skipped(skipped))
@@ -419,20 +439,22 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     evaluation.check_evaluation_outputs(f"-o {args.output}", out, sets, not args.no_overlays,
                                         args.save_maps, args.weights)
     results = []
-    for name, file, items, skipped in sets:
-        model = _load(file, args)
-        sub = out / name if len(sets) > 1 else out
-        r = evaluation.evaluate_category(name, model, items, skipped, sub, args.model,
-                                         not args.no_overlays, args.save_maps,
-                                         args.temp_dir, not args.quiet, args.maps_at)
-        m = {k: outputs.fmt_metric(r[k]) for k in ("image_auroc", "pixel_auroc", "pro", "f1_max")}
-        log(f"{name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, PRO "
-            f"{m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
-            f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
-        results.append(r)
-    if len(sets) > 1 and args.launch.is_main:
-        outputs.write_summary(out, results)
-        log(f"summary of {len(results)} categories -> {out}/summary.csv")
+    with output_lock(f"-o {args.output}", out, args.launch.is_main):
+        for name, file, items, skipped, _ in sets:
+            model = _load(file, args)
+            sub = out / name if len(sets) > 1 else out
+            r = evaluation.evaluate_category(name, model, items, skipped, sub, args.model,
+                                             not args.no_overlays, args.save_maps,
+                                             args.temp_dir, not args.quiet, args.maps_at)
+            m = {k: outputs.fmt_metric(r[k])
+                 for k in ("image_auroc", "pixel_auroc", "pro", "f1_max")}
+            log(f"{name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, "
+                f"PRO {m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
+                f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
+            results.append(r)
+        if len(sets) > 1 and args.launch.is_main:
+            outputs.write_summary(out, results)
+            log(f"summary of {len(results)} categories -> {out}/summary.csv")
     return 0
 
 
@@ -448,13 +470,14 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
                   [folder for _, folder in cats], [args.weights] if args.weights else [])
     _warn_random_weights(base)
     rows = []
-    for name, folder in cats:
-        for r in evaluation.study_category(name, folder, base, ratios, args.temp_dir,
-                                           not args.quiet, args.maps_at):
-            log(f"{name} ratio {r['coreset_ratio']}: image AUROC {r['image_auroc']}, pixel "
-                f"AUROC {r['pixel_auroc']}, PRO {r['pro']}, fit {r['fit_seconds']:.1f} s")
-            rows.append(r)
-    outputs.write_study(out, base.to_json(), rows)
+    with output_lock(f"-o {args.output}", out, args.launch.is_main):
+        for name, folder in cats:
+            for r in evaluation.study_category(name, folder, base, ratios, args.temp_dir,
+                                               not args.quiet, args.maps_at):
+                log(f"{name} ratio {r['coreset_ratio']}: image AUROC {r['image_auroc']}, pixel"
+                    f" AUROC {r['pixel_auroc']}, PRO {r['pro']}, fit {r['fit_seconds']:.1f} s")
+                rows.append(r)
+        outputs.write_study(out, base.to_json(), rows)
     log(f"study of {len(ratios)} ratios -> {out}/study.csv, study.png")
     return 0
 
@@ -485,12 +508,15 @@ _VERBS = {"fit": cmd_fit, "score": cmd_score, "evaluate": cmd_evaluate, "study":
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``patchcore-fast`` (its console script, ``patchcore_fast_entry``, sets
     the Ctrl-C handler first). Returns the exit code: 0 on success, 1 when a distributed
-    run failed, 2 on a user error (one line on stderr), 130 on Ctrl-C."""
-    try:
-        return _run(argv)
-    except KeyboardInterrupt:  # the run's finally blocks have removed its temporary files
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    run failed, 2 on a user error (one line on stderr), 130 on Ctrl-C. Messages go to
+    stderr through :func:`~patchcore_fast.streams.guarded_streams`: a closed or broken
+    stderr never changes the outcome."""
+    with guarded_streams():
+        try:
+            return _run(argv)
+        except KeyboardInterrupt:  # the run's finally blocks have removed its temp files
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -499,6 +525,7 @@ def _run(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and argparse errors
         return int(exc.code or 0)
+    empty = _empty_path(parser, args)
     try:
         # The run's launch, chosen here once; the verbs read it as args.launch (rank 0
         # writes the merged files).
@@ -514,10 +541,14 @@ def _run(argv: Sequence[str] | None) -> int:
         # --on-error fail turns the first skipped file into an exception, raised where the
         # file is met: nothing after it is computed and no output file is written.
         warnings.simplefilter("error" if fail else "always", SkippedFileWarning)
+        warnings.simplefilter("always", InputWarning)  # each file named, in every run
         warnings.showwarning = _show_warning
         try:
-            if getattr(args, "temp_dir", None) and not Path(args.temp_dir).is_dir():
-                raise PatchCoreError(f"--temp-dir {args.temp_dir} is not an existing folder")
+            if empty:
+                raise PatchCoreError(f"{empty}: empty path (an unset variable?); name a file "
+                                     f"or folder")
+            if getattr(args, "temp_dir", None):
+                check_temp_dir(args.temp_dir)
             return distributed.run(launch, args.verb, lambda: resolve_device(args.device),
                                    getattr(args, "dist_timeout", 0.0),
                                    lambda: _VERBS[args.verb](args, log))

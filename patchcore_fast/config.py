@@ -98,7 +98,13 @@ class PatchCoreConfig:
     precision: str = "fp32"
 
     def validate(self) -> None:
-        """Raise :class:`PatchCoreError` naming the first invalid setting."""
+        """Raise :class:`PatchCoreError` naming the first invalid setting: of the wrong
+        type (``coreset_ratio="0.1"``, ``image_size=224.5``: :func:`check_types`), then out
+        of range or meaningless."""
+        try:
+            check_types(dataclasses.asdict(self))
+        except ValueError as exc:
+            raise PatchCoreError(str(exc)) from None
         if not 16 <= self.image_size <= MAX_IMAGE_SIZE:
             raise PatchCoreError(
                 f"image size should be between 16 and {MAX_IMAGE_SIZE:,} (a {MAX_IMAGE_SIZE:,}"
@@ -114,8 +120,14 @@ class PatchCoreConfig:
             raise PatchCoreError(f"coreset ratio should be in (0, 1], got {self.coreset_ratio}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise PatchCoreError(f"patch size should be odd and positive, got {self.patch_size}")
-        if self.num_neighbors < 0:
-            raise PatchCoreError(f"num_neighbors should be >= 0, got {self.num_neighbors}")
+        if self.num_neighbors < 0 or self.num_neighbors == 1:
+            # b = 1: N_b(m*) is m* alone, Eq. 7's softmax weight of m* is 1 and every image
+            # would score 1 - 1 = 0 (scoring.py defines a lone m* as a factor of 1 instead,
+            # for a one-row bank, but asking for it is a mistake worth saying).
+            raise PatchCoreError(f"num_neighbors (--num-neighbors) should be 0 (off) or at "
+                                 f"least 2, got {self.num_neighbors} (with 1 the nearest "
+                                 f"bank row is its own only neighbour: every score would be "
+                                 f"0)")
         for name in ("pretrain_embed_dim", "target_embed_dim", "projection_dim", "batch_size"):
             if getattr(self, name) < 1:
                 raise PatchCoreError(f"{name} should be positive, got {getattr(self, name)}")
@@ -154,6 +166,36 @@ class PatchCoreConfig:
             raise PatchCoreError(f"model settings {', '.join(unknown)} are unknown to this "
                                  f"version of patchcore-fast ({__version__}); upgrade it")
         return cls(**data)
+
+
+# Python types each config annotation admits (JSON has no tuples; ints pass as floats).
+_FIELD_TYPES = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+    "str | None": (str, type(None)), "list[str] | None": (list, tuple, type(None)),
+    "list[float]": (list, tuple),
+}
+_ITEM_TYPES = {"list[str] | None": (str,), "list[float]": (int, float)}
+
+
+def check_types(data: dict) -> None:
+    """Raise ValueError naming the first setting whose value has the wrong type: for the
+    settings given in Python (:meth:`PatchCoreConfig.validate`) and those read from a
+    model file's JSON alike. A bool is not a number here, nor a string a number."""
+    for f in dataclasses.fields(PatchCoreConfig):
+        if f.name not in data:
+            continue
+        value, allowed = data[f.name], _FIELD_TYPES[f.type]
+        # bool is an int in Python, but true is not a number of pixels.
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if ok and isinstance(value, (list, tuple)):
+            ok = all(isinstance(v, _ITEM_TYPES[f.type]) and not isinstance(v, bool)
+                     for v in value)
+        if not ok:
+            try:
+                shown = json.dumps(value)
+            except (TypeError, ValueError):
+                shown = repr(value)
+            raise ValueError(f"setting {f.name} should be {f.type}, got {shown}"[:200])
 
 
 def resolve_device(name: str) -> torch.device:

@@ -12,6 +12,12 @@ class SkippedFileWarning(UserWarning):
     """An input file that could not be read and was left out (the message names it)."""
 
 
+class InputWarning(UserWarning):
+    """An input (a file or a setting) that is used, with something the user should know
+    (the message names it): a file name that is not UTF-8, a file given twice, a mask that
+    is missing, lossy or marks nothing, ``--workers`` above the CPUs."""
+
+
 class LargeImageWarning(UserWarning):
     """An image so elongated that only the region behind its crop is resized (the message
     names it and says how much of it the model sees)."""

@@ -19,9 +19,9 @@ import torch
 
 from . import distributed, metrics
 from .config import PatchCoreConfig
-from .datasets import TestImage, folder_test, mvtec_categories, mvtec_test, skip_file
+from .datasets import TEST, TestImage, folder_test, mvtec_categories, mvtec_test, skip_file
 from .errors import PatchCoreError
-from .files import ArraySpool, MapSpool, check_outputs, file_sha256
+from .files import ArraySpool, MapSpool, check_outputs, file_problem, file_sha256, text_name
 from .images import UnreadableImage, image_size, read_mask, read_size_again
 from .journal import Journal, read_done, run_record
 from .metrics import PixelHistogram
@@ -35,9 +35,15 @@ from .sharded import ShardedBank
 # ----- test images and their masks --------------------------------------------------------
 
 def evaluation_sets(model: str | Path, data: str | Path | None, categories: Sequence[str] | None,
-              good: str | None = None, defective: str | None = None,
-              masks: str | None = None) -> list[tuple[str, Path, list[TestImage], list[str]]]:
-    """What evaluate runs over: (name, model file, test images, skipped) per category.
+                    good: str | None = None, defective: str | None = None,
+                    masks: str | None = None
+                    ) -> list[tuple[str, Path, list[TestImage], list[str], list[Path]]]:
+    """What evaluate runs over: (name, model file, test images, skipped, the folders whose
+    listing makes the set) per category.
+
+    A category of the MVTec layout is a folder with ``test/`` (evaluate never reads
+    ``train/``); the folders listed are its ``test`` and ``ground_truth`` (a new folder in
+    either would be a new defect type), or ``--good``, ``--defective`` and ``--masks``.
 
     Args:
         model: a model file, or the folder of ``<category>.safetensors`` files.
@@ -51,13 +57,14 @@ def evaluation_sets(model: str | Path, data: str | Path | None, categories: Sequ
             raise PatchCoreError("the folder layout needs both --good and --defective")
         skipped: list[str] = []
         items = folder_test(good, defective, masks, skipped)
-        return [(model.stem, model, items, skipped)]
+        listed = [Path(good), Path(defective), *([Path(masks)] if masks else [])]
+        return [(model.stem, model, items, skipped, listed)]
     if not data:
         raise PatchCoreError("give DATA (MVTec-style) or --good and --defective folders")
     data = Path(data)
-    cats = mvtec_categories(data, categories)
+    cats = mvtec_categories(data, categories, TEST)
     if cats is None:
-        raise PatchCoreError(f"{data} is not an MVTec-style category (no train/good); give "
+        raise PatchCoreError(f"{data} is not an MVTec-style category (no test folder); give "
                              f"--category, or --good and --defective folders")
     out = []
     for name, folder in cats:
@@ -67,7 +74,7 @@ def evaluation_sets(model: str | Path, data: str | Path | None, categories: Sequ
         if len(cats) > 1 and not model.is_dir():
             raise PatchCoreError(f"several categories need MODEL to be the folder of "
                                  f"<category>.safetensors files, got {model}")
-        out.append((name, file, items, skipped))
+        out.append((name, file, items, skipped, [folder / TEST, folder / "ground_truth"]))
     return out
 
 
@@ -82,15 +89,16 @@ def check_evaluation_outputs(option: str, out: Path, sets: Sequence, overlays: b
         overlays, save_maps: which image files will be written.
         weights: the ``--weights`` file, if any (read, so never overwritten).
     """
-    for name, file, items, _ in sets:
-        if not file.is_file():
-            raise PatchCoreError(f"model file {file} "
-                                 + ("is a folder" if file.is_dir() else "does not exist"))
+    for name, file, items, _, listed in sets:
+        why = file_problem(file)
+        if why:
+            raise PatchCoreError(f"model file {file} {why}")
         many = len(sets) > 1
         check_outputs(option, out, evaluation_files(out / name if many else out, items,
                                                     overlays, save_maps)
                       + (summary_files(out) if many else []),
-                      {p.parent for i in items for p in (i.path, i.mask) if p is not None},
+                      {*listed, *(p.parent for i in items for p in (i.path, i.mask)
+                                  if p is not None)},
                       [file, *([weights] if weights else [])])
 
 
@@ -123,7 +131,8 @@ def usable_masks(items: Sequence[TestImage], skipped: list[str]) -> list[TestIma
     return out
 
 
-def mask_of(item: TestImage, preprocess, maps_at: str = "original") -> np.ndarray:
+def mask_of(item: TestImage, preprocess, maps_at: str = "original",
+            size: tuple[int, int] | None = None) -> np.ndarray:
     """Ground truth of one test image (all False without a mask), matching its map.
 
     Args:
@@ -131,9 +140,11 @@ def mask_of(item: TestImage, preprocess, maps_at: str = "original") -> np.ndarra
         preprocess (geometry.Preprocess): the model's geometry.
         maps_at: ``original``: the mask itself (the photo's size); ``crop``: put through
             the model's geometry and cut to the pixels that show the photo.
+        size: the photo's (width, height) as it was read (needed without a mask; default:
+            its header).
 
     Returns:
-        bool array[H, W].
+        bool array[H, W] (:func:`~patchcore_fast.images.read_mask` says what a mask is).
     """
     m = None
     if item.mask:
@@ -142,7 +153,7 @@ def mask_of(item: TestImage, preprocess, maps_at: str = "original") -> np.ndarra
         except UnreadableImage as exc:
             raise PatchCoreError(f"cannot read mask {item.mask}: {exc}") from None
         size = m.size
-    else:
+    elif size is None:
         size = read_size_again(item.path)
     if maps_at == "crop":
         return preprocess.mask(m, size).numpy()
@@ -166,14 +177,32 @@ def add_maps(pixels: dict[str, PixelHistogram], defects: Sequence[str],
 
 
 def has_ground_truth(items: Sequence[TestImage]) -> bool:
-    """Pixel metrics need a mask for every defective image (good ones may have none)."""
-    return any(i.mask for i in items) and all(i.mask for i in items if i.label)
+    """Pixel metrics are taken when some defective image has a mask: over the good images
+    (all normal) and the defective ones that have masks; a defective image without one is
+    left out of them (:func:`in_pixel_metrics`), named in a warning when it is listed."""
+    return any(i.mask for i in items if i.label)
+
+
+#: The histogram key of the defective images without masks (no folder has this name).
+NO_MASK = "\0without a mask"
+
+
+def in_pixel_metrics(item: TestImage) -> bool:
+    """Whether an image's pixels count in the pixel metrics: good, or with a mask."""
+    return not item.label or item.mask is not None
 
 
 def _metrics(items: Sequence[TestImage], scores: np.ndarray,
              pixels: dict[str, PixelHistogram]) -> dict:
-    return metrics.evaluate([i.label for i in items], scores, [i.defect for i in items],
-                            pixels=pixels if has_ground_truth(items) else None)
+    truth = has_ground_truth(items)
+    pixels = {k: h for k, h in pixels.items() if k != NO_MASK}
+    result = metrics.evaluate([i.label for i in items], scores, [i.defect for i in items],
+                              pixels=pixels if truth else None)
+    result["ground_truth"] = {
+        "masks": sum(1 for i in items if i.label and i.mask),
+        "missing": [text_name(i.path) for i in items if i.label and not i.mask],
+        "defect_pixels": sum(h.defect_pixels for h in pixels.values()) if truth else 0}
+    return result
 
 
 # ----- the loops ----------------------------------------------------------------------------
@@ -182,7 +211,7 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
                out: Path, threshold: float | None, overlays: bool, save_maps: bool,
                weights: str | None, resume: bool,
                launch: distributed.Launch = distributed.ONE_PROCESS
-               ) -> tuple[dict, dict, dict, list[Path]]:
+               ) -> tuple[dict, dict]:
     """What a score run writes and still has to do, checked before any work.
 
     ``option`` names the output folder in errors (``-o OUT``). Output names come from the
@@ -193,8 +222,8 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
     process's).
 
     Returns:
-        (names: input -> output stem, run record, done: input -> score of the earlier
-        run, todo: the inputs still to score)
+        (names: input -> output stem, run record); :func:`earlier_results` then says what
+        is done.
     """
     names = dict(zip(inputs, unique_names(inputs)))
     check_outputs(option, out, score_files(out, list(names.values()), overlays, save_maps),
@@ -208,8 +237,16 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
                              "written by one process); resume the run as one process")
     run = run_record(file_sha256(model_file), weights and file_sha256(weights), threshold,
                      overlays, save_maps)
+    return names, run
+
+
+def earlier_results(out: Path, run: dict, inputs: Sequence[Path], resume: bool
+                    ) -> tuple[dict[str, float], list[Path]]:
+    """(score by file name of the images an earlier run into ``out`` finished, the inputs
+    still to score): read under the output folder's lock, so that no other run is writing
+    them meanwhile."""
     done = read_done(out, run) if resume else {}
-    return names, run, done, [p for p in inputs if str(p) not in done]
+    return done, [p for p in inputs if text_name(p) not in done]
 
 
 def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str], out: Path,
@@ -243,8 +280,8 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
         run: the run's record for the journal (model hash, options).
 
     Returns:
-        image score by file name, every rank's (in input order); ``skipped`` gets every
-        rank's unreadable files.
+        image score by file name (:func:`~patchcore_fast.files.text_name`), every rank's
+        (in input order); ``skipped`` gets every rank's unreadable files.
     """
     launch = distributed.current()
     share, keeps = _shares(launch, model, paths)
@@ -258,14 +295,14 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
             new, pixels, missed = {}, PixelHistogram(), []
             for batch, scores, maps in (model.predict_batches(
                     share, missed, progress and launch.is_main) if share else ()):
-                new.update(zip(map(str, batch), scores.tolist()))
+                new.update(zip(map(text_name, batch), scores.tolist()))
                 order.extend(batch)
                 if images and keeps:
                     spool.append(maps)
                     for amap in maps:
                         pixels.add(amap)
                 elif not images:
-                    journal.record([(p, new[str(p)]) for p in batch])
+                    journal.record([(p, new[text_name(p)]) for p in batch])
             return (new, pixels, missed) if keeps else None
 
         parts = [p for p in launch.exchange(first_pass) if p is not None]
@@ -277,7 +314,7 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
             if images and keeps and order:
                 write_map_files(out, spool, [(p, names[p]) for p in order], model.preprocess,
                                 everything, overlays, save_maps,
-                                written=lambda p: journal.record([(p, new[str(p)])]))
+                                written=lambda p: journal.record([(p, new[text_name(p)])]))
 
         launch.exchange(second_pass)
     return new
@@ -306,7 +343,9 @@ def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[s
     """Score labelled images: (kept, their scores, pixel histogram per defect, seconds).
 
     Maps (at the photo's size or the crop's, ``maps_at``) go to ``spool`` (when overlays
-    or maps are written) and into the histograms.
+    or maps are written) and into the histograms: a defective image without a mask into
+    the one of :data:`NO_MASK` (the overlays' colour scale counts it, the pixel metrics
+    do not).
     """
     items = usable_masks(items, skipped)
     by_path = {i.path: i for i in items}
@@ -324,7 +363,7 @@ def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[s
         paths, batch_scores, maps = batch
         done = [by_path[p] for p in paths]
         kept += done
-        add_maps(pixels, [i.defect for i in done], maps,
+        add_maps(pixels, [i.defect if in_pixel_metrics(i) else NO_MASK for i in done], maps,
                  [mask_of(i, model.preprocess, maps_at) if i.mask else None for i in done])
         scores.append(batch_scores)
         if spool is not None:
@@ -414,7 +453,7 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
         result = _metrics(kept, scores_arr, pixels)
         result = {"category": name, **result, "maps_at": maps_at, "skipped": skipped,
                   "score_seconds": seconds, "seconds_per_image": seconds / len(kept),
-                  "model": {"file": str(model_file),
+                  "model": {"file": text_name(model_file),
                             "config": json.loads(model.config.to_json()),
                             "fit_stats": model.fit_stats},
                   **({"distributed": record} if record else {})}
@@ -427,8 +466,9 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
 
         launch.exchange(write_maps)  # every rank's files written, or the error
     if launch.is_main:
+        truth = [h for k, h in pixels.items() if k != NO_MASK]
         write_evaluation(out, result, kept, scores_arr,
-                         everything if has_ground_truth(kept) else None)
+                         PixelHistogram.combined(truth) if has_ground_truth(kept) else None)
     return result
 
 
@@ -465,21 +505,25 @@ def study_category(name: str, folder: Path, config: PatchCoreConfig, ratios: Seq
         t0 = time.perf_counter()
         embeddings = masks = None
         kept = []
-        for paths, patches in model.embed_batches([i.path for i in items], skipped,
-                                                  progress, f"{name}: test features"):
+        sizes = []
+        for paths, patches, read in model.embed_batches([i.path for i in items], skipped,
+                                                        progress, f"{name}: test features",
+                                                        with_sizes=True):
             if embeddings is None:
                 embeddings = stack.enter_context(ArraySpool(
                     patches.shape[1:], np.float32, temp_dir, "test-feature file"))
                 masks = stack.enter_context(MapSpool(np.bool_, temp_dir, "mask file"))
             embeddings.append(patches.float().cpu().numpy())
             kept += [by_path[p] for p in paths]
-            masks.append([mask_of(by_path[p], pre, maps_at) for p in paths])
+            sizes += read
+            masks.append([mask_of(by_path[p], pre, maps_at, size)
+                          for p, size in zip(paths, read)])
         if not kept:
             raise PatchCoreError(f"none of the test images of {name} could be read")
         test_seconds = time.perf_counter() - t0
         grid, size = model.grid, model.input_size
-        places = [pre.placement(read_size_again(i.path)) for i in kept]
-        defects = [i.defect for i in kept]
+        places = [pre.placement(wh) for wh in sizes]
+        defects = [i.defect if in_pixel_metrics(i) else NO_MASK for i in kept]
         for ratio in model.fit_each_ratio(folder / "train" / "good", ratios, skipped,
                                           progress, temp_dir):
             t0 = time.perf_counter()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import fcntl
 import functools
 import hashlib
 import io
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,6 +42,11 @@ def _why(exc: OSError, tmp: str | None) -> str:
     return text
 
 
+#: Bytes of a file's name kept in the name of its temporary file: with the dots, eight
+#: random characters and ``.tmp``, 214 bytes, within any file system's 255.
+TEMP_NAME_BYTES = 200
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; move it onto ``path`` on success.
@@ -47,7 +54,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The temporary file lives in the same folder so that ``os.replace`` is a rename on one
     file system (atomic). If the body raises, the temporary file is removed and ``path``
     is left as it was. The file gets the mode a plain ``open()`` would give it (0666 less
-    the umask), not ``mkstemp``'s 0600, so that a shared folder stays shared.
+    the umask), not ``mkstemp``'s 0600, so that a shared folder stays shared: set when the
+    body is done, since a writer may replace the temporary file with its own (safetensors
+    writes a 0600 file and renames it onto the path it is given). The temporary name is
+    ``.NAME.XXXXXXXX.tmp`` with NAME cut to :data:`TEMP_NAME_BYTES` bytes, so that a file
+    whose own name is as long as a name may be (255 bytes) can still be written.
 
     Args:
         path: final location of the file.
@@ -68,14 +79,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                              f"{_why(exc, None)}") from None
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o666 & ~current_umask())
-        finally:
-            os.close(fd)
+        short = os.fsdecode(os.fsencode(path.name)[:TEMP_NAME_BYTES])
+        fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "a folder of that name is in the way")
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
@@ -135,24 +145,26 @@ class ArraySpool:
             raise ValueError(f"items should be [B, {', '.join(map(str, self.shape))}], got "
                              f"{list(items.shape)}")
         where = self.temp_dir or tempfile.gettempdir()
-        # The way out that the user controls: --temp-dir when it was given, else $TMPDIR.
-        other = ("choose another folder with --temp-dir" if self.temp_dir is not None
-                 else "set TMPDIR (or --temp-dir)")
+
+        def way_out(folder: str) -> str:  # the one the user controls
+            return ("choose another folder with --temp-dir" if self.temp_dir is not None
+                    else f"set TMPDIR (or --temp-dir) to {folder}")
+
         if self._file is None:
             try:
                 self._file = tempfile.TemporaryFile(prefix="patchcore-fast-",
                                                     dir=self.temp_dir)
             except OSError as exc:
                 raise PatchCoreError(f"cannot create the temporary {self.what} in {where}: "
-                                     f"{exc.strerror or exc}; {other} to a writable "
-                                     f"folder") from None
+                                     f"{exc.strerror or exc}; {way_out('a writable folder')}"
+                                     ) from None
         try:
             self._file.write(memoryview(items).cast("B"))
         except OSError as exc:
             raise PatchCoreError(
                 f"cannot write the temporary {self.what} ({self.count * self.item_bytes:,} "
                 f"bytes written, {items.nbytes:,} more needed) in {where}: "
-                f"{exc.strerror or exc}; {other} to a folder with more space") from None
+                f"{exc.strerror or exc}; {way_out('a folder with more space')}") from None
         self.count += len(items)
 
     def read(self, start: int, stop: int | None = None, out: np.ndarray | None = None
@@ -252,13 +264,147 @@ class MapSpool:
         self.close()
 
 
+# ----- what a path is ----------------------------------------------------------------------
+
+def text_name(path: str | os.PathLike) -> str:
+    """A path as text, the way every output names it (tables, JSON, journal, overlay names,
+    messages): as it is when its bytes are UTF-8, else each byte that is not as ``\\xNN``
+    (an old share's Latin-1 ``caf\\xe9.png``), so outputs are always valid UTF-8. (A file
+    literally named ``caf\\xe9.png`` would read the same: overlay names stay apart all the
+    same, :func:`~patchcore_fast.outputs.unique_names`.)"""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a regular file, in words, or None when it can.
+
+    One answer for every file the tool reads (model, weights, images, masks): ``does not
+    exist``, ``is a dangling symbolic link (to X)``, ``is a loop of symbolic links``, ``is a
+    folder``, ``is a named pipe (FIFO), not a regular file`` (reading one would wait for a
+    writer), ``is a socket, ...``, ``is a device, ...``, or the OS's reason
+    (``cannot be read: Permission denied``). Only ``stat`` is called: nothing is opened.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        if os.path.islink(path):
+            return f"is a dangling symbolic link (to {os.readlink(path)})"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "does not exist"
+        return f"cannot be read: {exc.strerror or exc}"
+    kinds = ((stat.S_ISREG, None), (stat.S_ISDIR, "is a folder"),
+             (stat.S_ISFIFO, "is a named pipe (FIFO)"), (stat.S_ISSOCK, "is a socket"),
+             (stat.S_ISCHR, "is a device"), (stat.S_ISBLK, "is a device"))
+    for test, what in kinds:
+        if test(st.st_mode):
+            return what if what in (None, "is a folder") else f"{what}, not a regular file"
+    return "is not a regular file"
+
+
+def check_temp_dir(folder: str) -> None:
+    """``--temp-dir`` is an existing folder where a temporary file can be made (checked
+    before any work, by making one: permissions, read-only or pseudo file systems)."""
+    if not Path(folder).is_dir():
+        raise PatchCoreError(f"--temp-dir {folder} is not an existing folder")
+    try:
+        tempfile.TemporaryFile(prefix="patchcore-fast-", dir=folder).close()
+    except OSError as exc:
+        raise PatchCoreError(f"--temp-dir {folder}: cannot create a temporary file there "
+                             f"({exc.strerror or exc}); choose a writable folder") from None
+
+
 # ----- where outputs may go ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def output_lock(option: str, folder: str | os.PathLike, hold: bool = True
+                ) -> Iterator[None]:
+    """Hold the output folder for this run: a second run into it meanwhile is refused.
+
+    The lock is ``flock`` on the folder itself (created if missing), so no lock file is
+    left behind and the operating system releases it when the process ends, killed or
+    not. On a file system without ``flock`` the run goes on unlocked. A folder made here
+    that the run left empty (it failed before writing) is removed again.
+
+    Args:
+        option: the option naming the folder, for the message (e.g. ``"-o out/"``).
+        folder: the output folder.
+        hold: False does nothing (the ranks of a torchrun run other than 0, which write
+            into the folder rank 0 holds).
+
+    Raises:
+        PatchCoreError: another process holds the folder (one line naming it).
+    """
+    if not hold:
+        yield
+        return
+    folder = Path(folder)
+    made = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise PatchCoreError(f"{option}: cannot create the folder {folder}: "
+                             f"{_why(exc, None)}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PatchCoreError(f"{option}: another patchcore-fast run is writing into "
+                                 f"{folder}; wait for it to end or choose another output "
+                                 f"folder") from None
+        except OSError:  # no locks on this file system (some network mounts)
+            pass
+        yield
+    finally:
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when still empty
+
+
 
 def _existing_ancestor(path: Path) -> Path:
     """The deepest part of ``path`` that exists (``path`` itself if it does)."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def _name_limits(path: Path) -> tuple[int, int]:
+    """(longest name, longest path) in bytes on the file system that will hold ``path``
+    (asked of its deepest existing folder; 255 and 4,096, Linux's, when it cannot say)."""
+    while path != path.parent:
+        try:
+            if path.is_dir():
+                return os.pathconf(path, "PC_NAME_MAX"), os.pathconf(path, "PC_PATH_MAX")
+        except (OSError, ValueError):  # a path too long to stat, or no answer
+            pass
+        path = path.parent
+    return 255, 4096
+
+
+def _short(path: Path) -> str:
+    """A long path for a message: its start and its end."""
+    text = str(path)
+    return text if len(text) <= 120 else f"{text[:60]}...{text[-50:]}"
+
+
+def _check_length(option: str, path: Path, name_max: int, path_max: int) -> None:
+    """Refuse a path with a name or a length the file system cannot hold."""
+    for part in path.parts:
+        n = len(os.fsencode(part))
+        if n > name_max:
+            raise PatchCoreError(f"{option}: the name {_short(Path(part))} in "
+                                 f"{_short(path)} is too long ({n:,} bytes; at most "
+                                 f"{name_max:,} here); choose a shorter output")
+    # Its temporary file's name (atomic_path) may be 14 bytes longer: ".", ".XXXXXXXX.tmp".
+    n, most = len(os.fsencode(str(path))), path_max - 1 - 14
+    if n > most:
+        raise PatchCoreError(f"{option}: the output path {_short(path)} is too long ({n:,} "
+                             f"bytes; at most {most:,} here); choose a shorter output")
 
 
 def check_outputs(option: str, out: str | os.PathLike, files: Sequence[str | os.PathLike],
@@ -288,12 +434,15 @@ def check_outputs(option: str, out: str | os.PathLike, files: Sequence[str | os.
             raise PatchCoreError(f"{option}: the output {out} is inside the input folder "
                                  f"{folder}; write the results somewhere else")
     parents: dict[Path, Path] = {}
+    name_max, path_max = _name_limits(base)
     for f in files:
         f = Path(f)
         parent = parents.get(f.parent)
         if parent is None:
             parent = parents[f.parent] = f.parent.resolve()
+            _check_length(option, parent, name_max, path_max)
         target = parent / f.name
+        _check_length(option, target, name_max, path_max)
         if not (target == base or target.is_relative_to(base)):
             raise PatchCoreError(f"{option}: {f} would be written outside {out}")
         if target in inputs:

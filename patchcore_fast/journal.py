@@ -11,12 +11,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .errors import PatchCoreError
-from .files import csv_rows, fsync_folder
+from .errors import InputWarning, PatchCoreError
+from .files import csv_rows, fsync_folder, text_name
 
 #: score's progress, for ``--resume`` (removed when the run finishes).
 JOURNAL = ".scores.partial.csv"
@@ -60,7 +62,9 @@ def read_done(out: Path, run: dict) -> dict[str, float]:
 
     A journal line cut short by a kill or a full disk (no newline yet) is ignored: that
     image is scored again. An empty journal (a run that died before its header reached the
-    disk) holds nothing and is started again.
+    disk) holds nothing and is started again. A score that is not a finite number (``nan``,
+    ``1e999``, JSON's ``NaN``: no run of this tool writes one) is not a result: that
+    image is named in a warning and scored again.
 
     Args:
         out: output folder.
@@ -70,13 +74,19 @@ def read_done(out: Path, run: dict) -> dict[str, float]:
         PatchCoreError: the earlier results belong to another model or other options, or
             are not this tool's files; one line.
     """
-    done: dict[str, float] = {}
+    found: dict[str, tuple[float, Path]] = {}  # the last score of each file, and where
+
+    def keep(source: Path, file: str, score: float) -> None:
+        found.pop(file, None)
+        found[file] = score, source
+
     finished = out / "scores.json"
     if finished.is_file():
         try:
             data = json.loads(finished.read_text(encoding="utf-8"))
             _check_run(finished, data.get("run"), run)
-            done.update({str(r["file"]): float(r["score"]) for r in data["images"]})
+            for r in data["images"]:
+                keep(finished, str(r["file"]), float(r["score"]))
         except PatchCoreError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
@@ -100,11 +110,16 @@ def read_done(out: Path, run: dict) -> dict[str, float]:
             _check_run(journal, earlier, run)
             for row in csv.DictReader(io.StringIO(rest)):
                 try:
-                    done[row["file"]] = float(row["score"])
+                    file, score = row["file"], float(row["score"])
                 except (KeyError, TypeError, ValueError):
                     raise PatchCoreError(f"--resume: {journal} is damaged (row {row}); "
                                          f"delete it to score everything again") from None
-    return done
+                keep(journal, file, score)
+    for file, (score, source) in found.items():
+        if not math.isfinite(score):
+            warnings.warn(f"--resume: {source} gives {file} the score {score}, not a finite "
+                          f"number: it is scored again", InputWarning, stacklevel=2)
+    return {file: score for file, (score, _) in found.items() if math.isfinite(score)}
 
 
 class Journal:
@@ -155,7 +170,8 @@ class Journal:
         try:
             if self._file is None:
                 self._open()
-            self._file.write(csv_rows([[str(p), s] for p, s in scores]).encode("utf-8"))
+            self._file.write(csv_rows([[text_name(p), s] for p, s in scores]
+                                      ).encode("utf-8"))
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:

@@ -289,6 +289,12 @@ class PixelHistogram:
             out.images += p.images
         return out
 
+    @property
+    def defect_pixels(self) -> int:
+        """Defect pixels counted so far (how much ground truth the metrics rest on)."""
+        self._flush()
+        return int(self.defect.sum())
+
     # ----- curves and areas ---------------------------------------------------------
 
     @property
@@ -380,11 +386,14 @@ class PixelHistogram:
 def f1_max(labels: Sequence[int], scores: Sequence[float]) -> tuple[float | None, float | None]:
     """The best F1 over all thresholds ``score >= t``, and that threshold.
 
+    Like AUROC it needs both classes: without a good image every threshold below the
+    lowest score has precision 1 and recall 1, so F1-max would be 1 whatever the scores.
+
     Returns:
-        (F1-max, threshold), or (None, None) without a positive example.
+        (F1-max, threshold), or (None, None) without a positive or a negative example.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    if labels.sum() == 0:
+    if labels.size == 0 or labels.min() == labels.max():
         return None, None
     precision, recall, thresholds = precision_recall_curve(labels, np.asarray(scores))
     # The last (precision 1, recall 0) point has no threshold.

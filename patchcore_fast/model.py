@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -141,7 +142,8 @@ class PatchCore:
 
     def embed_batches(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
                       skipped: list[str] | None = None, progress: bool = False,
-                      desc: str = "features") -> Iterator[tuple[list[Path], Tensor]]:
+                      desc: str = "features", with_sizes: bool = False
+                      ) -> Iterator[tuple[list[Path], Tensor]]:
         """Patch embeddings, batch by batch (bounded memory).
 
         Args:
@@ -149,25 +151,30 @@ class PatchCore:
             skipped: list collecting unreadable files.
             progress: show a progress bar.
             desc: progress-bar label.
+            with_sizes: also yield each photo's (width, height) upright, as it was read
+                (what :meth:`maps_back` puts a map back to).
 
         Yields:
-            (paths of the batch, Tensor[B, h * w, D] on the model's device).
+            (paths of the batch, Tensor[B, h * w, D] on the model's device), and the
+            photos' sizes with ``with_sizes``.
         """
-        yield from self._embed_paths(_list_inputs(images, skipped), skipped, progress, desc)
+        for paths, patches, sizes in self._embed_paths(_list_inputs(images, skipped),
+                                                       skipped, progress, desc):
+            yield (paths, patches, sizes) if with_sizes else (paths, patches)
 
     def _embed_paths(self, paths: list[Path], skipped: list[str] | None, progress: bool,
-                     desc: str) -> Iterator[tuple[list[Path], Tensor]]:
-        """:meth:`embed_batches` on image files already listed."""
+                     desc: str) -> Iterator[tuple[list[Path], Tensor, list[tuple[int, int]]]]:
+        """:meth:`embed_batches` (with sizes) on image files already listed."""
         embedder = self.embedder
         with _progress(len(paths), desc, progress) as bar, torch.inference_mode():
             cuda = self.device.type == "cuda"
-            for idx, batch in iterate_images(paths, self.preprocess, self.config.batch_size,
-                                             self.config.num_workers, skipped, bar.update,
-                                             pin_memory=cuda):
+            for idx, batch, sizes in iterate_images(
+                    paths, self.preprocess, self.config.batch_size, self.config.num_workers,
+                    skipped, bar.update, pin_memory=cuda):
                 patches, grid = embedder(batch.to(self.device, non_blocking=cuda))
                 self.grid = grid
                 self.input_size = tuple(batch.shape[-2:])
-                yield [paths[i] for i in idx], patches
+                yield [paths[i] for i in idx], patches, sizes
 
     # ----- steps 6-7: memory bank and coreset ---------------------------------------
 
@@ -225,6 +232,8 @@ class PatchCore:
              streaming: bool, temp_dir: str | os.PathLike | None) -> Iterator[float]:
         """The one fit path: embed every training image once, then per ratio select the
         coreset, gather its rows and precompute their neighbors."""
+        if not len(ratios):
+            raise PatchCoreError("no coreset ratio given: give at least one, in (0, 1]")
         for r in ratios:
             coreset_size(1, r)  # validates every ratio before any work
         # Under torch.distributed each rank embeds its contiguous share of the images and
@@ -241,8 +250,8 @@ class PatchCore:
         with StreamingCoreset(ratios[0], c.projection_dim, c.seed, temp_dir=temp_dir,
                               in_memory=not streaming, project=launch.world == 1) as sc:
             # Pass 1: features -> temporary file (or memory) + projections in memory.
-            for batch, patches in self._embed_paths(paths, skipped, progress,
-                                                    "fit: features"):
+            for batch, patches, _ in self._embed_paths(paths, skipped, progress,
+                                                       "fit: features"):
                 if fixed and sc.expected_rows is None:
                     # A fixed input shape gives every image the first one's grid, so this
                     # bounds N (skipped files only lower it) and the projected bank is
@@ -289,6 +298,11 @@ class PatchCore:
             self.neighbors = (bank_neighbors(self.bank, self.config.num_neighbors)
                               if self.config.num_neighbors > 0 else None)
             bar.update()
+        if self.neighbors is not None and self.bank.shape[0] == 1:
+            warnings.warn("the memory bank has one row: the reweighting (Eq. 7) has no "
+                          "neighbour to compare with, so each image scores its nearest "
+                          "distance s* (fit more images or a larger --coreset-ratio)",
+                          stacklevel=3)
         synchronize(self.device)
         self.fit_stats.update(bank_rows=int(self.bank.shape[0]),
                               embed_dim=int(self.bank.shape[1]),
@@ -338,16 +352,18 @@ class PatchCore:
         torch.cuda.current_stream(maps.device).synchronize()
         return host[0], host[1]
 
-    def maps_back(self, paths: Sequence[Path], maps: Tensor, maps_at: str = "original"
-                  ) -> list[np.ndarray]:
+    def maps_back(self, paths: Sequence[Path], maps: Tensor, maps_at: str = "original",
+                  sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
         """Input-sized maps -> each photo's geometry (:mod:`~patchcore_fast.geometry`).
 
         Args:
-            paths: the photos (their headers give their sizes; one that cannot be read
-                again raises :class:`PatchCoreError`).
+            paths: the photos.
             maps (Tensor[B, H_in, W_in]): maps of the model's input.
             maps_at: ``original`` (the photo's size: crop, padding and resize undone) or
                 ``crop`` (the input's resolution, padding cut off: the paper's protocol).
+            sizes: each photo's (width, height) as it was read for the maps
+                (:meth:`embed_batches` ``with_sizes``); None: from the files' headers (one
+                that cannot be read again raises :class:`PatchCoreError`).
 
         Returns:
             list of float32 array[H, W], one per photo.
@@ -356,9 +372,10 @@ class PatchCore:
             raise PatchCoreError(f"maps_at should be one of {', '.join(MAPS_AT)}, got "
                                  f"{maps_at!r}")
         pre = self.preprocess
+        sizes = sizes if sizes is not None else [read_size_again(p) for p in paths]
         out = []
-        for path, amap in zip(paths, maps):
-            p = pre.placement(read_size_again(path))
+        for size, amap in zip(sizes, maps):
+            p = pre.placement(size)
             back = p.to_original(amap) if maps_at == "original" else p.to_crop(amap)
             out.append(np.ascontiguousarray(back.numpy(), dtype=np.float32))
         return out
@@ -375,9 +392,10 @@ class PatchCore:
         """
         self._check_fitted()
         with torch.inference_mode():
-            for paths, patches in self.embed_batches(images, skipped, progress, "score"):
+            for paths, patches, sizes in self.embed_batches(images, skipped, progress, "score",
+                                                            with_sizes=True):
                 scores, maps = self.score_embeddings(patches, self.grid, self.input_size)
-                yield paths, scores.numpy(), self.maps_back(paths, maps, maps_at)
+                yield paths, scores.numpy(), self.maps_back(paths, maps, maps_at, sizes)
 
     def predict(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
                 progress: bool = False, maps_at: str = "original") -> Prediction:

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from ._version import __version__
 from .backbone import BackboneInfo
-from .config import PatchCoreConfig
+from .config import PatchCoreConfig, check_types
 from .errors import PatchCoreError, first_line
-from .files import atomic_path, file_sha256
+from .files import atomic_path, file_problem, file_sha256
 
 FORMAT = "patchcore-fast"
 FORMAT_VERSION = 1
@@ -90,11 +90,12 @@ def read(path: str | os.PathLike, weights: str | None = None) -> ModelFile:
         PatchCoreError: one line naming the file and the first problem.
     """
     path = Path(path)
-    if path.is_dir():
+    why = file_problem(path)  # a pipe is not opened: reading it would wait for a writer
+    if why == "is a folder":
         raise PatchCoreError(f"model file {path} is a folder; give the .safetensors file "
                              f"that fit wrote")
-    if not path.is_file():
-        raise PatchCoreError(f"model file {path} does not exist")
+    if why:
+        raise PatchCoreError(f"model file {path} {why}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
@@ -131,30 +132,6 @@ def _os_error_text(exc: BaseException) -> str:
 
 
 # ----- checking a loaded model file --------------------------------------------------------
-
-# Python types each config annotation admits (JSON has no tuples; ints pass as floats).
-_FIELD_TYPES = {
-    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-    "str | None": (str, type(None)), "list[str] | None": (list, type(None)),
-    "list[float]": (list,),
-}
-_ITEM_TYPES = {"list[str] | None": (str,), "list[float]": (int, float)}
-
-
-def _check_config_types(data: dict) -> None:
-    """Raise ValueError naming the first setting whose JSON value has the wrong type."""
-    for f in dataclasses.fields(PatchCoreConfig):
-        if f.name not in data:
-            continue
-        value, allowed = data[f.name], _FIELD_TYPES[f.type]
-        # bool is an int in Python, but true is not a number of pixels.
-        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-        if ok and isinstance(value, list):
-            ok = all(isinstance(v, _ITEM_TYPES[f.type]) and not isinstance(v, bool)
-                     for v in value)
-        if not ok:
-            raise ValueError(f"setting {f.name} should be {f.type}, got {json.dumps(value)}"[:200])
-
 
 def _tensor_problem(tensors: dict[str, Tensor], config: PatchCoreConfig,
                     info: BackboneInfo) -> str | None:
@@ -242,7 +219,7 @@ def _validate_loaded(path: Path, meta: dict[str, str], tensors: dict[str, Tensor
         data = json.loads(meta["config"])
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        _check_config_types(data)
+        check_types(data)
         config = PatchCoreConfig.from_json(meta["config"])
         config.validate()
         entry = "backbone"

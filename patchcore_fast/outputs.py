@@ -9,6 +9,7 @@ of one, and a failed run leaves the old file or none. The overlays and raw maps 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,18 +18,41 @@ from typing import Sequence
 import numpy as np
 
 from . import metrics
-from .files import atomic_path, csv_rows, write_text
+from .files import atomic_path, csv_rows, text_name, write_text
 from .journal import JOURNAL
 
 
+#: Bytes a part of an output name may have: a file system's 255, less the ``.png`` or
+#: ``.npy`` of the overlay and the map and room for a ``_N`` counter.
+NAME_BYTES = 240
+
+
+def _fit_name(part: str) -> str:
+    """One part of an output name within :data:`NAME_BYTES`: as it is, or its first bytes
+    (whole characters), ``~``, 8 hex digits of the SHA-256 of the whole part and its
+    extension (``aaaa...~1f2e3d4c.png``): still readable, and distinct for distinct
+    parts."""
+    raw = part.encode("utf-8")
+    if len(raw) <= NAME_BYTES:
+        return part
+    _, dot, ext = part.rpartition(".")
+    ext = f".{ext}" if dot and len(ext.encode("utf-8")) <= 16 else ""
+    keep = NAME_BYTES - len(ext.encode("utf-8")) - 9
+    return f"{raw[:keep].decode('utf-8', 'ignore')}~{hashlib.sha256(raw).hexdigest()[:8]}{ext}"
+
+
 def unique_names(paths: Sequence[Path]) -> list[str]:
-    """Output names of input images, distinct for every input and still readable.
+    """Output names of input images, distinct for every input and still readable: the one
+    name policy of the overlays and maps, applied before any work.
 
     A name is the file name with its extension (``a.png`` and ``a.jpg`` stay apart, and
     neither meets ``a_1.png``); files of the same name in different folders get as many of
     their parent folders as it takes to tell them apart (``day1/a.png``, ``day2/a.png``,
     written into sub-folders). Names are compared case-insensitively, as some file systems
-    do. The name depends on the whole list only, so a resumed run names files the same way.
+    do. A name is text (:func:`~patchcore_fast.files.text_name`: a byte that is not UTF-8
+    as ``\\xNN``), and a part too long for a file with ``.png`` after it is cut with a
+    hash (:func:`_fit_name`). The name depends on the whole list only, so a resumed run
+    names files the same way.
 
     Args:
         paths: input images (each once).
@@ -36,7 +60,8 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
     Returns:
         one relative name per path, in order.
     """
-    parts = [Path(os.path.abspath(p)).parts[1:] for p in paths]  # no anchor: no "/" part
+    parts = [tuple(_fit_name(x) for x in Path(text_name(os.path.abspath(p))).parts[1:])
+             for p in paths]  # no anchor: no "/" part
     depth = [1] * len(parts)
     while True:
         groups: dict[str, list[int]] = {}
@@ -143,7 +168,8 @@ def write_scores(out: Path, model_file: str, scores: dict[str, float],
     Args:
         out: output folder.
         model_file: the model, as named on the command line.
-        scores: image score by file name (this run's and a resumed run's).
+        scores: image score by file name (:func:`~patchcore_fast.files.text_name`; this
+            run's and a resumed run's).
         inputs: every input image, in order (those without a score are left out).
         threshold: image score from which an image is labelled anomalous, or None.
         skipped: the files left out (unreadable, unsupported, ...).
@@ -153,10 +179,10 @@ def write_scores(out: Path, model_file: str, scores: dict[str, float],
         the number of images written.
     """
     rows, records = [], []
-    for path in inputs:
-        if str(path) not in scores:
+    for path in map(text_name, inputs):
+        if path not in scores:
             continue
-        rec = {"file": str(path), "score": scores[str(path)]}
+        rec = {"file": path, "score": scores[path]}
         if threshold is not None:
             rec["label"] = "anomalous" if rec["score"] >= threshold else "good"
         records.append(rec)
@@ -164,7 +190,7 @@ def write_scores(out: Path, model_file: str, scores: dict[str, float],
     header = ["file", "score"] + (["label"] if threshold is not None else [])
     write_text(out / "scores.csv", csv_text(header, rows))
     write_text(out / "scores.json", json.dumps(
-        {"model": model_file, "threshold": threshold, "run": run, "images": records,
+        {"model": text_name(model_file), "threshold": threshold, "run": run, "images": records,
          "skipped": skipped}, indent=2, allow_nan=False))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(out / JOURNAL)
@@ -185,7 +211,7 @@ def write_evaluation(out: Path, result: dict, items: Sequence, scores: np.ndarra
     """
     write_text(out / "scores.csv", csv_text(
         ["file", "defect", "label", "score"],
-        [[str(i.path), i.defect, i.label, s] for i, s in zip(items, scores.tolist())]))
+        [[text_name(i.path), i.defect, i.label, s] for i, s in zip(items, scores.tolist())]))
     save_roc_plot(out / "roc.png", [i.label for i in items], scores, pixels,
                           title=result["category"])
     write_text(out / "metrics.json", json.dumps(result, indent=2))

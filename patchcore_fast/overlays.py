@@ -19,8 +19,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .files import ArraySpool, MapSpool, atomic_path
-from .images import read_image
+from .errors import PatchCoreError
+from .files import ArraySpool, MapSpool, atomic_path, text_name
+from .images import UnreadableImage, read_image
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,14 +61,23 @@ def write_overlay(path: Path, source: Path, amap: np.ndarray, preprocess, vmin: 
     """Write the overlay of ``amap`` on the image ``source`` as a PNG.
 
     A map at the photo's own size is laid on the photo itself; a crop-sized map
-    (``maps_at="crop"``) on the model's input, without padding.
+    (``maps_at="crop"``) on the model's input, without padding. The photo is read as it
+    was for its map (:func:`~patchcore_fast.images.read_image`: the same decision on its
+    orientation), so they fit; a photo changed on disk since is one line, not a traceback.
     """
-    photo = read_image(source)
+    try:
+        photo = read_image(source)
+    except UnreadableImage as exc:
+        raise PatchCoreError(f"cannot read image {text_name(source)} again for its overlay "
+                             f"(changed during the run?): {exc}") from None
     if amap.shape == (photo.height, photo.width):
         img = np.asarray(photo).astype(np.float64)
     else:
         x0, y0, x1, y1 = preprocess.placement(photo.size).visible()
         img = preprocess.display(photo)[y0:y1, x0:x1].astype(np.float64)
+    if img.shape[:2] != amap.shape:
+        raise PatchCoreError(f"image {text_name(source)} is {photo.width} x {photo.height} "
+                             f"now, not the size it was scored at (changed during the run?)")
     with atomic_path(path) as tmp:
         # zlib level 1: a third of the default level's encoding time for files about 10 %
         # larger (bench/RESULTS.md, "End to end"); PNG stays lossless.

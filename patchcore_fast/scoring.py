@@ -11,6 +11,12 @@
    If m* sits in a sparse part of the bank (its neighbors are far from m_test too) the
    softmax weight of m* is small and s stays close to s*; if m* is surrounded by close
    neighbors, the test patch is probably normal but rare and s is lowered.
+
+   A neighbourhood of m* alone (b = 1, or a bank of one row) says nothing about density,
+   and the formula would give 1 - 1 = 0 for every image. It is defined as the limit of
+   Eq. 7 when the other neighbours recede to infinity (the sparsest neighbourhood there
+   is): the weight of m* tends to 0 and s = s*. ``num_neighbors = 1`` itself is refused
+   (config.py); a one-row bank is scored so, with a warning at fit time.
 10. The map: patch scores on the feature grid, upsampled bilinearly to the image and
     smoothed with a Gaussian (sigma = 4 pixels).
 """
@@ -67,8 +73,11 @@ def reweighting_factor(test_patch: Tensor, nearest_dist: Tensor, neighbors: Tens
         neighbors (Tensor[B, b, D]): the bank rows N_b(m*) of each image.
 
     Returns:
-        Tensor[B]: the factor in [0, 1].
+        Tensor[B]: the factor in [0, 1]; 1 when ``b`` is 1 (m* alone: the module's
+        docstring).
     """
+    if neighbors.shape[1] < 2:
+        return torch.ones_like(nearest_dist, dtype=torch.float32)
     d = torch.linalg.vector_norm(neighbors.float() - test_patch.float()[:, None, :], dim=-1)
     c = torch.maximum(d.max(dim=1).values, nearest_dist)
     ratio = torch.exp(nearest_dist - c) / torch.exp(d - c[:, None]).sum(dim=1)
@@ -91,7 +100,7 @@ def image_scores(patches: Tensor, patch_dist: Tensor, patch_idx: Tensor, bank: T
         Tensor[B] float32.
     """
     s_star, where = patch_dist.max(dim=1)
-    if neighbors is None or neighbors.shape[1] == 0:
+    if neighbors is None or neighbors.shape[1] < 2:  # off, or m* alone: s = s*
         return s_star
     rows = torch.arange(patches.shape[0], device=patches.device)
     m_test = patches[rows, where]                               # [B, D]

@@ -66,7 +66,7 @@ def test_bad_files_skipped_with_warning_and_counted(tmp_path):
         warnings.simplefilter("always")
         paths = datasets.list_images([tmp_path], skipped=skipped)
         got = list(datasets.iterate_images(paths, geometry.Preprocess(32, 32, resize="shorter"), 2, skipped=skipped))
-    assert sum(len(i) for i, _ in got) == 1
+    assert sum(len(i) for i, _, _ in got) == 1
     names = sorted(p.rsplit("/", 1)[-1] for p in skipped)
     assert names == ["empty.png", "notes.txt", "text.png", "trunc.png"]
     msgs = [str(x.message) for x in w if issubclass(x.category, SkippedFileWarning)]

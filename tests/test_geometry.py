@@ -82,7 +82,7 @@ def test_longer_pads_with_the_mean_and_batches_by_shape(tmp_path):
     for name, wh in (("a", (300, 100)), ("b", (100, 100)), ("c", (300, 100))):
         Image.new("RGB", wh, (9, 99, 199)).save(tmp_path / f"{name}.png")
     batches = list(iterate_images(sorted(tmp_path.glob("*.png")), Preprocess(64, 0, resize="shorter"), 3))
-    shapes = sorted(tuple(b.shape) for _, b in batches)
+    shapes = sorted(tuple(b.shape) for _, b, _ in batches)
     assert shapes == [(1, 3, 64, 64), (2, 3, 64, 192)]
 
 
