@@ -152,7 +152,7 @@ def test_agreement(name):
         by_path = {i.path: i for i in items}
         package, others = _Side(), {k: _Side() for k in runtimes}
         kept, paths = [], [i.path for i in items]
-        for idx, batch in iterate_images(paths, model.preprocess, BATCH):
+        for idx, batch, _ in iterate_images(paths, model.preprocess, BATCH):
             batch_paths = [paths[i] for i in idx]
             done = [by_path[p] for p in batch_paths]
             kept += done

@@ -93,7 +93,7 @@ def test_graph_equals_the_package_on_the_same_inputs(exported, photos):
     session = _session(onnx_file)
     batches = list(iterate_images(photos, model.preprocess, batch_size=5))
     assert len(batches) >= 2
-    for _, batch in batches + [([0], batches[0][1][:1])]:  # batch 1: the dynamic axis
+    for _, batch, _ in batches + [([0], batches[0][1][:1], None)]:  # batch 1: the dynamic axis
         with torch.inference_mode():
             patches, grid = model.embedder(batch)
             scores, maps = model.score_embeddings(patches, grid, tuple(batch.shape[-2:]))
@@ -190,7 +190,7 @@ def test_external_data_gives_the_same_graph(exported, photos, tmp_path):
     assert report.data_path.stat().st_size >= 0.99 * report.constant_bytes
     assert (tmp_path / "a" / "x.onnx").stat().st_size < 10 ** 6
     shutil.move(tmp_path / "a", tmp_path / "b")
-    _, batch = next(iter(iterate_images(photos, model.preprocess, batch_size=3)))
+    _, batch, _ = next(iter(iterate_images(photos, model.preprocess, batch_size=3)))
     want = _session(onnx_file).run(None, {"images": batch.numpy()})
     got = _session(tmp_path / "b" / "x.onnx").run(None, {"images": batch.numpy()})
     for g, w in zip(got, want):
