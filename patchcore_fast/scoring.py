@@ -54,7 +54,7 @@ def bank_neighbourhoods(bank: Tensor, num_neighbors: int) -> Tensor:
     return ops.knn(bank, bank, b)[1]
 
 
-def update_neighbourhoods(bank: Tensor, neighbourhoods: Tensor, added: int,
+def update_neighbors(bank: Tensor, neighbors: Tensor, added: int,
                           num_neighbors: int) -> Tensor:
     """:func:`bank_neighbourhoods` of a bank whose last ``added`` rows are new.
 
@@ -66,7 +66,7 @@ def update_neighbourhoods(bank: Tensor, neighbourhoods: Tensor, added: int,
 
     Args:
         bank (Tensor[M + A, D]): the bank, its last ``added`` rows new.
-        neighbourhoods (Tensor[M, min(b, M)]): :func:`bank_neighbourhoods` of the first M
+        neighbors (Tensor[M, min(b, M)]): :func:`bank_neighbourhoods` of the first M
             rows.
         added: A, the number of new rows (>= 0).
         num_neighbors: b.
@@ -77,18 +77,18 @@ def update_neighbourhoods(bank: Tensor, neighbourhoods: Tensor, added: int,
     total, added = bank.shape[0], int(added)
     m, b = total - added, min(int(num_neighbors), total)
     if added == 0:
-        return neighbourhoods
-    if neighbourhoods.shape[1] < b:  # the old bank had fewer than b rows: redo (tiny)
-        return bank_neighbourhoods(bank, num_neighbors)
+        return neighbors
+    if neighbors.shape[1] < b:  # the old bank had fewer than b rows: redo (tiny)
+        return bank_neighbors(bank, num_neighbors)
     old, new = bank[:m], bank[m:]
     # The old rows' distances to their lists, by direct differences (as the kernel's), a
     # block of rows at a time (a block's differences are rows x b x D floats).
     d_old = torch.cat([torch.linalg.vector_norm(
-        old[r:r + 2048, None, :].float() - bank[neighbourhoods[r:r + 2048]].float(), dim=-1)
+        old[r:r + 2048, None, :].float() - bank[neighbors[r:r + 2048]].float(), dim=-1)
         for r in range(0, m, 2048)]) if m else bank.new_empty((0, b))
     d_new, i_new = ops.knn(old, new, min(b, added))
     dist = torch.cat([d_old, d_new], dim=1)
-    rows = torch.cat([neighbourhoods, i_new + m], dim=1)
+    rows = torch.cat([neighbors, i_new + m], dim=1)
     # Order by (distance, row): sort by row, then stably by distance.
     by_row = torch.argsort(rows, dim=1, stable=True)
     dist, rows = dist.gather(1, by_row), rows.gather(1, by_row)
@@ -197,6 +197,6 @@ def blur_kernel_size(sigma: float) -> int:
     return 2 * int(4.0 * sigma + 0.5) + 1 if sigma > 0 else 1
 
 
-__all__ = ["nearest_bank_rows", "bank_neighbourhoods", "update_neighbourhoods",
+__all__ = ["nearest_bank_rows", "bank_neighbourhoods", "update_neighbors",
            "reweighting_factor", "image_scores", "gaussian_blur", "anomaly_maps",
            "gaussian_kernel1d", "blur_kernel_size"]

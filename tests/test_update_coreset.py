@@ -6,7 +6,7 @@ import torch
 
 from patchcore_fast import ops, reference
 from patchcore_fast.coreset import continue_coreset
-from patchcore_fast.scoring import bank_neighbourhoods, update_neighbourhoods
+from patchcore_fast.scoring import bank_neighbourhoods, update_neighbors
 
 
 def continued_by_the_plain_loop(chosen: torch.Tensor, new: torch.Tensor, k: int) -> list[int]:
@@ -58,7 +58,7 @@ def test_updated_neighbourhoods_equal_a_full_recompute(m, added, b):
     g = torch.Generator().manual_seed(m + added)
     bank = torch.randn(m + added, 16, generator=g)
     old = bank_neighbourhoods(bank[:m], b)
-    got = update_neighbourhoods(bank, old, added, b)
+    got = update_neighbors(bank, old, added, b)
     want = bank_neighbourhoods(bank, b)
     assert got.shape == want.shape
     # Tie-tolerant: the same distances in the same order (indices can differ only on ties).
