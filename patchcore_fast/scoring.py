@@ -79,7 +79,7 @@ def update_neighbors(bank: Tensor, neighbors: Tensor, added: int,
     if added == 0:
         return neighbors
     if neighbors.shape[1] < b:  # the old bank had fewer than b rows: redo (tiny)
-        return bank_neighbors(bank, num_neighbors)
+        return bank_neighbourhoods(bank, num_neighbors)
     old, new = bank[:m], bank[m:]
     # The old rows' distances to their lists, by direct differences (as the kernel's), a
     # block of rows at a time (a block's differences are rows x b x D floats).
