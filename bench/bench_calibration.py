@@ -147,6 +147,8 @@ def run_category(name: str, folder: Path, seeds: int) -> None:
     results: dict[tuple[str, int], list] = {}
     for scheme, folds, seed in variants:
         oos, seconds = fitted.out_of_sample(scheme, folds, seed)
+        print(f"  ({scheme} {folds} seed {seed}: {seconds:.1f} s, load "
+              f"{os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
         results.setdefault((scheme, folds), []).append((oos, seconds))
     results[("in-sample", 0)] = [(fitted.in_sample(), 0.0)]
     for (scheme, folds), runs in results.items():

@@ -351,7 +351,7 @@ class OutOfSample:
     Attributes:
         scores (float64 array[n]): image scores, in image order.
         peaks (float64 array[n]): largest map value of each image.
-        pixels: histogram of all their map pixels (quantiles).
+        pixels: histogram of their map pixels (:func:`pixel_sample` of each map).
     """
 
     scores: np.ndarray
@@ -367,6 +367,19 @@ class OutOfSample:
         quantiles = self.quantiles()
         return calibrate(self.scores, self.peaks, dict(quantiles)[0.5], rate, scheme, folds,
                          quantiles)
+
+
+#: Pixels of each map that the pixel quantiles are taken from (at most; a regular grid).
+PIXEL_SAMPLE = 65536
+
+
+def pixel_sample(amap: np.ndarray) -> np.ndarray:
+    """Every s-th pixel of a map in both directions, s the smallest step that leaves at
+    most :data:`PIXEL_SAMPLE` pixels: the quantiles of a photo-sized map (810,000 pixels
+    for a 900 x 900 photo) to a fraction of a percent, at a tenth of the cost."""
+    h, w = amap.shape
+    step = max(1, math.ceil(math.sqrt(h * w / PIXEL_SAMPLE)))
+    return amap[::step, ::step]
 
 
 def split_images(n: int, scheme: str, folds: int = DEFAULT_FOLDS,
@@ -476,7 +489,7 @@ def out_of_sample(n_images: int, folds: Iterable[tuple[np.ndarray, Iterable[
                 seen[i] = True
                 scores[i] = float(v)
                 peaks[i] = float(np.max(amap))
-                pixels.add(amap)
+                pixels.add(pixel_sample(amap))
     # holdout scores only its held-out share; the others have no out-of-sample score.
     return OutOfSample(scores[seen], peaks[seen], pixels)
 
