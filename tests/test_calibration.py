@@ -122,7 +122,7 @@ def test_calibrate_sets_scale_and_colours():
     c = cal.calibrate(scores, scores / 2, 3.0, 0.03, "crossfit", 5)
     assert c.image_threshold == 97.0
     assert c.scale == pytest.approx(97.0 - 50.0)  # threshold - median
-    assert c.pixel_threshold == 48.5
+    assert c.pixel_threshold == 3.0 + cal.PIXEL_FACTOR * (48.5 - 3.0)  # peaks at rate 0.03
     assert c.colour_min == 3.0
     assert (c.colour_min + c.colour_max) / 2 == pytest.approx(c.pixel_threshold)
     assert (0.5, 3.0) in c.pixel_quantiles
