@@ -77,8 +77,9 @@ def extensions():
         )
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if use_cuda else ""
     print(
-        f"patchcore_fast: building CPU kernels ({len(cpu_sources) - 1} ops)"
-        + (f" and CUDA kernels ({len(cuda_sources)} ops; CUDA_HOME={CUDA_HOME}; archs {archs})"
+        f"patchcore_fast: building CPU kernels ({len(cpu_sources) - 1} source files)"
+        + (f" and CUDA kernels ({len(cuda_sources)} source files; CUDA_HOME={CUDA_HOME}; "
+           f"archs {archs})"
            if use_cuda else " only (no CUDA toolkit found, or PATCHCORE_FAST_NO_CUDA=1)"),
         file=sys.stderr,
     )

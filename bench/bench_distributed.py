@@ -2,7 +2,7 @@
 
 Workload: bottle-real, the 163,856 x 128 projected bottle features (see
 _common.bottle_projected), split in rank order into equal shards; ``STEPS`` steps of
-patchcore_fast.distributed.greedy_coreset_sharded. Every configuration runs in freshly
+patchcore_fast.sharded.greedy_coreset_sharded. Every configuration runs in freshly
 spawned processes on localhost (gloo); each rank times its own loop after a barrier, and
 rank 0 reports steps per second (the benchmark's own time also counts process start and
 data loading, so compare the printed steps/s). The selections of all configurations
@@ -11,6 +11,16 @@ must be identical (and equal to ops.greedy_coreset's first STEPS picks).
     1proc-1thread:   world 1, 1 torch thread
     1proc-allthreads: world 1, all cores as torch threads
     2proc-1thread:   world 2 on this machine, 1 torch thread each (gloo)
+
+Distributed fit (groups bottle-fit-distributed-1pct / -10pct, issue #25): ``patchcore-fast
+fit`` on bottle's 209 good images (efficientnet_lite0, default size: 163,856 patches),
+coreset ratio 1 % (1,638 centres) and 10 % (16,385), as one process with one thread and as
+2 gloo ranks with one thread each, started as torchrun starts them. Printed side by side:
+``coreset_seconds`` and ``fit_seconds`` from the model file's fit_stats (rank 0's clock:
+features, then the sharded selection and the bank gathered) and the command's wall time.
+The 2-rank model must equal the one-process model tensor for tensor.
+
+    1proc-1thread, 2proc-1thread
 
 Distributed evaluate (group bottle-evaluate-distributed): ``patchcore-fast evaluate`` on
 the 83 bottle test images (efficientnet_lite0 fitted at 1 %, 128 px, in the module
@@ -57,7 +67,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, threads: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from patchcore_fast.distributed import greedy_coreset_sharded
+    from patchcore_fast.sharded import greedy_coreset_sharded
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -96,6 +106,60 @@ def test_distributed_steps(benchmark, config, tmp_path):
     _results[config] = res["selection"]
     want = patchcore_fast.greedy_coreset(_common.bottle_projected(128), STEPS, 0)
     assert torch.equal(res["selection"], want)
+
+
+# ----- distributed fit on bottle ----------------------------------------------------------
+
+FIT_CONFIGS = {"1proc-1thread": 1, "2proc-1thread": 2}
+FIT_RATIOS = {"1pct": "0.01", "10pct": "0.1"}
+_fits: dict[str, dict] = {}
+
+
+def _fit_tensors(path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, json.loads(fh.metadata()["fit_stats"])
+
+
+@pytest.mark.parametrize("config", list(FIT_CONFIGS))
+@pytest.mark.parametrize("ratio", list(FIT_RATIOS))
+def test_distributed_fit(benchmark, ratio, config, tmp_path):
+    world = FIT_CONFIGS[config]
+    benchmark.group = f"bottle-fit-distributed-{ratio}"
+    model = tmp_path / "bottle.safetensors"
+    argv = [sys.executable, "-m", "patchcore_fast.cli", "fit", str(_common.mvtec_root()),
+            "--category", "bottle", "--backbone", "efficientnet_lite0", "--coreset-ratio",
+            FIT_RATIOS[ratio], "--quiet", "--device", "cpu", "-o", str(model)]
+
+    def run():
+        if world == 1:
+            subprocess.run(argv, check=True, env=_cli_env(1))
+            return
+        port = str(_free_port())
+        procs = [subprocess.Popen(argv, env=_cli_env(
+                     1, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(world)]
+        assert [p.wait() for p in procs] == [0] * world
+
+    t0 = time.perf_counter()
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    wall = time.perf_counter() - t0
+    tensors, stats = _fit_tensors(model)
+    benchmark.extra_info.update(world=world, threads=1, ratio=FIT_RATIOS[ratio],
+                                coreset_seconds=stats["coreset_seconds"],
+                                fit_seconds=stats["fit_seconds"],
+                                feature_seconds=stats["feature_seconds"], wall_seconds=wall,
+                                load_before=os.getloadavg()[0])
+    print(f"\nfit {ratio} {config}: coreset {stats['coreset_seconds']:.2f} s, fit "
+          f"{stats['fit_seconds']:.2f} s (features {stats['feature_seconds']:.2f} s), command "
+          f"{wall:.1f} s, load {os.getloadavg()[0]:.1f}")
+    _fits[f"{ratio}-{config}"] = tensors
+    one = _fits.get(f"{ratio}-1proc-1thread")
+    if world > 1 and one is not None:
+        assert sorted(tensors) == sorted(one)
+        for name in one:
+            assert torch.equal(tensors[name], one[name]), name
 
 
 # ----- distributed evaluate on bottle ------------------------------------------------------

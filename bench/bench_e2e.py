@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchcore_fast.data import iterate_images, list_images
+from patchcore_fast.datasets import iterate_images, list_images
 from patchcore_fast.demo import write_demo_data
 from patchcore_fast.evaluation import score_images
 from patchcore_fast.model import PatchCore, PatchCoreConfig
@@ -109,9 +109,9 @@ def ours(device: str, precision: str) -> PatchCore:
                 feats = torch.cat([model.embedder(images[i:i + 8])[0].flatten(0, 1)
                                    for i in range(0, len(images), 8)])
             model._set_bank(feats[:BANK_ROWS].contiguous())
-            _MODELS[("bank", device)] = (model.bank, model.neighbourhoods)
+            _MODELS[("bank", device)] = (model.bank, model.neighbors)
         else:
-            model.bank, model.neighbourhoods = base
+            model.bank, model.neighbors = base
         model.grid = (28, 28)
         _MODELS[key] = model
     return _MODELS[key]

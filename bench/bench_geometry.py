@@ -32,7 +32,8 @@ import _common  # noqa: E402
 
 from patchcore_fast import PatchCore, PatchCoreConfig  # noqa: E402
 from patchcore_fast import metrics  # noqa: E402
-from patchcore_fast.data import image_size, mvtec_test  # noqa: E402
+from patchcore_fast.datasets import mvtec_test  # noqa: E402
+from patchcore_fast.images import image_size  # noqa: E402
 from patchcore_fast.demo import write_demo_data  # noqa: E402
 from patchcore_fast.evaluation import add_maps, mask_of, usable_masks  # noqa: E402
 from patchcore_fast.geometry import place  # noqa: E402

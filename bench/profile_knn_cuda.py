@@ -9,8 +9,6 @@ Run on a GPU machine after ``pip install .``: ``python bench/profile_knn_cuda.py
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 import _common
@@ -38,16 +36,16 @@ def profile_calls() -> None:
     q = torch.randn(50176, 1024, generator=g).cuda()
     b = torch.randn(16386, 1024, generator=g).cuda()
     for scheme in ("bf16x3", "fp32"):
-        os.environ["PATCHCORE_FAST_KNN_GEMM"] = scheme
+        def call(k=1, scheme=scheme):
+            return patchcore_fast.ops.knn_stats(q, b, k, gemm=scheme)
         for k in (1, 9):
-            ms = _time(lambda: patchcore_fast.knn(q, b, k), reps=5)
+            ms = _time(lambda: call(k), reps=5)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
-                patchcore_fast.knn(q, b, k)
+                call(k)
                 torch.cuda.synchronize()
             print(f"\n== {scheme} k={k}: {ms:.1f} ms per call (median of 5)")
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=8,
                                          max_name_column_width=70))
-    os.environ.pop("PATCHCORE_FAST_KNN_GEMM")
 
 
 def gemms(rows: int = 4096, cols: int = 8192, d: int = 1024) -> None:

@@ -27,26 +27,39 @@ TORCH_LIBRARY(patchcore_fast, m) {
   //   features: Tensor[N, D] float32, finite; k in [1, N]; start in [0, N).
   //   returns indices: Tensor[k] int64, in selection order, indices[0] == start.
   m.def("greedy_coreset(Tensor features, int k, int start=0) -> Tensor");
+  // The state of one rank's shard for the exact distributed coreset (its layout is the
+  // kernel's own: csrc/coreset_shard_step.h).
+  //   shard: Tensor[N_r, D] float32; k >= 1, the centres the run will select;
+  //   lazy: the CPU's lazy evaluation (the default) or the plain pass (every distance of
+  //     every step; CUDA has only the plain pass and ignores it).
+  //   returns the state tensors, to pass to every coreset_shard_step of the run.
+  m.def("coreset_shard_state(Tensor shard, int k, bool lazy=True) -> Tensor[]");
   // One step of the exact distributed coreset on one rank's shard of the rows.
   //   shard: Tensor[N_r, D] float32, global rows offset .. offset + N_r - 1;
   //   candidates: Tensor[R, D + 2] int32, every rank's record from the previous step
   //     (words 0-1 a packed (squared distance, global index) key, 0 = none; then the
   //     float32 bits of its row);
-  //   min_d: Tensor[N_r] float32, each row's squared distance to its nearest centre (+inf
-  //     before the first step, -1 once selected), updated in place;
+  //   state: from coreset_shard_state, updated in place;
   //   indices: Tensor[k] int64, indices[step] = the centre named by candidates.
-  //   returns this rank's record for the next step: Tensor[D + 2] int32.
-  m.def("coreset_shard_step(Tensor shard, Tensor candidates, int offset, Tensor(a!) min_d, "
+  //   returns this rank's record for the next step: Tensor[D + 2] int32 (its farthest
+  //     unselected row; all zero when none is left; at the last step, k - 1, the record
+  //     is not used and the CPU kernel returns zeros).
+  m.def("coreset_shard_step(Tensor shard, Tensor candidates, int offset, Tensor(a!)[] state, "
         "Tensor(b!) indices, int step) -> Tensor");
   // Brute-force k nearest neighbours of each query row among the bank rows.
   //   query: Tensor[Q, D] float32; bank: Tensor[M, D] float32; k in [1, M].
   //   returns (distances: Tensor[Q, k] float32, Euclidean (not squared), ascending;
   //            indices: Tensor[Q, k] int64).
   m.def("knn(Tensor query, Tensor bank, int k) -> (Tensor, Tensor)");
-  // knn plus how the kernel got there (tests and debugging): stats is Tensor[6] int64 =
-  //   (rows, rows rescored by the second pass, rows that fell back to a direct-difference
-  //    scan of the whole bank (expected 0), candidates refined with direct differences,
-  //    rows sent through the CPU's projected pre-pass (0 when off; always 0 on CUDA),
-  //    rows that pre-pass certified).
-  m.def("knn_stats(Tensor query, Tensor bank, int k) -> (Tensor, Tensor, Tensor)");
+  // knn plus how the kernel got there (tests, debugging, benchmarks), with the variant made
+  // explicit where knn picks it (pytorch3d's `version`; see check_knn_variant in common.h):
+  //   gemm: "auto" | "fp32" | "bf16x3", the CUDA kernel's ranking GEMM;
+  //   project: "auto" | "off" | "force", the CPU kernel's projected pre-pass;
+  //   project_bound_scale: multiplies the pre-pass's lower bound (1 in use; > 1 invalid).
+  //   stats is Tensor[6] int64 = (rows, rows rescored by the second pass, rows that fell
+  //   back to a direct-difference scan of the whole bank (expected 0), candidates refined
+  //   with direct differences, rows sent through the CPU's projected pre-pass (0 when off;
+  //   always 0 on CUDA), rows that pre-pass certified).
+  m.def("knn_stats(Tensor query, Tensor bank, int k, str gemm=\"auto\", str project=\"auto\", "
+        "float project_bound_scale=1.0) -> (Tensor, Tensor, Tensor)");
 }

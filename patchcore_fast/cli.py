@@ -15,15 +15,16 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import distributed, evaluation, outputs
+from . import datasets, distributed, evaluation, outputs
 from ._version import __version__
-from .data import list_images, mvtec_categories
+from .config import PatchCoreConfig, resolve_device
+from .datasets import list_images, mvtec_categories
 from .demo import write_demo_data
 from .errors import (PatchCoreError, SkippedFileWarning, first_line, os_error_text,
                      out_of_memory)
 from .files import check_outputs
-from .geometry import add_geometry_options, add_maps_at_option
-from .model import PatchCore, PatchCoreConfig, resolve_device
+from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
+from .model import PatchCore
 
 PROG = "patchcore-fast"
 
@@ -98,6 +99,44 @@ def _category(text: str) -> str:
     return name
 
 
+def _crop_arg(text: str) -> int:
+    value = text.strip().lower()
+    if value in ("none", "0"):
+        return 0
+    try:
+        crop = int(value)
+    except ValueError:
+        crop = -1
+    if crop < 0:
+        raise argparse.ArgumentTypeError(f"expected a crop side in pixels, or none, got {text!r}")
+    return crop
+
+
+def add_maps_at_option(group) -> None:
+    """``--maps-at`` of ``evaluate`` and ``study``."""
+    group.add_argument("--maps-at", choices=MAPS_AT, default="original",
+                       help="original (default): maps and pixel metrics at each photo's own "
+                            "size, every pixel of its mask; crop: at the model's input, "
+                            "padding left out (the paper's protocol)")
+
+
+def add_geometry_options(group, maps_at: bool = False) -> None:
+    """The geometry options of ``fit`` and ``study`` (saved in the model); ``maps_at``
+    adds :func:`add_maps_at_option` (study)."""
+    if maps_at:
+        add_maps_at_option(group)
+    group.add_argument("--resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,
+                       help=f"longer: longer side to --image-size, on a padded square "
+                            f"(padding ignored by maps and metrics); shorter: shorter side to "
+                            f"--image-size, then --crop (the paper: shorter 256, crop 224); "
+                            f"stretch: both sides, aspect not kept (default {DEFAULT_RESIZE})")
+    group.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+                       help=f"target side of --resize (default {DEFAULT_IMAGE_SIZE})")
+    group.add_argument("--crop", type=_crop_arg, default=DEFAULT_CROP, metavar="PX|none",
+                       help=f"centre crop side; none or 0: the whole resized image, maps "
+                            f"cover the whole photo (default {DEFAULT_CROP or 'none'})")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the usage line dropped from errors (one line, exit code 2)."""
 
@@ -142,7 +181,10 @@ def _loaded_model_options(p: argparse.ArgumentParser) -> None:
     """Options of the verbs that run a fitted model (score, evaluate)."""
     p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
                    "fitted with a local file that has moved")
-    p.add_argument("--bank-shards", action="store_true", help=distributed.BANK_SHARDS_HELP)
+    p.add_argument("--bank-shards", action="store_true", help="under torchrun: split the "
+                   "memory bank across the processes (each holds 1/N of it on its device and "
+                   "every process embeds every image; for banks that do not fit one device; "
+                   "same scores)")
     _common(p, seed=False)
 
 
@@ -311,7 +353,7 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 
 def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     config = _config_from_args(args)
-    targets = outputs.fit_targets(args.data, args.category, args.output, args.weights)
+    targets = datasets.fit_targets(args.data, args.category, args.output, args.weights)
     _warn_random_weights(config)
     for name, folder, out in targets:
         skipped: list[str] = []
@@ -338,7 +380,7 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     overlays = not args.no_overlays
     names, run, done, todo = evaluation.plan_score(
         f"-o {args.output}", args.model, args.inputs, inputs, out, args.threshold, overlays,
-        args.save_maps, args.weights, args.resume)
+        args.save_maps, args.weights, args.resume, args.launch)
     if done:
         log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
     new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
@@ -347,7 +389,7 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     if not scores:
         raise PatchCoreError("none of the input images could be read")
     written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
-                                   skipped, run) if distributed.is_main() else 0
+                                   skipped, run) if args.launch.is_main else 0
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")
         + _skipped(skipped))
@@ -372,7 +414,7 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
             f"{m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
             f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
         results.append(r)
-    if len(sets) > 1 and distributed.is_main():
+    if len(sets) > 1 and args.launch.is_main:
         outputs.write_summary(out, results)
         log(f"summary of {len(results)} categories -> {out}/summary.csv")
     return 0
@@ -430,12 +472,15 @@ def _run(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # --help, --version and argparse errors
         return int(exc.code or 0)
     try:
-        launch = distributed.launch_for(args.verb)
+        # The run's launch, chosen here once; the verbs read it as args.launch (rank 0
+        # writes the merged files).
+        args.launch = launch = distributed.launch_for(args.verb)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    error = f"{PROG}: error: " + (f"rank {launch.rank} of {launch.world}: " if launch else "")
-    log = _logger(getattr(args, "quiet", False) or (launch is not None and not launch.is_main))
+    error = f"{PROG}: error: " + (f"rank {launch.rank} of {launch.world}: "
+                                  if launch.world > 1 else "")
+    log = _logger(getattr(args, "quiet", False) or not launch.is_main)
     fail = getattr(args, "on_error", "skip") == "fail"
     with warnings.catch_warnings():
         # --on-error fail turns the first skipped file into an exception, raised where the
@@ -454,7 +499,7 @@ def _run(argv: Sequence[str] | None) -> int:
             if out_of_memory(exc):  # torch.OutOfMemoryError, the CPU allocator's
                 print(f"{error}{_out_of_memory(exc)}", file=sys.stderr)
                 return 2
-            if launch is None:  # a RuntimeError of one process: a bug, with its traceback
+            if launch.world == 1:  # a RuntimeError of one process: a bug, with its traceback
                 raise
             print(f"{error}{distributed.describe_failure(exc)}", file=sys.stderr)
             return 1

@@ -130,7 +130,7 @@ def continue_coreset(chosen: Tensor, new: Tensor, k: int) -> Tensor:
     been there all along with those centres chosen; the selection then goes on among the
     new points only: take the farthest, lower every new point's distance with it, k times.
     Each step is one :func:`patchcore_fast.ops.coreset_shard_step` over the new points
-    (the distributed coreset's step, here with one rank), so the cost is one k-NN pass of
+    (the distributed coreset's step, here with one rank, its plain pass), so the cost is one k-NN pass of
     the new points against the chosen rows plus k passes over the new points: it grows
     with the new points, and only through that first pass with the bank.
 
@@ -153,6 +153,10 @@ def continue_coreset(chosen: Tensor, new: Tensor, k: int) -> Tensor:
     if k == 0:
         return indices
     min_d = ops.knn(new, chosen.float(), 1)[0][:, 0].square().contiguous()
+    # The plain pass's state is each row's squared distance to its nearest centre
+    # (ops.coreset_shard_state, lazy=False): start it at the chosen centres.
+    state = ops.coreset_shard_state(new, k, lazy=False)
+    state[0].copy_(min_d)
     # Step 0's record names the farthest new point (the lowest index on ties, as the
     # kernel's packed keys order them).
     first = int(torch.argmax(min_d))
@@ -161,7 +165,7 @@ def continue_coreset(chosen: Tensor, new: Tensor, k: int) -> Tensor:
                            ).view(torch.int32)
     record[2:] = new[first].view(torch.int32)
     for step in range(k):
-        record = ops.coreset_shard_step(new, record.view(1, -1), 0, min_d, indices, step)
+        record = ops.coreset_shard_step(new, record.view(1, -1), 0, state, indices, step)
     return indices
 
 
@@ -195,7 +199,7 @@ class StreamingCoreset:
         in_memory: keep the full-width rows in memory (on their device) instead of a file.
         project: project the rows as they arrive (default); False only keeps them, for a
             caller that projects them itself (the distributed fit, whose blocks are the
-            global bank's: :func:`patchcore_fast.distributed.project_shard`).
+            global bank's: :func:`patchcore_fast.sharded.project_shard`).
 
     Example:
         >>> with StreamingCoreset(0.01, 128, seed=0) as sc:

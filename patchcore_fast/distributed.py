@@ -1,37 +1,16 @@
-"""PatchCore over ``torch.distributed`` (issue #14): the launch, the sharded coreset, the fit.
+"""The life of a distributed run (issue #14): the launch, the process group, the exchange.
 
 - Launch: :func:`launch_from_environment` reads what ``torchrun`` sets, :func:`init` joins
-  the group (NCCL on CUDA, gloo on the CPU, a timeout on every collective).
-- The fit (:meth:`patchcore_fast.model.PatchCore._fit` calls these): each rank embeds its
-  contiguous share of the images (:meth:`Launch.share`), :func:`project_shard` projects its
-  rows in the one-process fit's global blocks, :func:`select_sharded` runs the coreset
-  below, :func:`gather_bank` brings the chosen full-width rows to rank 0.
-- Score and evaluate (:mod:`patchcore_fast.evaluation` calls these): each rank scores its
-  contiguous share of the images and writes their overlays; each phase ends with one
-  :func:`exchange` (answers or errors of every rank), after which rank 0 writes the merged
-  files. With ``--bank-shards`` the bank is split instead (:class:`ShardedBank`).
-
-Exact greedy k-center coreset: each rank holds a shard.
-
-Every rank keeps its shard of the (projected) rows and of their nearest-centre
-distances; no rank ever holds the whole bank. One step, on every rank:
-
-1. all-gather each rank's record (its farthest unselected row as a packed
-   (squared distance, global index) key, and that row's float32 bits: D + 2 int32 words);
-2. :func:`patchcore_fast.ops.coreset_shard_step`: the largest key is the new centre (the
-   arg-max over all rows, ties to the lowest global index), its row came with it; lower
-   the shard's distances with it, and make this rank's record for the next step.
-
-So one step costs **one collective** (an all-gather of ``world x (D + 2)`` int32 words: the
-key and the row travel together, instead of an all-reduce of the key followed by a
-broadcast of the row from its owner, which would be two). Setup costs one more (the shard
-sizes). On CUDA (NCCL) the loop never waits for the device: the step is one kernel pair
-on the current stream and the collective is enqueued on the device, so the host only
-queues work.
-
-The distances are computed with the same arithmetic as the single-process kernel of the
-same device (:func:`patchcore_fast.ops.greedy_coreset`), so the selection equals it,
-ties included, for any split of the rows into shards.
+  the group (NCCL on CUDA, gloo on the CPU, a timeout on every collective). One process is
+  the launch of a world of one (:data:`ONE_PROCESS`, torchrun-style): its share of a list
+  is the list and its :meth:`Launch.exchange` returns its own answer, so fit, score and
+  evaluate each have one loop, whatever the world size.
+- Score and evaluate (:mod:`patchcore_fast.evaluation`): each rank scores its contiguous
+  share of the images and writes their overlays; each phase ends with one
+  :meth:`Launch.exchange` (answers or errors of every rank), after which rank 0 writes the
+  merged files.
+- The rows themselves across the ranks (the sharded coreset and fit, the sharded bank)
+  are :mod:`patchcore_fast.sharded`'s.
 """
 
 from __future__ import annotations
@@ -39,106 +18,20 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
-from . import ops, reference
 from .errors import PatchCoreError, first_line, os_error_text
-from .coreset import (PROJECTION_CHUNK, StreamingCoreset, coreset_size,
-                      coreset_start_and_projection, project_rows)
-
-
-# torch 2.14 renamed all_gather_into_tensor (now a deprecated alias) to all_gather_single.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _shard_layout(shard: Tensor, group) -> tuple[list[int], int]:
-    """Rows of every rank's shard and the common width (one all-gather)."""
-    world = dist.get_world_size(group)
-    finite = bool(torch.isfinite(shard).all()) if shard.numel() else True
-    mine = torch.tensor([shard.shape[0], shard.shape[1], int(not finite)], dtype=torch.int64,
-                        device=shard.device)
-    every = torch.empty(world * 3, dtype=torch.int64, device=shard.device)
-    _all_gather(every, mine, group=group)
-    rows, widths, bad = every.view(world, 3).cpu().T.tolist()
-    # Every rank sees the same table, so every rank raises the same error.
-    if len(set(widths)) != 1:
-        raise ValueError(f"every rank's shard should have the same width, got widths {widths} "
-                         "(by rank)")
-    if any(bad):
-        raise ValueError(f"shard contains NaN or Inf values on rank(s) "
-                         f"{[r for r, b in enumerate(bad) if b]}")
-    return rows, widths[0]
-
-
-def greedy_coreset_sharded(shard: Tensor, k: int, start: int = 0, group=None) -> Tensor:
-    """Exact greedy k-center selection over the rows of all ranks' shards.
-
-    Collective: every rank of ``group`` calls it with its own shard and the same ``k``
-    and ``start``. Rank r's shard holds the global rows after those of ranks 0 .. r-1 (the
-    concatenation in rank order is the bank); shards may differ in size, and may be empty.
-    The result is :func:`patchcore_fast.ops.greedy_coreset` on that concatenation.
-
-    Cost: ``k`` all-gathers of ``world x (D + 2)`` int32 words (one per step) plus one at
-    setup; each step also makes one pass over the shard (the plain loop: the lazy
-    evaluation of the single-process kernel needs the whole heap in one place).
-
-    Args:
-        shard (Tensor[N_r, D]): this rank's rows (converted to float32); CPU with gloo,
-            CUDA with NCCL.
-        k (int): number of centres, 1 <= k <= total rows.
-        start (int): global index of the first centre.
-        group: the process group (default: the world).
-
-    Returns:
-        Tensor[k] int64 on the shard's device, the same on every rank: the selected global
-        row indices, in selection order.
-    """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("greedy_coreset_sharded needs torch.distributed: call "
-                           "torch.distributed.init_process_group first (or use "
-                           "patchcore_fast.greedy_coreset in one process)")
-    if not isinstance(shard, Tensor) or shard.dim() != 2 or shard.shape[1] == 0:
-        raise ValueError(f"shard should be a 2-D tensor [rows, dim] with dim >= 1, got "
-                         f"{tuple(shard.shape) if isinstance(shard, Tensor) else type(shard)}")
-    shard = shard.float().contiguous()
-    rows, width = _shard_layout(shard, group)
-    n = sum(rows)
-    k, start = int(k), int(start)
-    if not 1 <= k <= n:
-        raise ValueError(f"k should be between 1 and the number of rows {n} (all ranks), got {k}")
-    if not 0 <= start < n:
-        raise ValueError(f"start should be a row index in [0, {n}), got {start}")
-    rank = dist.get_rank(group)
-    offset = sum(rows[:rank])
-    device = shard.device
-
-    min_d = torch.full((rows[rank],), float("inf"), dtype=torch.float32, device=device)
-    indices = torch.empty(k, dtype=torch.int64, device=device)
-    # Step 0's candidates: only the owner of `start` offers it (any non-zero key will do).
-    record = torch.zeros(width + 2, dtype=torch.int32, device=device)
-    if offset <= start < offset + rows[rank]:
-        key = reference.pack_keys(torch.tensor([float("inf")]), torch.tensor([start]))
-        record[:2] = key.view(torch.int32).to(device)
-        record[2:] = shard[start - offset].view(torch.int32)
-    # Gathered flat (gloo wants the output as one run of per-rank chunks), read [R, D + 2].
-    gathered = torch.empty(dist.get_world_size(group) * (width + 2), dtype=torch.int32,
-                           device=device)
-    candidates = gathered.view(-1, width + 2)
-    for step in range(k):
-        _all_gather(gathered, record, group=group)  # the step's collective
-        record = ops.coreset_shard_step(shard, candidates, offset, min_d, indices, step)
-    return indices
 
 
 # ----- launch: the torchrun environment ---------------------------------------------------
 
 @dataclass(frozen=True)
 class Launch:
-    """This process's place in a distributed run (``torchrun`` sets the variables).
+    """This process's place in a run (``torchrun`` sets the variables; one process is
+    :data:`ONE_PROCESS`, rank 0 of a world of one).
 
     Attributes:
         rank: global rank, 0 .. world - 1 (rank 0 prints and writes the summary outputs).
@@ -158,12 +51,30 @@ class Launch:
         """This rank's contiguous share of ``items`` (rank order = item order).
 
         Contiguous blocks, sizes differing by at most one, so the concatenation of the
-        shares in rank order is ``items``: rank r's patches are the rows of the bank after
-        those of ranks 0 .. r-1, as :func:`greedy_coreset_sharded` expects.
+        shares in rank order is ``items`` (one process: all of them): rank r's patches are
+        the rows of the bank after those of ranks 0 .. r-1, as
+        :func:`~patchcore_fast.sharded.greedy_coreset_sharded` expects.
         """
         n = len(items)
         return list(items[self.rank * n // self.world:(self.rank + 1) * n // self.world])
 
+    def exchange(self, work: Callable[[], object]) -> list:
+        """``work()`` on every rank, then every rank's answer on every rank.
+
+        One process: ``[work()]`` (its error raised as it is). Several: one collective
+        (:func:`_exchange_across`), so a rank that fails still takes part in it.
+
+        Args:
+            work: this rank's part of the phase; its answer must pickle.
+
+        Returns:
+            the answers of every rank, by rank.
+        """
+        return [work()] if self.world == 1 else _exchange_across(work)
+
+
+#: The launch of a process started on its own: rank 0 of a world of one.
+ONE_PROCESS = Launch(0, 1, 0)
 
 #: Variables torchrun (and ``torch.distributed.run``) sets in every process it starts.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -233,19 +144,19 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def launch_for(verb: str, environ=os.environ) -> Launch | None:
-    """The launch a command runs under: None for one process (no torchrun, a world of one,
-    or ``demo-data``, which every rank would write alike). Raises ValueError as
-    :func:`launch_from_environment`."""
-    launch = launch_from_environment(environ)
-    return None if launch is None or launch.world == 1 or verb == "demo-data" else launch
+def launch_for(verb: str, environ=os.environ) -> Launch:
+    """The launch a command runs under: :data:`ONE_PROCESS` without torchrun, for a world
+    of one, and for ``demo-data`` (which every rank would write alike). Raises ValueError
+    as :func:`launch_from_environment`."""
+    found = launch_from_environment(environ)
+    return ONE_PROCESS if found is None or found.world == 1 or verb == "demo-data" else found
 
 
-def run(launch: Launch | None, verb: str, device, timeout_s: float, call):
+def run(launch: Launch, verb: str, device, timeout_s: float, call):
     """``call()`` on its own, or as one rank of ``launch`` inside its process group.
 
     Args:
-        launch: from :func:`launch_for`; None runs ``call`` as it is.
+        launch: from :func:`launch_for`; a world of one runs ``call`` as it is.
         verb: the command (``fit``, ``score`` and ``evaluate`` run distributed; ``study``
             is refused with one line: its fits at several ratios would need the test
             features of every rank at every ratio).
@@ -254,7 +165,7 @@ def run(launch: Launch | None, verb: str, device, timeout_s: float, call):
             line checks ``--dist-timeout``).
         call: the command itself.
     """
-    if launch is None:
+    if launch.world == 1:
         return call()
     if verb not in ("fit", "score", "evaluate"):
         raise PatchCoreError(f"{verb} does not run under torchrun yet; run it as one process")
@@ -265,136 +176,15 @@ def run(launch: Launch | None, verb: str, device, timeout_s: float, call):
         finish()
 
 
-def current() -> Launch | None:
-    """The running process group as a :class:`Launch`, or None outside one (or world 1)."""
+def current() -> Launch:
+    """The running process group as a :class:`Launch`; :data:`ONE_PROCESS` outside one."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
+        return ONE_PROCESS
     return Launch(dist.get_rank(), dist.get_world_size(),
                   int(os.environ.get("LOCAL_RANK", dist.get_rank())))
 
 
-def all_gather_ints(values: Sequence[int], device: torch.device) -> list[list[int]]:
-    """Every rank's list of ``len(values)`` integers (one all-gather), by rank."""
-    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
-    every = torch.empty(dist.get_world_size() * len(mine), dtype=torch.int64, device=device)
-    _all_gather(every, mine)
-    return every.view(dist.get_world_size(), len(mine)).cpu().tolist()
-
-
-# ----- fit: the projected shard and the gathered bank -------------------------------------
-
-def project_shard(sc: StreamingCoreset, launch: Launch, dim: int, counts: Sequence[int],
-                  device: torch.device) -> Tensor:
-    """This rank's rows of the projected bank, bit-identical to a one-process fit's.
-
-    One process projects the bank in blocks of :data:`~patchcore_fast.coreset.
-    PROJECTION_CHUNK` rows from row 0, and a GEMM's rounding can depend on how many rows it
-    is given (measured with MKL: blocks of fewer than 12 rows round differently), so here
-    too every block is the same global block, projected whole. Blocks inside this rank's
-    rows are read back from its feature file; a block that straddles ranks is sent by each
-    of its owners to all (one broadcast per part: at most ``world - 1`` straddling blocks,
-    each at most 8,192 full-width rows) and projected by each owner, which keeps its part.
-
-    Args:
-        sc: this rank's rows, added in order, not projected (``project=False``).
-        launch: this rank.
-        dim: the embedding width D (the same on every rank).
-        counts: rows of every rank, by rank.
-        device: where the rows and the collectives live.
-
-    Returns:
-        Tensor[counts[rank], C] float32: global rows ``offset .. offset + n`` projected.
-    """
-    _, proj = coreset_start_and_projection(None, dim, sc.projection_dim, sc.seed)
-    proj = proj.to(device) if proj is not None else None
-    width = proj.shape[1] if proj is not None else dim
-    ends = [sum(counts[:r + 1]) for r in range(len(counts))]
-    starts = [e - c for e, c in zip(ends, counts)]
-    lo, hi = starts[launch.rank], ends[launch.rank]
-    out = torch.empty(hi - lo, width, dtype=torch.float32, device=device)
-    chunk = PROJECTION_CHUNK
-    for b0 in range(0, ends[-1], chunk):
-        b1 = min(b0 + chunk, ends[-1])
-        owners = [r for r in range(len(counts)) if max(starts[r], b0) < min(ends[r], b1)]
-        if len(owners) == 1 and owners[0] != launch.rank:
-            continue
-        if len(owners) == 1:  # the whole block is this rank's
-            rows = sc.gather(torch.arange(b0 - lo, b1 - lo))
-            out[b0 - lo:b1 - lo] = project_rows(rows.float(), proj)
-            continue
-        # A straddling block: every rank takes part in the broadcasts (collectives).
-        block = torch.empty(b1 - b0, dim, dtype=torch.float32, device=device)
-        for r in owners:
-            p0, p1 = max(starts[r], b0), min(ends[r], b1)
-            if r == launch.rank:
-                block[p0 - b0:p1 - b0] = sc.gather(torch.arange(p0 - lo, p1 - lo)).float()
-            part = block[p0 - b0:p1 - b0]  # contiguous: a run of whole rows
-            dist.broadcast(part, src=r)
-        if launch.rank in owners:
-            p0, p1 = max(lo, b0), min(hi, b1)
-            out[p0 - lo:p1 - lo] = project_rows(block, proj)[p0 - b0:p1 - b0]
-    return out
-
-
-def gather_bank(sc: StreamingCoreset, idx: Tensor, launch: Launch, dim: int,
-                counts: Sequence[int], device: torch.device) -> Tensor | None:
-    """The full-width rows of the selected bank, on rank 0 (None elsewhere).
-
-    Every rank holds the same selection ``idx``; each reads back the rows it owns, in
-    selection order, and sends them to rank 0 (one gather, padded to the largest share),
-    which puts each rank's rows at the positions of ``idx`` that fall in its range.
-
-    Args:
-        sc: this rank's rows.
-        idx (Tensor[k] int64): the selection (global rows), the same on every rank.
-        launch, dim, counts, device: as :func:`project_shard`.
-
-    Returns:
-        Tensor[k, D] float32 on rank 0 (``bank[idx]`` of the concatenated bank), else None.
-    """
-    bounds = torch.tensor([0] + [sum(counts[:r + 1]) for r in range(len(counts))])
-    owner = torch.bucketize(idx.cpu(), bounds[1:], right=True)  # rank holding each row
-    per_rank = torch.bincount(owner, minlength=len(counts))
-    mine = (owner == launch.rank).nonzero()[:, 0]
-    send = torch.zeros(int(per_rank.max()), dim, dtype=torch.float32, device=device)
-    if len(mine):
-        send[:len(mine)] = sc.gather(idx.cpu()[mine] - int(bounds[launch.rank])).float()
-    recv = [torch.empty_like(send) for _ in counts] if launch.is_main else None
-    dist.gather(send, recv, dst=0)
-    if not launch.is_main:
-        return None
-    bank = torch.empty(len(idx), dim, dtype=torch.float32, device=device)
-    for r, part in enumerate(recv):
-        sel = (owner == r).nonzero()[:, 0].to(device)
-        bank[sel] = part[:len(sel)]
-    return bank
-
-
-def select_sharded(shard: Tensor, n: int, ratio: float, sc: StreamingCoreset, dim: int,
-                   device: torch.device) -> Tensor:
-    """The coreset of the whole bank from every rank's projected shard (collective).
-
-    The same start row and count as :meth:`StreamingCoreset.select` for ``n`` rows, so
-    the selection is the one-process selection.
-
-    Returns:
-        Tensor[k] int64 on ``device``, the same on every rank.
-    """
-    k = coreset_size(n, ratio)
-    if k == n:
-        return torch.arange(n, device=device)
-    start, _ = coreset_start_and_projection(n, dim, sc.projection_dim, sc.seed)
-    return greedy_coreset_sharded(shard, k, start)
-
-
-# ----- score and evaluate: one exchange per phase, a sharded bank ----------------------------
-
-def is_main() -> bool:
-    """True outside a distributed run and on its rank 0 (the rank that writes the merged
-    outputs)."""
-    launch = current()
-    return launch is None or launch.is_main
-
+# ----- score and evaluate: one exchange per phase ------------------------------------------
 
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
@@ -404,8 +194,8 @@ def _one_line(exc: BaseException) -> str:
     return "cannot use " + text.removeprefix("skipping ") if isinstance(exc, Warning) else text
 
 
-def exchange(work) -> list:
-    """``work()`` on every rank, then every rank's answer on every rank (one collective).
+def _exchange_across(work) -> list:
+    """:meth:`Launch.exchange` of a process group (one collective).
 
     The phases of a distributed score or evaluate end here, so a rank that fails still
     takes part in the collective: it sends its error instead of its answer, raises its own
@@ -413,12 +203,6 @@ def exchange(work) -> list:
     collective that a failed rank will never join, and no merged file is written after a
     failure (the merged files are written after the last exchange). A rank that dies
     instead (killed) makes the collective fail on the others (:data:`DistError`).
-
-    Args:
-        work: this rank's part of the phase; its answer must pickle.
-
-    Returns:
-        the answers of every rank, by rank.
     """
     try:
         mine, error = work(), None
@@ -433,96 +217,3 @@ def exchange(work) -> list:
         r, why = failed[0]
         raise PatchCoreError(f"rank {r} of {len(every)} failed ({why}); nothing was merged")
     return [answer for answer, _ in every]
-
-
-#: ``--bank-shards`` (score, evaluate) in the command's help.
-BANK_SHARDS_HELP = ("under torchrun: split the memory bank across the processes (each holds "
-                    "1/N of it on its device and every process embeds every image; for banks "
-                    "that do not fit one device; same scores)")
-
-
-class ShardedBank:
-    """A memory bank split across the ranks (``--bank-shards``): each holds 1/world of it.
-
-    Rank r keeps the contiguous rows ``[r M / R, (r + 1) M / R)``. Every rank calls
-    :meth:`knn` and :meth:`__getitem__` (``bank[index]``) with the same arguments (the ranks
-    score the same images in lockstep), so the collectives below match up.
-
-    k nearest: each rank finds the k nearest rows of its shard with the kernel (exact
-    distances, ascending, ties to the lower row), one all-gather brings every rank's list
-    to every rank, and a stable sort of the concatenation by distance picks the k best.
-    Why this equals :func:`patchcore_fast.ops.knn` on the whole bank: the kernel's
-    distances are the direct-difference float32 distances, which do not depend on which
-    other rows share the bank; the k nearest of the whole bank are among the union of
-    each shard's k nearest; and the concatenation lists the ranks in row order, each
-    sorted by (distance, row), so a stable sort by distance orders equal distances by the
-    lower global row, the kernel's tie rule. Shards with fewer than k rows pad with
-    (inf, M), which sort last.
-
-    Args:
-        bank (Tensor[M, D]): the whole bank (read from the model file on the host).
-        rank, world: this rank and the number of ranks.
-        device: where this rank's rows live.
-    """
-
-    def __init__(self, bank: Tensor, rank: int, world: int, device: torch.device):
-        m = bank.shape[0]
-        self.lo, self.hi = rank * m // world, (rank + 1) * m // world
-        self.local = bank[self.lo:self.hi].float().to(device).contiguous()
-        self.shape = torch.Size((m, bank.shape[1]))
-        self.device = torch.device(device)
-
-    def to(self, device) -> "ShardedBank":
-        """The bank stays where its shard is (scoring moves the queries to it)."""
-        return self
-
-    def knn(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The k nearest rows of the whole bank (collective: one all-gather of two tensors).
-
-        Args:
-            query (Tensor[Q, D]): the same rows on every rank.
-            k: 1 <= k <= M.
-
-        Returns:
-            (Tensor[Q, k] float32, Tensor[Q, k] int64): as :func:`patchcore_fast.ops.knn`
-            on the whole bank.
-        """
-        m = self.shape[0]
-        if not 1 <= k <= m:
-            raise ValueError(f"k should be between 1 and the bank size {m}, got {k}")
-        query = query.float().to(self.device)
-        q, world = query.shape[0], dist.get_world_size()
-        d = torch.full((q, k), float("inf"), device=self.device)
-        i = torch.full((q, k), m, dtype=torch.int64, device=self.device)
-        kk = min(k, self.hi - self.lo)
-        if kk and q:
-            d[:, :kk], i[:, :kk] = ops.knn(query, self.local, kk)
-            i[:, :kk] += self.lo
-        all_d = torch.empty(world * q * k, device=self.device)
-        all_i = torch.empty(world * q * k, dtype=torch.int64, device=self.device)
-        _all_gather(all_d, d.reshape(-1))
-        _all_gather(all_i, i.reshape(-1))
-        # [R, Q, k] -> [Q, R k]: rank order is row order.
-        all_d = all_d.view(world, q, k).permute(1, 0, 2).reshape(q, world * k)
-        all_i = all_i.view(world, q, k).permute(1, 0, 2).reshape(q, world * k)
-        order = torch.sort(all_d, dim=1, stable=True).indices[:, :k]
-        return all_d.gather(1, order), all_i.gather(1, order)
-
-    def __getitem__(self, index: Tensor) -> Tensor:
-        """Bank rows by global index, on every rank (collective: one all-reduce).
-
-        Each rank fills the rows it holds and leaves zeros elsewhere; the sum over ranks
-        is exact (every row has exactly one non-zero contribution, and x + 0 = x).
-
-        Args:
-            index (Tensor[...] int64): global rows (the same on every rank).
-
-        Returns:
-            Tensor[..., D] float32.
-        """
-        index = index.to(self.device)
-        out = torch.zeros(*index.shape, self.shape[1], device=self.device)
-        mine = (index >= self.lo) & (index < self.hi)
-        out[mine] = self.local[index[mine] - self.lo]
-        dist.all_reduce(out)
-        return out

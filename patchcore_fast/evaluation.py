@@ -3,7 +3,7 @@
 All three keep their memory bounded whatever the number of images: maps are counted into
 per-defect pixel histograms (:class:`~patchcore_fast.metrics.PixelHistogram`: pixel AUROC,
 PRO, the overlays' colour scale) and parked in a temporary file for the overlays
-(:func:`~patchcore_fast.outputs.write_map_files`); no array of all maps or masks is built.
+(:func:`~patchcore_fast.overlays.write_map_files`); no array of all maps or masks is built.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import numpy as np
 import torch
 
 from . import distributed, metrics
-from .data import (TestImage, UnreadableImage, folder_test, image_size, mvtec_categories,
-                   mvtec_test, read_mask, read_size_again, skip_file)
+from .config import PatchCoreConfig
+from .datasets import TestImage, folder_test, mvtec_categories, mvtec_test, skip_file
 from .errors import PatchCoreError
-from .files import ArraySpool, MapSpool, check_outputs
+from .files import ArraySpool, MapSpool, check_outputs, file_sha256
+from .images import UnreadableImage, image_size, read_mask, read_size_again
+from .journal import Journal, read_done, run_record
 from .metrics import PixelHistogram
-from .model import PatchCore, PatchCoreConfig
-from .backbone import file_sha256
-from .outputs import (Journal, evaluation_files, evaluation_names, read_done, run_record,
-                      score_files, summary_files, unique_names, write_evaluation,
-                      write_map_files)
+from .model import PatchCore
+from .outputs import (evaluation_files, evaluation_names, score_files, summary_files,
+                      unique_names, write_evaluation)
+from .overlays import write_map_files
+from .sharded import ShardedBank
 
 
 # ----- test images and their masks --------------------------------------------------------
@@ -126,7 +128,7 @@ def mask_of(item: TestImage, preprocess, maps_at: str = "original") -> np.ndarra
 
     Args:
         item: the test image.
-        preprocess (data.Preprocess): the model's geometry.
+        preprocess (geometry.Preprocess): the model's geometry.
         maps_at: ``original``: the mask itself (the photo's size); ``crop``: put through
             the model's geometry and cut to the pixels that show the photo.
 
@@ -178,14 +180,17 @@ def _metrics(items: Sequence[TestImage], scores: np.ndarray,
 
 def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], inputs: list[Path],
                out: Path, threshold: float | None, overlays: bool, save_maps: bool,
-               weights: str | None, resume: bool) -> tuple[dict, dict, dict, list[Path]]:
+               weights: str | None, resume: bool,
+               launch: distributed.Launch = distributed.ONE_PROCESS
+               ) -> tuple[dict, dict, dict, list[Path]]:
     """What a score run writes and still has to do, checked before any work.
 
     ``option`` names the output folder in errors (``-o OUT``). Output names come from the
     whole input list, so that a resumed run names files the
     same way; every output path is checked (inside ``out``, never over an input); the run
     record (model and weights hashes, options that change outputs) is what ``--resume``
-    must find in the earlier run's journal.
+    must find in the earlier run's journal. ``launch``: the run's (``--resume`` is one
+    process's).
 
     Returns:
         (names: input -> output stem, run record, done: input -> score of the earlier
@@ -195,7 +200,7 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
     check_outputs(option, out, score_files(out, list(names.values()), overlays, save_maps),
                   [p for p in input_args if Path(p).is_dir()],
                   [*inputs, model_file, *([weights] if weights else [])])
-    if resume and distributed.current() is not None:
+    if resume and launch.world > 1:
         # The journal is one file that lists a prefix of the inputs in order, appended by
         # the one process that writes them; ranks writing their shares at once would need
         # one journal each and a merge that knows every rank's share of the earlier run.
@@ -215,8 +220,15 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
 
     Pass 1 scores batch by batch; each batch's maps go to a temporary file and into a
     histogram of their pixels that sets the colour scale. Pass 2 writes the images. An
-    image enters the journal (:class:`~patchcore_fast.outputs.Journal`) once its files are
+    image enters the journal (:class:`~patchcore_fast.journal.Journal`) once its files are
     written, so a killed run resumes exactly where its outputs stop.
+
+    Under torchrun each rank scores its share (:func:`_shares`) and counts its maps'
+    pixels; one :meth:`~patchcore_fast.distributed.Launch.exchange` brings every rank's
+    scores, read failures and histogram to every rank. The overlays' colour scale comes
+    from the merged histogram (:meth:`PixelHistogram.combined` of all ranks' counts is the
+    one-process histogram); each rank then writes the files of the images it scored, and a
+    second exchange says that all are written. No rank keeps a journal.
 
     Args:
         model: the fitted model.
@@ -231,72 +243,17 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
         run: the run's record for the journal (model hash, options).
 
     Returns:
-        image score by file name.
-    """
-    launch = distributed.current()
-    if launch is not None:
-        return _score_shares(launch, model, paths, names, out, skipped, overlays, save_maps,
-                             temp_dir, progress)
-    images = overlays or save_maps
-    new: dict[str, float] = {}
-    with contextlib.closing(Journal(out, resume, run)) as journal, \
-            MapSpool(np.float32, temp_dir, "map file") as spool:
-        order: list[Path] = []
-        pixels = PixelHistogram()
-        for batch, scores, maps in (model.predict_batches(paths, skipped, progress)
-                                    if paths else ()):
-            new.update(zip(map(str, batch), scores.tolist()))
-            order += batch
-            if images:
-                spool.append(maps)
-                for amap in maps:
-                    pixels.add(amap)
-            else:
-                journal.record([(p, new[str(p)]) for p in batch])
-        if images and order:
-            write_map_files(out, spool, [(p, names[p]) for p in order], model.preprocess,
-                            pixels, overlays, save_maps,
-                            written=lambda p: journal.record([(p, new[str(p)])]))
-    return new
-
-
-def _shares(launch: distributed.Launch, model: PatchCore, items: Sequence) -> tuple[list, bool]:
-    """What one rank scores, and whether it keeps the results.
-
-    Images split across the ranks in whole batches of the one-process run (contiguous
-    shares in rank order, so the merged results come in input order, and each batch holds
-    the images it holds in one process: the backbone's rounding can depend on a batch's
-    other images, so the scores stay one process's bit for bit while no file is skipped).
-    With ``--bank-shards`` every rank scores every image, in lockstep (the bank's
-    collectives), and rank 0 keeps the results.
-    """
-    if isinstance(model.bank, distributed.ShardedBank):
-        return list(items), launch.is_main
-    size = model.config.batch_size
-    batches = [items[i:i + size] for i in range(0, len(items), size)]
-    return [item for batch in launch.share(batches) for item in batch], True
-
-
-def _score_shares(launch: distributed.Launch, model: PatchCore, paths: Sequence[Path],
-                  names: dict[Path, str], out: Path, skipped: list[str], overlays: bool,
-                  save_maps: bool, temp_dir: str | None, progress: bool) -> dict[str, float]:
-    """:func:`score_images` as one rank of a torchrun run (collective; no journal).
-
-    Pass 1: each rank scores its share (:func:`_shares`) and counts its maps' pixels; one
-    :func:`~patchcore_fast.distributed.exchange` brings every rank's scores, read failures
-    and histogram to every rank. The overlays' colour scale comes from the merged
-    histogram (:meth:`PixelHistogram.combined` of all ranks' counts is the one-process
-    histogram, so the scale is the same as one process's); pass 2: each rank writes the
-    overlays and maps of the images it scored; a second exchange says that all are written.
-
-    Returns:
         image score by file name, every rank's (in input order); ``skipped`` gets every
         rank's unreadable files.
     """
+    launch = distributed.current()
     share, keeps = _shares(launch, model, paths)
     images = overlays or save_maps
     order: list[Path] = []
-    with MapSpool(np.float32, temp_dir, "map file") as spool:
+    # The journal is one file that one process appends (plan_score refuses --resume under
+    # torchrun): the ranks of a distributed run keep none.
+    journal = Journal(out, resume, run, keep=launch.world == 1)
+    with contextlib.closing(journal), MapSpool(np.float32, temp_dir, "map file") as spool:
         def first_pass():
             new, pixels, missed = {}, PixelHistogram(), []
             for batch, scores, maps in (model.predict_batches(
@@ -307,9 +264,11 @@ def _score_shares(launch: distributed.Launch, model: PatchCore, paths: Sequence[
                     spool.append(maps)
                     for amap in maps:
                         pixels.add(amap)
+                elif not images:
+                    journal.record([(p, new[str(p)]) for p in batch])
             return (new, pixels, missed) if keeps else None
 
-        parts = [p for p in distributed.exchange(first_pass) if p is not None]
+        parts = [p for p in launch.exchange(first_pass) if p is not None]
         new = {k: v for scores, _, _ in parts for k, v in scores.items()}
         skipped += [f for _, _, missed in parts for f in missed]
         everything = PixelHistogram.combined([h for _, h, _ in parts])
@@ -317,10 +276,28 @@ def _score_shares(launch: distributed.Launch, model: PatchCore, paths: Sequence[
         def second_pass():
             if images and keeps and order:
                 write_map_files(out, spool, [(p, names[p]) for p in order], model.preprocess,
-                                everything, overlays, save_maps)
+                                everything, overlays, save_maps,
+                                written=lambda p: journal.record([(p, new[str(p)])]))
 
-        distributed.exchange(second_pass)
+        launch.exchange(second_pass)
     return new
+
+
+def _shares(launch: distributed.Launch, model: PatchCore, items: Sequence) -> tuple[list, bool]:
+    """What one rank scores, and whether it keeps the results (one process: all, kept).
+
+    Images split across the ranks in whole batches of the one-process run (contiguous
+    shares in rank order, so the merged results come in input order, and each batch holds
+    the images it holds in one process: the backbone's rounding can depend on a batch's
+    other images, so the scores stay one process's bit for bit while no file is skipped).
+    With ``--bank-shards`` every rank scores every image, in lockstep (the bank's
+    collectives), and rank 0 keeps the results.
+    """
+    if isinstance(model.bank, ShardedBank):
+        return list(items), launch.is_main
+    size = model.config.batch_size
+    batches = [items[i:i + size] for i in range(0, len(items), size)]
+    return [item for batch in launch.share(batches) for item in batch], True
 
 
 def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[str],
@@ -356,20 +333,21 @@ def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[s
         seconds
 
 
-def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequence[TestImage],
-                     skipped: list[str], spool: MapSpool | None, progress: bool,
-                     maps_at: str = "original"
-                     ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float,
-                                list[TestImage], dict]:
-    """:func:`_evaluate_pass` as one rank of a torchrun run (collective), merged.
+def _evaluate_ranks(launch: distributed.Launch, model: PatchCore, items: Sequence[TestImage],
+                    skipped: list[str], spool: MapSpool | None, progress: bool,
+                    maps_at: str = "original"
+                    ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float,
+                               list[TestImage], dict | None]:
+    """:func:`_evaluate_pass` on this rank's share (:func:`_shares`), merged over the ranks
+    (one :meth:`~patchcore_fast.distributed.Launch.exchange`; one process: its own pass).
 
     The per-defect histograms of the ranks are merged (:meth:`PixelHistogram.combined`:
     the counts add up, so pixel AUROC and PRO are those of one process).
 
     Returns:
-        (kept, scores, pixels, seconds) of all ranks as :func:`_evaluate_pass`, the
-        images this rank scored and keeps (in its spool), and the run's ``distributed``
-        record for metrics.json.
+        (kept, scores, pixels, seconds) of all ranks as :func:`_evaluate_pass` (seconds:
+        the slowest rank's), the images this rank scored and keeps (in its spool), and the
+        run's ``distributed`` record for metrics.json (None in one process).
     """
     share, keeps = _shares(launch, model, items)
     mine: list[TestImage] = []
@@ -382,7 +360,7 @@ def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequen
         mine.extend(kept if keeps else ())
         return (kept, scores, pixels, missed, seconds) if keeps else None, len(share)
 
-    answers = distributed.exchange(work)
+    answers = launch.exchange(work)
     parts = [part for part, _ in answers if part is not None]
     per_defect: dict[str, list[PixelHistogram]] = {}
     for part in parts:
@@ -390,11 +368,11 @@ def _evaluate_shares(launch: distributed.Launch, model: PatchCore, items: Sequen
             per_defect.setdefault(defect, []).append(hist)
     skipped += [f for part in parts for f in part[3]]
     record = {"world_size": launch.world,
-              "bank_shards": isinstance(model.bank, distributed.ShardedBank),
+              "bank_shards": isinstance(model.bank, ShardedBank),
               "rank_images": [n for _, n in answers]}  # images each rank scored
     return ([i for part in parts for i in part[0]], np.concatenate([p[1] for p in parts]),
             {d: PixelHistogram.combined(h) for d, h in per_defect.items()},
-            max(part[4] for part in parts), mine, record)
+            max(part[4] for part in parts), mine, record if launch.world > 1 else None)
 
 
 def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
@@ -405,7 +383,7 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
     """Metrics of one labelled test set; writes metrics.json, roc.png, scores.csv, overlays.
 
     Under torchrun each rank scores its share of the images and writes their overlays
-    (:func:`_evaluate_shares`); rank 0 writes the merged metrics.json, roc.png and
+    (:func:`_evaluate_ranks`); rank 0 writes the merged metrics.json, roc.png and
     scores.csv (``score_seconds`` is then the slowest rank's).
 
     Args:
@@ -429,13 +407,8 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
     launch = distributed.current()
     with MapSpool(np.float32, temp_dir, "map file") as spool:
         keep = spool if overlays or save_maps else None
-        if launch is None:
-            kept, scores_arr, pixels, seconds = _evaluate_pass(model, items, skipped, keep,
-                                                               progress, maps_at)
-            mine, record = kept, None
-        else:
-            kept, scores_arr, pixels, seconds, mine, record = _evaluate_shares(
-                launch, model, items, skipped, keep, progress, maps_at)
+        kept, scores_arr, pixels, seconds, mine, record = _evaluate_ranks(
+            launch, model, items, skipped, keep, progress, maps_at)
         if not kept:
             raise PatchCoreError(f"none of the test images of {name} could be read")
         result = _metrics(kept, scores_arr, pixels)
@@ -452,11 +425,8 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
                 write_map_files(out, spool, [(i.path, names[i.path]) for i in mine],
                                 model.preprocess, everything, overlays, save_maps)
 
-        if launch is None:
-            write_maps()
-        else:
-            distributed.exchange(write_maps)  # every rank's files written, or the error
-    if launch is None or launch.is_main:
+        launch.exchange(write_maps)  # every rank's files written, or the error
+    if launch.is_main:
         write_evaluation(out, result, kept, scores_arr,
                          everything if has_ground_truth(kept) else None)
     return result

@@ -2,8 +2,8 @@
 
 For every position of the stride-8 grid PatchCore builds one vector:
 
-3. *local aggregation*: each layer map is averaged over a p x p neighbourhood (p = 3,
-   stride 1, zero padding 1), so a feature sees its neighbours without losing resolution;
+3. *local aggregation*: each layer map is averaged over a p x p neighborhood (p = 3,
+   stride 1, zero padding 1), so a feature sees its neighbors without losing resolution;
 4. *alignment*: the deeper (stride-16) map is upsampled bilinearly onto the stride-8 grid
    and the layers are concatenated per position;
 5. *width*: as in the official code, each layer's channels are adaptive-average-pooled to
@@ -16,7 +16,7 @@ channels than ``target_embed_dim`` (efficientnet_lite0: 40 + 112 = 152 < 1024), 
 embeddings ``W x`` live in a subspace of dimension rank(W); with ``compact=True`` the model
 stores them in an orthonormal basis of that subspace instead (``R x`` with
 ``R^T R = W^T W``). Euclidean distances, and so every PatchCore score, are unchanged, while
-memory and nearest-neighbour time shrink by ``target_embed_dim / rank(W)``.
+memory and nearest-neighbor time shrink by ``target_embed_dim / rank(W)``.
 
 Extraction works batch by batch (:meth:`PatchEmbedder.forward`), so a caller can stream.
 """
@@ -94,7 +94,7 @@ def aggregate(maps: Sequence[Tensor], patch_size: int = 3) -> Tensor:
 
     Args:
         maps: list of Tensor[B, C_l, H_l, W_l]; the first sets the grid.
-        patch_size: neighbourhood p (odd); 1 disables the averaging.
+        patch_size: neighborhood p (odd); 1 disables the averaging.
 
     Returns:
         Tensor[B, sum C_l, H_0, W_0].
@@ -103,7 +103,7 @@ def aggregate(maps: Sequence[Tensor], patch_size: int = 3) -> Tensor:
     out = []
     for m in maps:
         if patch_size > 1:
-            # Mean over the p x p neighbourhood, zeros outside the map (as the official
+            # Mean over the p x p neighborhood, zeros outside the map (as the official
             # unfold with padding followed by a mean).
             m = F.avg_pool2d(m, patch_size, stride=1, padding=patch_size // 2)
         if m.shape[-2:] != grid:
@@ -119,7 +119,7 @@ class PatchEmbedder(nn.Module):
         backbone: the frozen network.
         pretrain_embed_dim: per-layer pooled width.
         target_embed_dim: final width ``D`` of the PatchCore embedding.
-        patch_size: local neighbourhood p.
+        patch_size: local neighborhood p.
         compact: store embeddings in an isometric basis when it is narrower (see module
             docstring); distances are unchanged.
         projection (Tensor[D', C] or None): the embedding matrix to use, e.g. the one saved

@@ -16,7 +16,6 @@ bounded memory, image by image, and says how far from the exact value they can b
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +27,13 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     if labels.size == 0 or labels.min() == labels.max():
         return None  # one class only: undefined
     return float(roc_auc_score(labels, scores))
+
+
+def image_roc_curve(labels: Sequence[int], scores: Sequence[float]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of the image scores, one point per distinct score (both classes needed)."""
+    fpr, tpr, _ = roc_curve(np.asarray(labels), scores)
+    return fpr, tpr
 
 
 def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
@@ -467,42 +473,3 @@ def evaluate(labels: Sequence[int], scores: Sequence[float], defects: Sequence[s
             "pixel_auroc_error_bound": overall.auroc_error(),
             "pro_error_bound": overall.pro_error()}
     return result
-
-
-def save_roc_plot(path: str | os.PathLike, labels: Sequence[int], scores: Sequence[float],
-                  pixels: PixelHistogram | None = None, title: str = "") -> None:
-    """Write the image (and pixel) ROC curves as a PNG, atomically.
-
-    Args:
-        path: PNG file.
-        labels, scores: image labels and scores.
-        pixels: optional histogram of all test pixels (pixel ROC).
-        title: plot title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .files import atomic_path
-
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    labels = np.asarray(labels)
-    if labels.min() != labels.max():
-        fpr, tpr, _ = roc_curve(labels, scores)
-        ax.plot(fpr, tpr, label=f"image (AUROC {roc_auc_score(labels, scores):.4f})")
-    auc = pixels.auroc() if pixels is not None else None
-    if auc is not None:
-        fpr, tpr = pixels.roc_curve()
-        if fpr.size > 20_000:  # a monotone curve: evenly spaced points draw the same line
-            keep = np.unique(np.linspace(0, fpr.size - 1, 20_000).astype(np.int64))
-            fpr, tpr = fpr[keep], tpr[keep]
-        ax.plot(fpr, tpr, label=f"pixel (AUROC {auc:.4f})")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
-           ylim=(0, 1.01), title=title or "ROC")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)

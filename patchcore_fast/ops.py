@@ -1,9 +1,11 @@
 """The only door to the compiled kernels.
 
-Typed wrappers with input validation (a ``ValueError`` naming the argument, before any
-kernel runs), fake-tensor registrations so the ops work under ``torch.compile``, and the
+Typed wrappers, fake-tensor registrations so the ops work under ``torch.compile``, and the
 fallback to :mod:`patchcore_fast.reference` (with one warning) when the compiled library
-is missing.
+is missing. Arguments are validated once: by the kernels (a ``ValueError`` naming the
+argument, ``TORCH_CHECK_VALUE``), or, in front of the reference fallback only, by the same
+checks written here. The kernels fold the bank's NaN / Inf check into the pass over the
+bank they make anyway, so a scoring call never scans the bank a second time for it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 _warned = False
 
-_OPS = ("greedy_coreset", "coreset_shard_step", "knn", "knn_stats")
+_OPS = ("greedy_coreset", "coreset_shard_state", "coreset_shard_step", "knn", "knn_stats")
 
 
 def compiled() -> bool:
@@ -75,9 +77,16 @@ def _use_kernel(t: Tensor, op: str) -> bool:
     return False
 
 
-def _check_points(t: Tensor, name: str) -> None:
+def _float32(t: Tensor, name: str) -> Tensor:
+    """``t`` as float32 when it is a floating-point tensor; any other tensor unchanged, for
+    the kernel (or the reference's checks) to refuse by name."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} should be a torch.Tensor, got {type(t).__name__}")
+    return t.float() if t.is_floating_point() else t
+
+
+def _check_points(t: Tensor, name: str) -> None:
+    # The kernels' argument checks (csrc/common.h), for the reference fallback only.
     if t.dim() != 2:
         raise ValueError(f"{name} should be a 2-D tensor [rows, dim], got {t.dim()}-D "
                          f"with shape {tuple(t.shape)}")
@@ -114,31 +123,66 @@ def greedy_coreset(features: Tensor, k: int, start: int = 0) -> Tensor:
     Returns:
         Tensor[k] int64 on the device of ``features``: selected rows in selection order.
     """
+    features, k, start = _float32(features, "features"), int(k), int(start)
+    if _use_kernel(features, "greedy_coreset"):
+        return torch.ops.patchcore_fast.greedy_coreset.default(features, k, start)
     _check_points(features, "features")
     n = features.shape[0]
     if n == 0:
         raise ValueError("features is empty (0 rows): nothing to select from")
-    k, start = int(k), int(start)
     if not 1 <= k <= n:
         raise ValueError(f"k should be between 1 and the number of rows {n}, got {k}")
     if not 0 <= start < n:
         raise ValueError(f"start should be a row index in [0, {n}), got {start}")
-    features = features.float()
-    if _use_kernel(features, "greedy_coreset"):
-        return torch.ops.patchcore_fast.greedy_coreset.default(features, k, start)
     return reference.greedy_coreset(features, k, start)
 
 
-def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Tensor,
+def _check_shard(shard: Tensor) -> None:
+    if not isinstance(shard, Tensor) or shard.dtype != torch.float32:
+        raise ValueError(f"shard should be a float32 tensor, got "
+                         f"{getattr(shard, 'dtype', type(shard).__name__)}")
+    if shard.dim() != 2 or shard.shape[1] == 0:
+        raise ValueError(f"shard should be a 2-D tensor [rows, dim] with dim >= 1, got shape "
+                         f"{tuple(shard.shape)}")
+
+
+def coreset_shard_state(shard: Tensor, k: int, lazy: bool = True) -> list[Tensor]:
+    """The state of this rank's shard for :func:`coreset_shard_step` (one per run).
+
+    Its layout is the kernel's own (csrc/coreset_shard_step.h): with ``lazy`` on the CPU,
+    the lazy evaluation's upper bounds, heap, bound coordinates and centre tables (the
+    single-process kernel's method, per rank); otherwise (and always on CUDA) each row's
+    distance to its nearest centre, for the plain pass. Callers only pass it to every step
+    of the run. Both kinds give the same selection.
+
+    Args:
+        shard (Tensor[N_r, D]): float32 rows of this rank (may have 0 rows).
+        k (int): the number of centres the run selects, >= 1.
+        lazy (bool): the lazy evaluation (CPU); False: one plain pass per step (the
+            tests' oracle; the only kind on CUDA, which ignores this).
+
+    Returns:
+        list[Tensor]: the state, on the shard's device.
+    """
+    _check_shard(shard)
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k should be >= 1, got {k}")
+    if _use_kernel(shard, "coreset_shard_state"):
+        return torch.ops.patchcore_fast.coreset_shard_state.default(shard, k, bool(lazy))
+    return reference.coreset_shard_state(shard, k, lazy)
+
+
+def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, state: list[Tensor],
                        indices: Tensor, step: int) -> Tensor:
     """One step of the exact distributed coreset on this rank's shard of the rows.
 
     ``candidates`` holds every rank's record of the previous step (all-gathered): the
-    largest packed key names the new centre and carries its row. This lowers ``min_d``
-    with each row's squared distance to it (the same arithmetic as
-    :func:`greedy_coreset`, so the shards together hold a single process's values bit for
-    bit), sets ``indices[step]`` and returns this rank's record for the next step. See
-    :mod:`patchcore_fast.distributed` for the loop around it.
+    largest packed key names the new centre and carries its row. This sets
+    ``indices[step]``, updates ``state`` with the new centre (distances computed with the
+    arithmetic of :func:`greedy_coreset`, so the ranks' offers are a single process's
+    values bit for bit) and returns this rank's record for the next step: its farthest
+    unselected row. See :mod:`patchcore_fast.distributed` for the loop around it.
 
     Only shapes, dtypes and devices are checked (no value is read, so on a GPU the step
     never waits for the device).
@@ -148,31 +192,27 @@ def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Te
         candidates (Tensor[R, D + 2]): int32 records, one per rank: words 0-1 a packed
             (squared distance, global index) key (``reference.pack_keys``; 0 = none), then
             the float32 bits of the row (integer words: the key would be a NaN as floats).
+            At step 0 only the owner of the first centre offers it.
         offset (int): global index of the shard's first row.
-        min_d (Tensor[N_r]): float32, each row's squared distance to its nearest centre
-            (+inf before the first step, -1 once selected); updated in place.
+        state (list[Tensor]): from :func:`coreset_shard_state` for this shard and
+            ``k = len(indices)``; updated in place.
         indices (Tensor[k]): int64 selection being built; ``indices[step]`` is written.
-        step (int): the step, 0 <= step < k.
+        step (int): the step, 0 <= step < k, called in order 0, 1, ...
 
     Returns:
-        Tensor[D + 2] int32: this shard's record (its farthest unselected row's key and
-        row; key 0 and a zero row when none is left).
+        Tensor[D + 2] int32: this shard's record (key 0 and a zero row when none is left;
+        not used after the last step).
     """
-    for t, name, dtype in ((shard, "shard", torch.float32), (min_d, "min_d", torch.float32),
-                           (candidates, "candidates", torch.int32)):
-        if not isinstance(t, Tensor) or t.dtype != dtype:
-            raise ValueError(f"{name} should be a {str(dtype)[6:]} tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)}")
-    if shard.dim() != 2 or shard.shape[1] == 0:
-        raise ValueError(f"shard should be a 2-D tensor [rows, dim] with dim >= 1, got shape "
-                         f"{tuple(shard.shape)}")
+    _check_shard(shard)
+    if not isinstance(candidates, Tensor) or candidates.dtype != torch.int32:
+        raise ValueError(f"candidates should be a int32 tensor, got "
+                         f"{getattr(candidates, 'dtype', type(candidates).__name__)}")
     if candidates.dim() != 2 or candidates.shape[0] == 0 or \
             candidates.shape[1] != shard.shape[1] + 2:
         raise ValueError(f"candidates should be [ranks, D + 2] = [ranks, {shard.shape[1] + 2}]"
                          f", got shape {tuple(candidates.shape)}")
-    if min_d.shape != (shard.shape[0],):
-        raise ValueError(f"min_d should have shape ({shard.shape[0]},) (one per shard row), "
-                         f"got {tuple(min_d.shape)}")
+    if not isinstance(state, (list, tuple)) or not all(isinstance(t, Tensor) for t in state):
+        raise ValueError("state should be the list of tensors coreset_shard_state returned")
     if not isinstance(indices, Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices should be a 1-D int64 tensor, got "
                          f"{getattr(indices, 'dtype', type(indices).__name__)}")
@@ -181,14 +221,15 @@ def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Te
         raise ValueError(f"step should be in [0, {indices.shape[0]}), got {step}")
     if offset < 0 or offset + shard.shape[0] > 2**31 - 1:
         raise ValueError(f"offset should be >= 0 with offset + rows <= 2^31 - 1, got {offset}")
-    devices = {t.device for t in (shard, candidates, min_d, indices)}
+    # (the kernel checks every state tensor's device, dtype and shape)
+    devices = {t.device for t in (shard, candidates, indices, *state[:1])}
     if len(devices) != 1:
-        raise ValueError(f"shard, candidates, min_d and indices should be on one device, got "
+        raise ValueError(f"shard, candidates, state and indices should be on one device, got "
                          f"{sorted(map(str, devices))}")
     if _use_kernel(shard, "coreset_shard_step"):
         return torch.ops.patchcore_fast.coreset_shard_step.default(
-            shard, candidates, offset, min_d, indices, step)
-    return reference.coreset_shard_step(shard, candidates, offset, min_d, indices, step)
+            shard, candidates, offset, list(state), indices, step)
+    return reference.coreset_shard_step(shard, candidates, offset, state, indices, step)
 
 
 def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
@@ -203,12 +244,11 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     and refine those with direct differences; a certificate proves the answer exact (see
     csrc/knn_bound.h). On wide low-rank features the CPU kernel first ranks the bank on 32
     principal coordinates and refines the best rows until a rigorous lower bound certifies
-    the answer (csrc/cpu/knn_project.h); the result is the same. There is no per-row
+    the answer (csrc/cpu/knn_project.cpp); the result is the same. There is no per-row
     full-bank scan on real features: :func:`knn_stats` counts the rows that needed more
     than the first pass. On CUDA the ranking GEMM runs on tensor cores, each row split into
     two bf16 parts (three bf16 products, fp32 accumulation), with a wider bound that keeps
-    the answer exact; the environment variable ``PATCHCORE_FAST_KNN_GEMM=fp32`` selects an
-    fp32 GEMM instead.
+    the answer exact (:func:`knn_stats` with ``gemm="fp32"`` runs an fp32 GEMM instead).
 
     Args:
         query (Tensor[Q, D]): query rows; converted to float32. Q may be 0.
@@ -219,19 +259,31 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         (Tensor[Q, k] float32, Tensor[Q, k] int64): Euclidean (not squared) distances in
         ascending order, and the bank row of each.
     """
-    query, bank, k = _check_knn(query, bank, k)
+    query, bank, k = _float32(query, "query"), _float32(bank, "bank"), int(k)
     if _use_kernel(query, "knn"):
         return torch.ops.patchcore_fast.knn.default(query, bank, k)
+    _check_knn(query, bank, k)
     return reference.knn(query, bank, k, exact=False)
 
 
-def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, dict]:
-    """:func:`knn` plus how the kernel got there (a debugging and test aid).
+def knn_stats(query: Tensor, bank: Tensor, k: int = 1, *, gemm: str = "auto",
+              project: str = "auto", project_bound_scale: float = 1.0
+              ) -> tuple[Tensor, Tensor, dict]:
+    """:func:`knn` plus how the kernel got there, with its variant chosen explicitly (a
+    debugging, test and benchmark aid; :func:`knn` is ``knn_stats`` with the defaults).
 
     Args:
         query (Tensor[Q, D]): query rows; converted to float32.
         bank (Tensor[M, D]): bank rows, same device; converted to float32.
         k (int): neighbours per query, 1 <= k <= M.
+        gemm (str): the CUDA kernel's ranking GEMM: ``"auto"`` (tensor cores, each row
+            split into two bf16 parts, where this torch allows it), ``"fp32"`` or
+            ``"bf16x3"``; no effect on the CPU.
+        project (str): the CPU kernel's projected pre-pass: ``"auto"`` (taken where its
+            rule says it pays), ``"off"`` or ``"force"`` (whenever it is valid, no rule and
+            no pilot); no effect on CUDA.
+        project_bound_scale (float): multiplies the pre-pass's lower bound: 1 in use; a
+            value > 1 makes the bound invalid (tests show that exactness then breaks).
 
     Returns:
         (Tensor[Q, k] float32, Tensor[Q, k] int64, dict): the result of :func:`knn`, and
@@ -240,17 +292,19 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, 
         ``exact_scans`` (rows that fell back to a direct-difference scan of the whole bank:
         the last resort, expected 0) and ``refined`` (candidates recomputed with direct
         differences, all passes), ``projected`` (rows sent through the CPU kernel's
-        projected lower-bound pre-pass, csrc/cpu/knn_project.h: 0 when the pre-pass was
+        projected lower-bound pre-pass, csrc/cpu/knn_project.cpp: 0 when the pre-pass was
         not taken) and ``projected_certified`` (rows it settled; the others went through
         the first pass, and those the first pass cannot settle count in
         ``second_pass``). Without the compiled library: the reference's result and every
         count -1.
     """
-    query, bank, k = _check_knn(query, bank, k)
+    query, bank, k = _float32(query, "query"), _float32(bank, "bank"), int(k)
     if _use_kernel(query, "knn_stats"):
-        d, i, s = torch.ops.patchcore_fast.knn_stats.default(query, bank, k)
+        d, i, s = torch.ops.patchcore_fast.knn_stats.default(
+            query, bank, k, gemm, project, float(project_bound_scale))
         s = s.tolist()
     else:
+        _check_knn(query, bank, k)
         d, i = reference.knn(query, bank, k, exact=False)
         s = [-1] * 6
     keys = ("rows", "second_pass", "exact_scans", "refined", "projected",
@@ -258,7 +312,8 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor, 
     return d, i, dict(zip(keys, s))
 
 
-def _check_knn(query: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
+def _check_knn(query: Tensor, bank: Tensor, k: int) -> None:
+    # The kernels' checks of knn (csrc/common.h), for the reference fallback only.
     _check_points(query, "query")
     _check_points(bank, "bank")
     if bank.shape[0] == 0:
@@ -269,10 +324,8 @@ def _check_knn(query: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor, int
     if query.device != bank.device:
         raise ValueError(f"query and bank should be on the same device, got {query.device} "
                          f"and {bank.device}")
-    k = int(k)
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k should be between 1 and the bank size {bank.shape[0]}, got {k}")
-    return query.float(), bank.float(), k
 
 
 # Fake (meta) implementations: output shapes from input shapes, so the ops trace under
@@ -284,8 +337,21 @@ if compiled():
         torch._check(features.dim() == 2)
         return features.new_empty((k,), dtype=torch.int64)
 
+    @torch.library.register_fake("patchcore_fast::coreset_shard_state")
+    def _coreset_shard_state_fake(shard, k, lazy=True):
+        torch._check(shard.dim() == 2)
+        n, d = shard.shape
+        if shard.device.type == "cuda" or not lazy:  # the layouts of csrc/coreset_shard_step.h
+            return [shard.new_empty((n,))]
+        bounded = d >= 64
+        return [shard.new_empty((n,)), shard.new_empty((n,), dtype=torch.int32),
+                shard.new_empty((n + 1,), dtype=torch.int64),
+                shard.new_empty((n if bounded else 0, 32)),
+                shard.new_empty((d + 1, 32), dtype=torch.float64), shard.new_empty((k, d)),
+                shard.new_empty(((k + 7) // 8 * 64 + 24 * k if bounded else 0,))]
+
     @torch.library.register_fake("patchcore_fast::coreset_shard_step")
-    def _coreset_shard_step_fake(shard, candidates, offset, min_d, indices, step):
+    def _coreset_shard_step_fake(shard, candidates, offset, state, indices, step):
         torch._check(shard.dim() == 2 and candidates.dim() == 2)
         torch._check(candidates.shape[1] == shard.shape[1] + 2)
         return candidates.new_empty((shard.shape[1] + 2,))
@@ -298,6 +364,6 @@ if compiled():
                 query.new_empty((query.shape[0], k), dtype=torch.int64))
 
     @torch.library.register_fake("patchcore_fast::knn_stats")
-    def _knn_stats_fake(query, bank, k):
+    def _knn_stats_fake(query, bank, k, gemm="auto", project="auto", project_bound_scale=1.0):
         d, i = _knn_fake(query, bank, k)
         return d, i, query.new_empty((6,), dtype=torch.int64)

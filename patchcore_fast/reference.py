@@ -73,22 +73,31 @@ def key_index(key: Tensor) -> Tensor:
     return 0xFFFFFFFF - (key & 0xFFFFFFFF)
 
 
-def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Tensor,
+def coreset_shard_state(shard: Tensor, k: int, lazy: bool = True) -> list[Tensor]:
+    """The state of one rank's shard (pure-torch twin of the op): ``[min_d]``, each row's
+    squared distance to its nearest centre, +inf before the first step (the plain pass's
+    state, whatever ``lazy`` asks: the twin has no lazy evaluation)."""
+    return [torch.full((shard.shape[0],), float("inf"), dtype=torch.float32,
+                       device=shard.device)]
+
+
+def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, state: list[Tensor],
                        indices: Tensor, step: int) -> Tensor:
     """One step of the distributed coreset on one rank's shard (pure-torch twin of the op).
 
     The candidate records (one per rank) name the new centre: the record with the largest
-    packed key. Every row's ``min_d`` is lowered with its squared distance to that centre
-    (direct differences; selected rows hold -1 and stay there), the centre is marked -1 if
-    this shard owns it, ``indices[step]`` is set to its global index, and this shard's
-    record for the next step is returned.
+    packed key. Every row's ``min_d`` (``state[0]``) is lowered with its squared distance
+    to that centre (direct differences; selected rows hold -1 and stay there): the plain
+    pass, one read of the shard per step. The centre is marked -1 if this shard owns it,
+    ``indices[step]`` is set to its global index, and this shard's record for the next step
+    is returned.
 
     Args:
         shard (Tensor[N_r, D]): float32 rows, global indices ``offset .. offset + N_r - 1``.
         candidates (Tensor[R, D + 2]): int32 records: words 0-1 a packed key (int64 bits,
             0 = no point), then the float32 bits of the row.
         offset (int): global index of the shard's first row.
-        min_d (Tensor[N_r]): float32, updated in place.
+        state (list[Tensor]): from :func:`coreset_shard_state`; updated in place.
         indices (Tensor[k]): int64, ``indices[step]`` is written.
         step (int): the step.
 
@@ -96,6 +105,7 @@ def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, min_d: Te
         Tensor[D + 2] int32: the record of this shard's farthest unselected row (key 0
         and a zero row when none is left).
     """
+    min_d = state[0]
     n, d = shard.shape
     keys = candidates[:, :2].contiguous().view(torch.int64)[:, 0]
     owner = int(torch.argmax(keys))

@@ -8,9 +8,9 @@
 
        s = (1 - exp(||m_test - m*||) / sum_{m in N_b(m*)} exp(||m_test - m||)) * s*.
 
-   If m* sits in a sparse part of the bank (its neighbours are far from m_test too) the
+   If m* sits in a sparse part of the bank (its neighbors are far from m_test too) the
    softmax weight of m* is small and s stays close to s*; if m* is surrounded by close
-   neighbours, the test patch is probably normal but rare and s is lowered.
+   neighbors, the test patch is probably normal but rare and s is lowered.
 10. The map: patch scores on the feature grid, upsampled bilinearly to the image and
     smoothed with a Gaussian (sigma = 4 pixels).
 """
@@ -30,7 +30,7 @@ def nearest_bank_rows(patches: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
     Args:
         patches (Tensor[Q, D]): test embeddings.
         bank (Tensor[M, D]): memory bank, or a
-            :class:`~patchcore_fast.distributed.ShardedBank` (same answer, collective).
+            :class:`~patchcore_fast.sharded.ShardedBank` (same answer, collective).
 
     Returns:
         (Tensor[Q] float32, Tensor[Q] int64): Euclidean distances and bank rows.
@@ -39,7 +39,7 @@ def nearest_bank_rows(patches: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
     return dist[:, 0], idx[:, 0]
 
 
-def bank_neighbourhoods(bank: Tensor, num_neighbors: int) -> Tensor:
+def bank_neighbors(bank: Tensor, num_neighbors: int) -> Tensor:
     """The b nearest bank rows of every bank row, computed once at fit time.
 
     Args:
@@ -47,26 +47,25 @@ def bank_neighbourhoods(bank: Tensor, num_neighbors: int) -> Tensor:
         num_neighbors: b; clamped to M.
 
     Returns:
-        Tensor[M, min(b, M)] int64: neighbours by increasing distance; the row itself is
+        Tensor[M, min(b, M)] int64: neighbors by increasing distance; the row itself is
         among them (distance 0).
     """
     b = min(int(num_neighbors), bank.shape[0])
     return ops.knn(bank, bank, b)[1]
 
 
-def update_neighbors(bank: Tensor, neighbors: Tensor, added: int,
-                          num_neighbors: int) -> Tensor:
-    """:func:`bank_neighbourhoods` of a bank whose last ``added`` rows are new.
+def update_neighbors(bank: Tensor, neighbors: Tensor, added: int, num_neighbors: int) -> Tensor:
+    """:func:`bank_neighbors` of a bank whose last ``added`` rows are new.
 
     An old row's b nearest rows change only where a new row is nearer than one of them:
     its new list is the b nearest among its old list and its b nearest new rows. So only
     the new rows are searched (old rows against the new ones, new rows against the whole
     bank), and the cost grows with the new rows rather than with the square of the bank.
-    Equal distances keep the lower row first, as :func:`bank_neighbourhoods` orders them.
+    Equal distances keep the lower row first, as :func:`bank_neighbors` orders them.
 
     Args:
         bank (Tensor[M + A, D]): the bank, its last ``added`` rows new.
-        neighbors (Tensor[M, min(b, M)]): :func:`bank_neighbourhoods` of the first M
+        neighbors (Tensor[M, min(b, M)]): :func:`bank_neighbors` of the first M
             rows.
         added: A, the number of new rows (>= 0).
         num_neighbors: b.
@@ -79,7 +78,7 @@ def update_neighbors(bank: Tensor, neighbors: Tensor, added: int,
     if added == 0:
         return neighbors
     if neighbors.shape[1] < b:  # the old bank had fewer than b rows: redo (tiny)
-        return bank_neighbourhoods(bank, num_neighbors)
+        return bank_neighbors(bank, num_neighbors)
     old, new = bank[:m], bank[m:]
     # The old rows' distances to their lists, by direct differences (as the kernel's), a
     # block of rows at a time (a block's differences are rows x b x D floats).
@@ -96,7 +95,7 @@ def update_neighbors(bank: Tensor, neighbors: Tensor, added: int,
     return torch.cat([merged, ops.knn(new, bank, b)[1]])
 
 
-def reweighting_factor(test_patch: Tensor, nearest_dist: Tensor, neighbours: Tensor
+def reweighting_factor(test_patch: Tensor, nearest_dist: Tensor, neighbors: Tensor
                        ) -> Tensor:
     """The factor ``1 - exp(s*) / sum_j exp(d_j)`` of Eq. 7, computed stably.
 
@@ -106,39 +105,39 @@ def reweighting_factor(test_patch: Tensor, nearest_dist: Tensor, neighbours: Ten
     Args:
         test_patch (Tensor[B, D]): the most anomalous patch m_test of each image.
         nearest_dist (Tensor[B]): s* = ||m_test - m*||.
-        neighbours (Tensor[B, b, D]): the bank rows N_b(m*) of each image.
+        neighbors (Tensor[B, b, D]): the bank rows N_b(m*) of each image.
 
     Returns:
         Tensor[B]: the factor in [0, 1].
     """
-    d = torch.linalg.vector_norm(neighbours.float() - test_patch.float()[:, None, :], dim=-1)
+    d = torch.linalg.vector_norm(neighbors.float() - test_patch.float()[:, None, :], dim=-1)
     c = torch.maximum(d.max(dim=1).values, nearest_dist)
     ratio = torch.exp(nearest_dist - c) / torch.exp(d - c[:, None]).sum(dim=1)
     return (1.0 - ratio).clamp_(0.0, 1.0)
 
 
 def image_scores(patches: Tensor, patch_dist: Tensor, patch_idx: Tensor, bank: Tensor,
-                 neighbourhoods: Tensor | None) -> Tensor:
-    """Step 9: the image score of each image, reweighted when neighbourhoods are given.
+                 neighbors: Tensor | None) -> Tensor:
+    """Step 9: the image score of each image, reweighted when neighbors are given.
 
     Args:
         patches (Tensor[B, P, D]): test embeddings per image.
         patch_dist (Tensor[B, P]): patch scores.
         patch_idx (Tensor[B, P]): nearest bank row of each patch.
         bank (Tensor[M, D]): memory bank (or a sharded one: indexing it gathers rows).
-        neighbourhoods (Tensor[M, b] or None): from :func:`bank_neighbourhoods`; None
+        neighbors (Tensor[M, b] or None): from :func:`bank_neighbors`; None
             turns the reweighting off (score = s*, as the official code).
 
     Returns:
         Tensor[B] float32.
     """
     s_star, where = patch_dist.max(dim=1)
-    if neighbourhoods is None or neighbourhoods.shape[1] == 0:
+    if neighbors is None or neighbors.shape[1] == 0:
         return s_star
     rows = torch.arange(patches.shape[0], device=patches.device)
     m_test = patches[rows, where]                               # [B, D]
     m_star = patch_idx[rows, where]                             # [B]
-    support = bank[neighbourhoods[m_star].to(bank.device)]      # [B, b, D]
+    support = bank[neighbors[m_star].to(bank.device)]      # [B, b, D]
     return reweighting_factor(m_test, s_star, support) * s_star
 
 
@@ -197,6 +196,6 @@ def blur_kernel_size(sigma: float) -> int:
     return 2 * int(4.0 * sigma + 0.5) + 1 if sigma > 0 else 1
 
 
-__all__ = ["nearest_bank_rows", "bank_neighbourhoods", "update_neighbors",
-           "reweighting_factor", "image_scores", "gaussian_blur", "anomaly_maps",
-           "gaussian_kernel1d", "blur_kernel_size"]
+__all__ = ["nearest_bank_rows", "bank_neighbors", "update_neighbors", "reweighting_factor",
+           "image_scores", "gaussian_blur", "anomaly_maps", "gaussian_kernel1d",
+           "blur_kernel_size"]

@@ -24,7 +24,8 @@ from PIL import Image
 import patchcore_fast
 from patchcore_fast import PatchCore
 from patchcore_fast.cli import main
-from patchcore_fast.outputs import JOURNAL, unique_names
+from patchcore_fast.journal import JOURNAL
+from patchcore_fast.outputs import unique_names
 
 SMALL = ["--image-size", "64", "--crop", "64", "--device", "cpu", "--quiet"]
 

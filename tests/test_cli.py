@@ -109,7 +109,7 @@ def test_random_weights_warn_in_every_verb_that_builds_a_model(verb, demo, tmp_p
     from patchcore_fast import cli
 
     # The warning is the point, not the run: no model is fitted.
-    monkeypatch.setattr(cli.outputs, "fit_targets", lambda *a: [])
+    monkeypatch.setattr(cli.datasets, "fit_targets", lambda *a: [])
     monkeypatch.setattr(cli.evaluation, "study_category", lambda *a: [])
     monkeypatch.setattr(cli.outputs, "write_study", lambda *a: None)
     out = tmp_path / ("m.safetensors" if verb == "fit" else "study")
@@ -301,7 +301,7 @@ def test_cuda_fit_evaluate_score(demo, fitted, tmp_path):
 
 
 def test_fit_of_a_folder_into_a_folder_is_named_for_the_file(tmp_path):
-    from patchcore_fast.outputs import fit_targets
+    from patchcore_fast.datasets import fit_targets
 
     good = tmp_path / "photos" / "good"
     good.mkdir(parents=True)
@@ -315,7 +315,7 @@ def test_fit_of_a_folder_into_a_folder_is_named_for_the_file(tmp_path):
 
 def test_fit_and_score_wide_resnet50_with_threads(demo, tmp_path, two_threads):
     # The default backbone at its default size, with 2 intra-op threads: fit's reweighting
-    # neighbourhoods and scoring run the CPU k-NN kernel under torch.inference_mode on
+    # neighbors and scoring run the CPU k-NN kernel under torch.inference_mode on
     # 1,024-wide features, where its projected pre-pass is taken. A worker thread writing
     # an inference tensor made both verbs fail ("Inplace update to inference tensor outside
     # InferenceMode") on any CPU with more than one thread.
@@ -330,7 +330,7 @@ def test_fit_and_score_wide_resnet50_with_threads(demo, tmp_path, two_threads):
     assert main(["score", str(model), *tests, "-o", str(out), "--quiet"]) == 0
     bank = PatchCore.load(model, device="cpu").bank
     _, _, stats = ops.knn_stats(bank, bank, 9)
-    print(f"\nbank {tuple(bank.shape)}, neighbourhoods: {stats}")
+    print(f"\nbank {tuple(bank.shape)}, neighbors: {stats}")
     assert stats["projected"] > 0, stats  # the path this test is about was taken
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert len(rows) == sum(len(_files(Path(t))) for t in tests)

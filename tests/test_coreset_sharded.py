@@ -1,9 +1,10 @@
-"""Tests of the sharded coreset: the threaded CPU kernel, the per-shard step op and the
-distributed selection over torch.distributed (gloo, 2 processes started by the test).
+"""Tests of the sharded coreset: the threaded CPU kernel, the per-shard step op (the CPU's
+lazy kind and the plain pass) and the distributed selection over torch.distributed (gloo,
+2 processes started by the test).
 
-The three share one distance routine (csrc/cpu/sqdist.h: a fixed summation order), so
-their selections must equal the single-threaded kernel's index for index, ties included,
-whatever the thread count or the split of the rows into shards.
+All share one distance routine (csrc/cpu/sqdist.h: a fixed summation order), so their
+selections must equal the single-threaded kernel's index for index, ties included,
+whatever the thread count, the split of the rows into shards or the kind of step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gloo_ranks import spawn_ranks
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 STEP_OP = torch.ops.patchcore_fast.coreset_shard_step.default
+STATE_OP = torch.ops.patchcore_fast.coreset_shard_state.default
 
 
 # ----------------------------------------------------------------------------- data
@@ -40,7 +42,41 @@ def _grid(n: int, d: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 4, (n, d), generator=g).float()
 
 
+def _lowrank(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Rank-6 rows, faint noise, far from the origin: the CPU's bound prunes (D >= 64)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 6, generator=g) @ torch.randn(6, d, generator=g)
+    return z + 1e-3 * torch.randn(n, d, generator=g) + 100.0
+
+
+def _lowrank_duplicates(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Few low-rank rows repeated across the whole range (so across shards): exact ties
+    between ranks, then all-zero distances, with the bound on."""
+    base = _lowrank(max(1, n // 10), d, seed)
+    return base[torch.randint(0, base.shape[0], (n,), generator=torch.Generator().manual_seed(
+        seed + 1))]
+
+
+def _mixed_norms(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """The first half near the origin, the second half of norm ~1e5: a rank whose own rows
+    are short receives far longer centres (its bound's margin must grow with them)."""
+    x = _lowrank(n, d, seed) - 100.0
+    x[n // 2:] = x[n // 2:] * 1e3 + 1e4
+    return x
+
+
+def _huge_tail(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """The last tenth of norm ~2e18: a rank whose bound is on receives centres too long for
+    it (the filter must switch off from then on)."""
+    x = _lowrank(n, d, seed)
+    x[n - n // 10:] = x[n - n // 10:] * 2.5e15
+    return x
+
+
 DATA = {"gaussian": _gaussian, "duplicates": _duplicates, "grid": _grid}
+# Data on which the lazy CPU step's bound acts (64 columns or more).
+WIDE = {"lowrank": _lowrank, "lowrank-duplicates": _lowrank_duplicates,
+        "mixed-norms": _mixed_norms, "huge-tail": _huge_tail, "grid": _grid}
 
 
 def _single_thread(x: torch.Tensor, k: int, start: int) -> torch.Tensor:
@@ -85,14 +121,14 @@ def test_threaded_k_equals_n_is_the_single_threaded_permutation():
 
 # ----------------------------------------------------------------------------- step op
 
-def _simulate(x: torch.Tensor, bounds: list[int], k: int, start: int, step_fn,
-              device: str = "cpu") -> torch.Tensor:
+def _simulate(x: torch.Tensor, bounds: list[int], k: int, start: int, impl=ops,
+              device: str = "cpu", lazy: bool = True) -> torch.Tensor:
     """The distributed loop in one process: shards x[bounds[r]:bounds[r+1]], the
-    all-gather replaced by a stack of the records."""
+    all-gather replaced by a stack of the records; ``impl`` is ops or reference."""
     x = x.to(device)
     shards = [x[a:b].contiguous() for a, b in zip(bounds[:-1], bounds[1:])]
     d = x.shape[1]
-    mins = [torch.full((s.shape[0],), float("inf"), device=device) for s in shards]
+    states = [impl.coreset_shard_state(s, k, lazy) for s in shards]
     outs = [torch.empty(k, dtype=torch.int64, device=device) for _ in shards]
     records = []
     for r, s in enumerate(shards):
@@ -104,22 +140,52 @@ def _simulate(x: torch.Tensor, bounds: list[int], k: int, start: int, step_fn,
         records.append(rec)
     for t in range(k):
         cands = torch.stack(records)
-        records = [step_fn(s, cands, bounds[r], mins[r], outs[r], t)
+        records = [impl.coreset_shard_step(s, cands, bounds[r], states[r], outs[r], t)
                    for r, s in enumerate(shards)]
     for o in outs[1:]:
         assert torch.equal(o, outs[0]), "ranks disagree on the selection"
     return outs[0].cpu()
 
 
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "plain"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", sorted(DATA))
 @pytest.mark.parametrize("bounds", [[0, 300], [0, 1, 300], [0, 137, 200, 300], [0, 0, 299, 300]],
                          ids=["1-shard", "1+299", "uneven-3", "empty+299+1"])
-def test_step_op_equals_kernel(device, kind, bounds):
+def test_step_op_equals_kernel(device, kind, bounds, lazy):
     x = DATA[kind](300, 9, seed=len(bounds))
     want = patchcore_fast.greedy_coreset(x.to(device), 300, 5).cpu()
-    got = _simulate(x, bounds, 300, 5, ops.coreset_shard_step, device)
+    got = _simulate(x, bounds, 300, 5, ops, device, lazy)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", sorted(WIDE))
+@pytest.mark.parametrize("bounds,k", [([0, 1200, 2500], 400), ([0, 0, 700, 2500], 2500),
+                                      ([0, 2499, 2500], 300), ([0, 900, 1700, 2500], 800)],
+                         ids=["2-shards", "empty+k=n", "2499+1", "3-shards"])
+def test_lazy_step_with_bound_equals_plain_and_kernel(kind, bounds, k):
+    # 128 columns: each rank's subspace bound is on (except where norms switch it off);
+    # every rank finds its exact local arg-max lazily, and the selection must be the
+    # single-threaded kernel's and the plain pass's, index for index.
+    x = WIDE[kind](2500, 128, seed=k)
+    want = _single_thread(x, k, 11)
+    assert torch.equal(_simulate(x, bounds, k, 11, lazy=False), want)
+    assert torch.equal(_simulate(x, bounds, k, 11, lazy=True), want)
+
+
+def test_lazy_state_layout():
+    # The layout csrc/coreset_shard_step.h states; the bound's coordinates and axes only
+    # from 64 columns on, and the axes flagged on for low-rank data.
+    wide = ops.coreset_shard_state(_lowrank(500, 96), 40)
+    assert [tuple(t.shape) for t in wide] == [(500,), (500,), (501,), (500, 32), (97, 32),
+                                               (40, 96), (40 * 8 + 24 * 40,)]
+    assert [t.dtype for t in wide] == [torch.float32, torch.int32, torch.int64, torch.float32,
+                                       torch.float64, torch.float32, torch.float32]
+    assert float(wide[4][96, 0]) == 1.0 and float(wide[4][96, 1]) > 0.0
+    narrow = ops.coreset_shard_state(_gaussian(500, 9), 40)
+    assert [tuple(t.shape) for t in narrow][3:] == [(0, 32), (10, 32), (40, 9), (0,)]
+    plain = ops.coreset_shard_state(_gaussian(500, 9), 40, lazy=False)
+    assert len(plain) == 1 and torch.equal(plain[0], torch.full((500,), float("inf")))
 
 
 @pytest.mark.parametrize("kind", sorted(DATA))
@@ -137,8 +203,8 @@ def test_step_op_matches_reference(kind):
     min_a[[3, 40]] = -1.0  # already selected
     min_b, out_a, out_b = min_a.clone(), torch.zeros(4, dtype=torch.int64), torch.zeros(
         4, dtype=torch.int64)
-    rec_a = ops.coreset_shard_step(shard, cands, offset, min_a, out_a, 2)
-    rec_b = reference.coreset_shard_step(shard, cands, offset, min_b, out_b, 2)
+    rec_a = ops.coreset_shard_step(shard, cands, offset, [min_a], out_a, 2)  # the plain pass
+    rec_b = reference.coreset_shard_step(shard, cands, offset, [min_b], out_b, 2)
     assert int(out_a[2]) == int(out_b[2]) == 60
     assert float(min_a[60 - offset]) == -1.0 and float(min_a[3]) == -1.0
     torch.testing.assert_close(min_a, min_b, rtol=1e-5, atol=1e-6)
@@ -154,62 +220,85 @@ def test_step_op_matches_reference(kind):
 def test_reference_twin_selection(kind):
     x = DATA[kind](150, 4, seed=2)  # well separated: no near-ties
     want = reference.greedy_coreset(x, 150, 9)
-    got = _simulate(x, [0, 70, 150], 150, 9, reference.coreset_shard_step)
+    got = _simulate(x, [0, 70, 150], 150, 9, reference)
     assert torch.equal(got, want)
 
 
-def test_step_op_last_row_leaves_an_empty_record():
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "plain"])
+def test_step_op_last_row_leaves_an_empty_record(lazy):
     x = _gaussian(1, 3)
-    min_d = torch.full((1,), float("inf"))
-    out = torch.empty(1, dtype=torch.int64)
+    state = ops.coreset_shard_state(x, 2, lazy)
+    out = torch.empty(2, dtype=torch.int64)
     cands = torch.zeros(1, 5, dtype=torch.int32)
     cands[0, :2] = reference.pack_keys(torch.tensor([1.0]), torch.tensor([0])).view(
         torch.int32)
     cands[0, 2:] = x[0].view(torch.int32)
-    rec = ops.coreset_shard_step(x, cands, 0, min_d, out, 0)
-    assert int(out[0]) == 0 and float(min_d[0]) == -1.0
+    rec = ops.coreset_shard_step(x, cands, 0, state, out, 0)
+    assert int(out[0]) == 0 and float(state[0][0]) == -1.0
     assert torch.equal(rec, torch.zeros(5, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_step_op_opcheck(device):
-    x = _gaussian(64, 5).to(device)
-    cands = torch.zeros(2, 7, dtype=torch.int32, device=device)
+@pytest.mark.parametrize("d", [5, 64])
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "plain"])
+def test_step_op_opcheck(device, d, lazy):
+    x = _lowrank(64, d).to(device)
+    torch.library.opcheck(STATE_OP, (x, 3, lazy))
+    cands = torch.zeros(2, d + 2, dtype=torch.int32, device=device)
     cands[1, :2] = reference.pack_keys(torch.tensor([2.0]), torch.tensor([70])).view(
         torch.int32).to(device)
-    cands[1, 2:] = torch.ones(5).view(torch.int32).to(device)
-    torch.library.opcheck(STEP_OP, (x, cands, 10, torch.full((64,), 5.0, device=device),
-                                    torch.zeros(3, dtype=torch.int64, device=device), 1))
+    cands[1, 2:] = torch.ones(d).view(torch.int32).to(device)
+    # Step 0 on a rank that does not own the first centre (global row 70 is another's).
+    torch.library.opcheck(STEP_OP, (x, cands, 10, ops.coreset_shard_state(x, 3, lazy),
+                                    torch.zeros(3, dtype=torch.int64, device=device), 0))
 
 
 @pytest.mark.parametrize("args,words", [
     (lambda x, c, m, o: (x, c[:, :4], 0, m, o, 0), "candidates should be"),
-    (lambda x, c, m, o: (x, c, 0, m[:3], o, 0), "min_d should"),
     (lambda x, c, m, o: (x, c, 0, m, o.float(), 0), "indices should"),
     (lambda x, c, m, o: (x, c, 0, m, o, 4), "step should"),
     (lambda x, c, m, o: (x, c, -1, m, o, 0), "offset should"),
     (lambda x, c, m, o: (x.double(), c, 0, m, o, 0), "shard should be"),
     (lambda x, c, m, o: (x, c.float(), 0, m, o, 0), "candidates should be"),
     (lambda x, c, m, o: (x, torch.zeros_like(c), 0, m, o, 0), "no rank offered"),
-], ids=["width", "min_d", "indices", "step", "offset", "dtype", "cand-dtype", "no-offer"])
+    (lambda x, c, m, o: (x, c, 0, [m[0][:3]], o, 0), "state tensor min_d should"),
+    (lambda x, c, m, o: (x, c, 0, m[:2], o, 0), "state should hold"),
+    (lambda x, c, m, o: (x, c, 0, [m[0], m[1].long(), *m[2:]], o, 0), "state tensor seen"),
+    (lambda x, c, m, o: (x, c, 0, m[:5] + [m[5][:3]] + m[6:], o, 0), "state tensor centres"),
+], ids=["width", "indices", "step", "offset", "dtype", "cand-dtype", "no-offer", "min_d",
+        "state-count", "seen", "centres"])
 def test_step_op_bad_input(args, words):
     x = _gaussian(10, 3)
     c = torch.zeros(2, 5, dtype=torch.int32)
     c[0, :2] = reference.pack_keys(torch.tensor([1.0]), torch.tensor([2])).view(torch.int32)
-    m = torch.full((10,), float("inf"))
+    m = ops.coreset_shard_state(x, 4)
     o = torch.zeros(4, dtype=torch.int64)
     a = args(x, c, m, o)
     with pytest.raises(RuntimeError, match=words):
         STEP_OP(*a)
-    if words != "no rank offered":  # the wrapper checks shapes only, the op the keys
+    if words.split()[0] != "state" and words != "no rank offered":
+        # the wrapper checks shapes of its arguments; the op the keys and the state's layout
         with pytest.raises(ValueError, match=words):
             ops.coreset_shard_step(*a)
+
+
+@pytest.mark.parametrize("args,words", [
+    (lambda x: (x.double(), 3), "shard should be"),
+    (lambda x: (x[:, :0], 3), "zero columns|dim >= 1"),
+    (lambda x: (x, 0), "k should be"),
+], ids=["dtype", "no-columns", "k"])
+def test_state_op_bad_input(args, words):
+    a = args(_gaussian(10, 3))
+    with pytest.raises(RuntimeError, match=words):
+        STATE_OP(*a)
+    with pytest.raises(ValueError, match=words):
+        ops.coreset_shard_state(*a)
 
 
 # ----------------------------------------------------------------------------- distributed
 
 def _case_data(case: dict) -> torch.Tensor:
-    return DATA[case["kind"]](case["n"], case["d"], seed=case["seed"])
+    return {**DATA, **WIDE}[case["kind"]](case["n"], case["d"], seed=case["seed"])
 
 
 def _worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
@@ -217,7 +306,7 @@ def _worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None
 
     import torch.distributed as dist
 
-    from patchcore_fast.distributed import greedy_coreset_sharded
+    from patchcore_fast.sharded import greedy_coreset_sharded
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -246,6 +335,13 @@ CASES = [
     dict(kind="grid", n=400, d=3, seed=2, bounds=[0, 399, 400], k=120, start=17),
     dict(kind="grid", n=60, d=2, seed=3, bounds=[0, 0, 60], k=60, start=5),  # empty shard
     dict(kind="gaussian", n=20000, d=128, seed=4, bounds=[0, 12345, 20000], k=200, start=1),
+    # The lazy step with its bound on: low rank, 128 columns; duplicates across the ranks
+    # (ties between them, then zeros, k = n); a rank whose rows are far shorter than the
+    # other's centres.
+    dict(kind="lowrank", n=20000, d=128, seed=5, bounds=[0, 9000, 20000], k=900, start=3),
+    dict(kind="lowrank-duplicates", n=3000, d=64, seed=6, bounds=[0, 1700, 3000], k=3000,
+         start=2999),
+    dict(kind="mixed-norms", n=4000, d=128, seed=7, bounds=[0, 2000, 4000], k=500, start=0),
 ]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from patchcore_fast import data
+from patchcore_fast import datasets, geometry, images
 from patchcore_fast.errors import PatchCoreError, SkippedFileWarning
 
 
@@ -21,7 +21,7 @@ def _rgb(h=40, w=60):
 def test_formats_are_read_as_rgb(tmp_path, ext):
     p = tmp_path / f"x.{ext}"
     Image.fromarray(_rgb()).save(p)
-    img = data.read_image(p)
+    img = images.read_image(p)
     assert img.mode == "RGB" and img.size == (60, 40)
 
 
@@ -31,9 +31,9 @@ def test_grey_rgba_palette_cmyk(tmp_path):
     Image.fromarray(_rgb()).convert("P").save(tmp_path / "p.png")
     Image.fromarray(_rgb()).convert("CMYK").save(tmp_path / "c.jpg")
     for name in ("g.png", "a.png", "p.png", "c.jpg"):
-        img = data.read_image(tmp_path / name)
+        img = images.read_image(tmp_path / name)
         assert img.mode == "RGB" and img.size == (60, 40)
-    grey = np.asarray(data.read_image(tmp_path / "g.png"))
+    grey = np.asarray(images.read_image(tmp_path / "g.png"))
     np.testing.assert_array_equal(grey[..., 0], _rgb()[..., 0])
 
 
@@ -42,7 +42,7 @@ def test_16bit_is_scaled_to_8bit(tmp_path):
     Image.fromarray(a16).save(tmp_path / "d.png")
     Image.fromarray(a16).save(tmp_path / "d.tif")
     for name in ("d.png", "d.tif"):
-        got = np.asarray(data.read_image(tmp_path / name))[..., 0].astype(int)
+        got = np.asarray(images.read_image(tmp_path / name))[..., 0].astype(int)
         np.testing.assert_allclose(got, np.rint(a16 / 257.0), atol=1)
 
 
@@ -51,7 +51,7 @@ def test_exif_rotation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     img.save(tmp_path / "r.jpg", exif=exif)
-    assert data.read_image(tmp_path / "r.jpg").size == (40, 60)
+    assert images.read_image(tmp_path / "r.jpg").size == (40, 60)
 
 
 def test_bad_files_skipped_with_warning_and_counted(tmp_path):
@@ -64,8 +64,8 @@ def test_bad_files_skipped_with_warning_and_counted(tmp_path):
     skipped = []
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        paths = data.list_images([tmp_path], skipped=skipped)
-        got = list(data.iterate_images(paths, data.Preprocess(32, 32), 2, skipped=skipped))
+        paths = datasets.list_images([tmp_path], skipped=skipped)
+        got = list(datasets.iterate_images(paths, geometry.Preprocess(32, 32, resize="shorter"), 2, skipped=skipped))
     assert sum(len(i) for i, _ in got) == 1
     names = sorted(p.rsplit("/", 1)[-1] for p in skipped)
     assert names == ["empty.png", "notes.txt", "text.png", "trunc.png"]
@@ -76,21 +76,21 @@ def test_bad_files_skipped_with_warning_and_counted(tmp_path):
 
 def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(PatchCoreError, match="does not exist"):
-        data.list_images([tmp_path / "nope"])
+        datasets.list_images([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(PatchCoreError, match="holds no images"):
-        data.list_images([tmp_path / "empty"])
+        datasets.list_images([tmp_path / "empty"])
 
 
 def test_preprocess_geometry_and_mask_nearest(tmp_path):
-    pre = data.Preprocess(256, 224)
+    pre = geometry.Preprocess(256, 224, resize="shorter")
     img = Image.fromarray(_rgb(300, 400))
     x = pre.image(img)
     assert x.shape == (3, 224, 224)
     mask = np.zeros((300, 400), np.uint8)
     mask[100:200, 150:250] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
-    m = pre.mask(data.read_mask(tmp_path / "m.png"))
+    m = pre.mask(images.read_mask(tmp_path / "m.png"))
     assert m.shape == (224, 224) and m.dtype == torch.bool
     # Binary after nearest resize; the square keeps its area up to the scale factor.
     scale = 256 / 300
@@ -105,12 +105,12 @@ def test_mvtec_layout(tmp_path):
     for sub in ("train/good", "test/good", "test/crack"):
         Image.fromarray(_rgb()).save(cat / sub / "000.png")
     Image.fromarray(np.zeros((40, 60), np.uint8)).save(cat / "ground_truth/crack/000_mask.png")
-    assert data.find_categories(tmp_path) == ["thing"]
-    items = data.mvtec_test(cat)
+    assert datasets.find_categories(tmp_path) == ["thing"]
+    items = datasets.mvtec_test(cat)
     assert [(i.defect, i.label, i.mask is not None) for i in items] == [
         ("crack", 1, True), ("good", 0, False)]
     with pytest.raises(PatchCoreError, match="no category"):
-        data.resolve_categories(tmp_path, ["other"])
+        datasets.resolve_categories(tmp_path, ["other"])
 
 
 def test_mask_of_names_the_image_when_it_has_no_mask(tmp_path):
@@ -119,7 +119,8 @@ def test_mask_of_names_the_image_when_it_has_no_mask(tmp_path):
     gone = tmp_path / "000.png"
     gone.write_text("not an image any more")
     with pytest.raises(PatchCoreError, match=re.escape(f"cannot read image {gone} any more")):
-        mask_of(data.TestImage(gone, 0, "good", None), data.Preprocess(64, 0))
+        mask_of(datasets.TestImage(gone, 0, "good", None),
+                geometry.Preprocess(64, 0, resize="shorter"))
 
 
 def test_maps_back_of_an_image_changed_during_the_run_is_one_line(tmp_path):

@@ -119,7 +119,7 @@ def _fit_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from patchcore_fast import distributed
+    from patchcore_fast import distributed, sharded
     from patchcore_fast.coreset import StreamingCoreset
 
     torch.set_num_threads(1)
@@ -135,12 +135,12 @@ def _fit_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                   project=False) as sc:
                 for a in range(lo, lo + counts[rank], 1000):  # arbitrary batches
                     sc.add(rows[a:min(a + 1000, lo + counts[rank])])
-                shard = distributed.project_shard(sc, launch, case["dim"], counts,
+                shard = sharded.project_shard(sc, launch, case["dim"], counts,
                                                   torch.device("cpu"))
                 n = sum(counts)
-                idx = distributed.select_sharded(shard, n, case["ratio"], sc, case["dim"],
+                idx = sharded.select_sharded(shard, n, case["ratio"], sc, case["dim"],
                                                  torch.device("cpu"))
-                bank = distributed.gather_bank(sc, idx, launch, case["dim"], counts,
+                bank = sharded.gather_bank(sc, idx, launch, case["dim"], counts,
                                                torch.device("cpu"))
             results.append((shard, idx, bank))
         torch.save(results, f"{out_dir}/rank{rank}.pt")

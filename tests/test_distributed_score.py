@@ -170,7 +170,7 @@ def _bank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from patchcore_fast.distributed import ShardedBank
+    from patchcore_fast.sharded import ShardedBank
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

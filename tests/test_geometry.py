@@ -8,9 +8,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from patchcore_fast import PatchCore, PatchCoreConfig
-from patchcore_fast.data import Preprocess, iterate_images
+from patchcore_fast.datasets import iterate_images
 from patchcore_fast.files import MapSpool
-from patchcore_fast.geometry import place
+from patchcore_fast.geometry import Preprocess, place
 
 
 @pytest.mark.parametrize("size", [(300, 100), (100, 300), (257, 256), (64, 64)])
@@ -81,7 +81,7 @@ def test_longer_pads_with_the_mean_and_batches_by_shape(tmp_path):
     # shorter without a crop keeps the aspect: photos of two shapes come in two batches.
     for name, wh in (("a", (300, 100)), ("b", (100, 100)), ("c", (300, 100))):
         Image.new("RGB", wh, (9, 99, 199)).save(tmp_path / f"{name}.png")
-    batches = list(iterate_images(sorted(tmp_path.glob("*.png")), Preprocess(64, 0), 3))
+    batches = list(iterate_images(sorted(tmp_path.glob("*.png")), Preprocess(64, 0, resize="shorter"), 3))
     shapes = sorted(tuple(b.shape) for _, b in batches)
     assert shapes == [(1, 3, 64, 64), (2, 3, 64, 192)]
 
@@ -153,7 +153,8 @@ def rod(tmp_path_factory):
 
 def test_rod_maps_at_the_photo_size_align_with_the_masks(rod, tmp_path):
     from patchcore_fast.cli import main
-    from patchcore_fast.data import image_size, mvtec_test
+    from patchcore_fast.datasets import mvtec_test
+    from patchcore_fast.images import image_size
 
     root, model = rod
     out = tmp_path / "eval"
@@ -219,7 +220,7 @@ def test_no_crop_input_above_the_budget_is_skipped_naming_the_way_out(tmp_path):
     thin = tmp_path / "thin.png"
     Image.new("L", (40_000, 20), 77).save(thin)  # 128,000 x 64 at the shorter side 64
     with pytest.warns(UserWarning, match="without a crop.*--resize longer"):
-        assert list(iterate_images([thin], Preprocess(64, 0))) == []
+        assert list(iterate_images([thin], Preprocess(64, 0, resize="shorter"))) == []
     # The same photo with the default geometry: one padded square input.
     batches = list(iterate_images([thin], Preprocess(64, 0, resize="longer")))
     assert batches[0][1].shape == (1, 3, 64, 64)

@@ -4,7 +4,8 @@ From 64 columns on, the CPU kernel skips a centre's distance when a lower bound 
 principal axes proves that the centre cannot lower a point's min_d. Skipping is exact only
 if the bound (and its floating-point margin) is right, so the selection must equal, index
 for index, that of the plain loop that computes every distance with the same bits: the
-distributed step op run as one shard (``coreset_shard_step``, no pruning, no laziness).
+distributed step op's plain pass run as one shard (``coreset_shard_step`` with a
+``lazy=False`` state: no pruning, no laziness).
 The data below make the bound fire (low-rank and clustered rows, far from the origin so the
 rounding margin is large against the distances), make it useless (isotropic Gaussian), or
 switch it off (norms above 1e18); duplicates and integer grids add exact ties and zeros.
@@ -69,16 +70,16 @@ DATA = {"lowrank": _lowrank, "clusters": _clusters, "gaussian": _gaussian,
 
 
 def _plain_loop(x: torch.Tensor, k: int, start: int) -> torch.Tensor:
-    """Every distance of every step, with the kernels' bits: coreset_shard_step, 1 shard."""
+    """Every distance of every step, with the kernels' bits: the plain step, 1 shard."""
     n, d = x.shape
-    min_d = torch.full((n,), float("inf"))
+    state = ops.coreset_shard_state(x, k, lazy=False)
     out = torch.empty(k, dtype=torch.int64)
     record = torch.zeros(1, d + 2, dtype=torch.int32)
     record[0, :2] = reference.pack_keys(torch.tensor([float("inf")]),
                                         torch.tensor([start])).view(torch.int32)
     record[0, 2:] = x[start].view(torch.int32)
     for t in range(k):
-        record = ops.coreset_shard_step(x, record, 0, min_d, out, t)[None]
+        record = ops.coreset_shard_step(x, record, 0, state, out, t)[None]
     return out
 
 

@@ -19,7 +19,9 @@ from PIL import Image
 import patchcore_fast
 from patchcore_fast import PatchCore
 from patchcore_fast.cli import main
-from patchcore_fast.data import Preprocess, iterate_images, list_images, read_image
+from patchcore_fast.datasets import iterate_images, list_images
+from patchcore_fast.geometry import Preprocess
+from patchcore_fast.images import read_image
 from patchcore_fast.errors import LargeImageWarning, PatchCoreError, SkippedFileWarning
 from patchcore_fast.files import atomic_path, write_text
 
@@ -194,7 +196,7 @@ def test_elongated_image_bounded_and_warned(tmp_path):
     thin = tmp_path / "thin.png"
     Image.new("L", (1, 100_000), 77).save(thin)
     assert thin.stat().st_size < 2_000  # a few hundred bytes that once needed ~20 GB
-    pre = Preprocess(256, 224)
+    pre = Preprocess(256, 224, resize="shorter")
     img = read_image(thin)
     assert pre.oversize(img.size) and "the model sees" in pre.oversize(img.size)
     x = pre.image(img)
@@ -211,8 +213,8 @@ def test_bounded_resize_is_the_same_crop(size):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     for image_size, crop in ((64, 56), (32, 28)):
-        plain, bounded = Preprocess(image_size, crop), Preprocess(image_size, crop,
-                                                                   max_pixels=0)
+        plain = Preprocess(image_size, crop, resize="shorter")
+        bounded = Preprocess(image_size, crop, resize="shorter", max_pixels=0)
         a, b = plain.display(img).astype(int), bounded.display(img).astype(int)
         assert a.shape == b.shape == (crop, crop, 3)
         assert np.abs(a - b).max() <= 1 and np.abs(a - b).mean() < 0.5
@@ -417,24 +419,24 @@ def test_model_save_file_too_large_real(demo, tmp_path):
 def test_file_sha256_is_memoised_but_sees_a_changed_file(tmp_path):
     import hashlib
 
-    from patchcore_fast import backbone
+    from patchcore_fast import files
 
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 1000)
     want = hashlib.sha256(b"a" * 1000).hexdigest()
-    assert backbone.file_sha256(f) == want
-    hits = backbone._sha256.cache_info().hits
-    assert backbone.file_sha256(str(f)) == want  # hashed once per run, not once per use
-    assert backbone._sha256.cache_info().hits == hits + 1
+    assert files.file_sha256(f) == want
+    hits = files._sha256.cache_info().hits
+    assert files.file_sha256(str(f)) == want  # hashed once per run, not once per use
+    assert files._sha256.cache_info().hits == hits + 1
     # Replaced atomically (a new inode), same size:
     with atomic_path(f) as tmp:
         Path(tmp).write_bytes(b"b" * 1000)
-    assert backbone.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest()
+    assert files.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest()
     # Rewritten in place, same size, a later modification time:
     st = f.stat()
     f.write_bytes(b"c" * 1000)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert backbone.file_sha256(f) == hashlib.sha256(b"c" * 1000).hexdigest()
+    assert files.file_sha256(f) == hashlib.sha256(b"c" * 1000).hexdigest()
     # Another size:
     f.write_bytes(b"c" * 999)
-    assert backbone.file_sha256(f) == hashlib.sha256(b"c" * 999).hexdigest()
+    assert files.file_sha256(f) == hashlib.sha256(b"c" * 999).hexdigest()

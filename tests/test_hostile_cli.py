@@ -27,8 +27,8 @@ from PIL import Image
 
 from patchcore_fast.cli import main
 from patchcore_fast.files import ArraySpool
-from patchcore_fast.outputs import (JOURNAL, JOURNAL_TAG, csv_text, evaluation_names,
-                                    unique_names)
+from patchcore_fast.journal import JOURNAL, JOURNAL_TAG
+from patchcore_fast.outputs import csv_text, evaluation_names, unique_names
 
 SMALL = ["--device", "cpu", "--quiet"]
 FIT = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--crop", "64",
@@ -379,7 +379,7 @@ def test_resume_damaged_journals(demo, tmp_path, capsys):
 
 def test_journal_survives_a_failed_append(demo, tmp_path, monkeypatch):
     # The disk fills while a row is appended: the rows before it and the header stay valid.
-    from patchcore_fast.outputs import Journal, read_done
+    from patchcore_fast.journal import Journal, read_done
     from patchcore_fast.errors import PatchCoreError
 
     run = {"model_sha256": "x", "weights_sha256": None, "overlays": True, "save_maps": False}

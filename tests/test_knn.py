@@ -260,15 +260,41 @@ def test_bad_inputs_wrapper(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs_op(device):
+    # The kernels check their arguments (TORCH_CHECK_VALUE): Python sees ValueError.
     for name, args, msg in _bad_cases(device):
-        with pytest.raises(RuntimeError, match=msg):
+        with pytest.raises(ValueError, match=msg):
             _op(*args)
             pytest.fail(f"no error for {name}")
     q, b = _gauss(4, 3, device, 15), _gauss(6, 3, device, 16)
-    with pytest.raises(RuntimeError, match=r"query should be float32, got Double"):
+    with pytest.raises(ValueError, match=r"query should be float32, got Double"):
         _op(q.double(), b, 1)
-    with pytest.raises(RuntimeError, match=r"zero columns"):
+    with pytest.raises(ValueError, match=r"zero columns"):
         _op(q[:, :0], b[:, :0], 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("nq", [0, 5, 700])
+def test_bank_check_rides_on_the_kernel_pass(two_threads, device, where, value, nq):
+    # The bank's NaN / Inf check is folded into the kernel's own pass over the bank (its
+    # centred norms), not a separate scan per call: a bad value anywhere in the bank, with
+    # no query, a few or many (several threads' chunks), still raises ValueError by name.
+    g = torch.Generator().manual_seed(31)
+    q, b = torch.randn(nq, 24, generator=g), torch.randn(3000, 24, generator=g)
+    b[{"first": 0, "middle": 1717, "last": 2999}[where], 5] = float(value)
+    with pytest.raises(ValueError, match="bank contains NaN or Inf values"):
+        _op(q.to(device), b.to(device), 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_check_passes_finite_overflow(device):
+    # Finite values whose centred differences overflow float32 make the norms the check
+    # rides on infinite; the rows are then inspected, found finite, and the call goes on.
+    b = torch.tensor([[3.4e38], [-3.4e38], [-3.4e38], [1.0]])
+    q = torch.tensor([[1.0], [2.0]])
+    d, i = _op(q.to(device), b.to(device), 1)
+    assert d.shape == (2, 1) and i.shape == (2, 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _has_cuda_kernel(),

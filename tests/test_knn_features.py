@@ -161,33 +161,32 @@ def test_real_features_exact(request, truths, device, features, k):
     assert stats["exact_scans"] == 0, stats
 
 
-@pytest.fixture
-def fp32_gemm(monkeypatch):
-    """The CUDA kernel's fp32 GEMM instead of its tensor-core split (csrc/cuda/knn.cu)."""
-    monkeypatch.setenv("PATCHCORE_FAST_KNN_GEMM", "fp32")
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not _has_cuda_kernel(), reason="no CUDA device or no CUDA kernel built")
 @pytest.mark.parametrize("features", ["wrn50_features", "resnet18_features"])
 @pytest.mark.parametrize("k", [1, 9])
-def test_real_features_exact_cuda_fp32_gemm(request, truths, fp32_gemm, features, k):
-    # The default CUDA path selects on tensor cores (split bf16); its fp32 twin stays exact.
+def test_real_features_exact_cuda_fp32_gemm(request, truths, features, k):
+    # The default CUDA path selects on tensor cores (split bf16); its fp32 twin (the CUDA
+    # kernel's fp32 GEMM, csrc/cuda/knn.cu) stays exact.
     q, b = request.getfixturevalue(features)
     if features not in truths:
         truths[features] = oracle(q, b)
-    d, i, stats = ops.knn_stats(q.cuda(), b.cuda(), k)
+    d, i, stats = ops.knn_stats(q.cuda(), b.cuda(), k, gemm="fp32")
     assert_exact(truths[features], k, d, i)
     assert stats["exact_scans"] == 0, stats
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not _has_cuda_kernel(), reason="no CUDA device or no CUDA kernel built")
-def test_cuda_gemm_scheme_bad_value(monkeypatch):
-    monkeypatch.setenv("PATCHCORE_FAST_KNN_GEMM", "tf16")
-    q = torch.randn(8, 16, device="cuda")
-    with pytest.raises(RuntimeError, match="PATCHCORE_FAST_KNN_GEMM should be fp32 or bf16x3"):
-        ops.knn(q, q, 1)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("args,words", [
+    ({"gemm": "tf16"}, "gemm should be auto, fp32 or bf16x3, got 'tf16'"),
+    ({"project": "1"}, "project should be auto, off or force, got '1'"),
+    ({"project_bound_scale": 0.0}, "project_bound_scale should be > 0"),
+], ids=["gemm", "project", "scale"])
+def test_knn_stats_bad_variant(device, args, words):
+    # Every variant argument is checked by both kernels, so one call is valid on either.
+    q = torch.randn(8, 16, device=device)
+    with pytest.raises(ValueError, match=words):
+        ops.knn_stats(q, q, 1, **args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -273,27 +272,26 @@ def test_knn_stats_matches_knn_and_opcheck(device):
     assert torch.equal(d, d2) and torch.equal(i, i2)
     assert s.dtype == torch.int64 and s.shape == (6,) and int(s[0]) == 70
     torch.library.opcheck(torch.ops.patchcore_fast.knn_stats.default, (q, b, 5))
+    torch.library.opcheck(torch.ops.patchcore_fast.knn_stats.default,
+                          (q, b, 5, "fp32", "force", 1.0))
 
 
-# ----- the CPU kernel's projected lower-bound pre-pass (csrc/cpu/knn_project.h) ----------
-
-FORCE = "PATCHCORE_FAST_KNN_PROJECT"  # 0: never; 1: whenever valid (no pay-off rule)
-SCALE = "PATCHCORE_FAST_KNN_PROJECT_DEBUG_SCALE"  # multiplies the lower bound (> 1: invalid)
+# ----- the CPU kernel's projected lower-bound pre-pass (csrc/cpu/knn_project.cpp) --------
+# knn_stats's project="force" takes it whenever valid (no pay-off rule), "off" never;
+# project_bound_scale multiplies its lower bound (> 1: invalid).
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("features", FEATURES)
 @pytest.mark.parametrize("k", [1, 3, 9])
-def test_real_features_exact_with_projection(request, truths, monkeypatch, device, features,
-                                             k):
+def test_real_features_exact_with_projection(request, truths, device, features, k):
     # The pre-pass forced on for every row (Lite0's width, 152, is below the width where it
     # pays, so by default it is off there): whatever it certifies must be the exact answer,
     # and whatever it cannot goes through the existing passes.
     q, b = request.getfixturevalue(features)
     if features not in truths:
         truths[features] = oracle(q, b)
-    monkeypatch.setenv(FORCE, "1")
-    d, i, stats = ops.knn_stats(q.to(device), b.to(device), k)
+    d, i, stats = ops.knn_stats(q.to(device), b.to(device), k, project="force")
     print(f"\n{features}, k={k}, {device}, pre-pass forced: {stats}")
     assert_exact(truths[features], k, d, i)
     assert stats["exact_scans"] == 0, stats
@@ -302,8 +300,7 @@ def test_real_features_exact_with_projection(request, truths, monkeypatch, devic
         assert stats["projected_certified"] > 0, stats
     else:
         assert stats["projected"] == 0, stats  # CPU only
-    monkeypatch.setenv(FORCE, "0")
-    d0, i0 = ops.knn(q.to(device), b.to(device), k)
+    d0, i0, _ = ops.knn_stats(q.to(device), b.to(device), k, project="off")
     assert torch.equal(d0, d) and torch.equal(i0, i)  # bit for bit the existing path's
 
 
@@ -339,19 +336,16 @@ def wrn50_noise_queries():
 
 
 @pytest.mark.parametrize("k", [1, 9])
-def test_projection_taken_for_queries_off_the_bank(monkeypatch, wrn50_features,
-                                                  wrn50_noise_queries, k):
+def test_projection_taken_for_queries_off_the_bank(wrn50_features, wrn50_noise_queries, k):
     # Queries far from the bank certify less often (more bank rows compete at their
     # distance), but still enough to pay: the pilot (>= 30 % certified) keeps the pre-pass,
     # and the answer stays exact. Their pilot alone certifies under 90 %, which the former
     # threshold refused (the call then took 3.3x as long on the 8-image bench workload).
     _, b = wrn50_features
     q = wrn50_noise_queries
-    monkeypatch.setenv(FORCE, "1")
-    _, _, pilot = ops.knn_stats(q[:256], b, k)  # the pilot's rows, pre-pass forced
+    _, _, pilot = ops.knn_stats(q[:256], b, k, project="force")  # the pilot's rows
     print(f"\nnoise-image queries, k={k}, the pilot's 256 rows: {pilot}")
     assert pilot["projected_certified"] < 0.9 * 256, pilot
-    monkeypatch.delenv(FORCE)
     d, i, stats = ops.knn_stats(q, b, k)
     frac = stats["projected_certified"] / stats["rows"]
     print(f"\nnoise-image queries, k={k}: {stats}; certified {100 * frac:.1f} %")
@@ -389,15 +383,14 @@ def _low_rank(n_bank: int, n_query: int, d: int, rank: int, noise: float, seed: 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [1, 3, 9, "M"])
-def test_projection_duplicates_and_near_ties(monkeypatch, device, k):
+def test_projection_duplicates_and_near_ties(device, k):
     # Low-rank data where the pre-pass runs, with 4 bank rows copied 120 times each (more
     # than its c = k + 48 candidates) and queries next to them: their certificate must
     # fail (the 120 ties cannot all be kept), they go to the existing passes, and the
     # answer is still exact (the lowest-index copies first).
     q, b = _low_rank(2500, 200, 256, rank=6, noise=0.05, seed=22, copies=120)
     k = b.shape[0] if k == "M" else k
-    monkeypatch.setenv(FORCE, "1")
-    d, i, stats = ops.knn_stats(q.to(device), b.to(device), k)
+    d, i, stats = ops.knn_stats(q.to(device), b.to(device), k, project="force")
     print(f"\nlow rank + 4 x 120 copies, k={k}, {device}: {stats}")
     assert_exact(oracle(q, b), k, d, i)
     assert stats["exact_scans"] == 0, stats
@@ -407,18 +400,16 @@ def test_projection_duplicates_and_near_ties(monkeypatch, device, k):
         assert stats["projected_certified"] <= stats["rows"] - 40, stats  # the tied rows
 
 
-def test_weakened_bound_breaks_exactness(monkeypatch):
+def test_weakened_bound_breaks_exactness():
     # The lower bound is what keeps the pre-pass exact: multiplied by 3 (an invalid bound)
     # it stops the refinement too early and returns wrong neighbours on data whose
     # isotropic part (off the 32 axes) matters; with the true bound the same call is exact.
     q, b = _low_rank(3000, 300, 256, rank=24, noise=0.3, seed=23)
     truth = oracle(q, b)
-    monkeypatch.setenv(FORCE, "1")
-    d, i, stats = ops.knn_stats(q, b, 3)
+    d, i, stats = ops.knn_stats(q, b, 3, project="force")
     assert stats["projected"] == 300 and stats["projected_certified"] > 0, stats
     assert_exact(truth, 3, d, i)
-    monkeypatch.setenv(SCALE, "3")
-    d, i, stats = ops.knn_stats(q, b, 3)
+    d, i, stats = ops.knn_stats(q, b, 3, project="force", project_bound_scale=3.0)
     assert stats["projected_certified"] > 0, stats
     with pytest.raises(AssertionError):
         assert_exact(truth, 3, d, i)
@@ -448,8 +439,8 @@ def test_projection_pilot_switches_it_off():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["default", "projection", "no-projection", "many-blocks"])
 @pytest.mark.parametrize("inputs", ["inference-tensors", "normal-tensors"])
-def test_knn_under_inference_mode(request, monkeypatch, two_threads, wrn50_features, device,
-                                  path, inputs):
+def test_knn_under_inference_mode(request, two_threads, wrn50_features, device, path,
+                                  inputs):
     # The pipeline calls the kernels under torch.inference_mode (fit's neighbourhoods,
     # scoring). Worker threads of at::parallel_for do not inherit that mode: a GEMM written
     # by a worker into a buffer the calling thread allocated (an inference tensor) raised
@@ -459,17 +450,14 @@ def test_knn_under_inference_mode(request, monkeypatch, two_threads, wrn50_featu
     q, b = wrn50_features
     if path == "many-blocks":
         q = q.repeat(4, 1)  # more query rows than one block: the thread-per-block path
-    if path == "projection":
-        monkeypatch.setenv(FORCE, "1")
-    elif path == "no-projection":
-        monkeypatch.setenv(FORCE, "0")
+    project = {"projection": "force", "no-projection": "off"}.get(path, "auto")
     q, b = q.to(device), b.to(device)
-    want_d, want_i = ops.knn(q, b, 9)
+    want_d, want_i, _ = ops.knn_stats(q, b, 9, project=project)
     with torch.inference_mode():
         if inputs == "inference-tensors":
             q, b = q.clone(), b.clone()
-        d, i, stats = ops.knn_stats(q, b, 9)
-        d2, i2 = ops.knn(q, b, 9)
+        d, i, stats = ops.knn_stats(q, b, 9, project=project)
+        d2, i2 = ops.knn(q, b, 9)  # the default variant: the same answer, bit for bit
     print(f"\n{path}, {inputs}, {device}, {torch.get_num_threads()} threads: {stats}")
     assert torch.equal(d, want_d) and torch.equal(i, want_i)
     assert torch.equal(d2, want_d) and torch.equal(i2, want_i)

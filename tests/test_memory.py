@@ -57,7 +57,7 @@ def test_evaluate_holds_no_maps_of_the_whole_set(tmp_path, monkeypatch):
     # parked in a temporary file. Holding the maps of 40 more 224 x 224 images would add
     # 8 MB (and sorting all their pixels for exact metrics tens of MB more). tracemalloc
     # sees numpy's buffers (not torch's, nor Pillow's: the backbone does not count).
-    from patchcore_fast import metrics, outputs
+    from patchcore_fast import metrics, overlays
     from patchcore_fast.cli import main
 
     monkeypatch.setattr(metrics, "MAX_BINS", 4096)
@@ -65,7 +65,7 @@ def test_evaluate_holds_no_maps_of_the_whole_set(tmp_path, monkeypatch):
     # of several threads drawing at once depends on their timing, and with 4 threads (a
     # 4-core host) the 6-image run cannot reach the cap of 8 that the 46-image run reaches
     # (2.3 MB more, seen on CI). One writer thread makes the peak the same on every host.
-    monkeypatch.setattr(outputs, "writer_threads", lambda: 1)
+    monkeypatch.setattr(overlays, "writer_threads", lambda: 1)
     bench_memory.write_images(tmp_path / "train", 3, 224, seed=0)
     model = tmp_path / "m.safetensors"
     args = ["--device", "cpu", "--quiet", "--batch-size", "4"]

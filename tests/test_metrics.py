@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from patchcore_fast import metrics
+from patchcore_fast import metrics, outputs
 
 
 def test_pro_hand_computed():
@@ -74,7 +74,7 @@ def test_roc_plot(tmp_path):
     hist = metrics.PixelHistogram()
     for m in masks:
         hist.add(m * 1.0, m)
-    metrics.save_roc_plot(tmp_path / "roc.png", [0, 1], [0.1, 0.9], hist)
+    outputs.save_roc_plot(tmp_path / "roc.png", [0, 1], [0.1, 0.9], hist)
     assert (tmp_path / "roc.png").stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]
 

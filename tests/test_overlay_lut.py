@@ -5,10 +5,10 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from patchcore_fast.data import Preprocess
+from patchcore_fast.geometry import Preprocess
 from patchcore_fast.files import ArraySpool
 from patchcore_fast.metrics import PixelHistogram
-from patchcore_fast.outputs import overlay, write_map_files
+from patchcore_fast.overlays import overlay, write_map_files
 
 
 def _overlay_matplotlib(image, amap, vmin, vmax):
@@ -37,7 +37,7 @@ def test_writer_pool_writes_all_and_records_in_order(tmp_path):
         p = tmp_path / f"img{i}.png"
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(p)
         sources.append(p)
-    pre = Preprocess(32, 32)
+    pre = Preprocess(32, 32, resize="shorter")
     hist = PixelHistogram()
     out = tmp_path / "out"
     recorded = []

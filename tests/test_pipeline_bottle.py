@@ -41,7 +41,7 @@ def _streaming_metrics_match_exact(m, mvtec_root, out, model_file):
 
     from patchcore_fast import PatchCore, metrics
     from patchcore_fast.evaluation import mask_of
-    from patchcore_fast.data import mvtec_test
+    from patchcore_fast.datasets import mvtec_test
 
     preprocess = PatchCore.load(model_file, device="cpu").preprocess
     items = mvtec_test(mvtec_root / "bottle")

@@ -89,7 +89,7 @@ def test_coreset_is_seeded_and_unique():
 def test_reweighting_matches_equation_7():
     torch.manual_seed(0)
     bank = torch.randn(40, 8)
-    hood = scoring.bank_neighbourhoods(bank, 5)
+    hood = scoring.bank_neighbors(bank, 5)
     assert torch.equal(hood[:, 0], torch.arange(40))  # each row is its own nearest
     patches = torch.randn(3, 12, 8) * 2
     flat_d, flat_i = scoring.nearest_bank_rows(patches.reshape(-1, 8), bank)

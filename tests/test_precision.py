@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore_fast.data import mvtec_test
+from patchcore_fast.datasets import mvtec_test
 from patchcore_fast.evaluation import evaluate_category
 from patchcore_fast.features import PatchEmbedder
 from patchcore_fast.model import PatchCore, PatchCoreConfig

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from patchcore_fast.cli import main
-from patchcore_fast.outputs import JOURNAL, JOURNAL_TAG
+from patchcore_fast.journal import JOURNAL, JOURNAL_TAG
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_bottle_streaming_bank_identical_to_in_memory(mvtec_root):
     assert got.bank.dtype == ref.bank.dtype == torch.float32
     assert got.bank.shape == ref.bank.shape
     assert got.bank.numpy().tobytes() == ref.bank.numpy().tobytes()
-    assert torch.equal(got.neighbourhoods, ref.neighbourhoods)
+    assert torch.equal(got.neighbors, ref.neighbors)
 
 
 @pytest.mark.slow

@@ -1,12 +1,12 @@
 """Adding good images to a fitted model (issue #21): the greedy selection continued from
-the bank, and the neighbourhoods updated for the new rows only."""
+the bank, and the neighbors updated for the new rows only."""
 
 import pytest
 import torch
 
 from patchcore_fast import ops, reference
 from patchcore_fast.coreset import continue_coreset
-from patchcore_fast.scoring import bank_neighbourhoods, update_neighbors
+from patchcore_fast.scoring import bank_neighbors, update_neighbors
 
 
 def continued_by_the_plain_loop(chosen: torch.Tensor, new: torch.Tensor, k: int) -> list[int]:
@@ -57,9 +57,9 @@ def test_continuation_refuses_bad_k():
 def test_updated_neighbourhoods_equal_a_full_recompute(m, added, b):
     g = torch.Generator().manual_seed(m + added)
     bank = torch.randn(m + added, 16, generator=g)
-    old = bank_neighbourhoods(bank[:m], b)
+    old = bank_neighbors(bank[:m], b)
     got = update_neighbors(bank, old, added, b)
-    want = bank_neighbourhoods(bank, b)
+    want = bank_neighbors(bank, b)
     assert got.shape == want.shape
     # Tie-tolerant: the same distances in the same order (indices can differ only on ties).
     dist = lambda hood: torch.linalg.vector_norm(bank[:, None] - bank[hood], dim=-1)  # noqa: E731

@@ -62,7 +62,7 @@ constexpr double kBoundMinVariance = 0.6;
 
 struct SubspaceBound {
   bool on = false;
-  std::vector<float> y;  // [n, kBoundDims] float32: the rows on the principal axes
+  const float* y = nullptr;  // [n, kBoundDims] float32: the rows on the principal axes
   double eta = 0.0, slack = 1.0;
 
   // The threshold T(u) of the header: a centre whose computed bound L is > T(u) cannot
@@ -74,12 +74,37 @@ struct SubspaceBound {
   }
 };
 
+// y = fl32(V^T x) for one row, accumulated in double and rounded once (the rounding the
+// header's eta covers); returns ||x||^2 in double.
+//
+// Args:
+//   v: [dim, kBoundDims] float64, the axes; xi: [dim]; y: [kBoundDims], written.
+inline double project_on_axes(const double* v, const float* xi, int64_t dim, float* y) {
+  double acc[kBoundDims] = {};
+  double sq = 0.0;
+  for (int64_t r = 0; r < dim; ++r) {
+    const double xr = xi[r];
+    sq += xr * xr;
+    for (int j = 0; j < kBoundDims; ++j) acc[j] += xr * v[r * kBoundDims + j];
+  }
+  for (int j = 0; j < kBoundDims; ++j) y[j] = static_cast<float>(acc[j]);
+  return sq;
+}
+
+// eta of the header for rows (and centres) of norm at most max_norm.
+inline double bound_eta(double max_norm) { return 1.02 * std::ldexp(max_norm, -23); }
+
 // Args:
 //   x: [n, dim] row-major float32 points, finite (checked before).
 //   threads: OpenMP threads for the projection pass.
+//   y_store, v_store: storage the filter points into (resized here): the rows' coordinates
+//     [n, 32] and the axes V [dim, 32] (float64; kept so that rows the caller meets later,
+//     e.g. another rank's centres, can be projected with project_on_axes).
 // Returns:
 //   the filter: on, with y [n, 32] and its margins, when dim >= 64 and the norms allow it.
-inline SubspaceBound make_subspace_bound(const float* x, int64_t n, int64_t dim, int threads) {
+inline SubspaceBound make_subspace_bound(const float* x, int64_t n, int64_t dim, int threads,
+                                         std::vector<float>& y_store,
+                                         std::vector<double>& v_store) {
   SubspaceBound bound;
   if (dim < kBoundMinDim || n < 2) return bound;
 
@@ -88,7 +113,8 @@ inline SubspaceBound make_subspace_bound(const float* x, int64_t n, int64_t dim,
   const int64_t stride = std::max<int64_t>(1, n / kBoundSampleRows);
   at::Tensor sample = all.slice(0, 0, n, stride).to(at::kDouble);
   sample = sample - sample.mean(0, /*keepdim=*/true);
-  std::vector<double> v(static_cast<size_t>(dim * kBoundDims));  // [dim, 32]
+  std::vector<double>& v = v_store;
+  v.assign(static_cast<size_t>(dim * kBoundDims), 0.0);  // [dim, 32]
   try {
     const auto [vals, vecs] = at::linalg_eigh(at::matmul(sample.t(), sample));
     const double total = vals.clamp_min(0).sum().item<double>();
@@ -116,30 +142,19 @@ inline SubspaceBound make_subspace_bound(const float* x, int64_t n, int64_t dim,
   }
 
   // y = V^T x per row, accumulated in double and rounded once to float32.
-  bound.y.resize(static_cast<size_t>(n * kBoundDims));
-  float* y = bound.y.data();
+  y_store.resize(static_cast<size_t>(n * kBoundDims));
+  float* y = y_store.data();
   const double* vp = v.data();
   double max_sq = 0.0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(max : max_sq)
   for (int64_t i = 0; i < n; ++i) {
-    const float* xi = x + i * dim;
-    double acc[kBoundDims] = {};
-    double sq = 0.0;
-    for (int64_t r = 0; r < dim; ++r) {
-      const double xr = xi[r];
-      sq += xr * xr;
-      for (int j = 0; j < kBoundDims; ++j) acc[j] += xr * vp[r * kBoundDims + j];
-    }
-    for (int j = 0; j < kBoundDims; ++j) y[i * kBoundDims + j] = static_cast<float>(acc[j]);
-    max_sq = std::max(max_sq, sq);
+    max_sq = std::max(max_sq, project_on_axes(vp, x + i * dim, dim, y + i * kBoundDims));
   }
   const double max_norm = std::sqrt(max_sq) * (1.0 + 1e-12);
-  if (!(max_norm <= kBoundMaxNorm)) {
-    bound.y.clear();
-    return bound;
-  }
+  if (!(max_norm <= kBoundMaxNorm)) return bound;
   bound.on = true;
-  bound.eta = 1.02 * std::ldexp(max_norm, -23);
+  bound.y = y;
+  bound.eta = bound_eta(max_norm);
   bound.slack = 1.0 + static_cast<double>(dim + 48) * std::ldexp(1.0, -23) + 1e-6;
   return bound;
 }

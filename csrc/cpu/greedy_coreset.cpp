@@ -24,10 +24,9 @@
 //
 // Every ub is a min over computed direct-difference distances (sqdist.h), like the
 // reference's min_d, and differs from it only by the summation order of those sums (a few
-// ulps), which can reorder near-ties only. (The triangle-inequality pruning of Elkan-style
-// clusters was tried first: on 128-d data, Gaussian or of intrinsic dimension 12, the
-// cluster test d(c, a) >= 2 radius(a) almost never fires and the per-point test skipped
-// under 60 % of the distances, 2-3x at best, while lazy evaluation skips ~95 %.)
+// ulps), which can reorder near-ties only. (Elkan-style triangle-inequality pruning was
+// tried first and skips far fewer distances: bench/RESULTS.md, "Elkan-style pruning (tried
+// before lazy evaluation, not kept)".)
 //
 // What a refresh costs. Lazy evaluation still leaves about 620 million distances at bottle
 // 10 % (163,856 x 128, k = 16,385), each a 128-d pass over a centre row. Profiled, the
@@ -80,10 +79,10 @@
 #include <vector>
 
 #include "../common.h"
-#include "../coreset_shard_step.h"
 #include "../pack_key.h"  // pack_key, key_index: (distance, index) heap keys
 #include "coreset_bound.h"
 #include "key_heap.h"
+#include "lazy_argmax.h"
 #include "sqdist.h"
 
 namespace patchcore_fast {
@@ -121,161 +120,6 @@ class SpinBarrier {
 // its work to outweigh one barrier per step.
 constexpr int64_t kMinShardRows = 4096;
 
-// When at least this many of a group's 8 centres pass the bound's first stage, the
-// group's exact distances are computed together (sqdist_group) instead of filtering
-// further: on data the bound cannot prune (isotropic Gaussian) the kernel then costs what
-// it cost without the filter, plus the first stage (1/16 of the arithmetic).
-constexpr int kGroupExact = 4;
-
-// What one thread knows of the centres, in selection order (each thread writes its own
-// copy after the step's barrier, so no thread reads what another is writing):
-//   rows[t]: the centre's row (in `centres`, or in x for the newest; see the kernel);
-//   lead: axes 0..7 of the centres' bound coordinates (coreset_bound.h), laid out
-//         [t / 8][axis][t % 8] so that one vector holds one axis of 8 consecutive centres;
-//   tail: axes 8..31, [t][24].
-struct CentreTables {
-  std::vector<const float*> rows;
-  std::vector<float> lead, tail;
-
-  CentreTables(int64_t k, bool bounded) {
-    rows.reserve(static_cast<size_t>(k));
-    if (bounded) {
-      lead.assign(static_cast<size_t>((k + 7) / 8 * 8 * kBoundLead), 0.f);
-      tail.assign(static_cast<size_t>(k * kBoundTail), 0.f);
-    }
-  }
-  // row: the centre's features; y: its kBoundDims bound coordinates (unused when unbounded).
-  void add(const float* row, const float* y) {
-    const int64_t t = static_cast<int64_t>(rows.size());
-    rows.push_back(row);
-    if (lead.empty()) return;
-    for (int j = 0; j < kBoundLead; ++j) lead[(t / 8 * kBoundLead + j) * 8 + t % 8] = y[j];
-    std::memcpy(tail.data() + t * kBoundTail, y + kBoundLead, sizeof(float) * kBoundTail);
-  }
-};
-
-// Brings point i's min_d u up to date with centres s, s + 1, ... of the t there are,
-// stopping as soon as the point's key falls below `bar` (it cannot be the arg-max now).
-// Returns how many centres it has then seen. Every distance it takes into u is sqdist's,
-// so u is the same min_d whichever centres were skipped (only centres that cannot lower
-// it are) and however the work was grouped.
-//
-// Args:
-//   xi: the point's row [dim]; yi: its bound coordinates [kBoundDims] (bound.on only).
-inline int64_t refresh(const float* xi, const float* yi, int32_t i, int64_t dim,
-                       const CentreTables& tab, const SubspaceBound& bound, int64_t s,
-                       int64_t t, float& u, ArgmaxKey bar) {
-  using sqdist_detail::Lanes;
-  using sqdist_detail::load;
-  const float* const* rows = tab.rows.data();
-  if (u == 0.f) return t;  // nothing is closer than 0: up to date whatever the centres
-  if (!bound.on) {
-    // Centres kSqdistGroup at a time; a group is used whole (a tighter upper bound is
-    // still an upper bound, and the return value records exactly what was seen).
-    while (s < t) {
-      if (t - s >= kSqdistGroup) {
-        float dist[kSqdistGroup];
-        sqdist_group(xi, rows + s, dim, dist);
-        for (int q = 0; q < kSqdistGroup; ++q) u = std::min(u, dist[q]);
-        s += kSqdistGroup;
-      } else {
-        u = std::min(u, sqdist(xi, rows[s], dim));
-        s += 1;
-      }
-      if (u == 0.f) return t;
-      if (pack_key(u, static_cast<uint32_t>(i)) < bar) break;
-    }
-    return s;
-  }
-  float T = bound.threshold(u);
-  // Groups of 8 centres aligned on the `lead` table; lanes outside [s, t) are masked.
-  for (int64_t g = s / 8; g * 8 < t; ++g) {
-    const int64_t lo = std::max<int64_t>(s - g * 8, 0), hi = std::min<int64_t>(t - g * 8, 8);
-    const unsigned lanes = (0xFFu << lo) & (0xFFu >> (8 - hi));
-    // Stage 1: axes 0..7, one vector per axis over the group's 8 centres.
-    const float* lead = tab.lead.data() + g * 8 * kBoundLead;
-    Lanes acc[4];
-    for (int j = 0; j < 4; ++j) {
-      const Lanes d = yi[j] - load(lead + 8 * j);
-      acc[j] = d * d;
-    }
-    for (int j = 4; j < kBoundLead; ++j) {
-      const Lanes d = yi[j] - load(lead + 8 * j);
-      acc[j - 4] += d * d;
-    }
-    const Lanes L = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    unsigned pass = 0;
-    for (int c = 0; c < 8; ++c) pass |= static_cast<unsigned>(!(L[c] > T)) << c;
-    pass &= lanes;
-    if (pass != 0) {
-      const float before = u;
-      if (lanes == 0xFFu && __builtin_popcount(pass) >= kGroupExact) {
-        float dist[kSqdistGroup];
-        sqdist_group(xi, rows + g * 8, dim, dist);
-        for (int q = 0; q < kSqdistGroup; ++q) u = std::min(u, dist[q]);
-      } else {
-        for (unsigned m = pass; m != 0; m &= m - 1) {
-          const int c = __builtin_ctz(m);
-          // Stage 2: axes 8..31, added to the first stage's partial sum.
-          const float* tc = tab.tail.data() + (g * 8 + c) * kBoundTail;
-          Lanes sum = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-          for (int j = 0; j < kBoundTail; j += 8) {
-            const Lanes d = load(yi + kBoundLead + j) - load(tc + j);
-            sum += d * d;
-          }
-          if (L[c] + sqdist_detail::lane_sum(sum) > T) continue;  // cannot lower u
-          u = std::min(u, sqdist(xi, rows[g * 8 + c], dim));
-        }
-      }
-      if (u != before) T = bound.threshold(u);
-    }
-    s = g * 8 + hi;
-    if (u == 0.f) return t;
-    if (pack_key(u, static_cast<uint32_t>(i)) < bar) break;
-  }
-  return s;
-}
-
-// One shard's lazy arg-max for step t (t centres exist, in `tab`). Refreshes the top
-// point of the shard's heap and puts it back lower, until either the top point is up to
-// date and still above the rest of the heap (its exact local maximum: returned, out of
-// the heap, offered to `best`), or the heap's top falls below `best` (returns -1). See
-// the header for why this is exact.
-int32_t shard_argmax(const float* x, int64_t dim, const SubspaceBound& bound, int64_t t,
-                     const CentreTables& tab, KeyHeap& heap, float* ub, int32_t* last,
-                     std::atomic<ArgmaxKey>& best) {
-  while (!heap.empty()) {
-    const ArgmaxKey known = best.load(std::memory_order_relaxed);
-    const ArgmaxKey top = heap.top();
-    if (top < known) return -1;  // nothing here can beat a real key
-    const int32_t i = key_index(top);
-    // The point is behind (cannot be the arg-max now) once below the next heap key or
-    // below a key another shard already has.
-    const ArgmaxKey bar = std::max(heap.second(), known);
-    float u = ub[i];
-    const float* yi = bound.on ? bound.y.data() + static_cast<int64_t>(i) * kBoundDims
-                               : nullptr;
-    const int64_t s = refresh(x + static_cast<int64_t>(i) * dim, yi, i, dim, tab, bound,
-                              last[i], t, u, bar);
-    ub[i] = u;
-    last[i] = static_cast<int32_t>(s);
-    const ArgmaxKey key = pack_key(u, static_cast<uint32_t>(i));
-    if (key < bar) {
-      heap.replace_top(key);
-      continue;
-    }
-    // refresh() stops early only below bar, so the point is up to date, and its key is >=
-    // every other key of the shard: its exact local maximum.
-    heap.pop_top();
-    ArgmaxKey cur = known;
-    while (cur < key &&
-           !best.compare_exchange_weak(cur, key, std::memory_order_relaxed)) {
-    }
-    return i;
-  }
-  return -1;
-}
-
 // Args:
 //   x: [n, dim] row-major float32 points, finite.
 //   k: centres to select, 1 <= k <= n; start: the first centre, 0 <= start < n.
@@ -304,11 +148,13 @@ void greedy_coreset_impl(const float* x, int64_t n, int64_t dim, int64_t k, int6
     ub[i] = sqdist(xi, first, dim);
     bad += (z != 0.f);
   }
-  TORCH_CHECK(bad == 0, "features contains NaN or Inf values (", bad, " rows)");
+  TORCH_CHECK_VALUE(bad == 0, "features contains NaN or Inf values (", bad, " rows)");
 
   if (k == 1) return;
-  const SubspaceBound bound = make_subspace_bound(x, n, dim, threads);
-  const float* y = bound.on ? bound.y.data() : nullptr;
+  std::vector<float> y_store;
+  std::vector<double> v_store;
+  const SubspaceBound bound = make_subspace_bound(x, n, dim, threads, y_store, v_store);
+  const float* y = bound.on ? bound.y : nullptr;
   threads = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(threads, n / kMinShardRows)));
 
@@ -378,88 +224,9 @@ at::Tensor greedy_coreset_cpu(const at::Tensor& features, int64_t k, int64_t sta
   return out;
 }
 
-// ---------------------------------------------------------------------------------------
-// One step of the distributed coreset on one rank's shard (the plain, non-lazy loop: a
-// rank cannot skip its shard's update without knowing the other ranks' keys).
-//
-// A record is int32[D + 2]: words 0-1 hold a packed key (pack_key's 64 bits, stored as
-// they lie in memory), words 2.. the float32 bits of that point's row. Key 0 means "no
-// point". Integer words, not floats: the key's low word is a NaN pattern as a float,
-// and NaNs do not compare equal (nor survive every copy path bit for bit).
-//
-// Step `step`: the candidate records of all ranks (the all-gathered offers of the previous
-// step) name the new centre, their largest key; every rank lowers its min_d with the
-// distance to that centre (sqdist: the same bits as the fused kernel, so the shards
-// together hold exactly the min_d values of a single process), marks the centre -1 if it
-// owns it, writes indices[step] and returns its own offer: the packed key of its largest
-// min_d (ties: lowest global index) and that row.
-
-inline ArgmaxKey record_key(const int32_t* record) {
-  ArgmaxKey key;
-  std::memcpy(&key, record, sizeof(key));
-  return key;
-}
-
-at::Tensor coreset_shard_step_cpu(const at::Tensor& shard, const at::Tensor& candidates,
-                                  int64_t offset, at::Tensor& min_d, at::Tensor& indices,
-                                  int64_t step) {
-  check_coreset_shard_step_args(shard, candidates, offset, min_d, indices, step);
-  TORCH_CHECK(shard.device().is_cpu() && candidates.device().is_cpu() &&
-                  min_d.device().is_cpu() && indices.device().is_cpu(),
-              "coreset_shard_step: every tensor should be on the CPU, got shard on ",
-              shard.device(), ", candidates on ", candidates.device(), ", min_d on ",
-              min_d.device(), ", indices on ", indices.device());
-  TORCH_CHECK(min_d.is_contiguous() && indices.is_contiguous(),
-              "coreset_shard_step: min_d and indices should be contiguous (they are updated "
-              "in place)");
-  const at::Tensor x = shard.contiguous();
-  const at::Tensor cands = candidates.contiguous();
-  const int64_t n = x.size(0), d = x.size(1), width = d + 2;
-
-  // The new centre: the largest offer (keys are distinct: they hold the index).
-  const int32_t* cand = cands.data_ptr<int32_t>();
-  int64_t owner = 0;
-  for (int64_t r = 1; r < cands.size(0); ++r) {
-    if (record_key(cand + r * width) > record_key(cand + owner * width)) owner = r;
-  }
-  const ArgmaxKey chosen_key = record_key(cand + owner * width);
-  TORCH_CHECK(chosen_key != 0, "coreset_shard_step: no rank offered a point at step ", step,
-              " (all ", cands.size(0), " candidate keys are 0): k exceeds the number of rows");
-  const int64_t chosen = key_index(chosen_key);
-  std::vector<float> centre(static_cast<size_t>(d));  // the row, from its bits
-  std::memcpy(centre.data(), cand + owner * width + 2, sizeof(float) * d);
-  indices.data_ptr<int64_t>()[step] = chosen;
-
-  const float* xp = x.data_ptr<float>();
-  float* md = min_d.data_ptr<float>();
-  ArgmaxKey best = 0;
-  const int threads = std::max(1, at::get_num_threads());
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(max : best) \
-    if (n * d > kParallelTerms)
-  for (int64_t i = 0; i < n; ++i) {
-    float m = md[i];
-    if (offset + i == chosen) {
-      m = -1.f;  // selected: never offered again
-    } else if (m >= 0.f) {
-      m = std::min(m, sqdist(xp + i * d, centre.data(), d));
-    }
-    md[i] = m;
-    if (m >= 0.f) best = std::max(best, pack_key(m, static_cast<int32_t>(offset + i)));
-  }
-
-  at::Tensor record = at::zeros({width}, cands.options());
-  int32_t* rec = record.data_ptr<int32_t>();
-  if (best != 0) {
-    std::memcpy(rec, &best, sizeof(best));
-    std::memcpy(rec + 2, xp + (key_index(best) - offset) * d, sizeof(float) * d);
-  }
-  return record;
-}
-
 }  // namespace
 }  // namespace patchcore_fast
 
 TORCH_LIBRARY_IMPL(patchcore_fast, CPU, m) {
   m.impl("greedy_coreset", &patchcore_fast::greedy_coreset_cpu);
-  m.impl("coreset_shard_step", &patchcore_fast::coreset_shard_step_cpu);
 }

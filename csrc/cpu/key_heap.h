@@ -11,6 +11,10 @@
 // core's L2, and those misses, not the comparisons, are what a level costs.
 //
 // Keys are distinct (they hold the index), so the order of equal keys never matters.
+//
+// The keys live either in the heap's own vector (reserve()) or in memory the caller owns
+// (the constructor with a pointer: the distributed coreset keeps a rank's heap in a state
+// tensor between steps, and reads size() back after the step).
 
 #include <algorithm>
 #include <cstddef>
@@ -22,9 +26,20 @@ namespace patchcore_fast {
 
 class KeyHeap {
  public:
-  bool empty() const { return a_.empty(); }
-  size_t size() const { return a_.size(); }
-  void reserve(size_t n) { a_.reserve(n); }
+  KeyHeap() = default;
+  // A heap over keys[0 .. size); the caller's memory must have room for every key that
+  // push() will add.
+  KeyHeap(ArgmaxKey* keys, size_t size) : a_(keys), n_(size) {}
+  KeyHeap(const KeyHeap&) = delete;
+  KeyHeap& operator=(const KeyHeap&) = delete;
+
+  bool empty() const { return n_ == 0; }
+  size_t size() const { return n_; }
+  // Room for n keys in the heap's own storage (before the first key is added).
+  void reserve(size_t n) {
+    own_.resize(n);
+    a_ = own_.data();
+  }
 
   // The largest key; the heap must not be empty.
   ArgmaxKey top() const { return a_[0]; }
@@ -32,7 +47,7 @@ class KeyHeap {
   // The largest key below the top (the top's largest child), 0 when there is none.
   ArgmaxKey second() const {
     ArgmaxKey m = 0;
-    const size_t end = std::min<size_t>(5, a_.size());
+    const size_t end = std::min<size_t>(5, n_);
     for (size_t c = 1; c < end; ++c) m = std::max(m, a_[c]);
     return m;
   }
@@ -42,14 +57,13 @@ class KeyHeap {
 
   // Removes the top.
   void pop_top() {
-    const ArgmaxKey key = a_.back();
-    a_.pop_back();
-    if (!a_.empty()) sift_down(0, key);
+    const ArgmaxKey key = a_[--n_];
+    if (n_ != 0) sift_down(0, key);
   }
 
+  // Room is the caller's: its heaps hold at most one key per point of the shard.
   void push(ArgmaxKey key) {
-    size_t p = a_.size();
-    a_.push_back(key);
+    size_t p = n_++;
     while (p > 0) {
       const size_t parent = (p - 1) / 4;
       if (a_[parent] >= key) break;
@@ -60,18 +74,18 @@ class KeyHeap {
   }
 
   // Adds keys in any order; call build() before the first top().
-  void append(ArgmaxKey key) { a_.push_back(key); }
+  void append(ArgmaxKey key) { a_[n_++] = key; }
 
   void build() {
-    if (a_.size() < 2) return;
-    for (size_t p = (a_.size() - 2) / 4 + 1; p-- > 0;) sift_down(p, a_[p]);
+    if (n_ < 2) return;
+    for (size_t p = (n_ - 2) / 4 + 1; p-- > 0;) sift_down(p, a_[p]);
   }
 
  private:
   // Moves `key` down from node p: each level, the largest child moves up while it is
   // larger than key.
   void sift_down(size_t p, ArgmaxKey key) {
-    const size_t n = a_.size();
+    const size_t n = n_;
     while (true) {
       const size_t first = 4 * p + 1;
       if (first >= n) break;
@@ -91,7 +105,9 @@ class KeyHeap {
     a_[p] = key;
   }
 
-  std::vector<ArgmaxKey> a_;
+  ArgmaxKey* a_ = nullptr;
+  size_t n_ = 0;
+  std::vector<ArgmaxKey> own_;
 };
 
 }  // namespace patchcore_fast

@@ -28,7 +28,7 @@
 // second pass, counted separately; it is not expected to run (tests check it does not).
 //
 // On wide low-rank data (real CNN patch features) a projected lower-bound pre-pass comes
-// first (knn_project.h): a GEMM on 32 principal coordinates ranks the bank, the best
+// first (knn_project.cpp): a GEMM on 32 principal coordinates ranks the bank, the best
 // k + 48 rows are refined in that order until a rigorous lower bound proves the rest
 // cannot enter, and only the rows it cannot certify go through the passes below. It is
 // taken by a rule (width, work, captured variance, a pilot) that keeps it off where it
@@ -41,10 +41,7 @@
 // of the tiles, one subtraction per bank element per thread. With few queries, the chunks
 // run one after another with the threaded GEMM and row-parallel centring and selection.
 //
-// Where the time goes (WRN-50 features, 6,272 x 16,386 x 1,024, per-thread CPU time):
-// the GEMMs about 96 %, selection 2 %, centring, refinement and setup about 2 % together;
-// the kernel runs at the speed of torch's single-threaded sgemm (MKL), as faiss-cpu runs at
-// that of its OpenBLAS sgemm.
+// Nearly all the time is in the GEMMs (bench/RESULTS.md, "Where the CPU k-NN's time goes").
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -58,6 +55,7 @@
 
 #include "../common.h"
 #include "../knn_bound.h"
+#include "candidate_pool.h"
 #include "knn_project.h"
 #include "parallel.h"
 #include "sqdist.h"
@@ -67,7 +65,6 @@ namespace {
 
 using knn_detail::ExpansionBound;
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
 // Rows per query block when threads own blocks (a [256, D] block is 1 MB at D = 1024).
 constexpr int64_t kBlockRows = 256;
 // Bank rows per tile when threads own blocks: [256, 1024] fp32 = 1 MB of GEMM output,
@@ -92,89 +89,12 @@ inline int64_t pool_cap(int64_t k) {
   return std::max<int64_t>(kMinPoolCap, 4 * (k + knn_detail::kExtraCandidates));
 }
 
-// One candidate, (value, bank row), ordered by (value, index): knn_project.h's.
-using knn_project::Entry;
-
-// Candidate pool of one query row. Invariant: every bank row seen and not in the pool has
-// value >= thr (thr only decreases). Bank rows arrive in increasing index order, so an
-// entry equal to thr is rightly rejected.
-struct Pool {
-  Entry* e;       // storage for cap entries
-  int64_t n;      // entries held
-  int64_t cap;    // capacity (a growable pool doubles it)
-  float thr;      // admission threshold
-  float band;     // width of the error band kept above the k-th value
-  bool cut;       // the band overflowed a fixed-capacity pool: some band rows were dropped
-};
-
 // Storage of the pools of one block: fixed-capacity slices of one array (first pass), or
 // one growable vector per row (second pass).
 struct PoolStore {
   std::vector<Entry> flat;
   std::vector<std::vector<Entry>> grow;
 };
-
-// Trims a pool to its error band: thr <- min(thr, v_k + band), then drops the entries
-// >= thr. The k smallest entries always stay (with band = 0, e.g. every row at the same
-// point, v_k itself would not be < thr), so a pool never holds fewer than k entries once it
-// has seen k; dropped entries are >= thr, so the invariant holds.
-inline void pool_trim(Pool& p, int64_t k) {
-  if (p.n <= k) return;
-  std::nth_element(p.e, p.e + (k - 1), p.e + p.n);
-  const float t = p.e[k - 1].v + p.band;
-  if (t < p.thr) p.thr = t;
-  p.n = std::partition(p.e + k, p.e + p.n, [&](const Entry& x) { return x.v < p.thr; }) - p.e;
-}
-
-// Compaction of a full pool: thr <- min(thr, v_k + band), drop entries >= thr. When the
-// band still fills more than half the pool, a growable pool doubles; a fixed one keeps
-// its cap / 2 best entries (thr = the last kept value, so the invariant holds) and is
-// marked cut: the certificate may fail, and the row goes to the second pass.
-inline void pool_compact(Pool& p, int64_t k, std::vector<Entry>* grow) {
-  pool_trim(p, k);
-  if (2 * p.n <= p.cap) return;
-  if (grow != nullptr) {
-    p.cap *= 2;
-    grow->resize(static_cast<size_t>(p.cap));
-    p.e = grow->data();
-    return;
-  }
-  const int64_t keep = p.cap / 2;
-  std::nth_element(p.e, p.e + (keep - 1), p.e + p.n);
-  p.n = keep;
-  p.thr = p.e[keep - 1].v;
-  p.cut = true;
-}
-
-inline void pool_push(Pool& p, int64_t k, float v, int32_t i, std::vector<Entry>* grow) {
-  if (v < p.thr) {
-    p.e[p.n++] = Entry{v, i};
-    if (p.n == p.cap) pool_compact(p, k, grow);
-  }
-}
-
-// Fused selection of one query row over one GEMM tile: e = ||b||^2 - 2 q.b (one fma,
-// rounded once, the same in the vector filter and the scalar insert) into the row pool.
-//   ip: [nb] inner products q.b of this row; bn: [nb] bank norms of the tile; j0: first
-//   bank row of the tile.
-inline void select_tile_row(const float* ip, const float* bn, int64_t j0, int64_t nb, Pool& p,
-                            int64_t k, std::vector<Entry>* grow) {
-  constexpr int64_t W = 16;
-  int64_t j = 0;
-  for (; j + W <= nb; j += W) {
-    float m = kInf;
-#pragma omp simd reduction(min : m)
-    for (int64_t t = 0; t < W; ++t) m = std::min(m, std::fma(-2.f, ip[j + t], bn[j + t]));
-    if (!(m < p.thr)) continue;  // the common case: nothing in these 16 can enter
-    for (int64_t t = 0; t < W; ++t) {
-      const float v = std::fma(-2.f, ip[j + t], bn[j + t]);
-      if (v < p.thr) pool_push(p, k, v, static_cast<int32_t>(j0 + j + t), grow);
-    }
-  }
-  for (; j < nb; ++j) {
-    pool_push(p, k, std::fma(-2.f, ip[j], bn[j]), static_cast<int32_t>(j0 + j), grow);
-  }
-}
 
 // Euclidean distance from an exact squared distance, clamped at 0 (direct differences
 // never go negative, but keep the guard). Ranking happens on these values, so that "lower
@@ -187,16 +107,13 @@ inline float euclid(float sq) { return std::sqrt(std::max(sq, 0.f)); }
 void exact_scan_row(const float* q, const float* bank, int64_t m, int64_t d, int64_t k,
                     float* od, int64_t* oi) {
   std::vector<Entry> e(static_cast<size_t>(2 * k));
-  Pool p{e.data(), 0, 2 * k, kInf, 0.f, false};
+  CandidatePool p = CandidatePool::make(e.data(), 2 * k, k, /*band=*/0.f);
   for (int64_t j = 0; j < m; ++j) {
     const float v = euclid(sqdist(q, bank + j * d, d));
-    if (p.n < k || v < p.thr) {
-      p.e[p.n++] = Entry{v, static_cast<int32_t>(j)};
-      if (p.n == p.cap) {
-        std::nth_element(p.e, p.e + (k - 1), p.e + p.n);
-        p.n = k;
-        p.thr = p.e[k - 1].v;
-      }
+    if (p.n < k && !(v < p.thr)) {
+      p.e[p.n++] = Entry{v, static_cast<int32_t>(j)};  // +inf (an overflow) still fills a place
+    } else {
+      p.push(v, static_cast<int32_t>(j));
     }
   }
   std::partial_sort(p.e, p.e + k, p.e + p.n);
@@ -225,14 +142,14 @@ struct Problem {
 
 // Refines, certifies and writes one query row from its pool (knn_bound.h, steps 2-3).
 // Returns false when the certificate fails (nothing written).
-bool finish_row(const Problem& P, int64_t row, Pool& p, double qn, double e_bound) {
+bool finish_row(const Problem& P, int64_t row, CandidatePool& p, double qn, double e_bound) {
   const float* q = P.query + row * P.d;
   float* od = P.out_d + row * P.k;
   int64_t* oi = P.out_i + row * P.k;
   // A pool is trimmed only when it fills up, so it still holds the entries admitted under
   // an older, higher threshold: trim it to the final band first, which leaves only the rows
   // the certificate needs to see refined (on Gaussian data, 1-2 per row instead of ~20).
-  pool_trim(p, P.k);
+  p.trim();
   const float thr = p.thr;  // every bank row outside the pool has e(q, b) >= thr
   for (int64_t t = 0; t < p.n; ++t) {
     p.e[t].v = euclid(sqdist(q, P.bank + static_cast<int64_t>(p.e[t].i) * P.d, P.d));
@@ -281,7 +198,7 @@ void knn_block(const Problem& P, const int64_t* rows, int64_t tq, int64_t tb,
 
   const int64_t cap = pool_cap(P.k);
   PoolStore store;
-  std::vector<Pool> pools(tq);
+  std::vector<CandidatePool> pools(tq);
   if (second) {
     store.grow.resize(tq);
   } else {
@@ -300,7 +217,8 @@ void knn_block(const Problem& P, const int64_t* rows, int64_t tq, int64_t tb,
     // of the refined k-th distance (gamma_D d^2 <= E). Rounded up by a relative 2^-20
     // so that the float sum v_k + band cannot fall below the exact one.
     const double band = (second ? 3.0 : 2.0) * eb[r] * (1.0 + std::ldexp(1.0, -20));
-    pools[r] = Pool{e, 0, cap, kInf, static_cast<float>(band), false};
+    pools[r] = CandidatePool::make(e, cap, P.k, static_cast<float>(band),
+                                   second ? &store.grow[r] : nullptr);
   };
 
   auto for_rows = [&](const auto& fn) {
@@ -337,8 +255,7 @@ void knn_block(const Problem& P, const int64_t* rows, int64_t tq, int64_t tb,
       at::mm_out(ip, qblock.narrow(0, r0, cnt), tile_t);  // ip[r, j] = q_r . b_j
       const float* ipp = ip.data_ptr<float>();
       auto sel = [&](int64_t r) {
-        select_tile_row(ipp + (r - r0) * nb, P.bn + j0, j0, nb, pools[r], P.k,
-                        second ? &store.grow[r] : nullptr);
+        select_tile_row(ipp + (r - r0) * nb, P.bn + j0, j0, nb, pools[r]);
       };
       if (parallel_rows) {
         at::parallel_for(r0, r0 + cnt, 1, [&](int64_t a, int64_t b) {
@@ -411,12 +328,15 @@ void run_rows(const Problem& P, const int64_t* rows, int64_t n, bool second,
 // rows of the second pass, rows of the last-resort exact scan, candidates refined (all
 // passes), rows sent through the projected pre-pass (0 when it is off), rows it
 // certified; the others went through the first pass).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& query_in,
-                                                             const at::Tensor& bank_in,
-                                                             int64_t k) {
+//   project: when the projected pre-pass runs; project_bound_scale: multiplies its lower
+//   bound (1 in use; see knn_project.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_cpu_impl(const at::Tensor& query_in,
+                                                            const at::Tensor& bank_in, int64_t k,
+                                                            knn_project::Mode project,
+                                                            double project_bound_scale) {
   check_knn_args(query_in, bank_in, k);
-  TORCH_CHECK(query_in.device().is_cpu(), "query should be a CPU tensor, got ",
-              query_in.device());
+  TORCH_CHECK_VALUE(query_in.device().is_cpu(), "query should be a CPU tensor, got ",
+                    query_in.device());
   at::NoGradGuard no_grad;  // the GEMMs below write into buffers (out= ops)
   const at::Tensor query = query_in.contiguous();
   const at::Tensor bank = bank_in.contiguous();
@@ -424,7 +344,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
   at::Tensor out_d = at::empty({nq, k}, query.options());
   at::Tensor out_i = at::empty({nq, k}, query.options().dtype(at::kLong));
   at::Tensor stats = at::zeros({6}, query.options().dtype(at::kLong));
-  if (nq == 0) return {out_d, out_i, stats};
+  if (nq == 0) {
+    check_finite_lowmem(bank, "bank");  // no pass over the bank below to fold it into
+    return {out_d, out_i, stats};
+  }
 
   // The centre: the bank's mean, accumulated in double and rounded once. Threads own
   // columns and add the rows in order, so the mean does not depend on the thread count.
@@ -444,13 +367,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
   // Centred bank norms ||fl(b - mu)||^2 in double, rounded once to float (the GEMM side
   // of the expansion). The centred rows themselves are made tile by tile in knn_block,
   // with the same rounding, so the bank is never copied whole.
+  // The bank's NaN / Inf check rides on this pass (check_knn_args leaves it here): NaN and
+  // Inf propagate into the mean and the norms, so all norms finite proves the bank finite;
+  // otherwise (a bad value, or finite values whose centred difference overflows) the rows
+  // are inspected.
   std::vector<float> bn(m);
   double bmax2 = 0.0;
   {
     const float* mu = mean.data();
     std::vector<double> local_max(std::max(1, at::get_num_threads()), 0.0);
+    std::atomic<bool> all_finite{true};
     at::parallel_for(0, m, 256, [&](int64_t a, int64_t e) {
       double mx = 0.0;
+      bool finite = true;
       for (int64_t j = a; j < e; ++j) {
         const float* row = bp + j * d;
         double s = 0.0;
@@ -461,11 +390,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
         }
         bn[j] = static_cast<float>(s);
         mx = std::max(mx, s);
+        finite = finite && std::isfinite(s);
       }
       double& slot = local_max[at::get_thread_num() % local_max.size()];
       slot = std::max(slot, mx);
+      if (!finite) all_finite.store(false, std::memory_order_relaxed);
     });
     for (double v : local_max) bmax2 = std::max(bmax2, v);
+    if (!all_finite.load()) check_finite_rows(bank, "bank");
   }
   std::atomic<int64_t> second_pass{0}, exact_scans{0}, refined{0};
   Problem P{query.data_ptr<float>(),
@@ -483,48 +415,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
             &exact_scans,
             &refined};
 
-  std::vector<int64_t> all(nq);
-  for (int64_t r = 0; r < nq; ++r) all[r] = r;
-  // Projected pre-pass (knn_project.h) when the rule says it pays: the rows it certifies
-  // are done; the others go through the passes below, unchanged.
-  int64_t projected_rows = 0, projected_ok = 0;
-  const knn_project::Projection proj =
-      knn_project::make_projection(bp, mean.data(), m, d, std::sqrt(bmax2), nq, k);
-  if (proj.on) {
-    const int64_t nthreads = std::max(1, at::get_num_threads());
-    const int64_t tq = std::max<int64_t>(
-        1, std::min<int64_t>(knn_project::kRows, (nq + nthreads - 1) / nthreads));
-    // The pilot (knn_project.h): the first rows alone (threaded GEMMs), and the others
-    // only if it certified enough of them.
-    const int64_t pilot = std::min(nq, knn_project::kRows);
-    std::vector<int64_t> rest;
-    const auto first = knn_project::prepass_chunk(proj, P.query, P.bank, P.mean, m, d, k,
-                                                  all.data(), pilot, P.out_d, P.out_i, rest);
-    refined += first.second;
-    projected_rows = pilot;
-    projected_ok = first.first;
-    const bool go_on = proj.forced ||
-                       static_cast<double>(first.first) >= knn_project::kMinPilot * pilot;
-    const int64_t n2 = go_on ? nq - pilot : 0;
-    const int64_t nchunks = (n2 + tq - 1) / tq;
-    std::vector<std::vector<int64_t>> local(nchunks);
-    std::atomic<int64_t> ok_rows{0};
-    parallel_for_tls(0, nchunks, 1, [&](int64_t a, int64_t b) {
-      for (int64_t c = a; c < b; ++c) {
-        const int64_t r0 = pilot + c * tq;
-        const auto res = knn_project::prepass_chunk(
-            proj, P.query, P.bank, P.mean, m, d, k, all.data() + r0, std::min(tq, nq - r0),
-            P.out_d, P.out_i, local[c]);
-        ok_rows.fetch_add(res.first, std::memory_order_relaxed);
-        refined.fetch_add(res.second, std::memory_order_relaxed);
-      }
-    });
-    for (auto& v : local) rest.insert(rest.end(), v.begin(), v.end());
-    if (!go_on) rest.insert(rest.end(), all.begin() + pilot, all.end());
-    projected_rows += n2;
-    projected_ok += ok_rows.load();
-    all.swap(rest);
-  }
+  // Projected pre-pass (knn_project.h) when the mode and its rule take it: the rows it
+  // certifies are done; the others go through the passes below, unchanged.
+  knn_project::Result pre = knn_project::prepass(P.query, P.bank, P.mean, nq, m, d, k, P.bmax,
+                                                 project, project_bound_scale, P.out_d, P.out_i);
+  refined += pre.refined;
+  std::vector<int64_t>& all = pre.rest;
   std::vector<int64_t> failed;
   run_rows(P, all.data(), static_cast<int64_t>(all.size()), /*second=*/false, failed);
   std::sort(failed.begin(), failed.end());
@@ -537,14 +433,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(const at::Tensor& q
   s[1] = second_pass.load();
   s[2] = exact_scans.load();
   s[3] = refined.load();
-  s[4] = projected_rows;
-  s[5] = projected_ok;
+  s[4] = pre.rows;
+  s[5] = pre.certified;
   return {out_d, out_i, stats};
+}
+
+// The knn_stats op (schema in csrc/ops.cpp); gemm is the CUDA kernel's variant.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(
+    const at::Tensor& query, const at::Tensor& bank, int64_t k, c10::string_view gemm,
+    c10::string_view project, double project_bound_scale) {
+  check_knn_variant(gemm, project, project_bound_scale);
+  return knn_cpu_impl(query, bank, k, knn_project::parse_mode(project), project_bound_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& bank,
                                            int64_t k) {
-  auto r = knn_stats_cpu(query, bank, k);
+  auto r = knn_cpu_impl(query, bank, k, knn_project::Mode::kAuto, 1.0);
   return {std::get<0>(r), std::get<1>(r)};
 }
 

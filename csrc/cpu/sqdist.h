@@ -115,7 +115,7 @@ inline void sqdist_group(const float* __restrict a, const float* const* b, int64
 }
 
 // Rows centred on the bank's mean, and squared norms, for the k-NN kernels (knn.cpp and
-// its projected pre-pass, knn_project.h). Their bounds take a centred row to be fl(x - mu)
+// its projected pre-pass, knn_project.cpp). Their bounds take a centred row to be fl(x - mu)
 // coordinate by coordinate and a squared norm to be a double sum rounded at most once, so
 // every centred copy and every such norm is made by these two.
 inline void centre_row(const float* __restrict src, const float* __restrict mean, int64_t d,

@@ -31,6 +31,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 #include "../common.h"
 #include "../coreset_shard_step.h"
@@ -175,8 +177,11 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& features, int64_t k, int64_t st
 }
 
 // ---------------------------------------------------------------------------------------
-// One step of the distributed coreset on one rank's shard (see csrc/cpu/greedy_coreset.cpp
-// for the record layout and patchcore_fast/distributed.py for the loop). Two kernels on
+// One step of the distributed coreset on one rank's shard (see csrc/coreset_shard_step.h
+// for the record and the state, and patchcore_fast/distributed.py for the loop). On CUDA
+// the step is the plain pass, not the CPU's lazy heap: a pass over a shard is what a GPU
+// does fast (one read of the rows, thousands of threads), while the lazy loop is a chain of
+// dependent heap moves, one thread's work; so the state is min_d alone. Two kernels on
 // the current stream and no host synchronisation, so the host only enqueues work and the
 // step's collective (NCCL, also on the device) follows without a round trip:
 //   1. every block finds the largest candidate key (a handful of records), loads that
@@ -260,14 +265,24 @@ __global__ void coreset_shard_record_kernel(const float* __restrict__ x,
   }
 }
 
-at::Tensor coreset_shard_step_cuda(const at::Tensor& shard, const at::Tensor& candidates,
-                                   int64_t offset, at::Tensor& min_d, at::Tensor& indices,
-                                   int64_t step) {
-  check_coreset_shard_step_args(shard, candidates, offset, min_d, indices, step);
+std::vector<at::Tensor> coreset_shard_state_cuda(const at::Tensor& shard, int64_t k,
+                                                 bool /*lazy: the plain pass only*/) {
+  check_coreset_shard_state_args(shard, k);
   TORCH_CHECK(shard.is_cuda(), "shard should be a CUDA tensor, got ", shard.device());
-  TORCH_CHECK(min_d.is_contiguous() && indices.is_contiguous(),
-              "coreset_shard_step: min_d and indices should be contiguous (they are updated "
-              "in place)");
+  const c10::cuda::CUDAGuard guard(shard.device());
+  return {at::full({shard.size(0)}, std::numeric_limits<float>::infinity(), shard.options())};
+}
+
+at::Tensor coreset_shard_step_cuda(const at::Tensor& shard, const at::Tensor& candidates,
+                                   int64_t offset, at::TensorList state,
+                                   const at::Tensor& indices, int64_t step) {
+  check_coreset_shard_step_args(shard, candidates, offset, indices, step);
+  TORCH_CHECK(shard.is_cuda(), "shard should be a CUDA tensor, got ", shard.device());
+  TORCH_CHECK(state.size() == kShardStatePlain, "coreset_shard_step: state should hold ",
+              kShardStatePlain, " tensor on CUDA (as coreset_shard_state makes it), got ",
+              state.size());
+  check_state_tensor(state[0], "min_d", at::kFloat, {shard.size(0)}, shard);
+  const at::Tensor& min_d = state[0];
   const c10::cuda::CUDAGuard guard(shard.device());
   const at::Tensor x = shard.contiguous();
   const at::Tensor cands = candidates.contiguous();
@@ -302,5 +317,6 @@ at::Tensor coreset_shard_step_cuda(const at::Tensor& shard, const at::Tensor& ca
 
 TORCH_LIBRARY_IMPL(patchcore_fast, CUDA, m) {
   m.impl("greedy_coreset", &patchcore_fast::greedy_coreset_cuda);
+  m.impl("coreset_shard_state", &patchcore_fast::coreset_shard_state_cuda);
   m.impl("coreset_shard_step", &patchcore_fast::coreset_shard_step_cuda);
 }

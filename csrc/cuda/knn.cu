@@ -26,7 +26,7 @@
 // of one fp32 SIMT GEMM (H100 SXM peaks: ~990 dense bf16 TFLOP/s, ~67 fp32). A single
 // bf16 GEMM would be 3x cheaper again, but its error (2^-8 ||q|| ||b||) is larger than the
 // nearest-neighbour distance itself on real patch features (centred norms ~11x that
-// distance): the band would hold hundreds of rows. Environment PATCHCORE_FAST_KNN_GEMM=fp32
+// distance): the band would hold hundreds of rows. knn_stats's gemm="fp32"
 // selects the fp32 GEMM (at::mm, cuBLAS SIMT unless TF32 is allowed) instead, for tests
 // and comparison; so does a torch without aten::mm.dtype_out (looked up at run time).
 //
@@ -108,12 +108,10 @@ const c10::TypedOperatorHandle<AddmmDtypeOut>* addmm_dtype_op() {
   return op.has_value() ? &*op : nullptr;
 }
 
-Gemm gemm_scheme() {
-  const char* env = std::getenv("PATCHCORE_FAST_KNN_GEMM");
-  const std::string v = env == nullptr ? "" : env;
-  TORCH_CHECK(v.empty() || v == "fp32" || v == "bf16x3",
-              "PATCHCORE_FAST_KNN_GEMM should be fp32 or bf16x3 (or unset), got '", v, "'");
-  if (v == "fp32" || mm_dtype_op() == nullptr) return Gemm::kFp32;
+// knn_stats's `gemm` ("auto", "fp32" or "bf16x3", checked by check_knn_variant); auto
+// and bf16x3 fall back to fp32 where this torch lacks the dtype-out GEMM of the split.
+Gemm gemm_scheme(c10::string_view gemm) {
+  if (gemm == "fp32" || mm_dtype_op() == nullptr) return Gemm::kFp32;
   return Gemm::kBf16x3;
 }
 
@@ -575,11 +573,14 @@ inline int64_t first_candidates(int64_t k, int64_t m, Gemm gemm) {
 }
 
 // knn with statistics (see the schema in csrc/ops.cpp).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(const at::Tensor& query_in,
-                                                              const at::Tensor& bank_in,
-                                                              int64_t k) {
+//   project, project_bound_scale: the CPU kernel's pre-pass (checked, no effect here).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(
+    const at::Tensor& query_in, const at::Tensor& bank_in, int64_t k, c10::string_view gemm_arg,
+    c10::string_view project, double project_bound_scale) {
   check_knn_args(query_in, bank_in, k);
-  TORCH_CHECK(query_in.is_cuda(), "query should be a CUDA tensor, got ", query_in.device());
+  check_knn_variant(gemm_arg, project, project_bound_scale);
+  TORCH_CHECK_VALUE(query_in.is_cuda(), "query should be a CUDA tensor, got ",
+                    query_in.device());
   c10::cuda::CUDAGuard guard(query_in.device());
   at::NoGradGuard no_grad;
   const at::Tensor query = query_in.contiguous();
@@ -597,9 +598,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(const at::Tensor& 
     s.narrow(0, 3, 1).add_(refined);
     return s;
   };
-  if (nq == 0) return {out_d, out_i, stats_tensor()};
+  if (nq == 0) {
+    check_finite_lowmem(bank, "bank");  // no pass over the bank below to fold it into
+    return {out_d, out_i, stats_tensor()};
+  }
 
-  const Gemm gemm = gemm_scheme();
+  const Gemm gemm = gemm_scheme(gemm_arg);
   // Centre on the bank's mean (knn_bound.h, step 0); the refinement uses the rows as given.
   const at::Tensor mean = bank.sum(0, /*keepdim=*/false, at::kDouble).div_(m).to(at::kFloat);
   Operands ops{gemm, bank - mean, at::Tensor()};
@@ -609,7 +613,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(const at::Tensor& 
   if (gemm == Gemm::kBf16x3) ops.bank = split_bf16(ops.bank, /*lo_first=*/true);
   // max ||b - mu|| for the error bound, widened for its own fp32 rounding. Host sync 1 of
   // 2 + rounds: the bound is a host scalar.
-  const double bmax = bnorm.max().item<double>() * (1.0 + 1e-5);
+  // The bank's NaN / Inf check rides on this sync (check_knn_args leaves it here): NaN
+  // and Inf propagate into the mean and the norms, so a finite max proves the bank finite;
+  // otherwise (a bad value, or finite values whose centred difference overflows) the rows
+  // are inspected.
+  const double bmax_raw = bnorm.max().item<double>();
+  if (!std::isfinite(bmax_raw)) check_finite_rows(bank, "bank");
+  const double bmax = bmax_raw * (1.0 + 1e-5);
   const knn_detail::ExpansionBound bound =
       gemm == Gemm::kBf16x3
           ? knn_detail::ExpansionBound::bf16x3(d)
@@ -656,7 +666,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::Tensor& bank,
                                             int64_t k) {
-  auto r = knn_stats_cuda(query, bank, k);
+  auto r = knn_stats_cuda(query, bank, k, "auto", "auto", 1.0);
   return {std::get<0>(r), std::get<1>(r)};
 }
 
