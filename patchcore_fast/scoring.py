@@ -141,6 +141,29 @@ def image_scores(patches: Tensor, patch_dist: Tensor, patch_idx: Tensor, bank: T
     return reweighting_factor(m_test, s_star, support) * s_star
 
 
+def score_patches(patches: Tensor, bank: Tensor, neighbors: Tensor | None,
+                  grid: tuple[int, int], size: tuple[int, int], sigma: float
+                  ) -> tuple[Tensor, Tensor]:
+    """Steps 8-10 on embeddings against a bank: image scores and input-sized maps.
+
+    Args:
+        patches (Tensor[B, h * w, D]): test embeddings.
+        bank (Tensor[M, D]): memory bank (or a sharded one).
+        neighbors (Tensor[M, b] | None): :func:`bank_neighbors` (None: no reweighting).
+        grid: (h, w).
+        size: (H_in, W_in) of the input images.
+        sigma: the maps' Gaussian blur.
+
+    Returns:
+        (Tensor[B] image scores, Tensor[B, H_in, W_in] maps), on the patches' device.
+    """
+    b, p, d = patches.shape
+    dist, idx = nearest_bank_rows(patches.reshape(-1, d), bank)
+    dist, idx = dist.view(b, p), idx.view(b, p)
+    scores = image_scores(patches, dist, idx, bank, neighbors)
+    return scores, anomaly_maps(dist, grid, tuple(size), sigma)
+
+
 def gaussian_kernel1d(sigma: float) -> Tensor:
     """Normalised 1-D Gaussian of size ``2 * round(4 sigma) + 1`` (4 sigma each side)."""
     radius = int(4.0 * sigma + 0.5)
@@ -197,5 +220,5 @@ def blur_kernel_size(sigma: float) -> int:
 
 
 __all__ = ["nearest_bank_rows", "bank_neighbors", "update_neighbors", "reweighting_factor",
-           "image_scores", "gaussian_blur", "anomaly_maps", "gaussian_kernel1d",
+           "image_scores", "score_patches", "gaussian_blur", "anomaly_maps", "gaussian_kernel1d",
            "blur_kernel_size"]
