@@ -24,6 +24,8 @@ from .errors import (PatchCoreError, SkippedFileWarning, first_line, os_error_te
                      out_of_memory)
 from .files import check_outputs
 from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
+from .calibration import (DEFAULT_FALSE_REJECT_RATE, MAX_FALSE_REJECT_RATE,
+                          denormalise, normalise)
 from .model import PatchCore
 
 PROG = "patchcore-fast"
@@ -76,6 +78,9 @@ def _number(kind: type, ok, expected: str):
 
 
 _ratio = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+_rate = _number(float, lambda v: 0.0 < v <= MAX_FALSE_REJECT_RATE,
+                f"a false-reject rate in (0, {MAX_FALSE_REJECT_RATE}], e.g. 0.01 for 1 %")
+_unit = _number(float, lambda v: 0.0 < v < 1.0, "a normalised score in (0, 1)")
 # NaN would label every image good and is not JSON; inf labels all alike.
 _finite = _number(float, math.isfinite, "a finite number")
 # At most 30 days: datetime.timedelta (the process group's timeout) overflows near 1e14 s.
@@ -233,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("memory")
     g.add_argument("--in-memory", action="store_true", help="hold every training patch in "
                    "memory instead (images x 3.2 MB of RAM at 224 px; same bank)")
+    g = p.add_argument_group("verdict")
+    g.add_argument("--false-reject-rate", type=_rate, default=DEFAULT_FALSE_REJECT_RATE,
+                   metavar="RATE", help="calibrate the image threshold so that this share of "
+                   "good images is rejected, estimated out of sample from the good images "
+                   f"themselves (5-fold cross-fitting); in (0, 0.5], default "
+                   f"{DEFAULT_FALSE_REJECT_RATE}")
     _model_options(p)
     _common(p)
 
@@ -242,8 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file written by fit")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
-    p.add_argument("--threshold", type=_finite, help="image score at or above which an image "
-                   "is labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
+    p.add_argument("--threshold", type=_finite, help="raw image score at or above which an "
+                   "image is labelled defective, instead of the model's calibrated threshold "
+                   "(e.g. f1_threshold from evaluate's metrics.json)")
+    p.add_argument("--normalised-threshold", type=_unit, metavar="N", help="the same as a "
+                   "normalised score in (0, 1) (0.5 is the model's calibrated threshold; "
+                   "needs a calibrated model)")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     p.add_argument("--resume", action="store_true", help="skip the images already scored "
@@ -361,7 +376,8 @@ def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         log(f"fit {name}: {folder} ({config.backbone}, coreset ratio {config.coreset_ratio}, "
             f"device {model.device})")
         model.fit(folder, skipped=skipped, progress=not args.quiet,
-                  streaming=not args.in_memory, temp_dir=args.temp_dir)
+                  streaming=not args.in_memory, temp_dir=args.temp_dir,
+                  false_reject_rate=args.false_reject_rate)
         if model.bank is None:  # a rank other than 0 of a distributed fit
             continue
         model.save(out)
@@ -369,7 +385,42 @@ def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         log(f"wrote {out}: {s['bank_rows']:,} of {s['patches']:,} patches x {s['embed_dim']} "
             f"from {s['images']} images in {s['fit_seconds']:.1f} s"
             + _skipped(skipped))
+        if model.calibration is not None:
+            log(f"calibrated: {model.calibration.summary()} (cross-fitting took "
+                f"{s['calibration_seconds']:.1f} s of the fit)")
     return 0
+
+
+def _score_threshold(args: argparse.Namespace, model: PatchCore,
+                     log: Callable[[str], None]) -> tuple[float | None, str]:
+    """The raw threshold score labels with, and how it compares: ``>=`` for one given on
+    the command line (as before), ``>`` for the calibrated one (the verdict contract)."""
+    cal = model.calibration
+    if args.threshold is not None and args.normalised_threshold is not None:
+        raise PatchCoreError("give --threshold (a raw score) or --normalised-threshold, "
+                             "not both")
+    if args.normalised_threshold is not None:
+        if cal is None:
+            raise PatchCoreError(f"--normalised-threshold needs a calibrated model; "
+                                 f"{args.model} has none (refit it, or give --threshold "
+                                 f"as a raw score)")
+        t = denormalise(args.normalised_threshold, cal)
+        log(f"labels: defective at or above normalised score {args.normalised_threshold} "
+            f"(raw score {t:.6g}; --normalised-threshold)")
+        return t, ">="
+    if args.threshold is not None:
+        extra = "" if cal is None else \
+            f"; normalised {float(normalise(args.threshold, cal)):.4f}"
+        log(f"labels: defective at or above raw score {args.threshold} (--threshold, "
+            f"instead of the model's{'' if cal else ' missing'} calibrated threshold{extra})")
+        return args.threshold, ">="
+    if cal is None:
+        log(f"no labels: {args.model} has no calibrated threshold (fitted before "
+            f"calibration existed); refit it for one, or give --threshold")
+        return None, ">"
+    log(f"labels: defective above the model's calibrated threshold, "
+        f"{cal.summary()}")
+    return cal.image_threshold, ">"
 
 
 def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
@@ -378,8 +429,9 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     skipped: list[str] = []
     inputs = list_images(args.inputs, "input", skipped)
     overlays = not args.no_overlays
+    threshold, above = _score_threshold(args, model, log)
     names, run, done, todo = evaluation.plan_score(
-        f"-o {args.output}", args.model, args.inputs, inputs, out, args.threshold, overlays,
+        f"-o {args.output}", args.model, args.inputs, inputs, out, threshold, overlays,
         args.save_maps, args.weights, args.resume, args.launch)
     if done:
         log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
@@ -388,8 +440,9 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     scores = {**done, **new}
     if not scores:
         raise PatchCoreError("none of the input images could be read")
-    written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
-                                   skipped, run) if args.launch.is_main else 0
+    written = outputs.write_scores(out, str(args.model), scores, inputs, threshold,
+                                   skipped, run, model.calibration, above
+                                   ) if args.launch.is_main else 0
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")
         + _skipped(skipped))

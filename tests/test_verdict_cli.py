@@ -1,0 +1,132 @@
+"""The calibrated verdict through the CLI and the Python API (issue #21): fit calibrates
+from the good images, the model file keeps it, score labels by default; old model files
+load and say that they have no threshold; bad options are one line, exit 2."""
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.torch
+from sklearn.metrics import roc_auc_score
+
+from patchcore_fast import calibration
+from patchcore_fast.cli import main
+from patchcore_fast.model import PatchCore
+
+
+@pytest.fixture(scope="module")
+def fitted(fit_demo):
+    root, model = fit_demo("verdict", seed=5, n_train=8, n_test_good=3, n_test_defect=2)
+    return root, model
+
+
+def _tests(root):
+    return [root / "widget" / "test" / d for d in ("good", "scratch", "spot")]
+
+
+def _rows(out):
+    return list(csv.DictReader((out / "scores.csv").open()))
+
+
+def test_fit_keeps_a_calibration_and_score_labels_by_default(fitted, tmp_path, capsys):
+    root, model_file = fitted
+    model = PatchCore.load(model_file, device="cpu")
+    cal = model.calibration
+    assert cal is not None and cal.images == 8 and cal.scheme == "crossfit"
+    assert cal.false_reject_rate == calibration.DEFAULT_FALSE_REJECT_RATE
+    assert model.fit_stats["calibration_seconds"] > 0
+    assert main(["score", str(model_file), *map(str, _tests(root)), "-o",
+                 str(tmp_path / "o"), "--no-overlays"]) == 0
+    err = capsys.readouterr().err
+    assert "labels: defective above the model's calibrated threshold" in err
+    rows = _rows(tmp_path / "o")
+    raw = np.array([float(r["score"]) for r in rows])
+    norm = np.array([float(r["normalised"]) for r in rows])
+    assert [r["label"] for r in rows] == [calibration.LABELS[int(s > cal.image_threshold)]
+                                          for s in raw]
+    assert ((norm > 0.5) == (raw > cal.image_threshold)).all()
+    truth = [0 if "/good/" in r["file"] else 1 for r in rows]
+    assert abs(roc_auc_score(truth, raw) - roc_auc_score(truth, norm)) < 1e-6
+    meta = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert meta["threshold"] == cal.image_threshold
+    assert meta["labelled"] == "defective when score > threshold"
+
+
+def test_python_api_has_the_verdict(fitted):
+    root, model_file = fitted
+    model = PatchCore.load(model_file, device="cpu")
+    pred = model.predict(_tests(root))
+    cal = model.calibration
+    assert pred.labels.tolist() == (pred.scores > cal.image_threshold).tolist()
+    np.testing.assert_allclose(pred.normalised, calibration.normalise(pred.scores, cal))
+    assert len(pred.regions) == len(pred.paths)
+    for regions, amap in zip(pred.regions, pred.maps):
+        for r in regions:
+            assert r["peak"] > cal.pixel_threshold and r["area"] >= 1
+            x0, y0, x1, y1 = r["bbox"]
+            assert 0 <= x0 < x1 <= amap.shape[1] and 0 <= y0 < y1 <= amap.shape[0]
+    # At a pixel threshold below every map's median, each map has a region.
+    low = float(min(np.median(m) for m in pred.maps))
+    model.calibration = dataclasses.replace(cal, pixel_threshold=low)
+    again = model.predict(_tests(root))
+    assert all(again.regions) and all(sum(x["area"] for x in r) >= m.size // 3
+                                      for r, m in zip(again.regions, again.maps))
+    big = model.predict(_tests(root), min_region_area=10 ** 9)
+    assert all(r == [] for r in big.regions)
+
+
+def test_threshold_overrides_raw_or_normalised(fitted, tmp_path, capsys):
+    root, model_file = fitted
+    good = str(root / "widget" / "test" / "good")
+    assert main(["score", str(model_file), good, "-o", str(tmp_path / "a"), "--no-overlays",
+                 "--threshold", "-1"]) == 0
+    assert "at or above raw score -1.0 (--threshold" in capsys.readouterr().err
+    assert {r["label"] for r in _rows(tmp_path / "a")} == {"defective"}
+    assert main(["score", str(model_file), good, "-o", str(tmp_path / "b"), "--no-overlays",
+                 "--normalised-threshold", "0.999999"]) == 0
+    assert {r["label"] for r in _rows(tmp_path / "b")} == {"good"}
+    assert main(["score", str(model_file), good, "-o", str(tmp_path / "c"), "--no-overlays",
+                 "--normalised-threshold", "0.5", "--threshold", "3"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_old_model_file_scores_without_labels(fitted, tmp_path, capsys):
+    root, model_file = fitted
+    with safetensors.safe_open(str(model_file), "pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    del meta["calibration"]
+    old = tmp_path / "old.safetensors"
+    safetensors.torch.save_file(tensors, str(old), metadata=meta)
+    assert PatchCore.load(old, device="cpu").calibration is None
+    assert main(["score", str(old), str(root / "widget" / "test" / "good"), "-o",
+                 str(tmp_path / "o"), "--no-overlays"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "calibrated" in line]
+    assert len(err) == 1 and "no calibrated threshold" in err[0] and "--threshold" in err[0]
+    rows = _rows(tmp_path / "o")
+    assert rows and "label" not in rows[0] and "normalised" not in rows[0]
+    pred = PatchCore.load(old, device="cpu").predict(root / "widget" / "test" / "good")
+    assert pred.labels is None and pred.normalised is None and pred.regions == []
+    assert main(["score", str(old), str(root / "widget" / "test" / "good"), "-o",
+                 str(tmp_path / "p"), "--normalised-threshold", "0.5"]) == 2
+    assert "needs a calibrated model" in capsys.readouterr().err
+    meta["calibration"] = json.dumps({"image_threshold": 1.0})
+    bad = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(tensors, str(bad), metadata=meta)
+    assert main(["score", str(bad), str(root / "widget" / "test" / "good"), "-o",
+                 str(tmp_path / "q")]) == 2
+    assert "damaged" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("rate", ["0", "0.7", "-0.1", "nan", "x"])
+def test_bad_false_reject_rate(fitted, tmp_path, capsys, rate):
+    root, _ = fitted
+    out = tmp_path / "m.safetensors"
+    assert main(["fit", str(root / "widget" / "train" / "good"), "-o", str(out),
+                 "--false-reject-rate", rate]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--false-reject-rate" in err[0] and "(0, 0.5]" in err[0]
+    assert not out.exists()
