@@ -231,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a model on good images", epilog=_FIT_EXAMPLES,
                        formatter_class=raw, description="Fit a PatchCore memory bank on good "
                        "images: a folder of images, or an MVTec-style root with --category.")
-    p.add_argument("data", help="folder of good images, or MVTec-style root / category folder")
+    p.add_argument("data", nargs="+", metavar="DATA", help="folder of good images, or "
+                   "MVTec-style root / category folder; with --update: the new good images "
+                   "(files and/or folders)")
+    p.add_argument("--update", metavar="MODEL", help="add the good images DATA to the fitted "
+                   "MODEL (its bank is kept, rows for the new images added, its calibration "
+                   "extended) and write the result to -o; the model's settings are kept")
     _categories(p)
     p.add_argument("-o", "--output", required=True, metavar="MODEL",
                    help="model file (.safetensors), or a folder for several categories")
@@ -366,7 +371,55 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 
 # ----- verbs --------------------------------------------------------------------------
 
+#: Settings an --update keeps from the model: giving another value is an error.
+_UPDATE_KEEPS = ("backbone", "layers", "weights", "pretrained", "resize", "image_size", "crop",
+                 "coreset_ratio", "num_neighbors", "pretrain_embed_dim", "target_embed_dim",
+                 "seed")
+
+
+def cmd_update(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    """``fit --update MODEL NEW_GOOD... -o MODEL2``."""
+    if args.category:
+        raise PatchCoreError("--update takes image files and folders, not --category")
+    model = PatchCore.load(args.update, device=args.device, weights=args.weights,
+                           batch_size=args.batch_size, num_workers=args.workers,
+                           precision=args.precision)
+    given = _config_from_args(args)
+    default = _config_from_args(build_parser().parse_args(["fit", "x", "-o", "y"]))
+    for name in _UPDATE_KEEPS:
+        value, saved = getattr(given, name), getattr(model.config, name)
+        if name == "weights" or value == getattr(default, name) or value == saved:
+            continue
+        option = "--" + {"pretrain_embed_dim": "embed-dim", "target_embed_dim": "embed-dim"
+                         }.get(name, name.replace("_", "-"))
+        raise PatchCoreError(f"{args.update} was fitted with {name} {saved!r}, not {value!r}: "
+                             f"--update keeps the model's settings; drop {option}, or fit a "
+                             f"new model")
+    out = Path(args.output)
+    if out.suffix != ".safetensors" or out.is_dir():
+        raise PatchCoreError(f"-o {args.output}: give the .safetensors file to write")
+    skipped: list[str] = []
+    inputs = list_images(args.data, "input", skipped)
+    check_outputs(f"-o {args.output}", out, [out], [p for p in args.data if Path(p).is_dir()],
+                  [*inputs, *([args.weights] if args.weights else [])])
+    rows = int(model.bank.shape[0])
+    model.update(inputs, skipped=skipped, progress=not args.quiet)
+    model.save(out)
+    u = model.fit_stats["updates"][-1]
+    log(f"wrote {out}: {rows:,} + {u['rows_added']:,} rows from {u['images']} new images "
+        f"in {u['seconds']:.1f} s" + _skipped(skipped))
+    if model.calibration is not None:
+        log(f"calibrated: {model.calibration.summary()}")
+    return 0
+
+
 def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    if args.update:
+        return cmd_update(args, log)
+    if len(args.data) != 1:
+        raise PatchCoreError(f"fit takes one DATA folder, got {len(args.data)} (several "
+                             f"inputs only with --update MODEL)")
+    args.data = args.data[0]
     config = _config_from_args(args)
     targets = datasets.fit_targets(args.data, args.category, args.output, args.weights)
     _warn_random_weights(config)

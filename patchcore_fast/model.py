@@ -374,6 +374,105 @@ class PatchCore:
             oos = calibration.out_of_sample(n, ((h, scored(h, b)) for h, b in banks))
         return oos.calibration(rate, scheme, len(held_out))
 
+    def update(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
+               skipped: list[str] | None = None, progress: bool = False) -> "PatchCore":
+        """Add good images to a fitted model without refitting it.
+
+        The greedy k-center selection continues from the bank
+        (:func:`~patchcore_fast.coreset.continue_coreset`: the bank rows are centres
+        already chosen, in the selection's projection, and the selection goes on over the
+        new images' patches), adding ``coreset_ratio`` of their patches as new rows after
+        the old ones, which are kept as they are; the neighbors are updated for the new
+        rows only (:func:`~patchcore_fast.scoring.update_neighbors`). The calibration is
+        extended with the new images' out-of-sample scores, by cross-fitting among them
+        (each fold scored against the old bank plus a continuation over the other new
+        folds) and the thresholds recomputed at the model's target rate; the colour
+        scale's bottom (the median good pixel) is kept. The cost grows with the new images
+        (one k-NN pass of their patches against the bank aside). ``fit_stats["updates"]``
+        records what was added.
+
+        Args:
+            images: good image files and/or folders.
+            skipped: list collecting unreadable files.
+            progress: show progress bars.
+
+        Returns:
+            self.
+        """
+        from .coreset import coreset_start_and_projection, continue_coreset, project_rows
+        from .scoring import update_neighbors
+
+        self._check_fitted()
+        if not isinstance(self.bank, Tensor):
+            raise PatchCoreError("a sharded bank cannot be updated; load the model in one "
+                                 "process")
+        c = self.config
+        t0 = time.perf_counter()
+        old_bank, old_hood = self.bank, self.neighbors
+        layout = _ImageRows()
+        with StreamingCoreset(c.coreset_ratio, c.projection_dim, c.seed,
+                              in_memory=True) as sc:
+            for batch, patches in self._embed_paths(_list_inputs(images, skipped), skipped,
+                                                    progress, "update: features"):
+                layout.add(batch, sc.n, patches.shape[1], self.grid, self.input_size)
+                sc.add(patches.reshape(-1, patches.shape[-1]))
+            if sc.n == 0:
+                raise PatchCoreError("none of the new images could be read")
+            with torch.inference_mode():
+                _, proj = coreset_start_and_projection(None, old_bank.shape[1],
+                                                       c.projection_dim, c.seed)
+                proj = proj.to(old_bank.device) if proj is not None else None
+                chosen = torch.cat([project_rows(old_bank[r:r + 8192], proj)
+                                    for r in range(0, old_bank.shape[0], 8192)])
+                new_proj = sc.projected()
+
+                def extended(rows: Tensor) -> tuple[Tensor, Tensor | None, int]:
+                    """The old bank plus the continuation over ``rows`` of the new ones."""
+                    k = coreset_size(len(rows), c.coreset_ratio)
+                    pick = continue_coreset(chosen, new_proj[rows], k)
+                    bank = torch.cat([old_bank, sc.gather(rows[pick])])
+                    hood = (update_neighbors(bank, old_hood, k, c.num_neighbors)
+                            if old_hood is not None else None)
+                    return bank, hood, k
+
+                if self.calibration is not None:
+                    self.calibration = self._update_calibration(sc, layout, extended)
+                bank, hood, added = extended(torch.arange(sc.n))
+        self.bank, self.neighbors = bank.contiguous(), hood
+        self.fit_stats.setdefault("updates", []).append(
+            {"images": len(layout.paths), "patches": sc.n, "rows_added": added,
+             "bank_rows_before": int(old_bank.shape[0]),
+             "seconds": time.perf_counter() - t0})
+        self.fit_stats.update(bank_rows=int(self.bank.shape[0]))
+        return self
+
+    def _update_calibration(self, sc: StreamingCoreset, layout: "_ImageRows",
+                            extended) -> Calibration:
+        """The calibration extended with the new images' out-of-sample statistics."""
+        c, cal = self.config, self.calibration
+        n = len(layout.paths)
+        held_out = (calibration.split_images(n, "crossfit", calibration.DEFAULT_FOLDS,
+                                             seed=c.seed) if n >= 2 else [np.array([0])])
+
+        def scored(held: np.ndarray):
+            others = np.setdiff1d(np.arange(n), held)
+            if others.size:
+                bank, hood, _ = extended(calibration.rows_of_images(layout.spans, others))
+            else:  # one new image: scored against the old bank
+                bank, hood = self.bank, self.neighbors
+            for ids in layout.batches(held, c.batch_size):
+                patches = sc.gather(calibration.rows_of_images(layout.spans, ids)).view(
+                    len(ids), -1, sc.dim)
+                grid, size = layout.shapes[ids[0]]
+                scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
+                yield ids, scores.cpu().numpy(), self.maps_back(
+                    [layout.paths[i] for i in ids], maps.cpu())
+
+        oos = calibration.out_of_sample(n, ((h, scored(h)) for h in held_out))
+        return calibration.calibrate(
+            [*cal.image_scores, *oos.scores], [*cal.image_peaks, *oos.peaks], cal.colour_min,
+            cal.false_reject_rate, cal.scheme, cal.folds, cal.pixel_quantiles)
+
     def _set_bank(self, bank: Tensor, progress: bool = False) -> None:
         """Keep ``bank`` (Tensor[M, D]) and precompute its reweighting neighbors."""
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.torch
+import torch
 from sklearn.metrics import roc_auc_score
 
 from patchcore_fast import calibration
@@ -130,3 +131,39 @@ def test_bad_false_reject_rate(fitted, tmp_path, capsys, rate):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--false-reject-rate" in err[0] and "(0, 0.5]" in err[0]
     assert not out.exists()
+
+
+def test_update_adds_rejected_good_images_and_keeps_the_bank(fitted, tmp_path, capsys):
+    root, model_file = fitted
+    new = sorted((root / "rod" / "train" / "good").glob("*.png"))[:4]
+    first = PatchCore.load(model_file, device="cpu")
+    before = first.predict(new)
+    assert before.labels.all()  # another product: every one rejected
+    out = tmp_path / "m2.safetensors"
+    assert main(["fit", "--update", str(model_file), *map(str, new), "-o", str(out),
+                 "--quiet"]) == 0
+    second = PatchCore.load(out, device="cpu")
+    m = first.bank.shape[0]
+    assert torch.equal(second.bank[:m], first.bank) and second.bank.shape[0] > m
+    u = second.fit_stats["updates"][-1]
+    assert u["images"] == 4 and u["rows_added"] == second.bank.shape[0] - m
+    after = second.predict(new)
+    assert not after.labels.any()
+    assert (after.scores < second.calibration.image_threshold).all()
+    assert second.calibration.images == first.calibration.images + 4
+    # The old rows' neighbors equal a recompute on the updated bank (tie-tolerantly).
+    from patchcore_fast.scoring import bank_neighbors
+    want = bank_neighbors(second.bank, second.config.num_neighbors)
+    assert (second.neighbors == want).float().mean() > 0.999
+
+
+def test_update_refuses_other_settings(fitted, tmp_path, capsys):
+    root, model_file = fitted
+    new = str(sorted((root / "rod" / "train" / "good").glob("*.png"))[0])
+    for option in (["--backbone", "resnet18"], ["--image-size", "96"],
+                   ["--resize", "stretch"]):
+        out = tmp_path / "x.safetensors"
+        assert main(["fit", "--update", str(model_file), new, "-o", str(out), *option]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--update keeps the model's settings" in err[0]
+        assert not out.exists()
