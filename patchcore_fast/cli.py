@@ -519,6 +519,18 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         log(f"{name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, PRO "
             f"{m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
             f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
+        a = r.get("at_threshold")
+        if a is None:
+            log(f"{name}: no calibrated threshold in {file} (refit it for the verdict at "
+                f"its own thresholds)")
+        else:
+            c = a["counts"]
+            pct = {k: "-" if a[k] is None else f"{a[k]:.1%}"
+                   for k in ("pixel_precision", "pixel_recall", "pixel_iou", "region_hit_rate")}
+            log(f"{name} at the model's thresholds: false rejects {c['false_rejects']} of "
+                f"{c['good']} good, misses {c['misses']} of {c['defective']} defective; "
+                f"pixel precision {pct['pixel_precision']}, recall {pct['pixel_recall']}, "
+                f"IoU {pct['pixel_iou']}; ground-truth regions hit {pct['region_hit_rate']}")
         results.append(r)
     if len(sets) > 1 and args.launch.is_main:
         outputs.write_summary(out, results)

@@ -167,3 +167,24 @@ def test_update_refuses_other_settings(fitted, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--update keeps the model's settings" in err[0]
         assert not out.exists()
+
+
+def test_evaluate_reports_the_verdict_at_the_model_thresholds(fitted, tmp_path, capsys):
+    root, model_file = fitted
+    out = tmp_path / "e"
+    assert main(["evaluate", str(model_file), str(root), "--category", "widget", "-o",
+                 str(out), "--no-overlays"]) == 0
+    assert "at the model's thresholds: false rejects" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    a = metrics["at_threshold"]
+    model = PatchCore.load(model_file, device="cpu")
+    assert a["image_threshold"] == model.calibration.image_threshold
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert rows
+    c = a["counts"]
+    assert c["good"] == 3 and c["defective"] == 4
+    assert a["false_reject_rate"] == c["false_rejects"] / 3
+    assert a["miss_rate"] == c["misses"] / 4
+    for k in ("pixel_precision", "pixel_recall", "pixel_iou", "region_hit_rate"):
+        assert a[k] is None or 0.0 <= a[k] <= 1.0
+    assert c["gt_regions"] >= 4  # every defective image has a mask with a region
