@@ -30,7 +30,7 @@ from .regions import RegionCounts, find_regions
 from .model import PatchCore
 from .outputs import (evaluation_files, evaluation_names, score_files, summary_files,
                       unique_names, write_evaluation)
-from .overlays import write_map_files
+from .overlays import write_map_files, write_maps_as_they_come
 from .sharded import ShardedBank
 
 
@@ -252,14 +252,31 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
     share, keeps = _shares(launch, model, paths)
     images = overlays or save_maps
     order: list[Path] = []
+    cal = model.calibration
+    one_pass = images and keeps and cal is not None
     # The journal is one file that one process appends (plan_score refuses --resume under
     # torchrun): the ranks of a distributed run keep none.
     journal = Journal(out, resume, run, keep=launch.world == 1)
     with contextlib.closing(journal), MapSpool(np.float32, temp_dir, "map file") as spool:
         def first_pass():
             new, pixels, missed = {}, PixelHistogram(), []
-            for batch, scores, maps in (model.predict_batches(
-                    share, missed, progress and launch.is_main) if share else ()):
+            batches = model.predict_batches(share, missed, progress and launch.is_main) \
+                if share else ()
+            if one_pass:
+                # The model's colour scale is fixed: each batch's files are written as it
+                # is scored (writer threads), each image journalled once they are on disk.
+                def as_they_come():
+                    for batch, scores, maps in batches:
+                        new.update(zip(map(str, batch), scores.tolist()))
+                        order.extend(batch)
+                        yield from ((p, names[p], m) for p, m in zip(batch, maps))
+
+                write_maps_as_they_come(out, as_they_come(), model.preprocess,
+                                        cal.colour_min, cal.colour_max, overlays, save_maps,
+                                        lambda p: journal.record([(p, new[str(p)])]),
+                                        outline_at=cal.pixel_threshold)
+                return new, pixels, missed
+            for batch, scores, maps in batches:
                 new.update(zip(map(str, batch), scores.tolist()))
                 order.extend(batch)
                 if images and keeps:
@@ -276,7 +293,7 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
         everything = PixelHistogram.combined([h for _, h, _ in parts])
 
         def second_pass():
-            if images and keeps and order:
+            if images and keeps and order and not one_pass:
                 write_map_files(out, spool, [(p, names[p]) for p in order], model.preprocess,
                                 everything, overlays, save_maps,
                                 written=lambda p: journal.record([(p, new[str(p)])]))
@@ -444,8 +461,11 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
 
         def write_maps():
             if keep is not None and mine:
+                cal = model.calibration
                 write_map_files(out, spool, [(i.path, names[i.path]) for i in mine],
-                                model.preprocess, everything, overlays, save_maps)
+                                model.preprocess, everything, overlays, save_maps,
+                                scale=cal and (cal.colour_min, cal.colour_max),
+                                outline_at=cal and cal.pixel_threshold)
 
         launch.exchange(write_maps)  # every rank's files written, or the error
     if launch.is_main:
