@@ -188,3 +188,50 @@ def test_evaluate_reports_the_verdict_at_the_model_thresholds(fitted, tmp_path, 
     for k in ("pixel_precision", "pixel_recall", "pixel_iou", "region_hit_rate"):
         assert a[k] is None or 0.0 <= a[k] <= 1.0
     assert c["gt_regions"] >= 4  # every defective image has a mask with a region
+
+
+def test_score_killed_mid_run_with_overlays_resumes(fitted, tmp_path):
+    """Issue #21 / #26 family D: overlays are written as the images are scored and the
+    journal records each one once its files are on disk, so a score killed mid-run
+    resumes from the images already done, and the result equals an uninterrupted run
+    (the model's fixed colour scale: the same overlay bytes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from patchcore_fast.journal import JOURNAL
+
+    root, model_file = fitted
+    inputs = [str(p) for p in (*_tests(root), root / "widget" / "train" / "good",
+                               root / "rod" / "train" / "good", root / "rod" / "test" / "good")]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["score", str(model_file), *inputs, "-o", str(full), "--batch-size", "1",
+                 "--quiet"]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli", "score",
+                             str(model_file), *inputs, "-o", str(cut), "--batch-size", "1",
+                             "--quiet"], env=env)
+    journal = cut / JOURNAL
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 5:
+            break  # tag, header and at least 3 images recorded
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "score finished before it could be killed"
+    done = len(journal.read_text().splitlines()) - 2
+    assert 3 <= done < len(_rows(full))
+    assert not (cut / "scores.csv").exists()
+    assert main(["score", str(model_file), *inputs, "-o", str(cut), "--batch-size", "1",
+                 "--resume", "--quiet"]) == 0
+    a, b = _rows(full), _rows(cut)
+    assert [r["file"] for r in a] == [r["file"] for r in b]
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    np.testing.assert_allclose([float(r["score"]) for r in a], [float(r["score"]) for r in b],
+                               rtol=1e-5)
+    pngs = sorted(p.relative_to(full) for p in (full / "overlays").rglob("*.png"))
+    assert pngs == sorted(p.relative_to(cut) for p in (cut / "overlays").rglob("*.png"))
+    assert len(pngs) == len(a)
+    assert all((full / p).read_bytes() == (cut / p).read_bytes() for p in pngs)
