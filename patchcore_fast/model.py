@@ -319,6 +319,7 @@ class PatchCore:
                     self.calibration = self._calibrate(sc, layout, ratio, false_reject_rate,
                                                        launch.world, progress)
                     self.fit_stats["calibration_seconds"] = time.perf_counter() - t1
+                t_select = time.perf_counter()
                 with torch.inference_mode(), tqdm(total=2, desc="fit: coreset and gather",
                                                   disable=not progress, leave=False) as bar:
                     idx = rows.select(ratio, keep_projections=not last)
@@ -333,7 +334,7 @@ class PatchCore:
                     self._set_bank(bank.contiguous(), progress)
                 self.fit_stats.update(patches=rows.n, images=rows.images,
                                       feature_seconds=feature_seconds,
-                                      coreset_seconds=t2 - t1, streaming=streaming,
+                                      coreset_seconds=t2 - t_select, streaming=streaming,
                                       **rows.record)
                 self.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
                 yield ratio
