@@ -24,6 +24,8 @@ from .errors import (InputWarning, PatchCoreError, SkippedFileWarning, first_lin
                      os_error_text, out_of_memory)
 from .files import check_outputs, check_temp_dir, file_problem, output_lock
 from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
+from .calibration import (DEFAULT_FALSE_REJECT_RATE, MAX_FALSE_REJECT_RATE,
+                          denormalise, normalise)
 from .model import PatchCore
 from .streams import guarded_streams
 
@@ -83,6 +85,9 @@ def _number(kind: type, ok, expected: str):
 _ratio = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 _neighbours = _number(int, lambda v: v == 0 or v >= 2, "0 (off) or at least 2 (with 1 the "
                       "nearest bank row is its own only neighbour and every score is 0)")
+_rate = _number(float, lambda v: 0.0 < v <= MAX_FALSE_REJECT_RATE,
+                f"a false-reject rate in (0, {MAX_FALSE_REJECT_RATE}], e.g. 0.01 for 1 %")
+_unit = _number(float, lambda v: 0.0 < v < 1.0, "a normalised score in (0, 1)")
 # NaN would label every image good and is not JSON; inf labels all alike.
 _finite = _number(float, math.isfinite, "a finite number")
 # At most 30 days: datetime.timedelta (the process group's timeout) overflows near 1e14 s.
@@ -248,13 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a model on good images", epilog=_FIT_EXAMPLES,
                        formatter_class=raw, description="Fit a PatchCore memory bank on good "
                        "images: a folder of images, or an MVTec-style root with --category.")
-    p.add_argument("data", metavar="DATA", help="good images: a folder, or an MVTec root")
+    p.add_argument("data", nargs="+", metavar="DATA", help="folder of good images, or "
+                   "MVTec-style root / category folder; with --update: the new good images "
+                   "(files and/or folders)")
+    p.add_argument("--update", metavar="MODEL", help="add the good images DATA to the fitted "
+                   "MODEL (its bank is kept, rows for the new images added, its calibration "
+                   "extended) and write the result to -o; the model's settings are kept")
     _categories(p)
     p.add_argument("-o", "--output", required=True, metavar="MODEL",
                    help="model file (.safetensors), or a folder for several categories")
     g = p.add_argument_group("memory")
     g.add_argument("--in-memory", action="store_true", help="hold every training patch in "
                    "memory instead (images x 3.2 MB of RAM at 224 px; same bank)")
+    g = p.add_argument_group("verdict")
+    g.add_argument("--false-reject-rate", type=_rate, default=DEFAULT_FALSE_REJECT_RATE,
+                   metavar="RATE", help="calibrate the image threshold so that this share of "
+                   "good images is rejected, estimated out of sample from the good images "
+                   f"themselves (5-fold cross-fitting); in (0, 0.5], default "
+                   f"{DEFAULT_FALSE_REJECT_RATE}")
     _model_options(p)
     _common(p)
 
@@ -264,8 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="model file written by fit")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
-    p.add_argument("--threshold", type=_finite, help="image score at or above which an image "
-                   "is labelled anomalous (e.g. f1_threshold from evaluate's metrics.json)")
+    p.add_argument("--threshold", type=_finite, help="raw image score at or above which an "
+                   "image is labelled defective, instead of the model's calibrated threshold "
+                   "(e.g. f1_threshold from evaluate's metrics.json)")
+    p.add_argument("--normalised-threshold", type=_unit, metavar="N", help="the same as a "
+                   "normalised score in (0, 1) (0.5 is the model's calibrated threshold; "
+                   "needs a calibrated model)")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     p.add_argument("--resume", action="store_true", help="skip the images already scored "
@@ -385,7 +405,55 @@ def _load(path: str | Path, args: argparse.Namespace) -> PatchCore:
 
 # ----- verbs --------------------------------------------------------------------------
 
+#: Settings an --update keeps from the model: giving another value is an error.
+_UPDATE_KEEPS = ("backbone", "layers", "weights", "pretrained", "resize", "image_size", "crop",
+                 "coreset_ratio", "num_neighbors", "pretrain_embed_dim", "target_embed_dim",
+                 "seed")
+
+
+def cmd_update(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    """``fit --update MODEL NEW_GOOD... -o MODEL2``."""
+    if args.category:
+        raise PatchCoreError("--update takes image files and folders, not --category")
+    model = PatchCore.load(args.update, device=args.device, weights=args.weights,
+                           batch_size=args.batch_size, num_workers=args.workers,
+                           precision=args.precision)
+    given = _config_from_args(args)
+    default = _config_from_args(build_parser().parse_args(["fit", "x", "-o", "y"]))
+    for name in _UPDATE_KEEPS:
+        value, saved = getattr(given, name), getattr(model.config, name)
+        if name == "weights" or value == getattr(default, name) or value == saved:
+            continue
+        option = "--" + {"pretrain_embed_dim": "embed-dim", "target_embed_dim": "embed-dim"
+                         }.get(name, name.replace("_", "-"))
+        raise PatchCoreError(f"{args.update} was fitted with {name} {saved!r}, not {value!r}: "
+                             f"--update keeps the model's settings; drop {option}, or fit a "
+                             f"new model")
+    out = Path(args.output)
+    if out.suffix != ".safetensors" or out.is_dir():
+        raise PatchCoreError(f"-o {args.output}: give the .safetensors file to write")
+    skipped: list[str] = []
+    inputs = list_images(args.data, "input", skipped)
+    check_outputs(f"-o {args.output}", out, [out], [p for p in args.data if Path(p).is_dir()],
+                  [*inputs, *([args.weights] if args.weights else [])])
+    rows = int(model.bank.shape[0])
+    model.update(inputs, skipped=skipped, progress=not args.quiet)
+    model.save(out)
+    u = model.fit_stats["updates"][-1]
+    log(f"wrote {out}: {rows:,} + {u['rows_added']:,} rows from {u['images']} new images "
+        f"in {u['seconds']:.1f} s" + _skipped(skipped))
+    if model.calibration is not None:
+        log(f"calibrated: {model.calibration.summary()}")
+    return 0
+
+
 def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    if args.update:
+        return cmd_update(args, log)
+    if len(args.data) != 1:
+        raise PatchCoreError(f"fit takes one DATA folder, got {len(args.data)} (several "
+                             f"inputs only with --update MODEL)")
+    args.data = args.data[0]
     config = _config_from_args(args)
     targets = datasets.fit_targets(args.data, args.category, args.output, args.weights)
     _warn_random_weights(config)
@@ -395,7 +463,8 @@ def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         log(f"fit {name}: {folder} ({config.backbone}, coreset ratio {config.coreset_ratio}, "
             f"device {model.device})")
         model.fit(folder, skipped=skipped, progress=not args.quiet,
-                  streaming=not args.in_memory, temp_dir=args.temp_dir)
+                  streaming=not args.in_memory, temp_dir=args.temp_dir,
+                  false_reject_rate=args.false_reject_rate)
         if model.bank is None:  # a rank other than 0 of a distributed fit
             continue
         model.save(out)
@@ -403,7 +472,42 @@ def cmd_fit(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         log(f"wrote {out}: {s['bank_rows']:,} of {s['patches']:,} patches x {s['embed_dim']} "
             f"from {s['images']} images in {s['fit_seconds']:.1f} s"
             + _skipped(skipped))
+        if model.calibration is not None:
+            log(f"calibrated: {model.calibration.summary()} (cross-fitting took "
+                f"{s['calibration_seconds']:.1f} s of the fit)")
     return 0
+
+
+def _score_threshold(args: argparse.Namespace, model: PatchCore,
+                     log: Callable[[str], None]) -> tuple[float | None, str]:
+    """The raw threshold score labels with, and how it compares: ``>=`` for one given on
+    the command line (as before), ``>`` for the calibrated one (the verdict contract)."""
+    cal = model.calibration
+    if args.threshold is not None and args.normalised_threshold is not None:
+        raise PatchCoreError("give --threshold (a raw score) or --normalised-threshold, "
+                             "not both")
+    if args.normalised_threshold is not None:
+        if cal is None:
+            raise PatchCoreError(f"--normalised-threshold needs a calibrated model; "
+                                 f"{args.model} has none (refit it, or give --threshold "
+                                 f"as a raw score)")
+        t = denormalise(args.normalised_threshold, cal)
+        log(f"labels: defective at or above normalised score {args.normalised_threshold} "
+            f"(raw score {t:.6g}; --normalised-threshold)")
+        return t, ">="
+    if args.threshold is not None:
+        extra = "" if cal is None else \
+            f"; normalised {float(normalise(args.threshold, cal)):.4f}"
+        log(f"labels: defective at or above raw score {args.threshold} (--threshold, "
+            f"instead of the model's{'' if cal else ' missing'} calibrated threshold{extra})")
+        return args.threshold, ">="
+    if cal is None:
+        log(f"no labels: {args.model} has no calibrated threshold (fitted before "
+            f"calibration existed); refit it for one, or give --threshold")
+        return None, ">"
+    log(f"labels: defective above the model's calibrated threshold, "
+        f"{cal.summary()}")
+    return cal.image_threshold, ">"
 
 
 def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
@@ -412,8 +516,9 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     skipped: list[str] = []
     inputs = list_images(args.inputs, "input", skipped)
     overlays = not args.no_overlays
+    threshold, above = _score_threshold(args, model, log)
     names, run = evaluation.plan_score(
-        f"-o {args.output}", args.model, args.inputs, inputs, out, args.threshold, overlays,
+        f"-o {args.output}", args.model, args.inputs, inputs, out, threshold, overlays,
         args.save_maps, args.weights, args.resume, args.launch)
     with output_lock(f"-o {args.output}", out, args.launch.is_main):
         done, todo = evaluation.earlier_results(out, run, inputs, args.resume)
@@ -424,8 +529,9 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         scores = {**done, **new}
         if not scores:
             raise PatchCoreError("none of the input images could be read")
-        written = outputs.write_scores(out, str(args.model), scores, inputs, args.threshold,
-                                       skipped, run) if args.launch.is_main else 0
+        written = outputs.write_scores(out, str(args.model), scores, inputs, threshold,
+                                       skipped, run, model.calibration, above
+                                       ) if args.launch.is_main else 0
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")
         + _skipped(skipped))
@@ -451,6 +557,18 @@ def cmd_evaluate(args: argparse.Namespace, log: Callable[[str], None]) -> int:
             log(f"{name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, "
                 f"PRO {m['pro']}, F1-max {m['f1_max']} ({r['counts']['images']} images, "
                 f"{r['score_seconds']:.1f} s) -> {sub}/metrics.json")
+            a = r.get("at_threshold")
+            if a is None:
+                log(f"{name}: no calibrated threshold in {file} (refit it for the verdict at "
+                    f"its own thresholds)")
+            else:
+                c = a["counts"]
+                pct = {k: "-" if a[k] is None else f"{a[k]:.1%}"
+                       for k in ("pixel_precision", "pixel_recall", "pixel_iou", "region_hit_rate")}
+                log(f"{name} at the model's thresholds: false rejects {c['false_rejects']} of "
+                    f"{c['good']} good, misses {c['misses']} of {c['defective']} defective; "
+                    f"pixel precision {pct['pixel_precision']}, recall {pct['pixel_recall']}, "
+                    f"IoU {pct['pixel_iou']}; ground-truth regions hit {pct['region_hit_rate']}")
             results.append(r)
         if len(sets) > 1 and args.launch.is_main:
             outputs.write_summary(out, results)

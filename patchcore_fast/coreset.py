@@ -121,6 +121,54 @@ def select_coreset(features: Tensor, ratio: float, projection_dim: int = 128,
         return sc.select()
 
 
+def continue_coreset(chosen: Tensor, new: Tensor, k: int) -> Tensor:
+    """Greedy k-center selection continued over new points, the chosen rows kept.
+
+    The rows of ``chosen`` are centres already selected (a fitted model's bank, in the
+    selection's projection). Every new point starts at its squared distance to its
+    nearest chosen centre, exactly where the greedy loop would stand had the new points
+    been there all along with those centres chosen; the selection then goes on among the
+    new points only: take the farthest, lower every new point's distance with it, k times.
+    Each step is one :func:`patchcore_fast.ops.coreset_shard_step` over the new points
+    (the distributed coreset's step, here with one rank, its plain pass), so the cost is one k-NN pass of
+    the new points against the chosen rows plus k passes over the new points: it grows
+    with the new points, and only through that first pass with the bank.
+
+    Args:
+        chosen (Tensor[M, C]): the centres already selected (M >= 1).
+        new (Tensor[N, C]): the new points, same width and device.
+        k: number of new centres, 0 <= k <= N.
+
+    Returns:
+        Tensor[k] int64: rows of ``new`` in selection order.
+    """
+    from .reference import pack_keys
+
+    new = new.float().contiguous()
+    k = int(k)
+    if not 0 <= k <= new.shape[0]:
+        raise ValueError(f"k should be between 0 and the number of new rows {new.shape[0]}, "
+                         f"got {k}")
+    indices = torch.empty(k, dtype=torch.int64, device=new.device)
+    if k == 0:
+        return indices
+    min_d = ops.knn(new, chosen.float(), 1)[0][:, 0].square().contiguous()
+    # The plain pass's state is each row's squared distance to its nearest centre
+    # (ops.coreset_shard_state, lazy=False): start it at the chosen centres.
+    state = ops.coreset_shard_state(new, k, lazy=False)
+    state[0].copy_(min_d)
+    # Step 0's record names the farthest new point (the lowest index on ties, as the
+    # kernel's packed keys order them).
+    first = int(torch.argmax(min_d))
+    record = torch.zeros(new.shape[1] + 2, dtype=torch.int32, device=new.device)
+    record[:2] = pack_keys(min_d[first:first + 1], torch.tensor([first], device=new.device)
+                           ).view(torch.int32)
+    record[2:] = new[first].view(torch.int32)
+    for step in range(k):
+        record = ops.coreset_shard_step(new, record.view(1, -1), 0, state, indices, step)
+    return indices
+
+
 class StreamingCoreset:
     """Greedy coreset over patches that arrive batch by batch: the one selection path.
 

@@ -24,11 +24,13 @@ from .errors import PatchCoreError
 from .files import ArraySpool, MapSpool, check_outputs, file_problem, file_sha256, text_name
 from .images import UnreadableImage, image_size, read_mask, read_size_again
 from .journal import Journal, read_done, run_record
+from .calibration import label
 from .metrics import PixelHistogram
+from .regions import RegionCounts, find_regions
 from .model import PatchCore
 from .outputs import (evaluation_files, evaluation_names, score_files, summary_files,
                       unique_names, write_evaluation)
-from .overlays import write_map_files
+from .overlays import write_map_files, write_maps_as_they_come
 from .sharded import ShardedBank
 
 
@@ -287,14 +289,31 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
     share, keeps = _shares(launch, model, paths)
     images = overlays or save_maps
     order: list[Path] = []
+    cal = model.calibration
+    one_pass = images and keeps and cal is not None
     # The journal is one file that one process appends (plan_score refuses --resume under
     # torchrun): the ranks of a distributed run keep none.
     journal = Journal(out, resume, run, keep=launch.world == 1)
     with contextlib.closing(journal), MapSpool(np.float32, temp_dir, "map file") as spool:
         def first_pass():
             new, pixels, missed = {}, PixelHistogram(), []
-            for batch, scores, maps in (model.predict_batches(
-                    share, missed, progress and launch.is_main) if share else ()):
+            batches = model.predict_batches(share, missed, progress and launch.is_main) \
+                if share else ()
+            if one_pass:
+                # The model's colour scale is fixed: each batch's files are written as it
+                # is scored (writer threads), each image journalled once they are on disk.
+                def as_they_come():
+                    for batch, scores, maps in batches:
+                        new.update(zip(map(text_name, batch), scores.tolist()))
+                        order.extend(batch)
+                        yield from ((p, names[p], m) for p, m in zip(batch, maps))
+
+                write_maps_as_they_come(out, as_they_come(), model.preprocess,
+                                        cal.colour_min, cal.colour_max, overlays, save_maps,
+                                        lambda p: journal.record([(p, new[text_name(p)])]),
+                                        outline_at=cal.pixel_threshold)
+                return new, pixels, missed
+            for batch, scores, maps in batches:
                 new.update(zip(map(text_name, batch), scores.tolist()))
                 order.extend(batch)
                 if images and keeps:
@@ -311,7 +330,7 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
         everything = PixelHistogram.combined([h for _, h, _ in parts])
 
         def second_pass():
-            if images and keeps and order:
+            if images and keeps and order and not one_pass:
                 write_map_files(out, spool, [(p, names[p]) for p in order], model.preprocess,
                                 everything, overlays, save_maps,
                                 written=lambda p: journal.record([(p, new[text_name(p)])]))
@@ -339,14 +358,18 @@ def _shares(launch: distributed.Launch, model: PatchCore, items: Sequence) -> tu
 
 def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[str],
                    spool: MapSpool | None, progress: bool, maps_at: str = "original"
-                   ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float]:
-    """Score labelled images: (kept, their scores, pixel histogram per defect, seconds).
+                   ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float,
+                              RegionCounts | None]:
+    """Score labelled images: (kept, their scores, pixel histogram per defect, seconds,
+    the verdict's counts at the model's thresholds or None without a calibration).
 
     Maps (at the photo's size or the crop's, ``maps_at``) go to ``spool`` (when overlays
     or maps are written) and into the histograms: a defective image without a mask into
     the one of :data:`NO_MASK` (the overlays' colour scale counts it, the pixel metrics
     do not).
     """
+    cal = model.calibration
+    counts = RegionCounts() if cal is not None else None
     items = usable_masks(items, skipped)
     by_path = {i.path: i for i in items}
     kept, scores = [], []
@@ -363,20 +386,25 @@ def _evaluate_pass(model: PatchCore, items: Sequence[TestImage], skipped: list[s
         paths, batch_scores, maps = batch
         done = [by_path[p] for p in paths]
         kept += done
+        truths = [mask_of(i, model.preprocess, maps_at) if i.mask else None for i in done]
         add_maps(pixels, [i.defect if in_pixel_metrics(i) else NO_MASK for i in done], maps,
-                 [mask_of(i, model.preprocess, maps_at) if i.mask else None for i in done])
+                 truths)
+        if counts is not None:
+            for i, s, amap, truth in zip(done, batch_scores, maps, truths):
+                counts.add(bool(i.label), bool(label(float(s), cal)),
+                           find_regions(amap, cal.pixel_threshold)[1], truth)
         scores.append(batch_scores)
         if spool is not None:
             spool.append(maps)
     return kept, (np.concatenate(scores) if scores else np.empty(0, np.float32)), pixels, \
-        seconds
+        seconds, counts
 
 
 def _evaluate_ranks(launch: distributed.Launch, model: PatchCore, items: Sequence[TestImage],
                     skipped: list[str], spool: MapSpool | None, progress: bool,
                     maps_at: str = "original"
                     ) -> tuple[list[TestImage], np.ndarray, dict[str, PixelHistogram], float,
-                               list[TestImage], dict | None]:
+                               list[TestImage], dict | None, RegionCounts | None]:
     """:func:`_evaluate_pass` on this rank's share (:func:`_shares`), merged over the ranks
     (one :meth:`~patchcore_fast.distributed.Launch.exchange`; one process: its own pass).
 
@@ -393,11 +421,11 @@ def _evaluate_ranks(launch: distributed.Launch, model: PatchCore, items: Sequenc
 
     def work():
         missed: list[str] = []
-        kept, scores, pixels, seconds = _evaluate_pass(model, share, missed,
-                                                       spool if keeps else None,
-                                                       progress and launch.is_main, maps_at)
+        kept, scores, pixels, seconds, counts = _evaluate_pass(
+            model, share, missed, spool if keeps else None, progress and launch.is_main,
+            maps_at)
         mine.extend(kept if keeps else ())
-        return (kept, scores, pixels, missed, seconds) if keeps else None, len(share)
+        return (kept, scores, pixels, missed, seconds, counts) if keeps else None, len(share)
 
     answers = launch.exchange(work)
     parts = [part for part, _ in answers if part is not None]
@@ -411,7 +439,18 @@ def _evaluate_ranks(launch: distributed.Launch, model: PatchCore, items: Sequenc
               "rank_images": [n for _, n in answers]}  # images each rank scored
     return ([i for part in parts for i in part[0]], np.concatenate([p[1] for p in parts]),
             {d: PixelHistogram.combined(h) for d, h in per_defect.items()},
-            max(part[4] for part in parts), mine, record if launch.world > 1 else None)
+            max(part[4] for part in parts), mine, record if launch.world > 1 else None,
+            _merged([part[5] for part in parts]))
+
+
+def _merged(counts: Sequence[RegionCounts | None]) -> RegionCounts | None:
+    """The ranks' verdict counts added up (None without a calibration)."""
+    if not counts or counts[0] is None:
+        return None
+    total = RegionCounts()
+    for c in counts:
+        total.merge(c)
+    return total
 
 
 def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
@@ -446,7 +485,7 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
     launch = distributed.current()
     with MapSpool(np.float32, temp_dir, "map file") as spool:
         keep = spool if overlays or save_maps else None
-        kept, scores_arr, pixels, seconds, mine, record = _evaluate_ranks(
+        kept, scores_arr, pixels, seconds, mine, record, counts = _evaluate_ranks(
             launch, model, items, skipped, keep, progress, maps_at)
         if not kept:
             raise PatchCoreError(f"none of the test images of {name} could be read")
@@ -456,13 +495,17 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
                   "model": {"file": text_name(model_file),
                             "config": json.loads(model.config.to_json()),
                             "fit_stats": model.fit_stats},
-                  **({"distributed": record} if record else {})}
+                  **({"distributed": record} if record else {}),
+                  "at_threshold": _at_threshold(model, counts, has_ground_truth(kept))}
         everything = PixelHistogram.combined(list(pixels.values()))
 
         def write_maps():
             if keep is not None and mine:
+                cal = model.calibration
                 write_map_files(out, spool, [(i.path, names[i.path]) for i in mine],
-                                model.preprocess, everything, overlays, save_maps)
+                                model.preprocess, everything, overlays, save_maps,
+                                scale=cal and (cal.colour_min, cal.colour_max),
+                                outline_at=cal and cal.pixel_threshold)
 
         launch.exchange(write_maps)  # every rank's files written, or the error
     if launch.is_main:
@@ -470,6 +513,22 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
         write_evaluation(out, result, kept, scores_arr,
                          PixelHistogram.combined(truth) if has_ground_truth(kept) else None)
     return result
+
+
+def _at_threshold(model: PatchCore, counts: RegionCounts | None, masks: bool) -> dict | None:
+    """metrics.json's verdict at the model's own thresholds (None without a calibration):
+    false-reject rate on good images, miss rate on defective ones and, with masks, pixel
+    precision / recall / IoU over the defective images and the share of ground-truth
+    regions hit by a region."""
+    if counts is None:
+        return None
+    cal = model.calibration
+    out = counts.result()
+    if not masks:
+        for k in ("pixel_precision", "pixel_recall", "pixel_iou", "region_hit_rate"):
+            out[k] = None
+    return {"image_threshold": cal.image_threshold, "pixel_threshold": cal.pixel_threshold,
+            "target_false_reject_rate": cal.false_reject_rate, **out}
 
 
 def study_category(name: str, folder: Path, config: PatchCoreConfig, ratios: Sequence[float],

@@ -5,7 +5,9 @@ rows of each row, for the reweighting, when it is on: the name this format gives
 model's ``neighbors``), ``projection`` [D, C] float32 (the embedding matrix). Metadata:
 ``format``, ``format_version``, ``config`` (JSON of :class:`~patchcore_fast.config.
 PatchCoreConfig`), ``backbone`` (JSON of :class:`~patchcore_fast.backbone.BackboneInfo`),
-``grid``, ``fit_stats`` and the writing version. Reading never unpickles anything, and
+``grid``, ``fit_stats``, ``calibration`` (JSON of :class:`~patchcore_fast.calibration.
+Calibration`; absent in files fitted before it existed, which load without one) and the
+writing version. Reading never unpickles anything, and
 every field is checked before any of it is used (:func:`read`).
 """
 
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from ._version import __version__
 from .backbone import BackboneInfo
+from .calibration import Calibration
 from .config import PatchCoreConfig, check_types
 from .errors import PatchCoreError, first_line
 from .files import atomic_path, file_problem, file_sha256
@@ -48,6 +51,8 @@ class ModelFile:
             reweighting is off).
         grid: the feature grid (h, w), or None.
         fit_stats: the fit's counts and times.
+        calibration: thresholds and colour scale from the good images, or None (files
+            written before calibration existed).
     """
 
     config: PatchCoreConfig
@@ -57,6 +62,7 @@ class ModelFile:
     neighbors: Tensor | None
     grid: tuple[int, int] | None
     fit_stats: dict
+    calibration: Calibration | None = None
 
 
 def write(path: str | os.PathLike, model: ModelFile) -> None:
@@ -70,6 +76,8 @@ def write(path: str | os.PathLike, model: ModelFile) -> None:
             "backbone": json.dumps(dataclasses.asdict(model.backbone)),
             "grid": json.dumps(list(model.grid) if model.grid else None),
             "fit_stats": json.dumps(model.fit_stats), "writer": f"patchcore-fast {__version__}"}
+    if model.calibration is not None:
+        meta["calibration"] = json.dumps(model.calibration.to_dict(), allow_nan=False)
     with atomic_path(path) as tmp:
         try:
             safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
@@ -108,7 +116,7 @@ def read(path: str | os.PathLike, weights: str | None = None) -> ModelFile:
         raise PatchCoreError(f"{path} is not a patchcore-fast model file, or it is "
                              f"truncated ({first_line(exc)})"
                              ) from None
-    config, info, grid, fit_stats = _validate_loaded(path, meta, tensors)
+    config, info, grid, fit_stats, calibration = _validate_loaded(path, meta, tensors)
     if weights is not None:
         config.weights = str(weights)
     if info.weights.startswith("file:"):
@@ -119,7 +127,8 @@ def read(path: str | os.PathLike, weights: str | None = None) -> ModelFile:
             raise PatchCoreError(f"backbone weights {config.weights} differ from the ones "
                                  f"{path} was fitted with (SHA-256 mismatch)")
     return ModelFile(config, info, tensors["bank"], tensors["projection"],
-                     tensors.get(NEIGHBORS_TENSOR), tuple(grid) if grid else None, fit_stats)
+                     tensors.get(NEIGHBORS_TENSOR), tuple(grid) if grid else None, fit_stats,
+                     calibration)
 
 
 def _os_error_text(exc: BaseException) -> str:
@@ -199,7 +208,7 @@ def _validate_loaded(path: Path, meta: dict[str, str], tensors: dict[str, Tensor
         tensors: its tensors.
 
     Returns:
-        (config, backbone info, grid or None, fit_stats).
+        (config, backbone info, grid or None, fit_stats, calibration or None).
 
     Raises:
         PatchCoreError: one line naming the file and the first problem.
@@ -247,6 +256,9 @@ def _validate_loaded(path: Path, meta: dict[str, str], tensors: dict[str, Tensor
         fit_stats = json.loads(meta.get("fit_stats", "{}"))
         if not isinstance(fit_stats, dict):
             raise ValueError("not a JSON object")
+        entry = "calibration"
+        calibration = (Calibration.from_dict(json.loads(meta["calibration"]))
+                       if "calibration" in meta else None)
     except PatchCoreError as exc:  # a setting out of range, or unknown to this version
         raise PatchCoreError(f"{path}: {exc}") from None
     except (ValueError, TypeError, RecursionError) as exc:
@@ -257,5 +269,5 @@ def _validate_loaded(path: Path, meta: dict[str, str], tensors: dict[str, Tensor
     problem = _tensor_problem(tensors, config, info)
     if problem:
         raise damaged(problem)
-    return config, info, grid, fit_stats
+    return config, info, grid, fit_stats, calibration
 

@@ -161,7 +161,7 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def write_scores(out: Path, model_file: str, scores: dict[str, float],
                  inputs: Sequence[Path], threshold: float | None, skipped: list[str],
-                 run: dict | None = None) -> int:
+                 run: dict | None = None, calibration=None, above: str = ">=") -> int:
     """score's ``scores.csv`` and ``scores.json``, in input order; then the resume
     journal, which they replace, is removed.
 
@@ -171,26 +171,41 @@ def write_scores(out: Path, model_file: str, scores: dict[str, float],
         scores: image score by file name (:func:`~patchcore_fast.files.text_name`; this
             run's and a resumed run's).
         inputs: every input image, in order (those without a score are left out).
-        threshold: image score from which an image is labelled anomalous, or None.
+        threshold: raw image score that labels images, or None (no labels).
         skipped: the files left out (unreadable, unsupported, ...).
         run: the run's record (model hash, options), kept for ``--resume``.
+        calibration (calibration.Calibration | None): the model's; adds the normalised
+            score.
+        above: ``>`` (defective above the threshold: the calibrated one) or ``>=`` (at or
+            above: a threshold given on the command line).
 
     Returns:
         the number of images written.
     """
+    from .calibration import LABELS, normalise
+
     rows, records = [], []
     for path in map(text_name, inputs):
         if path not in scores:
             continue
         rec = {"file": path, "score": scores[path]}
+        if calibration is not None:
+            rec["normalised"] = round(float(normalise(rec["score"], calibration)), 6)
         if threshold is not None:
-            rec["label"] = "anomalous" if rec["score"] >= threshold else "good"
+            bad = rec["score"] > threshold if above == ">" else rec["score"] >= threshold
+            rec["label"] = LABELS[bool(bad)]
         records.append(rec)
         rows.append([rec[k] for k in rec])
-    header = ["file", "score"] + (["label"] if threshold is not None else [])
+    header = ["file", "score"] + (["normalised"] if calibration is not None else []) \
+        + (["label"] if threshold is not None else [])
     write_text(out / "scores.csv", csv_text(header, rows))
     write_text(out / "scores.json", json.dumps(
-        {"model": text_name(model_file), "threshold": threshold, "run": run, "images": records,
+        {"model": text_name(model_file), "threshold": threshold,
+         "labelled": None if threshold is None else f"defective when score {above} threshold",
+         "calibration": None if calibration is None else {
+             k: getattr(calibration, k) for k in ("image_threshold", "pixel_threshold",
+                                                  "scale", "false_reject_rate")},
+         "run": run, "images": records,
          "skipped": skipped}, indent=2, allow_nan=False))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(out / JOURNAL)

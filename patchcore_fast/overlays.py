@@ -14,7 +14,7 @@ import concurrent.futures
 import functools
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -57,13 +57,16 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np
 
 
 def write_overlay(path: Path, source: Path, amap: np.ndarray, preprocess, vmin: float,
-                  vmax: float) -> None:
+                  vmax: float, outline_at: float | None = None) -> None:
     """Write the overlay of ``amap`` on the image ``source`` as a PNG.
 
     A map at the photo's own size is laid on the photo itself; a crop-sized map
     (``maps_at="crop"``) on the model's input, without padding. The photo is read as it
     was for its map (:func:`~patchcore_fast.images.read_image`: the same decision on its
     orientation), so they fit; a photo changed on disk since is one line, not a traceback.
+    With ``outline_at`` the outlines of the defect regions above that pixel threshold are
+    drawn in white (:func:`~patchcore_fast.regions.outline`, 1 pixel per 300 of the
+    shorter side).
     """
     try:
         photo = read_image(source)
@@ -81,8 +84,13 @@ def write_overlay(path: Path, source: Path, amap: np.ndarray, preprocess, vmin: 
     with atomic_path(path) as tmp:
         # zlib level 1: a third of the default level's encoding time for files about 10 %
         # larger (bench/RESULTS.md, "End to end"); PNG stays lossless.
-        Image.fromarray(overlay(img, amap, vmin, vmax)).save(tmp, format="PNG",
-                                                             compress_level=1)
+        drawn = overlay(img, amap, vmin, vmax)
+        if outline_at is not None:
+            from .regions import find_regions, outline
+
+            width = max(1, min(amap.shape) // 300)
+            drawn[outline(find_regions(amap, outline_at)[1], width)] = 255
+        Image.fromarray(drawn).save(tmp, format="PNG", compress_level=1)
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -109,33 +117,62 @@ def writer_threads() -> int:
 def write_map_files(out: Path, spool: ArraySpool | MapSpool, images: Sequence[tuple[Path, str]],
                     preprocess, pixels, overlays: bool = True, save_maps: bool = False,
                     written: Callable[[Path], None] | None = None,
-                    threads: int | None = None) -> None:
-    """The second pass of score and evaluate: each parked map to its overlay and ``.npy``.
-
-    Images are written by a small pool of threads (each file atomically, as before); the
-    spool is read and ``written`` is called in this thread, in the order of ``images``,
-    so the resume journal lists a prefix of the images in order: an image is recorded
-    only once its files and those of every image before it are on disk. At most
-    ``2 * threads`` maps are in flight (bounded memory). The first error stops the pool
-    and is raised here.
+                    threads: int | None = None, scale: tuple[float, float] | None = None,
+                    outline_at: float | None = None) -> None:
+    """The second pass of score and evaluate: each parked map to its overlay and ``.npy``
+    (:func:`write_maps_as_they_come` over the spool's maps).
 
     Args:
         out: output folder (files go to ``overlays/<name>.png`` and ``maps/<name>.npy``).
         spool: the maps, item i belonging to ``images[i]``.
         images: (source image, name relative to ``overlays/`` and ``maps/``) per map.
         preprocess (geometry.Preprocess): the model's image geometry.
-        pixels (metrics.PixelHistogram): every pixel of the maps (sets the colour scale).
+        pixels (metrics.PixelHistogram): every pixel of the maps (sets the colour scale
+            unless ``scale`` is given).
         overlays: write the overlay PNGs.
         save_maps: write the raw maps.
         written: called with each source image once its files are written.
         threads: writer threads (default :func:`writer_threads`).
+        scale: (coldest, hottest) map values: the model's fixed colour scale.
+        outline_at: draw the outlines of the regions above this pixel threshold.
     """
-    vmin, vmax = map_range(pixels)
+    vmin, vmax = scale if scale is not None else map_range(pixels)
+    write_maps_as_they_come(out, ((source, name, spool.read(i)[0])
+                                  for i, (source, name) in enumerate(images)),
+                            preprocess, vmin, vmax, overlays, save_maps, written, threads,
+                            outline_at)
 
+
+def write_maps_as_they_come(out: Path, maps: Iterable[tuple[Path, str, np.ndarray]],
+                            preprocess, vmin: float, vmax: float, overlays: bool = True,
+                            save_maps: bool = False,
+                            written: Callable[[Path], None] | None = None,
+                            threads: int | None = None, outline_at: float | None = None
+                            ) -> None:
+    """Each map to its overlay and ``.npy`` as the maps come (one pass with scoring when
+    ``maps`` is a generator that scores: the colour scale is fixed beforehand).
+
+    Images are written by a small pool of threads (each file atomically); ``maps`` is
+    consumed and ``written`` is called in this thread, in order, so the resume journal
+    lists a prefix of the images in order: an image is recorded only once its files and
+    those of every image before it are on disk. At most ``2 * threads`` maps are in flight
+    (bounded memory). The first error stops the pool and is raised here.
+
+    Args:
+        out: output folder (files go to ``overlays/<name>.png`` and ``maps/<name>.npy``).
+        maps: (source image, name relative to ``overlays/`` and ``maps/``, map).
+        preprocess (geometry.Preprocess): the model's image geometry.
+        vmin, vmax: map values drawn as the coldest and the hottest colour.
+        overlays: write the overlay PNGs.
+        save_maps: write the raw maps.
+        written: called with each source image once its files are written.
+        threads: writer threads (default :func:`writer_threads`).
+        outline_at: draw the outlines of the regions above this pixel threshold.
+    """
     def write_one(source: Path, name: str, amap: np.ndarray) -> Path:
         if overlays:
             write_overlay(out / "overlays" / f"{name}.png", source, amap, preprocess,
-                          vmin, vmax)
+                          vmin, vmax, outline_at)
         if save_maps:
             write_npy(out / "maps" / f"{name}.npy", amap)
         return source
@@ -143,12 +180,18 @@ def write_map_files(out: Path, spool: ArraySpool | MapSpool, images: Sequence[tu
     threads = threads or writer_threads()
     pending: collections.deque = collections.deque()
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="writer")
+
+    def finish_one() -> None:
+        done = pending.popleft().result()
+        if written is not None:
+            written(done)
+
     try:
-        for i, (source, name) in enumerate(images):
-            pending.append(pool.submit(write_one, source, name, spool.read(i)[0]))
-            while len(pending) >= 2 * threads or (pending and i == len(images) - 1):
-                done = pending.popleft().result()
-                if written is not None:
-                    written(done)
+        for source, name, amap in maps:
+            pending.append(pool.submit(write_one, source, name, amap))
+            while len(pending) >= 2 * threads:
+                finish_one()
+        while pending:
+            finish_one()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

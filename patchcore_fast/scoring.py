@@ -60,6 +60,47 @@ def bank_neighbors(bank: Tensor, num_neighbors: int) -> Tensor:
     return ops.knn(bank, bank, b)[1]
 
 
+def update_neighbors(bank: Tensor, neighbors: Tensor, added: int, num_neighbors: int) -> Tensor:
+    """:func:`bank_neighbors` of a bank whose last ``added`` rows are new.
+
+    An old row's b nearest rows change only where a new row is nearer than one of them:
+    its new list is the b nearest among its old list and its b nearest new rows. So only
+    the new rows are searched (old rows against the new ones, new rows against the whole
+    bank), and the cost grows with the new rows rather than with the square of the bank.
+    Equal distances keep the lower row first, as :func:`bank_neighbors` orders them.
+
+    Args:
+        bank (Tensor[M + A, D]): the bank, its last ``added`` rows new.
+        neighbors (Tensor[M, min(b, M)]): :func:`bank_neighbors` of the first M
+            rows.
+        added: A, the number of new rows (>= 0).
+        num_neighbors: b.
+
+    Returns:
+        Tensor[M + A, min(b, M + A)] int64.
+    """
+    total, added = bank.shape[0], int(added)
+    m, b = total - added, min(int(num_neighbors), total)
+    if added == 0:
+        return neighbors
+    if neighbors.shape[1] < b:  # the old bank had fewer than b rows: redo (tiny)
+        return bank_neighbors(bank, num_neighbors)
+    old, new = bank[:m], bank[m:]
+    # The old rows' distances to their lists, by direct differences (as the kernel's), a
+    # block of rows at a time (a block's differences are rows x b x D floats).
+    d_old = torch.cat([torch.linalg.vector_norm(
+        old[r:r + 2048, None, :].float() - bank[neighbors[r:r + 2048]].float(), dim=-1)
+        for r in range(0, m, 2048)]) if m else bank.new_empty((0, b))
+    d_new, i_new = ops.knn(old, new, min(b, added))
+    dist = torch.cat([d_old, d_new], dim=1)
+    rows = torch.cat([neighbors, i_new + m], dim=1)
+    # Order by (distance, row): sort by row, then stably by distance.
+    by_row = torch.argsort(rows, dim=1, stable=True)
+    dist, rows = dist.gather(1, by_row), rows.gather(1, by_row)
+    merged = rows.gather(1, torch.argsort(dist, dim=1, stable=True)[:, :b])
+    return torch.cat([merged, ops.knn(new, bank, b)[1]])
+
+
 def reweighting_factor(test_patch: Tensor, nearest_dist: Tensor, neighbors: Tensor
                        ) -> Tensor:
     """The factor ``1 - exp(s*) / sum_j exp(d_j)`` of Eq. 7, computed stably.
@@ -107,6 +148,29 @@ def image_scores(patches: Tensor, patch_dist: Tensor, patch_idx: Tensor, bank: T
     m_star = patch_idx[rows, where]                             # [B]
     support = bank[neighbors[m_star].to(bank.device)]      # [B, b, D]
     return reweighting_factor(m_test, s_star, support) * s_star
+
+
+def score_patches(patches: Tensor, bank: Tensor, neighbors: Tensor | None,
+                  grid: tuple[int, int], size: tuple[int, int], sigma: float
+                  ) -> tuple[Tensor, Tensor]:
+    """Steps 8-10 on embeddings against a bank: image scores and input-sized maps.
+
+    Args:
+        patches (Tensor[B, h * w, D]): test embeddings.
+        bank (Tensor[M, D]): memory bank (or a sharded one).
+        neighbors (Tensor[M, b] | None): :func:`bank_neighbors` (None: no reweighting).
+        grid: (h, w).
+        size: (H_in, W_in) of the input images.
+        sigma: the maps' Gaussian blur.
+
+    Returns:
+        (Tensor[B] image scores, Tensor[B, H_in, W_in] maps), on the patches' device.
+    """
+    b, p, d = patches.shape
+    dist, idx = nearest_bank_rows(patches.reshape(-1, d), bank)
+    dist, idx = dist.view(b, p), idx.view(b, p)
+    scores = image_scores(patches, dist, idx, bank, neighbors)
+    return scores, anomaly_maps(dist, grid, tuple(size), sigma)
 
 
 def gaussian_kernel1d(sigma: float) -> Tensor:
@@ -164,5 +228,6 @@ def blur_kernel_size(sigma: float) -> int:
     return 2 * int(4.0 * sigma + 0.5) + 1 if sigma > 0 else 1
 
 
-__all__ = ["nearest_bank_rows", "bank_neighbors", "reweighting_factor", "image_scores",
-           "gaussian_blur", "anomaly_maps", "gaussian_kernel1d", "blur_kernel_size"]
+__all__ = ["nearest_bank_rows", "bank_neighbors", "update_neighbors", "reweighting_factor",
+           "image_scores", "score_patches", "gaussian_blur", "anomaly_maps", "gaussian_kernel1d",
+           "blur_kernel_size"]

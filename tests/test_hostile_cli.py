@@ -350,7 +350,7 @@ def test_resume_refuses_another_model_or_options(demo, two_models, tmp_path, cap
     assert main(["score", str(model), str(images), "-o", str(out), "--resume",
                  "--threshold", "0", *SMALL]) == 0
     labels = {r["label"] for r in json.loads((out / "scores.json").read_text())["images"]}
-    assert labels == {"anomalous"}
+    assert labels == {"defective"}
 
 
 def test_resume_damaged_journals(demo, tmp_path, capsys):
