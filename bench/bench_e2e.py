@@ -16,7 +16,7 @@ Groups, side by side in one run (each entry's ``extra_info`` has ``images_per_s`
   Gaussian noise in the normalised input space, every patch far from the bank (further
   than a defect's), the hard case for the k-NN's exactness certificate.
 - ``files-<device>-b<B>``: PNG files -> scores (and overlays) through the CLI's score path
-  (:func:`patchcore_fast.evaluation.score_images`), with and without overlays, beside
+  (:func:`patchcore_fast.score_run.score_images`), with and without overlays, beside
   decoding alone (files -> normalised tensors with the same workers: the limit the files
   path can reach).
 
@@ -39,7 +39,7 @@ import torch
 
 from patchcore_fast.datasets import iterate_images, list_images
 from patchcore_fast.demo import write_demo_data
-from patchcore_fast.evaluation import score_images
+from patchcore_fast.score_run import score_images
 from patchcore_fast.model import PatchCore, PatchCoreConfig
 
 try:  # the peer, in the bench environment only

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import datasets, distributed, evaluation, outputs
+from . import datasets, distributed, evaluation, outputs, score_run
 from ._version import __version__
 from .config import PatchCoreConfig, resolve_device
 from .datasets import list_images, mvtec_categories
@@ -517,14 +517,14 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     inputs = list_images(args.inputs, "input", skipped)
     overlays = not args.no_overlays
     threshold, above = _score_threshold(args, model, log)
-    names, run = evaluation.plan_score(
+    names, run = score_run.plan_score(
         f"-o {args.output}", args.model, args.inputs, inputs, out, threshold, overlays,
         args.save_maps, args.weights, args.resume, args.launch)
     with output_lock(f"-o {args.output}", out, args.launch.is_main):
-        done, todo = evaluation.earlier_results(out, run, inputs, args.resume)
+        done, todo = score_run.earlier_results(out, run, inputs, args.resume)
         if done:
             log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
-        new = evaluation.score_images(model, todo, names, out, skipped, args.resume, overlays,
+        new = score_run.score_images(model, todo, names, out, skipped, args.resume, overlays,
                                       args.save_maps, args.temp_dir, not args.quiet, run)
         scores = {**done, **new}
         if not scores:

@@ -22,32 +22,22 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import calibration, distributed, model_file
+from . import calibration, distributed, fitting, model_file, verdict
 from .backbone import Backbone, BackboneInfo, load_backbone
 from .calibration import Calibration
 from .config import PatchCoreConfig, resolve_device
-from .coreset import StreamingCoreset, coreset_size
 from .datasets import iterate_images, list_images
+from .fitting import synchronize
 from .errors import PatchCoreError
 from .features import PatchEmbedder
 from .geometry import MAPS_AT, Preprocess
 from .images import read_size_again
 from .model_file import ModelFile
-from .regions import DEFAULT_MIN_REGION_AREA, check_min_area, find_regions
+from .regions import DEFAULT_MIN_REGION_AREA, check_min_area
 from .scoring import bank_neighbors, score_patches
-from .sharded import ShardedBank, TrainingRows
+from .sharded import ShardedBank
 
 __all__ = ["PatchCore", "PatchCoreConfig", "Prediction"]
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a clock read after it times the work.
-
-    CUDA kernels run asynchronously: without this, a timer stops when the launches are
-    queued (a 20,071-point coreset "took" 8 ms). A no-op on the CPU.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -76,33 +66,6 @@ class Prediction:
     normalised: np.ndarray | None = None
     labels: np.ndarray | None = None
     regions: list[list[dict]] = field(default_factory=list)
-
-
-class _ImageRows:
-    """Which bank rows, feature grid and input size each training image has (in order)."""
-
-    def __init__(self) -> None:
-        self.paths: list[Path] = []
-        self.spans: list[tuple[int, int]] = []
-        self.shapes: list[tuple[tuple[int, int], tuple[int, int]]] = []
-
-    def add(self, paths: Sequence[Path], start: int, per_image: int,
-            grid: tuple[int, int], size: tuple[int, int]) -> None:
-        for j, p in enumerate(paths):
-            self.paths.append(p)
-            self.spans.append((start + j * per_image, start + (j + 1) * per_image))
-            self.shapes.append((tuple(grid), tuple(size)))
-
-    def batches(self, ids: Sequence[int], size: int) -> Iterator[list[int]]:
-        """``ids`` in runs of at most ``size`` images of one shape."""
-        run: list[int] = []
-        for i in ids:
-            if run and (len(run) == size or self.shapes[i] != self.shapes[run[0]]):
-                yield run
-                run = []
-            run.append(int(i))
-        if run:
-            yield run
 
 
 def _list_inputs(images: Sequence[str | os.PathLike] | str | os.PathLike,
@@ -250,8 +213,9 @@ class PatchCore:
                 calibration.check_rate(false_reject_rate)
             except ValueError as exc:
                 raise PatchCoreError(str(exc)) from None
-        for _ in self._fit(images, [self.config.coreset_ratio], skipped, progress,
-                           streaming, temp_dir, false_reject_rate):
+        for _ in fitting.fit_ratios(self, _list_inputs(images, skipped),
+                                    [self.config.coreset_ratio], skipped, progress,
+                                    streaming, temp_dir, false_reject_rate):
             pass
         return self
 
@@ -276,212 +240,8 @@ class PatchCore:
             model's settings with that ``coreset_ratio``, so that :meth:`save` describes
             the bank; ``fit_stats`` has its times).
         """
-        yield from self._fit(images, ratios, skipped, progress, True, temp_dir)
-
-    def _fit(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
-             ratios: Sequence[float], skipped: list[str] | None, progress: bool,
-             streaming: bool, temp_dir: str | os.PathLike | None,
-             false_reject_rate: float | None = None) -> Iterator[float]:
-        """The one fit path: embed every training image once, then per ratio select the
-        coreset, gather its rows and precompute their neighbors."""
-        if not len(ratios):
-            raise PatchCoreError("no coreset ratio given: give at least one, in (0, 1]")
-        for r in ratios:
-            coreset_size(1, r)  # validates every ratio before any work
-        # Under torch.distributed each rank embeds its contiguous share of the images and
-        # the coreset runs on the shards (sharded.py); rank 0 ends with the bank.
-        launch = distributed.current()
-        paths = launch.share(_list_inputs(images, skipped))
-        progress = progress and launch.is_main
-        c = self.config
-        t0 = time.perf_counter()
-        n_images = 0
-        fixed = self.preprocess.fixed_input
-        layout = _ImageRows()  # which rows, grid and input size each image has
-        # One process projects its rows as they come (the global blocks from row 0); the
-        # ranks of a distributed run project theirs in the same blocks afterwards.
-        with StreamingCoreset(ratios[0], c.projection_dim, c.seed, temp_dir=temp_dir,
-                              in_memory=not streaming, project=launch.world == 1) as sc:
-            # Pass 1: features -> temporary file (or memory) + projections in memory.
-            for batch, patches, _ in self._embed_paths(paths, skipped, progress,
-                                                       "fit: features"):
-                if fixed and sc.expected_rows is None:
-                    # A fixed input shape gives every image the first one's grid, so this
-                    # bounds N (skipped files only lower it) and the projected bank is
-                    # allocated once. Without it (shorter, no crop) grids follow each
-                    # photo's aspect: an elongated first photo would over-allocate, a
-                    # square one under-allocate, so the bank grows block by block.
-                    sc.expected_rows = len(paths) * patches.shape[1]
-                layout.add(batch, sc.n, patches.shape[1], self.grid, self.input_size)
-                sc.add(patches.reshape(-1, patches.shape[-1]))
-                n_images += len(batch)
-            rows = TrainingRows(sc, launch, n_images, self.grid, self.device)
-            self.grid = rows.grid
-            synchronize(self.device)
-            feature_seconds = time.perf_counter() - t0
-            # Pass 2, per ratio: the greedy selection on the projections (kept for the
-            # next ratio unless this is the last), then the chosen rows (on rank 0).
-            for j, ratio in enumerate(ratios):
-                last = j == len(ratios) - 1
-                t1 = time.perf_counter()
-                if false_reject_rate is not None:
-                    self.calibration = self._calibrate(sc, layout, ratio, false_reject_rate,
-                                                       launch.world, progress)
-                    self.fit_stats["calibration_seconds"] = time.perf_counter() - t1
-                t_select = time.perf_counter()
-                with torch.inference_mode(), tqdm(total=2, desc="fit: coreset and gather",
-                                                  disable=not progress, leave=False) as bar:
-                    idx = rows.select(ratio, keep_projections=not last)
-                    bar.update()
-                    bank = rows.gather(idx)
-                    bar.update()
-                synchronize(self.device)  # CUDA work is asynchronous: time it finished
-                t2 = time.perf_counter()
-                if ratio != self.config.coreset_ratio:
-                    self.config = dataclasses.replace(self.config, coreset_ratio=ratio)
-                if bank is not None:  # None on the other ranks of a distributed fit
-                    self._set_bank(bank.contiguous(), progress)
-                self.fit_stats.update(patches=rows.n, images=rows.images,
-                                      feature_seconds=feature_seconds,
-                                      coreset_seconds=t2 - t_select, streaming=streaming,
-                                      **rows.record)
-                self.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
-                yield ratio
-
-    def _calibrate(self, sc: StreamingCoreset, layout: "_ImageRows", ratio: float,
-                   rate: float, world: int, progress: bool) -> Calibration | None:
-        """Out-of-sample scores of the training images by 5-fold cross-fitting, and the
-        thresholds from them (:mod:`~patchcore_fast.calibration`); None (with a warning)
-        when there are fewer than 2 images or the fit is distributed."""
-        import warnings
-
-        n = len(layout.paths)
-        if world > 1 or n < 2:
-            why = ("a distributed fit does not calibrate yet; fit in one process"
-                   if world > 1 else f"{n} good image cannot be scored out of sample")
-            warnings.warn(f"no calibrated threshold: {why} (score with --threshold)",
-                          RuntimeWarning, stacklevel=3)
-            return None
-        c = self.config
-        scheme, folds = calibration.DEFAULT_SCHEME, calibration.DEFAULT_FOLDS
-        held_out = calibration.split_images(n, scheme, folds, seed=c.seed)
-
-        def scored(held: np.ndarray, bank: Tensor):
-            hood = bank_neighbors(bank, c.num_neighbors) if c.num_neighbors > 0 else None
-            for ids in layout.batches(held, c.batch_size):
-                rows = calibration.rows_of_images(layout.spans, ids)
-                patches = sc.gather(rows).view(len(ids), -1, sc.dim)
-                grid, size = layout.shapes[ids[0]]
-                scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
-                bar.update(len(ids))
-                yield ids, scores.cpu().numpy(), self.maps_back(
-                    [layout.paths[i] for i in ids], maps.cpu())
-
-        with torch.inference_mode(), tqdm(total=n, desc="fit: calibration", unit="img",
-                                          disable=not progress, leave=False) as bar:
-            banks = calibration.fold_banks(sc.projected(), sc.gather, layout.spans,
-                                           held_out, ratio, c.seed)
-            oos = calibration.out_of_sample(n, ((h, scored(h, b)) for h, b in banks))
-        return oos.calibration(rate, scheme, len(held_out))
-
-    def update(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
-               skipped: list[str] | None = None, progress: bool = False) -> "PatchCore":
-        """Add good images to a fitted model without refitting it.
-
-        The greedy k-center selection continues from the bank
-        (:func:`~patchcore_fast.coreset.continue_coreset`: the bank rows are centres
-        already chosen, in the selection's projection, and the selection goes on over the
-        new images' patches), adding ``coreset_ratio`` of their patches as new rows after
-        the old ones, which are kept as they are; the neighbors are updated for the new
-        rows only (:func:`~patchcore_fast.scoring.update_neighbors`). The calibration is
-        extended with the new images' out-of-sample scores, by cross-fitting among them
-        (each fold scored against the old bank plus a continuation over the other new
-        folds) and the thresholds recomputed at the model's target rate; the colour
-        scale's bottom (the median good pixel) is kept. The cost grows with the new images
-        (one k-NN pass of their patches against the bank aside). ``fit_stats["updates"]``
-        records what was added.
-
-        Args:
-            images: good image files and/or folders.
-            skipped: list collecting unreadable files.
-            progress: show progress bars.
-
-        Returns:
-            self.
-        """
-        from .coreset import coreset_start_and_projection, continue_coreset, project_rows
-        from .scoring import update_neighbors
-
-        self._check_fitted()
-        if not isinstance(self.bank, Tensor):
-            raise PatchCoreError("a sharded bank cannot be updated; load the model in one "
-                                 "process")
-        c = self.config
-        t0 = time.perf_counter()
-        old_bank, old_hood = self.bank, self.neighbors
-        layout = _ImageRows()
-        with StreamingCoreset(c.coreset_ratio, c.projection_dim, c.seed,
-                              in_memory=True) as sc:
-            for batch, patches in self._embed_paths(_list_inputs(images, skipped), skipped,
-                                                    progress, "update: features"):
-                layout.add(batch, sc.n, patches.shape[1], self.grid, self.input_size)
-                sc.add(patches.reshape(-1, patches.shape[-1]))
-            if sc.n == 0:
-                raise PatchCoreError("none of the new images could be read")
-            with torch.inference_mode():
-                _, proj = coreset_start_and_projection(None, old_bank.shape[1],
-                                                       c.projection_dim, c.seed)
-                proj = proj.to(old_bank.device) if proj is not None else None
-                chosen = torch.cat([project_rows(old_bank[r:r + 8192], proj)
-                                    for r in range(0, old_bank.shape[0], 8192)])
-                new_proj = sc.projected()
-
-                def extended(rows: Tensor) -> tuple[Tensor, Tensor | None, int]:
-                    """The old bank plus the continuation over ``rows`` of the new ones."""
-                    k = coreset_size(len(rows), c.coreset_ratio)
-                    pick = continue_coreset(chosen, new_proj[rows], k)
-                    bank = torch.cat([old_bank, sc.gather(rows[pick])])
-                    hood = (update_neighbors(bank, old_hood, k, c.num_neighbors)
-                            if old_hood is not None else None)
-                    return bank, hood, k
-
-                if self.calibration is not None:
-                    self.calibration = self._update_calibration(sc, layout, extended)
-                bank, hood, added = extended(torch.arange(sc.n))
-        self.bank, self.neighbors = bank.contiguous(), hood
-        self.fit_stats.setdefault("updates", []).append(
-            {"images": len(layout.paths), "patches": sc.n, "rows_added": added,
-             "bank_rows_before": int(old_bank.shape[0]),
-             "seconds": time.perf_counter() - t0})
-        self.fit_stats.update(bank_rows=int(self.bank.shape[0]))
-        return self
-
-    def _update_calibration(self, sc: StreamingCoreset, layout: "_ImageRows",
-                            extended) -> Calibration:
-        """The calibration extended with the new images' out-of-sample statistics."""
-        c, cal = self.config, self.calibration
-        n = len(layout.paths)
-        held_out = (calibration.split_images(n, "crossfit", calibration.DEFAULT_FOLDS,
-                                             seed=c.seed) if n >= 2 else [np.array([0])])
-
-        def scored(held: np.ndarray):
-            others = np.setdiff1d(np.arange(n), held)
-            if others.size:
-                bank, hood, _ = extended(calibration.rows_of_images(layout.spans, others))
-            else:  # one new image: scored against the old bank
-                bank, hood = self.bank, self.neighbors
-            for ids in layout.batches(held, c.batch_size):
-                patches = sc.gather(calibration.rows_of_images(layout.spans, ids)).view(
-                    len(ids), -1, sc.dim)
-                grid, size = layout.shapes[ids[0]]
-                scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
-                yield ids, scores.cpu().numpy(), self.maps_back(
-                    [layout.paths[i] for i in ids], maps.cpu())
-
-        oos = calibration.out_of_sample(n, ((h, scored(h)) for h in held_out))
-        return calibration.calibrate(
-            [*cal.image_scores, *oos.scores], [*cal.image_peaks, *oos.peaks], cal.colour_min,
-            cal.false_reject_rate, cal.scheme, cal.folds, cal.pixel_quantiles)
+        yield from fitting.fit_ratios(self, _list_inputs(images, skipped), ratios, skipped,
+                                      progress, True, temp_dir)
 
     def _set_bank(self, bank: Tensor, progress: bool = False) -> None:
         """Keep ``bank`` (Tensor[M, D]) and precompute its reweighting neighbors."""
@@ -623,27 +383,10 @@ class PatchCore:
     def verdict(self, scores: np.ndarray, maps: Sequence[np.ndarray],
                 min_region_area: int = DEFAULT_MIN_REGION_AREA
                 ) -> tuple[np.ndarray, np.ndarray, list[list[dict]], list[np.ndarray]]:
-        """The calibrated verdict on scored images (the model must be calibrated).
+        """The calibrated verdict on scored images (:func:`~patchcore_fast.verdict.verdict`:
+        normalised scores, labels, regions and region masks per image)."""
+        return verdict.verdict(self, scores, maps, min_region_area)
 
-        Args:
-            scores (float array[B]): raw image scores.
-            maps: their anomaly maps.
-            min_region_area: regions of fewer pixels are left out.
-
-        Returns:
-            (normalised scores, labels (True = defective), regions per image, region
-            masks per image: bool arrays of the maps' shapes).
-        """
-        cal = self.calibration
-        if cal is None:
-            raise PatchCoreError("the model has no calibrated threshold: refit it with "
-                                 "this version, or give a threshold")
-        found = [find_regions(m, cal.pixel_threshold, min_region_area) for m in maps]
-        return (calibration.normalise(np.asarray(scores, dtype=np.float64), cal),
-                calibration.label(np.asarray(scores, dtype=np.float64), cal),
-                [r for r, _ in found], [m for _, m in found])
-
-    # ----- model file -----------------------------------------------------------------
 
     def _embedding_matrix(self) -> Tensor:
         if self._embedder is not None:

@@ -1,0 +1,228 @@
+"""Calibrating and extending a fitted model, and the verdict of its maps.
+
+:func:`calibrate` sets a model's thresholds at fit (out-of-sample scores of the training
+images by cross-fitting, :mod:`~patchcore_fast.calibration`); :func:`update` adds good
+images to a fitted model without refitting it, extending its calibration; :func:`verdict`
+turns scores and maps into normalised scores, labels and defect regions.
+:class:`~patchcore_fast.model.PatchCore` delegates its ``update`` and ``verdict`` here.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import calibration
+from .calibration import Calibration
+from .coreset import (StreamingCoreset, continue_coreset, coreset_size,
+                      coreset_start_and_projection, project_rows)
+from .errors import PatchCoreError
+from .regions import DEFAULT_MIN_REGION_AREA, find_regions
+from .scoring import bank_neighbors, score_patches, update_neighbors
+
+if TYPE_CHECKING:  # the model imports this module
+    from .model import PatchCore
+
+__all__ = ["ImageRows", "calibrate", "update", "verdict"]
+
+
+class ImageRows:
+    """Which bank rows, feature grid and input size each training image has (in order)."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self.spans: list[tuple[int, int]] = []
+        self.shapes: list[tuple[tuple[int, int], tuple[int, int]]] = []
+
+    def add(self, paths: Sequence[Path], start: int, per_image: int,
+            grid: tuple[int, int], size: tuple[int, int]) -> None:
+        for j, p in enumerate(paths):
+            self.paths.append(p)
+            self.spans.append((start + j * per_image, start + (j + 1) * per_image))
+            self.shapes.append((tuple(grid), tuple(size)))
+
+    def batches(self, ids: Sequence[int], size: int) -> Iterator[list[int]]:
+        """``ids`` in runs of at most ``size`` images of one shape."""
+        run: list[int] = []
+        for i in ids:
+            if run and (len(run) == size or self.shapes[i] != self.shapes[run[0]]):
+                yield run
+                run = []
+            run.append(int(i))
+        if run:
+            yield run
+
+
+
+def calibrate(model: "PatchCore", sc: StreamingCoreset, layout: ImageRows, ratio: float,
+              rate: float, world: int, progress: bool) -> Calibration | None:
+    """The calibration at fit: out-of-sample scores of the training images by 5-fold cross-fitting, and the
+    thresholds from them (:mod:`~patchcore_fast.calibration`); None (with a warning)
+    when there are fewer than 2 images or the fit is distributed."""
+    import warnings
+
+    n = len(layout.paths)
+    if world > 1 or n < 2:
+        why = ("a distributed fit does not calibrate yet; fit in one process"
+               if world > 1 else f"{n} good image cannot be scored out of sample")
+        warnings.warn(f"no calibrated threshold: {why} (score with --threshold)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    c = model.config
+    scheme, folds = calibration.DEFAULT_SCHEME, calibration.DEFAULT_FOLDS
+    held_out = calibration.split_images(n, scheme, folds, seed=c.seed)
+
+    def scored(held: np.ndarray, bank: Tensor):
+        hood = bank_neighbors(bank, c.num_neighbors) if c.num_neighbors > 0 else None
+        for ids in layout.batches(held, c.batch_size):
+            rows = calibration.rows_of_images(layout.spans, ids)
+            patches = sc.gather(rows).view(len(ids), -1, sc.dim)
+            grid, size = layout.shapes[ids[0]]
+            scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
+            bar.update(len(ids))
+            yield ids, scores.cpu().numpy(), model.maps_back(
+                [layout.paths[i] for i in ids], maps.cpu())
+
+    with torch.inference_mode(), tqdm(total=n, desc="fit: calibration", unit="img",
+                                      disable=not progress, leave=False) as bar:
+        banks = calibration.fold_banks(sc.projected(), sc.gather, layout.spans,
+                                       held_out, ratio, c.seed)
+        oos = calibration.out_of_sample(n, ((h, scored(h, b)) for h, b in banks))
+    return oos.calibration(rate, scheme, len(held_out))
+
+
+
+def update(model: "PatchCore", paths: list[Path], skipped: list[str] | None = None,
+           progress: bool = False) -> "PatchCore":
+    """Add good images to a fitted model without refitting it.
+
+    The greedy k-center selection continues from the bank
+    (:func:`~patchcore_fast.coreset.continue_coreset`: the bank rows are centres
+    already chosen, in the selection's projection, and the selection goes on over the
+    new images' patches), adding ``coreset_ratio`` of their patches as new rows after
+    the old ones, which are kept as they are; the neighbors are updated for the new
+    rows only (:func:`~patchcore_fast.scoring.update_neighbors`). The calibration is
+    extended with the new images' out-of-sample scores, by cross-fitting among them
+    (each fold scored against the old bank plus a continuation over the other new
+    folds) and the thresholds recomputed at the model's target rate; the colour
+    scale's bottom (the median good pixel) is kept. The cost grows with the new images
+    (one k-NN pass of their patches against the bank aside). ``fit_stats["updates"]``
+    records what was added.
+
+    Args:
+        images: good image files and/or folders.
+        skipped: list collecting unreadable files.
+        progress: show progress bars.
+
+    Returns:
+        model.
+    """
+    from .coreset import coreset_start_and_projection, continue_coreset, project_rows
+    from .scoring import update_neighbors
+
+    model._check_fitted()
+    if not isinstance(model.bank, Tensor):
+        raise PatchCoreError("a sharded bank cannot be updated; load the model in one "
+                             "process")
+    c = model.config
+    t0 = time.perf_counter()
+    old_bank, old_hood = model.bank, model.neighbors
+    layout = ImageRows()
+    with StreamingCoreset(c.coreset_ratio, c.projection_dim, c.seed,
+                          in_memory=True) as sc:
+        for batch, patches in model._embed_paths(paths, skipped,
+                                                progress, "update: features"):
+            layout.add(batch, sc.n, patches.shape[1], model.grid, model.input_size)
+            sc.add(patches.reshape(-1, patches.shape[-1]))
+        if sc.n == 0:
+            raise PatchCoreError("none of the new images could be read")
+        with torch.inference_mode():
+            _, proj = coreset_start_and_projection(None, old_bank.shape[1],
+                                                   c.projection_dim, c.seed)
+            proj = proj.to(old_bank.device) if proj is not None else None
+            chosen = torch.cat([project_rows(old_bank[r:r + 8192], proj)
+                                for r in range(0, old_bank.shape[0], 8192)])
+            new_proj = sc.projected()
+
+            def extended(rows: Tensor) -> tuple[Tensor, Tensor | None, int]:
+                """The old bank plus the continuation over ``rows`` of the new ones."""
+                k = coreset_size(len(rows), c.coreset_ratio)
+                pick = continue_coreset(chosen, new_proj[rows], k)
+                bank = torch.cat([old_bank, sc.gather(rows[pick])])
+                hood = (update_neighbors(bank, old_hood, k, c.num_neighbors)
+                        if old_hood is not None else None)
+                return bank, hood, k
+
+            if model.calibration is not None:
+                model.calibration = _update_calibration(model, sc, layout, extended)
+            bank, hood, added = extended(torch.arange(sc.n))
+    model.bank, model.neighbors = bank.contiguous(), hood
+    model.fit_stats.setdefault("updates", []).append(
+        {"images": len(layout.paths), "patches": sc.n, "rows_added": added,
+         "bank_rows_before": int(old_bank.shape[0]),
+         "seconds": time.perf_counter() - t0})
+    model.fit_stats.update(bank_rows=int(model.bank.shape[0]))
+    return model
+
+
+
+def _update_calibration(model: "PatchCore", sc: StreamingCoreset, layout: ImageRows,
+                        extended) -> Calibration:
+    """The calibration extended with the new images' out-of-sample statistics."""
+    c, cal = model.config, model.calibration
+    n = len(layout.paths)
+    held_out = (calibration.split_images(n, "crossfit", calibration.DEFAULT_FOLDS,
+                                         seed=c.seed) if n >= 2 else [np.array([0])])
+
+    def scored(held: np.ndarray):
+        others = np.setdiff1d(np.arange(n), held)
+        if others.size:
+            bank, hood, _ = extended(calibration.rows_of_images(layout.spans, others))
+        else:  # one new image: scored against the old bank
+            bank, hood = model.bank, model.neighbors
+        for ids in layout.batches(held, c.batch_size):
+            patches = sc.gather(calibration.rows_of_images(layout.spans, ids)).view(
+                len(ids), -1, sc.dim)
+            grid, size = layout.shapes[ids[0]]
+            scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
+            yield ids, scores.cpu().numpy(), model.maps_back(
+                [layout.paths[i] for i in ids], maps.cpu())
+
+    oos = calibration.out_of_sample(n, ((h, scored(h)) for h in held_out))
+    return calibration.calibrate(
+        [*cal.image_scores, *oos.scores], [*cal.image_peaks, *oos.peaks], cal.colour_min,
+        cal.false_reject_rate, cal.scheme, cal.folds, cal.pixel_quantiles)
+
+
+
+def verdict(model: "PatchCore", scores: np.ndarray, maps: Sequence[np.ndarray],
+            min_region_area: int = DEFAULT_MIN_REGION_AREA
+            ) -> tuple[np.ndarray, np.ndarray, list[list[dict]], list[np.ndarray]]:
+    """The calibrated verdict on scored images (the model must be calibrated).
+
+    Args:
+        scores (float array[B]): raw image scores.
+        maps: their anomaly maps.
+        min_region_area: regions of fewer pixels are left out.
+
+    Returns:
+        (normalised scores, labels (True = defective), regions per image, region
+        masks per image: bool arrays of the maps' shapes).
+    """
+    cal = model.calibration
+    if cal is None:
+        raise PatchCoreError("the model has no calibrated threshold: refit it with "
+                             "this version, or give a threshold")
+    found = [find_regions(m, cal.pixel_threshold, min_region_area) for m in maps]
+    return (calibration.normalise(np.asarray(scores, dtype=np.float64), cal),
+            calibration.label(np.asarray(scores, dtype=np.float64), cal),
+            [r for r, _ in found], [m for _, m in found])
+
+# ----- model file -----------------------------------------------------------------
