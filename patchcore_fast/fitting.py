@@ -88,9 +88,8 @@ def fit_ratios(model: "PatchCore", paths: list[Path], ratios: Sequence[float],
             last = j == len(ratios) - 1
             t1 = time.perf_counter()
             if false_reject_rate is not None:
-                model.calibration = verdict.calibrate(self, sc, layout, ratio,
-                                                     false_reject_rate, launch.world,
-                                                     progress)
+                model.calibration = calibrate(model, sc, layout, ratio, false_reject_rate,
+                                              launch.world, progress)
                 model.fit_stats["calibration_seconds"] = time.perf_counter() - t1
             t_select = time.perf_counter()
             with torch.inference_mode(), tqdm(total=2, desc="fit: coreset and gather",
@@ -106,14 +105,8 @@ def fit_ratios(model: "PatchCore", paths: list[Path], ratios: Sequence[float],
             if bank is not None:  # None on the other ranks of a distributed fit
                 model._set_bank(bank.contiguous(), progress)
             model.fit_stats.update(patches=rows.n, images=rows.images,
-                                  feature_seconds=feature_seconds,
-                                  coreset_seconds=t2 - t_select, streaming=streaming,
-                                  **rows.record)
+                                   feature_seconds=feature_seconds,
+                                   coreset_seconds=t2 - t_select, streaming=streaming,
+                                   **rows.record)
             model.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
             yield ratio
-
-def update(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
-           skipped: list[str] | None = None, progress: bool = False) -> "PatchCore":
-    """Add good images (files and/or folders) to the fitted model without refitting it
-    (:func:`~patchcore_fast.verdict.update`); returns model."""
-    return verdict.update(self, _list_inputs(images, skipped), skipped, progress)

@@ -243,6 +243,12 @@ class PatchCore:
         yield from fitting.fit_ratios(self, _list_inputs(images, skipped), ratios, skipped,
                                       progress, True, temp_dir)
 
+    def update(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
+               skipped: list[str] | None = None, progress: bool = False) -> "PatchCore":
+        """Add good images (files and/or folders) to the fitted model without refitting it
+        (:func:`~patchcore_fast.verdict.update`); returns self."""
+        return verdict.update(self, _list_inputs(images, skipped), skipped, progress)
+
     def _set_bank(self, bank: Tensor, progress: bool = False) -> None:
         """Keep ``bank`` (Tensor[M, D]) and precompute its reweighting neighbors."""
         t0 = time.perf_counter()
