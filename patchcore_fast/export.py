@@ -10,7 +10,12 @@ Runtime (C, C++, C#, Java, Python, JavaScript), OpenVINO or TensorRT can run it:
 * output ``score``: float32 ``[N]``, the image score (paper Eq. 7, or s* without the
   reweighting), as ``score.csv`` of ``patchcore-fast score``;
 * output ``map``: float32 ``[N, H, W]``, the anomaly map of the model's input (before the
-  geometry is undone: :mod:`patchcore_fast.onnx_example` shows the way back to the photo).
+  geometry is undone: :mod:`patchcore_fast.onnx_example` shows the way back to the photo);
+* when the model is calibrated (README, "A verdict from good images"), also output
+  ``normalised``: float32 ``[N]``, :func:`~patchcore_fast.calibration.normalise` of the
+  score (0.5 at the threshold), and ``label``: bool ``[N]``, true (defective) when the
+  score is above the model's image threshold; the thresholds are in the metadata
+  (``image_threshold``, ``pixel_threshold``, ``scale``).
 
 Inside, the steps of the package in order, from its own modules: the backbone as the
 package runs it (torchvision ResNets with their batch norms folded into the convolutions;
@@ -62,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._version import __version__
+from .calibration import label, normalise
 from .errors import PatchCoreError
 from .features import aggregate
 from .files import check_outputs
@@ -74,9 +80,15 @@ PROTOBUF_LIMIT = 2 ** 31 - 1
 EXTERNAL_DATA_ABOVE = PROTOBUF_LIMIT - 64 * 2 ** 20
 #: ONNX operator set of the graph (ONNX Runtime >= 1.14, OpenVINO >= 2023.0).
 OPSET = 18
-#: Input and output names.
+#: Input and output names (the last two only for a calibrated model).
 INPUT = "images"
 OUTPUTS = ("score", "map")
+VERDICT_OUTPUTS = ("normalised", "label")
+
+
+def output_names(model) -> tuple[str, ...]:
+    """The graph's outputs for ``model``: the verdict's too when it is calibrated."""
+    return OUTPUTS + (VERDICT_OUTPUTS if model.calibration is not None else ())
 
 
 class ExportGraph(nn.Module):
@@ -108,6 +120,7 @@ class ExportGraph(nn.Module):
         self.register_buffer("bank_sq", centred.double().pow(2).sum(dim=1).float())
         hood = model.neighbors
         self.register_buffer("neighbors", None if hood is None else hood.detach().cpu().long())
+        self.calibration = model.calibration  # Python floats: constants of the graph
 
     def nearest(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Each query's nearest bank row (step 8), as plain linear algebra.
@@ -130,14 +143,16 @@ class ExportGraph(nn.Module):
         dist, j = d.min(dim=1)
         return dist, idx.gather(1, j[:, None])[:, 0]
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Scores and maps of a batch.
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        """Scores and maps of a batch, and the verdict when the model is calibrated.
 
         Args:
             images (Tensor[N, 3, H, W]): normalised images of the model's input size.
 
         Returns:
-            (Tensor[N], Tensor[N, H, W]): image scores and anomaly maps.
+            (Tensor[N], Tensor[N, H, W]): image scores and anomaly maps; with a calibration
+            also (Tensor[N], Tensor[N] bool): normalised scores and labels (True:
+            defective), the package's own elementwise functions on the float32 score.
         """
         x = aggregate(self.backbone(images), self.patch_size)            # [N, C, h, w]
         n, c, h, w = x.shape
@@ -148,7 +163,9 @@ class ExportGraph(nn.Module):
         dist, idx = dist.reshape(n, h * w), idx.reshape(n, h * w)
         scores = image_scores(patches, dist, idx, self.bank, self.neighbors)
         maps = anomaly_maps(dist, (h, w), self.input_size, self.blur_sigma)
-        return scores, maps
+        if self.calibration is None:
+            return scores, maps
+        return scores, maps, normalise(scores, self.calibration), label(scores, self.calibration)
 
 
 @dataclass(frozen=True)
@@ -202,7 +219,10 @@ def metadata(model, size: tuple[int, int]) -> dict[str, str]:
             "backbone": c.backbone, "bank_rows": str(int(model.bank.shape[0])),
             "embed_dim": str(int(model.bank.shape[1])),
             "num_neighbors": str(c.num_neighbors), "blur_sigma": str(c.blur_sigma),
-            "outputs": ",".join(OUTPUTS)}
+            "outputs": ",".join(output_names(model)),
+            **({} if model.calibration is None else {
+                k: repr(float(getattr(model.calibration, k)))
+                for k in ("image_threshold", "pixel_threshold", "scale")})}
 
 
 def check_export_target(out: str | os.PathLike, model_path: str | os.PathLike | None,
@@ -258,7 +278,7 @@ def export_onnx(model, path: str | os.PathLike, model_path: str | os.PathLike | 
         warnings.simplefilter("ignore")  # the exporter's notes on its own passes
         program = torch.onnx.export(
             graph, (torch.zeros(2, 3, *size),), input_names=[INPUT],
-            output_names=list(OUTPUTS), opset_version=opset, dynamo=True,
+            output_names=list(output_names(model)), opset_version=opset, dynamo=True,
             dynamic_shapes=({0: batch},), optimize=True, verbose=False)
     onnx_model = program.model
     onnx_model.metadata_props.update(metadata(model, size))
@@ -286,7 +306,7 @@ def export_onnx(model, path: str | os.PathLike, model_path: str | os.PathLike | 
             shutil.rmtree(folder, ignore_errors=True)
     written = out.stat().st_size + (data.stat().st_size if external else 0)
     return ExportReport(out, data if external else None, constants, written,
-                        time.perf_counter() - t0, size, OUTPUTS)
+                        time.perf_counter() - t0, size, output_names(model))
 
 
 __all__ = ["ExportGraph", "ExportReport", "export_onnx", "check_export_target", "input_size",

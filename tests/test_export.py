@@ -17,6 +17,7 @@ import torch
 
 from patchcore_fast import PatchCore
 from patchcore_fast.cli import main
+from patchcore_fast.calibration import label, normalise
 from patchcore_fast.datasets import iterate_images, list_images
 from patchcore_fast.demo import write_demo_data
 from patchcore_fast.errors import PatchCoreError
@@ -97,9 +98,21 @@ def test_graph_equals_the_package_on_the_same_inputs(exported, photos):
         with torch.inference_mode():
             patches, grid = model.embedder(batch)
             scores, maps = model.score_embeddings(patches, grid, tuple(batch.shape[-2:]))
-        got_scores, got_maps = session.run(["score", "map"], {"images": batch.numpy()})
+        got = dict(zip([o.name for o in session.get_outputs()],
+                       session.run(None, {"images": batch.numpy()})))
+        got_scores, got_maps = got["score"], got["map"]
         assert got_scores.dtype == np.float32 and got_maps.shape == tuple(maps.shape)
         _assert_close(got_scores, scores.numpy(), got_maps, maps.numpy())
+        # The verdict: the package's normalisation and label of the graph's own score, and
+        # of the package's score away from the threshold (the scores agree to 1e-4).
+        cal = model.calibration
+        assert cal is not None  # fit calibrates by default
+        np.testing.assert_allclose(got["normalised"], normalise(got_scores.astype(np.float64),
+                                                                cal), rtol=0, atol=1e-6)
+        assert got["label"].dtype == np.bool_
+        np.testing.assert_array_equal(got["label"], label(got_scores, cal))
+        clear = np.abs(scores.numpy() - cal.image_threshold) > 1e-3 * cal.image_threshold
+        np.testing.assert_array_equal(got["label"][clear], label(scores.numpy(), cal)[clear])
 
 
 def test_graph_is_standard_onnx_with_the_bank_once(exported):
@@ -116,7 +129,8 @@ def test_graph_is_standard_onnx_with_the_bank_once(exported):
     assert (meta["resize"], int(meta["image_size"]), int(meta["crop"])) == (
         c.resize, c.image_size, c.crop)
     assert [i.name for i in proto.graph.input] == ["images"]
-    assert [o.name for o in proto.graph.output] == ["score", "map"]
+    assert [o.name for o in proto.graph.output] == ["score", "map", "normalised", "label"]
+    assert float(meta["image_threshold"]) == model.calibration.image_threshold
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     side = c.crop or c.image_size
     assert dims[0].dim_param and [x.dim_value for x in dims[1:]] == [3, side, side]
@@ -336,3 +350,17 @@ def test_readme_resize_recipe_is_pillow_s_within_one_level():
         assert np.abs(got - want).max() <= 1
         if w == h:
             np.testing.assert_array_equal(got, want)
+
+
+def test_uncalibrated_model_exports_score_and_map_only(exported, tmp_path):
+    """A model file written before calibration existed: no verdict outputs."""
+    model_file, _ = exported
+    if "lite0" not in model_file.parent.name:
+        pytest.skip("one geometry is enough for the outputs' names")
+    model = PatchCore.load(model_file, device="cpu")
+    model.calibration = None
+    report = export_onnx(model, tmp_path / "old.onnx", model_file)
+    assert report.outputs == ("score", "map")
+    proto = onnx.load(str(tmp_path / "old.onnx"))
+    assert [o.name for o in proto.graph.output] == ["score", "map"]
+    assert "image_threshold" not in {p.key for p in proto.metadata_props}
