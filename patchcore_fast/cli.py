@@ -1,4 +1,4 @@
-"""The ``patchcore-fast`` command: fit, score, evaluate, study, demo-data.
+"""The ``patchcore-fast`` command: fit, score, evaluate, study, serve, demo-data.
 
 Every problem with the user's input ends the run with one line on stderr,
 ``patchcore-fast: error: <what is wrong>``, and exit code 2; every output file is written
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import sys
 import warnings
@@ -44,6 +45,11 @@ _EVAL_EXAMPLES = f"""examples:
 _STUDY_EXAMPLES = f"""examples:
   {PROG} study /data/mvtec --category bottle --backbone efficientnet_lite0 \\
       --coreset-ratio 0.01 0.1 0.25 -o study/
+"""
+_SERVE_EXAMPLES = f"""examples:
+  {PROG} serve bottle.safetensors                      # http://127.0.0.1:8000, page at /
+  curl --data-binary @photo.png -H 'Content-Type: image/png' localhost:8000/v1/predict
+  {PROG} serve bottle.safetensors --host 0.0.0.0 --token-file token.txt
 """
 _DEMO_EXAMPLES = f"""examples (offline, on a fresh machine):
   {PROG} demo-data demo/
@@ -173,6 +179,52 @@ def _model_options(p: argparse.ArgumentParser, many_ratios: bool = False) -> Non
                    help="pretrain and target embedding width (default 1024)")
 
 
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    from .serve import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAIT_MS, DEFAULT_QUEUE_SIZE,
+                        DEFAULT_TIMEOUT_S, TOKEN_ENV)
+
+    p.add_argument("model", help="model file written by fit")
+    g = p.add_argument_group("listening and access")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                   "127.0.0.1: this machine only; any other needs a token or --insecure)")
+    g.add_argument("--port", type=_number(int, lambda v: 0 <= v <= 65535, "a port number "
+                   "from 0 to 65535"), default=8000, help="port (default 8000; 0: a free one, "
+                   "printed at start)")
+    g.add_argument("--token-file", metavar="FILE", help=f"file whose first line is the bearer "
+                   f"token that /v1/predict, /v1/model and /metrics then require (default: "
+                   f"${TOKEN_ENV} when set)")
+    g.add_argument("--insecure", action="store_true", help="serve an address other machines "
+                   "can reach without a token (anyone who reaches it can use the model)")
+    g.add_argument("--access-log", action="store_true", help="log every request")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--batch-size", type=_number(int, lambda v: v >= 1, "a positive integer"),
+                   default=None, help="largest batch of requests scored together (default: "
+                   "the model's saved setting)")
+    g.add_argument("--max-wait-ms", type=_number(float, lambda v: 0 <= v <= 10_000, "a number "
+                   "of milliseconds from 0 to 10,000"), default=DEFAULT_MAX_WAIT_MS,
+                   help=f"longest wait for more requests once one is waiting (default "
+                        f"{DEFAULT_MAX_WAIT_MS:g}, chosen by measurement: README, 'Serving')")
+    g.add_argument("--queue-size", type=_number(int, lambda v: v >= 1, "a positive integer"),
+                   default=DEFAULT_QUEUE_SIZE, help=f"requests in progress at once; more "
+                   f"are answered 503 with Retry-After (default {DEFAULT_QUEUE_SIZE})")
+    g.add_argument("--timeout", type=_number(float, lambda v: 0 < v <= 3600, "a number of "
+                   "seconds in (0, 3600]"), default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help=f"seconds before a request is answered 504 (default "
+                        f"{DEFAULT_TIMEOUT_S:g})")
+    g.add_argument("--max-body-mb", type=_number(float, lambda v: 0 < v <= 4096, "a number "
+                   "of MiB in (0, 4096]"), default=DEFAULT_MAX_BODY_BYTES / 2 ** 20,
+                   metavar="MB", help=f"largest request body (default "
+                   f"{DEFAULT_MAX_BODY_BYTES / 2 ** 20:g} MiB)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to run (auto: CUDA when available)")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="the backbone's arithmetic (default: the model's saved setting)")
+    g.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
+                   "fitted with a local file that has moved")
+    g.add_argument("--quiet", "-q", action="store_true", help="no messages but errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``patchcore-fast`` command."""
     parser = _Parser(prog=PROG, description="PatchCore anomaly detection (Roth et al., CVPR "
@@ -235,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     _model_options(p, many_ratios=True)
     _common(p)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (batching, limits, a web page)",
+                       epilog=_SERVE_EXAMPLES, formatter_class=raw,
+                       description="Keep a model loaded and warm behind HTTP: POST /v1/predict "
+                       "(an image as the body or a multipart form), GET /v1/health, /v1/model, "
+                       "/metrics (Prometheus) and an operator's page at /. Concurrent requests "
+                       "are scored in batches. SIGTERM or Ctrl-C stops it gracefully.")
+    _serve_options(p)
 
     p = sub.add_parser("demo-data", help="write a small synthetic MVTec-style data set",
                        epilog=_DEMO_EXAMPLES, formatter_class=raw,
@@ -401,6 +461,27 @@ def cmd_study(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from . import serve
+    from .backbone import file_sha256
+
+    token = serve.read_token(args.token_file)
+    if token is None and not args.insecure and not serve.is_loopback(args.host):
+        raise PatchCoreError(f"--host {args.host} can be reached from other machines: give "
+                             f"--token-file FILE (or set {serve.TOKEN_ENV}), or --insecure to "
+                             f"serve it without a token")
+    options = serve.ServeOptions(
+        max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout,
+        max_body_bytes=int(args.max_body_mb * 2 ** 20), token=token,
+        model_name=Path(args.model).name)
+    options.validate()
+    model = PatchCore.load(args.model, device=args.device, weights=args.weights,
+                           batch_size=args.batch_size, precision=args.precision)
+    options = dataclasses.replace(options, model_sha256=file_sha256(args.model))
+    sock = serve.bind(args.host, args.port)
+    return serve.serve(model, args.host, sock, options, log, args.access_log)
+
+
 def cmd_demo_data(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     counts = write_demo_data(args.output, seed=args.seed, overwrite=args.overwrite)
     log(f"wrote synthetic categories widget and rod to {args.output}: " +
@@ -409,7 +490,7 @@ def cmd_demo_data(args: argparse.Namespace, log: Callable[[str], None]) -> int:
 
 
 _VERBS = {"fit": cmd_fit, "score": cmd_score, "evaluate": cmd_evaluate, "study": cmd_study,
-          "demo-data": cmd_demo_data}
+          "serve": cmd_serve, "demo-data": cmd_demo_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

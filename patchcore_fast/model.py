@@ -202,7 +202,8 @@ class Prediction:
     """Scores and maps of a set of images.
 
     Attributes:
-        paths: the images that were read (unreadable ones are left out).
+        paths: the images that were read (unreadable ones are left out); None per frame
+            when the images were in memory.
         scores (float32 array[N]): image scores.
         maps (list of float32 array[H, W]): anomaly maps, each at its photo's size
             (``maps_at="original"``) or at the model's input without padding (``crop``).
@@ -574,18 +575,31 @@ class PatchCore:
                 scores, maps = self.score_embeddings(patches, self.grid, self.input_size)
                 yield paths, scores.numpy(), self.maps_back(paths, maps, maps_at)
 
-    def predict(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
-                progress: bool = False, maps_at: str = "original") -> Prediction:
-        """Image scores and anomaly maps.
+    def predict(self, images, progress: bool = False, maps_at: str = "original"
+                ) -> Prediction:
+        """Image scores and anomaly maps, of files or of pictures in memory.
 
         Args:
-            images: image files and/or folders.
+            images: image files and/or folders; or in-memory pictures, one or a list: numpy
+                arrays (H x W [x 1|3|4], uint8, uint16 or floats in [0, 1]), tensors
+                ([B x] C x H x W, uint8 or floats in [0, 1]), PIL images or encoded image
+                bytes (:mod:`~patchcore_fast.frames`: the same scores and maps as the same
+                picture read from a file).
             progress: show a progress bar.
             maps_at: ``original`` (each photo's own size) or ``crop`` (:meth:`maps_back`).
 
         Returns:
-            :class:`Prediction` (unreadable files are skipped with a warning and listed).
+            :class:`Prediction` (unreadable files are skipped with a warning and listed;
+            for frames ``paths`` holds None per frame).
+
+        Raises:
+            frames.FrameError: a frame that cannot be scored (wrong dtype, no pixels, NaN,
+                5 channels, ...), named by its position.
         """
+        from . import frames
+
+        if frames.is_frames(images):
+            return frames.predict(self, images, progress, maps_at)
         skipped: list[str] = []
         paths, scores, maps = [], [], []
         for p, s, m in self.predict_batches(images, skipped, progress, maps_at):
