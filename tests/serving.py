@@ -14,7 +14,11 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+import patchcore_fast
+
+# The folder holding the package this test process imported (the source tree, or
+# site-packages in CI): the served process imports the same one.
+PACKAGE_PARENT = Path(patchcore_fast.__file__).resolve().parents[1]
 
 
 def wait_ready(url: str, timeout: float = 300.0, headers: dict | None = None) -> None:
@@ -70,11 +74,11 @@ class ServeProcess:
     def __init__(self, model: Path, *args: str, env: dict | None = None):
         self.argv = [sys.executable, "-m", "patchcore_fast.cli", "serve", str(model),
                      "--port", "0", *args]
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env = {**os.environ, "PYTHONPATH": str(PACKAGE_PARENT), **(env or {})}
 
     def __enter__(self) -> "ServeProcess":
         self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE, text=True,
-                                     env=self.env, cwd=ROOT)
+                                     env=self.env, cwd=PACKAGE_PARENT)
         line = self.proc.stderr.readline()
         found = re.search(r"http://(\S+?):(\d+)", line)
         if not found:
