@@ -277,7 +277,8 @@ def idle_pairs(model: PatchCore, url: str, file: Path, repeats: int) -> dict:
         calls = {"server": request, "bytes": lambda: model.predict(data),
                  "array": lambda: model.predict(array)}
         for call in calls.values():
-            call()  # warm
+            for _ in range(3):  # warm (the first calls of a shape are slower)
+                call()
         for _ in range(repeats):
             for name, call in calls.items():
                 t = time.perf_counter()
@@ -311,10 +312,11 @@ def run_model(kind: str, files_kind: str, seconds: float, rss_requests: int, rep
         try:
             result["rss_ready_mib"] = server.rss()
             result["idle"] = idle_pairs(model, server.url, queries[0], repeats)
-            first = clients(server.url, bodies, 16, total=100 - (repeats + 1))
+            first = clients(server.url, bodies, 16, total=100 - (repeats + 3))
             result["rss_100_mib"] = server.rss()
             rest = clients(server.url, bodies, 16, total=rss_requests - 100)
             result["rss_1000_mib"] = server.rss()
+            result["rss_requests"] = rss_requests
             result["rss_errors"] = {**first["errors"], **rest["errors"]}
             result["runs"] = [clients(server.url, bodies, n, seconds) for n in (1, 4, 16)]
             result["overload"] = asyncio.run(_overload(server.url, bodies, 64, seconds))
