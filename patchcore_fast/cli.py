@@ -466,14 +466,15 @@ def cmd_serve(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     from .backbone import file_sha256
 
     token = serve.read_token(args.token_file)
-    if token is None and not args.insecure and not serve.is_loopback(args.host):
+    loopback = serve.is_loopback(args.host)
+    if token is None and not args.insecure and not loopback:
         raise PatchCoreError(f"--host {args.host} can be reached from other machines: give "
                              f"--token-file FILE (or set {serve.TOKEN_ENV}), or --insecure to "
                              f"serve it without a token")
     options = serve.ServeOptions(
         max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout,
         max_body_bytes=int(args.max_body_mb * 2 ** 20), token=token,
-        model_name=Path(args.model).name)
+        model_name=Path(args.model).name, local_hosts_only=loopback)
     options.validate()
     model = PatchCore.load(args.model, device=args.device, weights=args.weights,
                            batch_size=args.batch_size, precision=args.precision)

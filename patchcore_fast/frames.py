@@ -54,6 +54,10 @@ class FrameError(PatchCoreError, ValueError):
     """An in-memory picture that cannot be scored (the message says which and why)."""
 
 
+class FrameTooLarge(FrameError):
+    """A picture above the pixel budget (:data:`MAX_FRAME_PIXELS`)."""
+
+
 def is_frames(images: Any) -> bool:
     """Whether ``images`` is one in-memory picture or a list of them (not paths)."""
     if isinstance(images, (list, tuple)):
@@ -140,7 +144,7 @@ def _from_array(a: np.ndarray, name: str) -> Image.Image:
     if h == 0 or w == 0:
         raise FrameError(f"{name} has no pixels (shape {a.shape})")
     if h * w > MAX_FRAME_PIXELS:
-        raise FrameError(f"{name} has {h * w:,} pixels, more than {MAX_FRAME_PIXELS:,} (the "
+        raise FrameTooLarge(f"{name} has {h * w:,} pixels, more than {MAX_FRAME_PIXELS:,} (the "
                          f"file reader's limit)")
     if a.ndim == 3 and channels == 1:
         a = a[:, :, 0]
@@ -179,7 +183,7 @@ def _from_pil(img: Image.Image, name: str) -> Image.Image:
     if w == 0 or h == 0:
         raise FrameError(f"{name} has no pixels ({w} x {h})")
     if w * h > MAX_FRAME_PIXELS:
-        raise FrameError(f"{name} has {w * h:,} pixels, more than {MAX_FRAME_PIXELS:,} (the "
+        raise FrameTooLarge(f"{name} has {w * h:,} pixels, more than {MAX_FRAME_PIXELS:,} (the "
                          f"file reader's limit)")
     try:
         img.load()  # an image opened lazily from a truncated file fails here
@@ -220,8 +224,8 @@ def decode_bytes(data: bytes, name: str = "image") -> Image.Image:
     except UnreadableImage as exc:
         raise FrameError(f"{name}: {exc}") from None
     except Image.DecompressionBombError:
-        raise FrameError(f"{name}: more than {MAX_FRAME_PIXELS:,} pixels (the file reader's "
-                         f"limit)") from None
+        raise FrameTooLarge(f"{name}: more than {MAX_FRAME_PIXELS:,} pixels (the file "
+                            f"reader's limit)") from None
     except Exception as exc:  # Pillow raises many types for broken data
         raise FrameError(f"{name}: cannot decode the image ({first_line(exc)})") from None
 
@@ -398,5 +402,5 @@ def predict(model, frames: Any, progress: bool = False, maps_at: str = "original
     return Prediction([None] * len(images), np.concatenate(scores), maps, [])
 
 
-__all__ = ["FrameError", "MAX_FRAME_PIXELS", "as_list", "decode_bytes", "is_frames",
+__all__ = ["FrameError", "FrameTooLarge", "MAX_FRAME_PIXELS", "as_list", "decode_bytes", "is_frames",
            "map_back", "predict", "score_inputs", "to_image"]

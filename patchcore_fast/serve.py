@@ -51,6 +51,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable, Optional
@@ -103,6 +104,9 @@ class ServeOptions:
         decode_threads: threads that decode and finish requests (default: up to 4).
         model_name: what ``/v1/model`` calls the model (the file's name).
         model_sha256: SHA-256 of the model file, or None.
+        local_hosts_only: answer only requests whose ``Host`` header names this machine
+            (``127.0.0.1``, ``localhost``, ``[::1]``): set when listening on loopback, so
+            that a web page elsewhere cannot reach the service through DNS rebinding.
     """
 
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
@@ -113,6 +117,7 @@ class ServeOptions:
     decode_threads: int = 0
     model_name: str = "model"
     model_sha256: Optional[str] = None
+    local_hosts_only: bool = False
 
     def validate(self) -> None:
         """Raise :class:`PatchCoreError` naming the first bad setting."""
@@ -502,6 +507,11 @@ class Service:
                 raise ApiError(504, f"no answer within {self.options.timeout_s:g} s (serve "
                                     f"--timeout); the server is overloaded or the image is "
                                     f"very large", "timeout") from None
+            except (ApiError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # a bug: the operator gets the traceback, the client a line
+                traceback.print_exc()
+                raise ApiError(500, f"internal error: {first_line(exc)}", "failed") from None
             finally:
                 self.admitted -= 1
         except ApiError as exc:
@@ -553,10 +563,10 @@ class Service:
         """Bytes -> (the photo, the model's input, a note on the bounded path or None)."""
         try:
             photo = frames.decode_bytes(data, "the image")
+        except frames.FrameTooLarge as exc:
+            raise ApiError(413, str(exc), "too_large") from None
         except frames.FrameError as exc:
-            status = 413 if "pixels" in str(exc) else 400
-            raise ApiError(status, str(exc), "too_large" if status == 413 else
-                           "bad_request") from None
+            raise ApiError(400, str(exc)) from None
         pre = self.model.preprocess
         try:
             x = pre.image(photo)
@@ -614,6 +624,30 @@ class Service:
         }
 
 
+#: ``Host`` names of this machine (``local_hosts_only``).
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+class _LocalHostsOnly:
+    """ASGI middleware: with ``local_hosts_only``, a request whose ``Host`` header names
+    another machine is answered 400 (a DNS-rebinding page in the user's browser sends its
+    own host name)."""
+
+    def __init__(self, app, service: "Service"):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.service.options.local_hosts_only:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host.split("]")[0] + "]" if host.startswith("[") else host.split(":")[0]
+            if name not in LOCAL_HOSTS:
+                error = ApiError(400, f"Host {host[:60]!r} is not this machine: the server "
+                                      f"listens on loopback (use 127.0.0.1 or localhost)")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(model, options: Optional[ServeOptions] = None):
     """The FastAPI application serving ``model`` (the service starts with the app's
     lifespan: run it with uvicorn, ``lifespan="on"``).
@@ -644,6 +678,7 @@ def create_app(model, options: Optional[ServeOptions] = None):
     app = FastAPI(title="patchcore-fast", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.service = service
+    app.add_middleware(_LocalHostsOnly, service=service)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):

@@ -10,9 +10,11 @@ import contextlib
 import dataclasses
 import io
 import signal
+import struct
 import threading
 import time
 import types
+import zlib
 
 import httpx
 import numpy as np
@@ -250,6 +252,48 @@ def test_sliver_is_scored_within_the_pixel_budget(server, demo):
     assert r.status_code == 200, r.text
     assert (r.json()["width"], r.json()["height"]) == (100_000, 1)
     assert_good(url, demo)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A 74-byte PNG that declares ``width`` x ``height`` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                             0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused(server, demo):
+    """A small file declaring 20,000 x 20,000 pixels: 413 before any pixel is decoded (the
+    file reader's limit)."""
+    url, _ = server
+    assert_error(post(url, _png_header(20_000, 20_000)), 413, "pixels")
+    assert_good(url, demo)
+
+
+def test_internal_error_is_one_json_line(server, demo):
+    url, service = server
+    service._finish = lambda *args: 1 / 0
+    try:
+        assert_error(post(url, demo.files[0].read_bytes()), 500,
+                     "internal error: division by zero")
+    finally:
+        del service._finish
+    assert_good(url, demo)
+
+
+def test_local_hosts_only(server):
+    """Listening on loopback, a request naming another host (DNS rebinding) is refused."""
+    url, service = server
+    with options(service, local_hosts_only=True):
+        assert_error(httpx.get(f"{url}/v1/model", headers={"Host": "evil.example"}), 400,
+                     "not this machine")
+        port = url.rsplit(":", 1)[1]
+        assert httpx.get(f"{url}/v1/model", headers={"Host": f"localhost:{port}"}
+                         ).status_code == 200
+        assert httpx.get(f"{url}/v1/model").status_code == 200
 
 
 def test_routes_methods_and_parameters(server, demo):
