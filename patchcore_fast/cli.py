@@ -1,4 +1,4 @@
-"""The ``patchcore-fast`` command: fit, score, evaluate, study, demo-data, export.
+"""The ``patchcore-fast`` command: fit, score, evaluate, study, serve, demo-data, export.
 
 Every problem with the user's input ends the run with one line on stderr,
 ``patchcore-fast: error: <what is wrong>``, and exit code 2; every output file is written
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from .datasets import list_images, mvtec_categories
 from .demo import write_demo_data
 from .errors import (InputWarning, PatchCoreError, SkippedFileWarning, first_line,
                      os_error_text, out_of_memory)
-from .files import check_outputs, check_temp_dir, file_problem, output_lock
+from .files import check_outputs, check_temp_dir, file_problem, file_sha256, output_lock
 from .calibration import denormalise, normalise
 from .cli_parser import PROG, build_parser, empty_path
 from .model import PatchCore
@@ -302,8 +303,30 @@ def cmd_export(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    from . import serve  # fastapi and uvicorn: only this verb pays their import
+
+    token = serve.read_token(args.token_file)
+    loopback = serve.is_loopback(args.host)
+    if token is None and not args.insecure and not loopback:
+        raise PatchCoreError(f"--host {args.host} can be reached from other machines: give "
+                             f"--token-file FILE (or set {serve.TOKEN_ENV}), or --insecure to "
+                             f"serve it without a token")
+    options = serve.ServeOptions(
+        max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout,
+        max_body_bytes=int(args.max_body_mb * 2 ** 20), token=token,
+        model_name=Path(args.model).name, local_hosts_only=loopback)
+    options.validate()
+    model = PatchCore.load(args.model, device=args.device, weights=args.weights,
+                           batch_size=args.batch_size, precision=args.precision)
+    options = dataclasses.replace(options, model_sha256=file_sha256(args.model))
+    sock = serve.bind(args.host, args.port)
+    return serve.serve(model, args.host, sock, options, log, args.access_log)
+
+
 _VERBS = {"fit": cmd_fit, "score": cmd_score, "evaluate": cmd_evaluate, "study": cmd_study,
-          "demo-data": cmd_demo_data, "export": cmd_export}
+          "serve": cmd_serve, "demo-data": cmd_demo_data,
+          "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,11 @@ _EXPORT_EXAMPLES = f"""examples:
   {PROG} export bottle.safetensors -o bottle.onnx
   python -m patchcore_fast.onnx_example bottle.onnx photo.png   # onnxruntime, numpy, Pillow
 """
+_SERVE_EXAMPLES = f"""examples:
+  {PROG} serve bottle.safetensors                      # http://127.0.0.1:8000, page at /
+  curl --data-binary @photo.png -H 'Content-Type: image/png' localhost:8000/v1/predict
+  {PROG} serve bottle.safetensors --host 0.0.0.0 --token-file token.txt
+"""
 _DEMO_EXAMPLES = f"""examples (offline, on a fresh machine):
   {PROG} demo-data demo/
   {PROG} fit demo --category widget -o demo/widget.safetensors --backbone efficientnet_lite0
@@ -223,6 +228,53 @@ def _model_options(p: argparse.ArgumentParser, many_ratios: bool = False) -> Non
                    help="pretrain and target embedding width (default 1024)")
 
 
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    # fastapi and uvicorn are imported only by the serve verb (start-up time of the others)
+    from .serve import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAIT_MS, DEFAULT_QUEUE_SIZE,
+                        DEFAULT_TIMEOUT_S, TOKEN_ENV)
+
+    p.add_argument("model", help="model file written by fit")
+    g = p.add_argument_group("listening and access")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                   "127.0.0.1: this machine only; any other needs a token or --insecure)")
+    g.add_argument("--port", type=_number(int, lambda v: 0 <= v <= 65535, "a port number "
+                   "from 0 to 65535"), default=8000, help="port (default 8000; 0: a free one, "
+                   "printed at start)")
+    g.add_argument("--token-file", metavar="FILE", help=f"file whose first line is the bearer "
+                   f"token that /v1/predict, /v1/model and /metrics then require (default: "
+                   f"${TOKEN_ENV} when set)")
+    g.add_argument("--insecure", action="store_true", help="serve an address other machines "
+                   "can reach without a token (anyone who reaches it can use the model)")
+    g.add_argument("--access-log", action="store_true", help="log every request")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--batch-size", type=_number(int, lambda v: v >= 1, "a positive integer"),
+                   default=None, help="largest batch of requests scored together (default: "
+                   "the model's saved setting)")
+    g.add_argument("--max-wait-ms", type=_number(float, lambda v: 0 <= v <= 10_000, "a number "
+                   "of milliseconds from 0 to 10,000"), default=DEFAULT_MAX_WAIT_MS,
+                   help=f"longest wait for more requests once one is waiting (default "
+                        f"{DEFAULT_MAX_WAIT_MS:g}, chosen by measurement: README, 'Serving')")
+    g.add_argument("--queue-size", type=_number(int, lambda v: v >= 1, "a positive integer"),
+                   default=DEFAULT_QUEUE_SIZE, help=f"requests in progress at once; more "
+                   f"are answered 503 with Retry-After (default {DEFAULT_QUEUE_SIZE})")
+    g.add_argument("--timeout", type=_number(float, lambda v: 0 < v <= 3600, "a number of "
+                   "seconds in (0, 3600]"), default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help=f"seconds before a request is answered 504 (default "
+                        f"{DEFAULT_TIMEOUT_S:g})")
+    g.add_argument("--max-body-mb", type=_number(float, lambda v: 0 < v <= 4096, "a number "
+                   "of MiB in (0, 4096]"), default=DEFAULT_MAX_BODY_BYTES / 2 ** 20,
+                   metavar="MB", help=f"largest request body (default "
+                   f"{DEFAULT_MAX_BODY_BYTES / 2 ** 20:g} MiB)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to run (auto: CUDA when available)")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="the backbone's arithmetic (default: the model's saved setting)")
+    g.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
+                   "fitted with a local file that has moved")
+    g.add_argument("--quiet", "-q", action="store_true", help="no messages but errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``patchcore-fast`` command."""
     parser = _Parser(prog=PROG, description="PatchCore anomaly detection (Roth et al., CVPR "
@@ -312,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
                    "fitted with a local file that has moved")
     p.add_argument("--quiet", "-q", action="store_true", help="no messages")
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (batching, limits, a web page)",
+                       epilog=_SERVE_EXAMPLES, formatter_class=raw,
+                       description="Keep a model loaded and warm behind HTTP: POST /v1/predict "
+                       "(an image as the body or a multipart form), GET /v1/health, /v1/model, "
+                       "/metrics (Prometheus) and an operator's page at /. Concurrent requests "
+                       "are scored in batches. SIGTERM or Ctrl-C stops it gracefully.")
+    _serve_options(p)
 
     p = sub.add_parser("demo-data", help="write a small synthetic MVTec-style data set",
                        epilog=_DEMO_EXAMPLES, formatter_class=raw,

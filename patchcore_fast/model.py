@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import calibration, distributed, fitting, model_file, verdict
+from . import calibration, distributed, fitting, frames, model_file, verdict
 from .backbone import Backbone, BackboneInfo, load_backbone
 from .calibration import Calibration
 from .config import PatchCoreConfig, resolve_device
@@ -353,37 +353,48 @@ class PatchCore:
                 scores, maps = self.score_embeddings(patches, self.grid, self.input_size)
                 yield paths, scores.numpy(), self.maps_back(paths, maps, maps_at, sizes)
 
-    def predict(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
-                progress: bool = False, maps_at: str = "original",
+    def predict(self, images, progress: bool = False, maps_at: str = "original",
                 min_region_area: int = DEFAULT_MIN_REGION_AREA) -> Prediction:
-        """Image scores, anomaly maps and, when the model is calibrated, the verdict.
+        """Image scores, anomaly maps and, when the model is calibrated, the verdict, of files
+        or of pictures in memory.
 
         Args:
-            images: image files and/or folders.
+            images: image files and/or folders; or in-memory pictures, one or a list: numpy
+                arrays (H x W [x 1|3|4], uint8, uint16 or floats in [0, 1]), tensors
+                ([B x] C x H x W, uint8 or floats in [0, 1]), PIL images or encoded image
+                bytes (:mod:`~patchcore_fast.frames`: the same scores and maps as the same
+                picture read from a file).
             progress: show a progress bar.
             maps_at: ``original`` (each photo's own size) or ``crop`` (:meth:`maps_back`).
             min_region_area: defect regions of fewer pixels are left out.
 
         Returns:
-            :class:`Prediction` (unreadable files are skipped with a warning and listed).
+            :class:`Prediction` (unreadable files are skipped with a warning and listed;
+            for frames ``paths`` holds None per frame).
+
+        Raises:
+            frames.FrameError: a frame that cannot be scored (wrong dtype, no pixels, NaN,
+                5 channels, ...), named by its position.
         """
         try:
             min_region_area = check_min_area(min_region_area, "min_region_area")
         except ValueError as exc:
             raise PatchCoreError(str(exc)) from None
-        skipped: list[str] = []
-        paths, scores, maps = [], [], []
-        for p, s, m in self.predict_batches(images, skipped, progress, maps_at):
-            paths += p
-            scores.append(s)
-            maps += m
-        if not paths:
-            raise PatchCoreError("none of the images could be read")
-        scores = np.concatenate(scores)
-        pred = Prediction(paths, scores, maps, skipped)
+        if frames.is_frames(images):
+            pred = frames.predict(self, images, progress, maps_at)
+        else:
+            skipped: list[str] = []
+            paths, scores, maps = [], [], []
+            for p, s, m in self.predict_batches(images, skipped, progress, maps_at):
+                paths += p
+                scores.append(s)
+                maps += m
+            if not paths:
+                raise PatchCoreError("none of the images could be read")
+            pred = Prediction(paths, np.concatenate(scores), maps, skipped)
         if self.calibration is not None:
             pred.normalised, pred.labels, pred.regions, _ = self.verdict(
-                scores, maps, min_region_area)
+                pred.scores, pred.maps, min_region_area)
         return pred
 
     def verdict(self, scores: np.ndarray, maps: Sequence[np.ndarray],
