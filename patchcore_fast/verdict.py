@@ -137,7 +137,7 @@ def update(model: "PatchCore", paths: list[Path], skipped: list[str] | None = No
     layout = ImageRows()
     with StreamingCoreset(c.coreset_ratio, c.projection_dim, c.seed,
                           in_memory=True) as sc:
-        for batch, patches in model._embed_paths(paths, skipped,
+        for batch, patches, _ in model._embed_paths(paths, skipped,
                                                 progress, "update: features"):
             layout.add(batch, sc.n, patches.shape[1], model.grid, model.input_size)
             sc.add(patches.reshape(-1, patches.shape[-1]))

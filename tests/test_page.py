@@ -62,7 +62,7 @@ def test_upload_shows_overlay_score_and_verdict(browser, served):
     wait = WebDriverWait(browser, 120)
     wait.until(lambda d: "efficientnet_lite0" in d.find_element(By.ID, "model").text)
     summary = browser.find_element(By.ID, "model").text
-    assert "not calibrated" in summary and "memory bank" in summary
+    assert "threshold" in summary and "memory bank" in summary  # fit calibrates
 
     picked = files[-2:]
     browser.find_element(By.ID, "files").send_keys("\n".join(str(f) for f in picked))
@@ -78,15 +78,19 @@ def test_upload_shows_overlay_score_and_verdict(browser, served):
         wait.until(ec.visibility_of(photo))
         assert browser.execute_script("return arguments[0].naturalWidth", photo) == size[0]
         verdict = card.find_element(By.CSS_SELECTOR, ".verdict").text
-        assert verdict.startswith("no verdict: the model has no calibration"), verdict
+        assert verdict.startswith(("GOOD (normalised score", "DEFECTIVE (normalised score")), \
+            verdict
         assert card.find_element(By.CSS_SELECTOR, ".score").text.startswith("score ")
     # The page shows each image's own answer: the scores the API gives for these files.
     shown = {c.find_element(By.CSS_SELECTOR, ".name").text: float(c.get_attribute("data-score"))
              for c in cards}
+    verdicts = {c.find_element(By.CSS_SELECTOR, ".name").text:
+                c.find_element(By.CSS_SELECTOR, ".verdict").text for c in cards}
     for f in picked:
         r = httpx.post(f"{url}/v1/predict", content=f.read_bytes(),
                        headers={"Content-Type": "image/png"}, timeout=120)
         assert shown[f.name] == pytest.approx(r.json()["score"], rel=1e-5)
+        assert verdicts[f.name].startswith(r.json()["label"].upper())
 
 
 def test_bad_file_shows_the_error(browser, served, tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from patchcore_fast.calibration import LABELS
 from patchcore_fast.cli import main
 from patchcore_fast.model import PatchCore
 from patchcore_fast.serve import ServeOptions, create_app, is_loopback, read_token
@@ -119,7 +120,9 @@ def test_health_model_metrics_and_page(server, demo):
     assert r.status_code == 200 and r.json()["status"] == "ready"
     m = httpx.get(f"{url}/v1/model").json()
     assert m["config"]["backbone"] == "efficientnet_lite0"
-    assert m["bank_rows"] == demo.model.bank.shape[0] and m["calibration"] is None
+    assert m["bank_rows"] == demo.model.bank.shape[0]
+    # fit calibrates: the served model says its thresholds
+    assert m["calibration"]["image_threshold"] == demo.model.calibration.image_threshold
     assert m["serving"]["batch_size"] == demo.model.config.batch_size
     text = httpx.get(f"{url}/metrics").text
     for name in ("patchcore_predict_requests_total", "patchcore_predict_latency_seconds_bucket",
@@ -146,9 +149,14 @@ def test_predict_formats_score_as_the_file(server, demo, tmp_path, fmt, ctype):
     r = post(url, path.read_bytes(), ctype)
     assert r.status_code == 200, r.text
     a = r.json()
-    assert a["score"] == pytest.approx(float(model.predict([path]).scores[0]), rel=1e-5)
+    want = model.predict([path])
+    assert a["score"] == pytest.approx(float(want.scores[0]), rel=1e-5)
     assert (a["width"], a["height"]) == Image.open(path).size
-    assert a["label"] is None and a["normalised"] is None and a["regions"] == []
+    # The verdict of the calibrated model, as the library gives it for the file.
+    assert a["label"] == LABELS[bool(want.labels[0])]
+    assert a["normalised"] == pytest.approx(float(want.normalised[0]), abs=1e-5)
+    assert a["threshold"] == pytest.approx(model.calibration.image_threshold)
+    assert len(a["regions"]) == len(want.regions[0])
     t = a["timing"]
     assert t["batch_size"] >= 1 and t["total_ms"] >= t["model_ms"] > 0
 
@@ -162,7 +170,7 @@ def test_multipart_and_overlay(server, demo):
     a = r.json()
     overlay = Image.open(io.BytesIO(base64.b64decode(a["overlay_png"])))
     assert overlay.format == "PNG" and overlay.size == (a["width"], a["height"])
-    assert a["colour_scale"]["from"] == "image"
+    assert a["colour_scale"]["from"] == "model"  # the calibrated model's fixed scale
     plain = post(url, data).json()
     assert plain["score"] == a["score"] and "overlay_png" not in plain
     q = post(url + "", data, params={"overlay": "png"})
@@ -485,3 +493,21 @@ def test_metrics_count_outcomes(server, demo):
     after = counts()
     assert after["ok"] - before.get("ok", 0) == 1
     assert after["unsupported_type"] - before.get("unsupported_type", 0) == 1
+
+
+def test_uncalibrated_model_answers_without_a_verdict(demo):
+    """A model file written before calibration existed: scores, no label, no regions."""
+    import dataclasses as dc
+
+    from patchcore_fast import frames
+
+    model = demo.model
+    saved = model.calibration
+    try:
+        model.calibration = None
+        v = frames.decide(model, np.array([1.0, 2.0], dtype=np.float32),
+                          [np.zeros((4, 4), np.float32)] * 2)
+        assert dc.astuple(v) == ([None, None], [None, None], [[], []], None)
+        assert frames.colour_scale(model, np.arange(10.0))[2] == "image"
+    finally:
+        model.calibration = saved
