@@ -9,6 +9,8 @@ import math
 from ._version import __version__
 from .calibration import DEFAULT_FALSE_REJECT_RATE, MAX_FALSE_REJECT_RATE
 from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
+from .serve_io import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAIT_MS, DEFAULT_QUEUE_SIZE,
+                       DEFAULT_TIMEOUT_S, TOKEN_ENV)
 
 PROG = "patchcore-fast"
 
@@ -229,10 +231,6 @@ def _model_options(p: argparse.ArgumentParser, many_ratios: bool = False) -> Non
 
 
 def _serve_options(p: argparse.ArgumentParser) -> None:
-    # fastapi and uvicorn are imported only by the serve verb (start-up time of the others)
-    from .serve import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAIT_MS, DEFAULT_QUEUE_SIZE,
-                        DEFAULT_TIMEOUT_S, TOKEN_ENV)
-
     p.add_argument("model", help="model file written by fit")
     g = p.add_argument_group("listening and access")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
