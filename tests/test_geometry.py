@@ -231,16 +231,16 @@ def test_no_crop_input_above_the_budget_is_skipped_naming_the_way_out(tmp_path):
 def test_bank_preallocated_only_for_a_fixed_input_shape(resize, crop, fixed, tmp_path,
                                                         monkeypatch):
     """An elongated first photo must not size the projected bank for every photo."""
-    from patchcore_fast import model as model_module
+    from patchcore_fast import fitting
 
     seen = []
 
-    class Recording(model_module.StreamingCoreset):
+    class Recording(fitting.StreamingCoreset):
         def select(self, *args, **kwargs):
             seen.append((self.expected_rows, self.n))
             return super().select(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "StreamingCoreset", Recording)
+    monkeypatch.setattr(fitting, "StreamingCoreset", Recording)
     folder = tmp_path / "good"
     folder.mkdir()
     rng = np.random.default_rng(0)
