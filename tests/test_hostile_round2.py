@@ -633,20 +633,33 @@ def test_two_runs_into_one_output_folder(demo, tmp_path, capsys):
                  words="another patchcore-fast run")
     finally:
         os.close(fd)
-    # Two real processes: the second is refused while the first writes, which finishes.
+    # A real score run holds the folder while it writes (seen from outside), and finishes.
     many = _many(root, tmp_path / "many")
     first = _command(["score", model, many, "-o", out, "--device", "cpu", "--quiet"],
                      stderr=subprocess.PIPE, text=True)
-    t0 = time.monotonic()
-    while not _locked(out) and first.poll() is None and time.monotonic() - t0 < 300:
+    t0, seen = time.monotonic(), False
+    while not seen and first.poll() is None and time.monotonic() - t0 < 300:
+        seen = _locked(out)
         time.sleep(0.005)
-    assert first.poll() is None, "the first run ended before it was seen holding the lock"
-    second = _command(["score", model, many, "-o", out, "--device", "cpu", "--quiet"],
-                      stderr=subprocess.PIPE, text=True)
-    err2 = second.communicate(timeout=600)[1]
     err1 = first.communicate(timeout=600)[1]
+    assert seen, "the score run was never seen holding its output folder"
     assert first.returncode == 0, err1
-    assert second.returncode == 2 and "another patchcore-fast run" in err2, err2
+    _score_outputs_complete(out, 12)
+    # A second real process is refused while another process holds the folder (a holder
+    # that keeps the lock until told: no race with how fast a run is), and runs once it is
+    # released.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY);"
+         " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = _command(["score", model, many, "-o", out, "--device", "cpu", "--quiet"],
+                          stderr=subprocess.PIPE, text=True)
+        err2 = second.communicate(timeout=600)[1]
+        assert second.returncode == 2 and "another patchcore-fast run" in err2, err2
+    finally:
+        holder.communicate(input="", timeout=60)
     _score_outputs_complete(out, 12)
 
 
