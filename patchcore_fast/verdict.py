@@ -66,8 +66,6 @@ def calibrate(model: "PatchCore", sc: StreamingCoreset, layout: ImageRows, ratio
     """The calibration at fit: out-of-sample scores of the training images by 5-fold cross-fitting, and the
     thresholds from them (:mod:`~patchcore_fast.calibration`); None (with a warning)
     when there are fewer than 2 images or the fit is distributed."""
-    import warnings
-
     n = len(layout.paths)
     if world > 1 or n < 2:
         why = ("a distributed fit does not calibrate yet; fit in one process"
@@ -98,7 +96,6 @@ def calibrate(model: "PatchCore", sc: StreamingCoreset, layout: ImageRows, ratio
     return oos.calibration(rate, scheme, len(held_out))
 
 
-
 def update(model: "PatchCore", paths: list[Path], skipped: list[str] | None = None,
            progress: bool = False) -> "PatchCore":
     """Add good images to a fitted model without refitting it.
@@ -124,8 +121,6 @@ def update(model: "PatchCore", paths: list[Path], skipped: list[str] | None = No
     Returns:
         model.
     """
-    from .coreset import coreset_start_and_projection, continue_coreset, project_rows
-    from .scoring import update_neighbors
 
     model._check_fitted()
     if not isinstance(model.bank, Tensor):
