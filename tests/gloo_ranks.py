@@ -17,6 +17,7 @@ from typing import Callable
 
 import pytest
 import torch
+from child import child_env
 
 
 def free_port() -> int:
@@ -54,7 +55,7 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_P
 def cli_env(**extra) -> dict:
     """This process's environment without any launch variable of its own, one thread per
     process (two ranks on two cores), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env = child_env({k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES})
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
     return env
 

@@ -3,22 +3,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-import patchcore_fast
-
-# The folder holding the package this test process imported (the source tree, or
-# site-packages in CI): the served process imports the same one.
-PACKAGE_PARENT = Path(patchcore_fast.__file__).resolve().parents[1]
+from child import CHILD_CWD, CLI, child_env
 
 
 def wait_ready(url: str, timeout: float = 300.0, headers: dict | None = None) -> None:
@@ -72,13 +66,12 @@ class ServeProcess:
     printed its address. Stopped (SIGTERM, then SIGKILL) when the block ends."""
 
     def __init__(self, model: Path, *args: str, env: dict | None = None):
-        self.argv = [sys.executable, "-m", "patchcore_fast.cli", "serve", str(model),
-                     "--port", "0", *args]
-        self.env = {**os.environ, "PYTHONPATH": str(PACKAGE_PARENT), **(env or {})}
+        self.argv = [*CLI, "serve", str(model), "--port", "0", *args]
+        self.env = {**child_env(), **(env or {})}
 
     def __enter__(self) -> "ServeProcess":
         self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE, text=True,
-                                     env=self.env, cwd=PACKAGE_PARENT)
+                                     env=self.env, cwd=CHILD_CWD)
         line = self.proc.stderr.readline()
         found = re.search(r"http://(\S+?):(\d+)", line)
         if not found:

@@ -10,22 +10,20 @@ killed run can be finished (``score --resume``) or redone.
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import patchcore_fast
 from patchcore_fast import PatchCore
 from patchcore_fast.cli import main
 from patchcore_fast.journal import JOURNAL
 from patchcore_fast.outputs import unique_names
+from child import CHILD_CWD, child_env
 
 SMALL = ["--image-size", "64", "--crop", "64", "--device", "cpu", "--quiet"]
 
@@ -47,11 +45,8 @@ sys.exit(main(argv))
 
 
 def _killed_run(when: str, argv: list[str]) -> int:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = (str(Path(patchcore_fast.__file__).resolve().parents[1])
-                         + os.pathsep + env.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", CHILD, when, *argv], capture_output=True,
-                          text=True, env=env, cwd=tempfile.gettempdir())
+                          text=True, env=child_env(), cwd=CHILD_CWD)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc.returncode
 

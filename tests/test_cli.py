@@ -241,11 +241,12 @@ def test_device_cuda_without_gpu(demo, fitted, tmp_path, capsys):
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
     import subprocess
-    import sys
 
-    proc = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", "fit",
-                           str(tmp_path / "missing"), "-o", str(tmp_path / "m.safetensors")],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    from child import CHILD_CWD, CLI, child_env
+
+    proc = subprocess.run([*CLI, "fit", str(tmp_path / "missing"), "-o",
+                           str(tmp_path / "m.safetensors")],
+                          capture_output=True, text=True, env=child_env(), cwd=CHILD_CWD)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 

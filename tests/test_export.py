@@ -22,6 +22,7 @@ from patchcore_fast.datasets import iterate_images, list_images
 from patchcore_fast.demo import write_demo_data
 from patchcore_fast.errors import PatchCoreError
 from patchcore_fast.export import export_onnx
+from child import child_env
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -276,7 +277,8 @@ def test_readme_commands_run_as_written(exported, demo, tmp_path):
             "patchcore_fast/onnx_example.py": [str(EXAMPLE)]}
     for line in lines:
         argv = [a for word in shlex.split(line) for a in here.get(word, [word])]
-        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        run = subprocess.run(argv, cwd=tmp_path, env=child_env(), capture_output=True,
+                             text=True, timeout=600)
         assert run.returncode == 0, run.stderr
     printed = run.stdout.splitlines()
     assert [r.split(",")[0] for r in printed] == ["demo/widget/test/scratch/000.png",

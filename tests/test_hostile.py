@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import patchcore_fast
 from patchcore_fast import PatchCore
 from patchcore_fast.cli import main
 from patchcore_fast.datasets import iterate_images, list_images
@@ -24,6 +23,7 @@ from patchcore_fast.geometry import Preprocess
 from patchcore_fast.images import read_image
 from patchcore_fast.errors import LargeImageWarning, PatchCoreError, SkippedFileWarning
 from patchcore_fast.files import atomic_path, write_text
+from child import CHILD_CWD, CLI, child_env
 
 SMALL = ["--image-size", "64", "--crop", "64", "--device", "cpu", "--quiet"]
 
@@ -138,10 +138,10 @@ def test_tampered_model_console_script(demo, tmp_path):
     tensors["bank"] = tensors["bank"].to(torch.int32)
     bad = tmp_path / "int32.safetensors"
     save_file(tensors, str(bad), metadata=meta)
-    proc = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", "score", str(bad),
+    proc = subprocess.run([*CLI, "score", str(bad),
                            str(root / "widget" / "test" / "good"), "-o", str(tmp_path / "o"),
                            "--device", "cpu", "--quiet"], capture_output=True, text=True,
-                          cwd=tempfile.gettempdir())
+                          env=child_env(), cwd=CHILD_CWD)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
@@ -401,14 +401,12 @@ def test_model_save_file_too_large_real(demo, tmp_path):
     target = tmp_path / "m.safetensors"
     target.write_bytes(model.read_bytes())
     before = target.read_bytes()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = (str(Path(patchcore_fast.__file__).resolve().parents[1])
-                         + os.pathsep + env.get("PYTHONPATH", ""))
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(len(before) // 2), "fit", str(root), "--category",
          "widget", "-o", str(target), "--backbone", "efficientnet_lite0", "--coreset-ratio",
          "0.25", "--in-memory", *SMALL], capture_output=True, text=True, env=env,
-        cwd=tempfile.gettempdir())
+        cwd=CHILD_CWD)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

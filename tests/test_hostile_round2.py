@@ -45,6 +45,7 @@ from patchcore_fast import PatchCore, PatchCoreConfig, PatchCoreError
 from patchcore_fast.cli import main
 from patchcore_fast.journal import JOURNAL, JOURNAL_TAG
 from patchcore_fast.metrics import f1_max
+from child import CHILD_CWD, CLI, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--quiet"]
@@ -93,9 +94,8 @@ def _cli(argv: list, capsys, watched: list = (), out: Path | None = None, code: 
 
 def _command(argv: list, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """The command as a separate process (this source tree first on its path)."""
-    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli",
-                             *map(str, argv)], env=full, **kwargs)
+    return subprocess.Popen([*CLI, *map(str, argv)], env={**child_env(), **(env or {})},
+                            **{"cwd": CHILD_CWD, **kwargs})
 
 
 def _square(path: Path, colour=(40, 90, 160), size=(40, 40), fmt=None) -> Path:
@@ -731,7 +731,7 @@ class _ClosingProxy:
                and k.lower() not in ("no_proxy", "all_proxy")}
         return {**env, "HOME": str(home), "http_proxy": url, "https_proxy": url,
                 "HTTP_PROXY": url, "HTTPS_PROXY": url, "NO_PROXY": "", "no_proxy": "",
-                "PYTHONPATH": str(ROOT)}
+                "PYTHONPATH": child_env({})["PYTHONPATH"]}
 
     def close(self):
         self.sock.close()
@@ -754,14 +754,14 @@ def test_offline_backbone_one_line_no_retries_no_cache_folder(backbone, demo, tm
     if backbone != "wide_resnet50_2":
         env = {k: v for k, v in env.items() if "proxy" not in k.lower()}
         env["HF_ENDPOINT"] = "https://hub.invalid"  # RFC 2606: never resolves
-    env["PYTHONPATH"] = f"{hook}{os.pathsep}{ROOT}"
+    env["PYTHONPATH"] = child_env({}, hook)["PYTHONPATH"]
     env["NETWORK_ATTEMPTS"] = str(attempts)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "patchcore_fast.cli", "fit", str(root), "--category",
              "widget", "-o", str(tmp_path / "m.safetensors"), "--backbone", backbone,
              "--image-size", "64", "--device", "cpu", "--quiet"],
-            env=env, capture_output=True, text=True, timeout=600)
+            env=env, capture_output=True, text=True, timeout=600, cwd=CHILD_CWD)
     finally:
         proxy.close()
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
@@ -783,8 +783,8 @@ def test_matplotlib_says_nothing(demo, tmp_path):
         [sys.executable, "-m", "patchcore_fast.cli", "evaluate", str(model), str(root),
          "--category", "widget", "-o", str(tmp_path / "out"), "--no-overlays",
          "--device", "cpu", "--quiet"],
-        env={**env, "HOME": str(home), "PYTHONPATH": str(ROOT)}, capture_output=True,
-        text=True, timeout=600)
+        env=child_env({**env, "HOME": str(home)}), capture_output=True, text=True,
+        timeout=600, cwd=CHILD_CWD)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "", proc.stderr
     assert (tmp_path / "out" / "roc.png").is_file()
@@ -826,7 +826,7 @@ def test_fifo_is_not_a_missing_file(demo, tmp_path):
             (["fit", root, "--category", "widget", "-o", tmp_path / "n.safetensors",
               "--backbone", "resnet18", "--weights", fifo], "named pipe")):
         proc = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", *map(str, argv),
-                               *SMALL], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               *SMALL], env=child_env(), cwd=CHILD_CWD,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr
         assert words in proc.stderr and "does not exist" not in proc.stderr, proc.stderr
@@ -835,7 +835,7 @@ def test_fifo_is_not_a_missing_file(demo, tmp_path):
     good = _square(tmp_path / "good.png")
     proc = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", "score", str(model),
                            str(pipe), str(good), "-o", str(tmp_path / "o3"), "--device",
-                           "cpu", "--quiet"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           "cpu", "--quiet"], env=child_env(), cwd=CHILD_CWD,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "p.png" in proc.stderr and "named pipe" in proc.stderr, proc.stderr

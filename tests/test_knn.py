@@ -8,10 +8,8 @@ and be no larger than the oracle's k-th distance.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest
@@ -20,6 +18,7 @@ import torch
 import patchcore_fast
 from patchcore_fast import reference
 from patchcore_fast.ops import build_info, compiled
+from child import CHILD_CWD, child_env
 
 pytestmark = pytest.mark.skipif(not compiled(), reason="patchcore_fast._C is not built")
 
@@ -339,15 +338,8 @@ _LARGE_SCRIPT = textwrap.dedent("""
 def test_large_problem_bounded_memory():
     # Q x M = 4e8 distances (1.6 GB as one float32 matrix): the kernel tiles it, so the
     # process peak must grow by far less (outputs: 20000 x 1 x 12 bytes).
-    env = dict(os.environ)
-    # The child imports the same patchcore_fast as this process (installed, or a source
-    # tree with its library built in place), not whatever the repository root holds.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(patchcore_fast.__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    # Run outside the repository too: `python -c` puts the working directory first on the
-    # path, where a source tree without its compiled library would shadow the package.
     res = subprocess.run([sys.executable, "-c", _LARGE_SCRIPT], capture_output=True,
-                         text=True, env=env, timeout=600, cwd=tempfile.gettempdir())
+                         text=True, env=child_env(), timeout=600, cwd=CHILD_CWD)
     assert res.returncode == 0, res.stderr
     extra = float(res.stdout.split("EXTRA_MB")[1])
     assert extra < 256, f"peak memory grew by {extra:.0f} MB"

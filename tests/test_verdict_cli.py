@@ -195,10 +195,8 @@ def test_score_killed_mid_run_with_overlays_resumes(fitted, tmp_path):
     journal records each one once its files are on disk, so a score killed mid-run
     resumes from the images already done, and the result equals an uninterrupted run
     (the model's fixed colour scale: the same overlay bytes)."""
-    import os
     import signal
     import subprocess
-    import sys
     import time
 
     from patchcore_fast.journal import JOURNAL
@@ -209,10 +207,12 @@ def test_score_killed_mid_run_with_overlays_resumes(fitted, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["score", str(model_file), *inputs, "-o", str(full), "--batch-size", "1",
                  "--quiet"]) == 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "patchcore_fast.cli", "score",
+    from child import CHILD_CWD, CLI, child_env
+
+    env = child_env()
+    proc = subprocess.Popen([*CLI, "score",
                              str(model_file), *inputs, "-o", str(cut), "--batch-size", "1",
-                             "--quiet"], env=env)
+                             "--quiet"], env=env, cwd=CHILD_CWD)
     journal = cut / JOURNAL
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
