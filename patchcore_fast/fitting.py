@@ -9,6 +9,7 @@ ranks share the images (:mod:`~patchcore_fast.sharded`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -63,11 +64,13 @@ def fit_ratios(model: "PatchCore", paths: list[Path], ratios: Sequence[float],
     layout = ImageRows()  # which rows, grid and input size each image has
     # One process projects its rows as they come (the global blocks from row 0); the
     # ranks of a distributed run project theirs in the same blocks afterwards.
-    with StreamingCoreset(ratios[0], c.projection_dim, c.seed, temp_dir=temp_dir,
-                          in_memory=not streaming, project=launch.world == 1) as sc:
+    with contextlib.ExitStack() as held:
+        sc = held.enter_context(StreamingCoreset(
+            ratios[0], c.projection_dim, c.seed, temp_dir=temp_dir, in_memory=not streaming,
+            project=launch.world == 1))
         # Pass 1: features -> temporary file (or memory) + projections in memory.
-        for batch, patches, _ in model._embed_paths(paths, skipped, progress,
-                                                   "fit: features"):
+        for batch, patches, sizes in model._embed_paths(paths, skipped, progress,
+                                                       "fit: features"):
             if fixed and sc.expected_rows is None:
                 # A fixed input shape gives every image the first one's grid, so this
                 # bounds N (skipped files only lower it) and the projected bank is
@@ -75,22 +78,35 @@ def fit_ratios(model: "PatchCore", paths: list[Path], ratios: Sequence[float],
                 # photo's aspect: an elongated first photo would over-allocate, a
                 # square one under-allocate, so the bank grows block by block.
                 sc.expected_rows = len(paths) * patches.shape[1]
-            layout.add(batch, sc.n, patches.shape[1], model.grid, model.input_size)
+            layout.add(batch, sc.n, patches.shape[1], model.grid, model.input_size, sizes)
             sc.add(patches.reshape(-1, patches.shape[-1]))
             n_images += len(batch)
         rows = TrainingRows(sc, launch, n_images, model.grid, model.device)
         model.grid = rows.grid
         synchronize(model.device)
         feature_seconds = time.perf_counter() - t0
+        # The calibration sees every training row and image as one process does. Under
+        # torchrun that costs a transfer: every rank's full-width features travel to
+        # rank 0 (N x D floats, into a temporary file there), which projects them again
+        # and calibrates alone while the other ranks wait at the coreset's first
+        # collective; the calibration (folds, fold banks, out-of-sample scores,
+        # thresholds) is then the one-process fit's (sharded.TrainingRows.everything).
+        everything = None
+        if false_reject_rate is not None:
+            everything = rows.everything(layout)  # collective; None on ranks > 0
+            if everything is not None and everything[0] is not sc:
+                held.enter_context(everything[0])
+        gather_seconds = time.perf_counter() - t0 - feature_seconds
         # Pass 2, per ratio: the greedy selection on the projections (kept for the
         # next ratio unless this is the last), then the chosen rows (on rank 0).
         for j, ratio in enumerate(ratios):
             last = j == len(ratios) - 1
             t1 = time.perf_counter()
-            if false_reject_rate is not None:
-                model.calibration = calibrate(model, sc, layout, ratio, false_reject_rate,
-                                              launch.world, progress)
-                model.fit_stats["calibration_seconds"] = time.perf_counter() - t1
+            if everything is not None:
+                model.calibration = calibrate(model, *everything, ratio, false_reject_rate,
+                                              progress)
+                model.fit_stats["calibration_seconds"] = (gather_seconds +
+                                                          time.perf_counter() - t1)
             t_select = time.perf_counter()
             with torch.inference_mode(), tqdm(total=2, desc="fit: coreset and gather",
                                               disable=not progress, leave=False) as bar:
@@ -108,5 +124,6 @@ def fit_ratios(model: "PatchCore", paths: list[Path], ratios: Sequence[float],
                                    feature_seconds=feature_seconds,
                                    coreset_seconds=t2 - t_select, streaming=streaming,
                                    **rows.record)
-            model.fit_stats["fit_seconds"] = feature_seconds + time.perf_counter() - t1
+            model.fit_stats["fit_seconds"] = (feature_seconds + gather_seconds +
+                                              time.perf_counter() - t1)
             yield ratio

@@ -34,19 +34,35 @@ __all__ = ["ImageRows", "calibrate", "update", "verdict"]
 
 
 class ImageRows:
-    """Which bank rows, feature grid and input size each training image has (in order)."""
+    """Which bank rows, feature grid, input size and photo size each training image has
+    (in order)."""
 
     def __init__(self) -> None:
         self.paths: list[Path] = []
         self.spans: list[tuple[int, int]] = []
         self.shapes: list[tuple[tuple[int, int], tuple[int, int]]] = []
+        self.sizes: list[tuple[int, int]] = []  # (width, height) of each photo as read
 
     def add(self, paths: Sequence[Path], start: int, per_image: int,
-            grid: tuple[int, int], size: tuple[int, int]) -> None:
+            grid: tuple[int, int], size: tuple[int, int],
+            sizes: Sequence[tuple[int, int]]) -> None:
         for j, p in enumerate(paths):
             self.paths.append(p)
             self.spans.append((start + j * per_image, start + (j + 1) * per_image))
             self.shapes.append((tuple(grid), tuple(size)))
+            self.sizes.append(tuple(sizes[j]))
+
+    @classmethod
+    def joined(cls, parts: Sequence["ImageRows"], starts: Sequence[int]) -> "ImageRows":
+        """The layouts of consecutive runs of rows as one: part r's rows start at global
+        row ``starts[r]`` (a distributed fit's ranks, in rank order)."""
+        out = cls()
+        for part, start in zip(parts, starts):
+            out.paths += part.paths
+            out.spans += [(start + a, start + b) for a, b in part.spans]
+            out.shapes += part.shapes
+            out.sizes += part.sizes
+        return out
 
     def batches(self, ids: Sequence[int], size: int) -> Iterator[list[int]]:
         """``ids`` in runs of at most ``size`` images of one shape."""
@@ -60,18 +76,21 @@ class ImageRows:
             yield run
 
 
-
 def calibrate(model: "PatchCore", sc: StreamingCoreset, layout: ImageRows, ratio: float,
-              rate: float, world: int, progress: bool) -> Calibration | None:
-    """The calibration at fit: out-of-sample scores of the training images by 5-fold cross-fitting, and the
-    thresholds from them (:mod:`~patchcore_fast.calibration`); None (with a warning)
-    when there are fewer than 2 images or the fit is distributed."""
+              rate: float, progress: bool) -> Calibration | None:
+    """The calibration at fit: out-of-sample scores of the training images by 5-fold
+    cross-fitting, and the thresholds from them (:mod:`~patchcore_fast.calibration`);
+    None (with a warning) when there are fewer than 2 images.
+
+    Args:
+        sc: every training row, projected as one process projects them (a distributed
+            fit's, gathered on rank 0: :meth:`~patchcore_fast.sharded.TrainingRows.everything`).
+        layout: every training image's rows and shapes, in the fit's image order.
+    """
     n = len(layout.paths)
-    if world > 1 or n < 2:
-        why = ("a distributed fit does not calibrate yet; fit in one process"
-               if world > 1 else f"{n} good image cannot be scored out of sample")
-        warnings.warn(f"no calibrated threshold: {why} (score with --threshold)",
-                      RuntimeWarning, stacklevel=3)
+    if n < 2:
+        warnings.warn(f"no calibrated threshold: {n} good image cannot be scored out of "
+                      f"sample (score with --threshold)", RuntimeWarning, stacklevel=3)
         return None
     c = model.config
     scheme, folds = calibration.DEFAULT_SCHEME, calibration.DEFAULT_FOLDS
@@ -86,7 +105,8 @@ def calibrate(model: "PatchCore", sc: StreamingCoreset, layout: ImageRows, ratio
             scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
             bar.update(len(ids))
             yield ids, scores.cpu().numpy(), model.maps_back(
-                [layout.paths[i] for i in ids], maps.cpu())
+                [layout.paths[i] for i in ids], maps.cpu(),
+                sizes=[layout.sizes[i] for i in ids])
 
     with torch.inference_mode(), tqdm(total=n, desc="fit: calibration", unit="img",
                                       disable=not progress, leave=False) as bar:
@@ -132,9 +152,9 @@ def update(model: "PatchCore", paths: list[Path], skipped: list[str] | None = No
     layout = ImageRows()
     with StreamingCoreset(c.coreset_ratio, c.projection_dim, c.seed,
                           in_memory=True) as sc:
-        for batch, patches, _ in model._embed_paths(paths, skipped,
-                                                progress, "update: features"):
-            layout.add(batch, sc.n, patches.shape[1], model.grid, model.input_size)
+        for batch, patches, sizes in model._embed_paths(paths, skipped,
+                                                    progress, "update: features"):
+            layout.add(batch, sc.n, patches.shape[1], model.grid, model.input_size, sizes)
             sc.add(patches.reshape(-1, patches.shape[-1]))
         if sc.n == 0:
             raise PatchCoreError("none of the new images could be read")
@@ -188,7 +208,8 @@ def _update_calibration(model: "PatchCore", sc: StreamingCoreset, layout: ImageR
             grid, size = layout.shapes[ids[0]]
             scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
             yield ids, scores.cpu().numpy(), model.maps_back(
-                [layout.paths[i] for i in ids], maps.cpu())
+                [layout.paths[i] for i in ids], maps.cpu(),
+                sizes=[layout.sizes[i] for i in ids])
 
     oos = calibration.out_of_sample(n, ((h, scored(h)) for h in held_out))
     return calibration.calibrate(
