@@ -55,13 +55,36 @@ def test_distributed_fit_equals_one_process(mvtec_root, tmp_path, ratio):
     for name in want:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
     assert meta["config"] == want_meta["config"]
+    # The calibration (folds, fold banks, out-of-sample scores, thresholds, pixel
+    # quantiles) is the one-process fit's: the same JSON, number for number.
+    assert "calibration" in want_meta
+    assert meta["calibration"] == want_meta["calibration"]
     stats = json.loads(meta["fit_stats"])
+    assert stats["calibration_seconds"] > 0
     assert stats["world_size"] == 2
     assert stats["rank_images"] == [104, 105]  # 209 good bottles, split in rank order
     assert stats["images"] == 209 and stats["patches"] == 209 * 256
     assert stats["rank_patches"] == [104 * 256, 105 * 256]
     assert "world_size" not in json.loads(want_meta["fit_stats"])
     assert not list(tmp_path.glob("*.tmp*")), "a temporary file was left behind"
+    if ratio == "0.01":  # the 2-rank model labels images with its own threshold
+        good = mvtec_root / "bottle" / "test" / "good"
+        r = subprocess.run([sys.executable, "-m", "patchcore_fast.cli", "score",
+                            str(tmp_path / "two.safetensors"),
+                            *map(str, sorted(good.iterdir())[:4]), "-o", str(tmp_path / "s"),
+                            "--no-overlays", "--device", "cpu"], env=cli_env(), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "labels: defective above the model's calibrated threshold" in r.stderr
+        assert "no calibrated threshold" not in r.stderr
+        scored = json.loads((tmp_path / "s" / "scores.json").read_text())
+        cal = json.loads(meta["calibration"])
+        assert scored["threshold"] == cal["image_threshold"]
+        assert len(scored["images"]) == 4
+        for rec in scored["images"]:
+            assert rec["label"] == ("defective" if rec["score"] > cal["image_threshold"]
+                                    else "good")
+            assert 0 < rec["normalised"] < 1
 
 
 def test_rank_killed_mid_fit(mvtec_root, tmp_path):
@@ -142,10 +165,31 @@ def _fit_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                                  torch.device("cpu"))
                 bank = sharded.gather_bank(sc, idx, launch, case["dim"], counts,
                                                torch.device("cpu"))
-            results.append((shard, idx, bank))
+                everything = _everything(sc, launch, counts[rank], rank)
+            results.append((shard, idx, bank, everything))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _everything(sc, launch, count: int, rank: int):
+    """What the calibration gets on rank 0 (TrainingRows.everything): every row projected
+    and read back, and the joined layout; None on the other ranks."""
+    from patchcore_fast import sharded
+    from patchcore_fast.verdict import ImageRows
+
+    layout = ImageRows()  # this rank's rows as one "image" per 1,000 rows, and the rest
+    for i, a in enumerate(range(0, count, 1000)):
+        layout.add([Path(f"r{rank}-{i}")], a, min(1000, count - a), (1, 1), (rank, i),
+                   [(rank, i)])
+    rows = sharded.TrainingRows(sc, launch, len(layout.paths), (1, 1), torch.device("cpu"))
+    got = rows.everything(layout)
+    if got is None:
+        return None
+    store, joined = got
+    with store:
+        return (store.projected().clone(), store.gather(torch.arange(store.n)),
+                joined.paths, joined.spans, joined.shapes, joined.sizes)
 
 
 def test_projection_selection_and_bank_equal_one_process(tmp_path):
@@ -172,13 +216,27 @@ def _check_fit_cases(per_rank: list) -> None:
             projected = sc.projected().clone()
             want_idx = sc.select()
             want_bank = sc.gather(want_idx)
+            want_rows = sc.gather(torch.arange(len(rows)))
         for r in range(3):
-            shard, idx, bank = per_rank[r][i]
+            shard, idx, bank, everything = per_rank[r][i]
             lo = sum(counts[:r])
             assert torch.equal(shard, projected[lo:lo + counts[r]]), f"case {i} rank {r}"
             assert torch.equal(idx, want_idx), f"case {i} rank {r}"
             assert (bank is None) == (r != 0)
+            assert (everything is None) == (r != 0)
         assert torch.equal(per_rank[0][i][2], want_bank), f"case {i}"
+        # The calibration's rows on rank 0: every row, and the one-process projection
+        # bit for bit (straddling blocks, an empty rank, a block boundary at a rank's).
+        got_projected, got_rows, paths, spans, shapes, sizes = per_rank[0][i][3]
+        assert torch.equal(got_projected, projected), f"case {i}"
+        assert torch.equal(got_rows, want_rows), f"case {i}"
+        want_spans = [(sum(counts[:r]) + a, sum(counts[:r]) + min(a + 1000, counts[r]))
+                      for r in range(3) for a in range(0, counts[r], 1000)]
+        assert spans == want_spans, f"case {i}"
+        assert paths == [Path(f"r{r}-{j}") for r in range(3)
+                         for j in range(len(range(0, counts[r], 1000)))]
+        assert sizes == [(r, j) for r in range(3) for j in range(len(range(0, counts[r], 1000)))]
+        assert shapes == [((1, 1), s) for s in sizes]
 
 
 def test_launch_share_and_environment():
