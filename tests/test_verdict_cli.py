@@ -235,3 +235,6 @@ def test_score_killed_mid_run_with_overlays_resumes(fitted, tmp_path):
     assert pngs == sorted(p.relative_to(cut) for p in (cut / "overlays").rglob("*.png"))
     assert len(pngs) == len(a)
     assert all((full / p).read_bytes() == (cut / p).read_bytes() for p in pngs)
+    # The regions of the images scored before the kill come back from the journal.
+    regions = [json.loads((o / "scores.json").read_text())["images"] for o in (full, cut)]
+    assert [r["regions"] for r in regions[0]] == [r["regions"] for r in regions[1]]
