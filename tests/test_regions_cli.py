@@ -7,14 +7,13 @@ import json
 
 import numpy as np
 import pytest
-import safetensors
-import safetensors.torch
 from PIL import Image
 
 from patchcore_fast.cli import main
 from patchcore_fast.model import PatchCore
 from patchcore_fast.outputs import unique_names
 from patchcore_fast.regions import regions_json
+from model_files import without_calibration
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +105,8 @@ def test_resume_with_another_min_region_area_is_refused(fitted, tmp_path, capsys
 
 def test_save_masks_needs_a_calibrated_model(fitted, tmp_path, capsys):
     root, model_file = fitted
-    with safetensors.safe_open(str(model_file), "pt") as fh:
-        meta = dict(fh.metadata())
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    del meta["calibration"]
     old = tmp_path / "old.safetensors"
-    safetensors.torch.save_file(tensors, str(old), metadata=meta)
+    without_calibration(model_file, old)
     out = tmp_path / "o"
     assert _score(old, root, out, "--save-masks") == 2
     err = capsys.readouterr().err.strip().splitlines()
