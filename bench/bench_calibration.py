@@ -41,7 +41,8 @@ import _common  # noqa: E402
 
 from patchcore_fast import calibration as cal_mod  # noqa: E402
 from patchcore_fast.coreset import StreamingCoreset  # noqa: E402
-from patchcore_fast.data import list_images, mvtec_test, read_mask  # noqa: E402
+from patchcore_fast.datasets import list_images, mvtec_test  # noqa: E402
+from patchcore_fast.images import read_mask  # noqa: E402
 from patchcore_fast.metrics import f1_max, image_auroc  # noqa: E402
 from patchcore_fast.model import PatchCore, PatchCoreConfig  # noqa: E402
 from patchcore_fast.regions import RegionCounts, find_regions  # noqa: E402

@@ -18,9 +18,11 @@ coreset ratio 1 % (1,638 centres) and 10 % (16,385), as one process with one thr
 2 gloo ranks with one thread each, started as torchrun starts them. Printed side by side:
 ``coreset_seconds`` and ``fit_seconds`` from the model file's fit_stats (rank 0's clock:
 features, then the sharded selection and the bank gathered) and the command's wall time.
-The 2-rank model must equal the one-process model tensor for tensor.
+The 2-rank model must equal the one-process model tensor for tensor. The 2-rank runs
+exchange each step's records through shared memory (patchcore_fast/local_exchange.py, the
+default for ranks on one host); ``-gloo`` carries every step over gloo instead.
 
-    1proc-1thread, 2proc-1thread
+    1proc-1thread, 2proc-1thread, 2proc-1thread-gloo
 
 Distributed evaluate (group bottle-evaluate-distributed): ``patchcore-fast evaluate`` on
 the 83 bottle test images (efficientnet_lite0 fitted at 1 %, 128 px, in the module
@@ -110,7 +112,10 @@ def test_distributed_steps(benchmark, config, tmp_path):
 
 # ----- distributed fit on bottle ----------------------------------------------------------
 
-FIT_CONFIGS = {"1proc-1thread": 1, "2proc-1thread": 2}
+# 2proc-1thread: the steps' records through shared memory (local_exchange.py), the
+# default between ranks on one host; -gloo: every step over gloo, as before it.
+FIT_CONFIGS = {"1proc-1thread": (1, {}), "2proc-1thread": (2, {}),
+               "2proc-1thread-gloo": (2, {"PATCHCORE_FAST_NO_LOCAL_EXCHANGE": "1"})}
 FIT_RATIOS = {"1pct": "0.01", "10pct": "0.1"}
 _fits: dict[str, dict] = {}
 
@@ -125,7 +130,7 @@ def _fit_tensors(path) -> tuple[dict, dict]:
 @pytest.mark.parametrize("config", list(FIT_CONFIGS))
 @pytest.mark.parametrize("ratio", list(FIT_RATIOS))
 def test_distributed_fit(benchmark, ratio, config, tmp_path):
-    world = FIT_CONFIGS[config]
+    world, transport = FIT_CONFIGS[config]
     benchmark.group = f"bottle-fit-distributed-{ratio}"
     model = tmp_path / "bottle.safetensors"
     argv = [sys.executable, "-m", "patchcore_fast.cli", "fit", str(_common.mvtec_root()),
@@ -139,7 +144,8 @@ def test_distributed_fit(benchmark, ratio, config, tmp_path):
         port = str(_free_port())
         procs = [subprocess.Popen(argv, env=_cli_env(
                      1, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(world)]
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **transport))
+                 for r in range(world)]
         assert [p.wait() for p in procs] == [0] * world
 
     t0 = time.perf_counter()

@@ -16,13 +16,19 @@ Groups, side by side in one run (each entry's ``extra_info`` has ``images_per_s`
   Gaussian noise in the normalised input space, every patch far from the bank (further
   than a defect's), the hard case for the k-NN's exactness certificate.
 - ``files-<device>-b<B>``: PNG files -> scores (and overlays) through the CLI's score path
-  (:func:`patchcore_fast.score_run.score_images`), with and without overlays, beside
-  decoding alone (files -> normalised tensors with the same workers: the limit the files
-  path can reach).
+  (:func:`patchcore_fast.score_run.score_images`), beside decoding alone (files ->
+  normalised tensors with the same workers: the limit the files path can reach). The
+  model is calibrated as a fit calibrates (one pass: regions found and overlays written
+  in the model's colour scale as each batch is scored), its calibration taken from the
+  query images' own scores at a 1 % rate (the speed does not depend on where the
+  threshold sits, beyond the few regions drawn); ``no-overlays`` still finds the regions
+  (scores.json's); ``overlays-uncalibrated`` is a model file from before calibration (no
+  regions; overlays in a second pass, after a histogram of every map).
 
 Small sizes by default (CI runs this on 2 CPU cores in a few minutes); full sizes with
-``PATCHCORE_FAST_BENCH_FULL=1`` (batch 64 too, and 512 files instead of 16). Every query
-image is held out of the bank.
+``PATCHCORE_FAST_BENCH_FULL=1`` (batch 64 too, and 512 files instead of 16);
+``PATCHCORE_FAST_BENCH_FILES`` and ``PATCHCORE_FAST_BENCH_ROUNDS`` set those two alone.
+Every query image is held out of the bank.
 
     .venv/bin/pytest bench/bench_e2e.py --benchmark-only --benchmark-json=/tmp/e2e.json -s
     .venv/bin/python bench/report.py /tmp/e2e.json
@@ -37,6 +43,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from patchcore_fast.calibration import calibrate
 from patchcore_fast.datasets import iterate_images, list_images
 from patchcore_fast.demo import write_demo_data
 from patchcore_fast.score_run import score_images
@@ -51,9 +58,9 @@ FULL = os.environ.get("PATCHCORE_FAST_BENCH_FULL", "") not in ("", "0")
 BANK_ROWS = 16_386
 BANK_IMAGES = 21          # 21 x 784 = 16,464 patches >= BANK_ROWS
 BATCHES = (1, 8, 64) if FULL else (1, 8)
-FILES = 512 if FULL else 16
+FILES = int(os.environ.get("PATCHCORE_FAST_BENCH_FILES", 512 if FULL else 16))
 HELD_OUT = max(FILES, max(BATCHES))  # query images, none of them in the bank
-ROUNDS = 3 if FULL else 2
+ROUNDS = int(os.environ.get("PATCHCORE_FAST_BENCH_ROUNDS", 3 if FULL else 2))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU"))]
 WORKERS = min(8, os.cpu_count() or 1)
@@ -113,6 +120,12 @@ def ours(device: str, precision: str) -> PatchCore:
         else:
             model.bank, model.neighbors = base
         model.grid = (28, 28)
+        with torch.inference_mode():
+            held = _MODELS["held"].to(device)
+            scores, maps = model.score_embeddings(*model.embedder(held))
+        _MODELS[("calibration", device)] = calibrate(
+            scores.cpu().tolist(), maps.amax(dim=(1, 2)).cpu().tolist(),
+            float(maps.median()), 0.01, "holdout", 1)
         _MODELS[key] = model
     return _MODELS[key]
 
@@ -227,21 +240,32 @@ def test_decode_only(benchmark, images_dir, device, batch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", FILE_BATCHES)
-@pytest.mark.parametrize("overlays", [False, True], ids=["no-overlays", "overlays"])
-def test_kernel_files(benchmark, images_dir, device, batch, overlays):
-    """Ours through the CLI's score path: files -> scores.csv inputs (+ overlay PNGs)."""
+@pytest.mark.parametrize("kind", ["no-overlays", "overlays", "overlays-uncalibrated"])
+def test_kernel_files(benchmark, images_dir, device, batch, kind):
+    """Ours through the CLI's score path: files -> scores.csv inputs and regions (+ overlay
+    PNGs)."""
     benchmark.group = f"files-{device}-b{batch}"
     model = ours(device, "fp32")
     model.config.batch_size = batch
+    overlays = kind != "no-overlays"
+    model.calibration = None if kind == "overlays-uncalibrated" \
+        else _MODELS[("calibration", device)]
     paths = _query_paths(images_dir)[:FILES]
     names = {p: p.stem for p in paths}
 
     def fn():
         with tempfile.TemporaryDirectory() as out:
-            return score_images(model, paths, names, Path(out), [], overlays=overlays)
+            return score_images(model, paths, names, Path(out), [], overlays=overlays,
+                                regions={})
 
-    _run(benchmark, fn, device, len(paths))
-    if overlays:
-        with tempfile.TemporaryDirectory() as out:
-            score_images(model, paths[:2], names, Path(out), [], overlays=True)
-            assert len(list((Path(out) / "overlays").glob("*.png"))) == 2
+    try:
+        _run(benchmark, fn, device, len(paths))
+        if overlays:
+            with tempfile.TemporaryDirectory() as out:
+                regions: dict = {}
+                score_images(model, paths[:2], names, Path(out), [], overlays=True,
+                             regions=regions)
+                assert len(list((Path(out) / "overlays").glob("*.png"))) == 2
+                assert len(regions) == (0 if model.calibration is None else 2)
+    finally:
+        model.calibration = None

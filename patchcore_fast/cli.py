@@ -200,21 +200,29 @@ def cmd_score(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     skipped: list[str] = []
     inputs = list_images(args.inputs, "input", skipped)
     overlays = not args.no_overlays
+    if args.save_masks and model.calibration is None:
+        raise PatchCoreError(f"--save-masks needs the model's pixel threshold, and "
+                             f"{args.model} has no calibration (fitted before it existed): "
+                             f"refit it")
     threshold, above = _score_threshold(args, model, log)
     names, run = score_run.plan_score(
         f"-o {args.output}", args.model, args.inputs, inputs, out, threshold, overlays,
-        args.save_maps, args.weights, args.resume, args.launch)
+        args.save_maps, args.weights, args.resume, args.launch, args.save_masks,
+        args.min_region_area)
+    # Regions need the model's pixel threshold: a calibrated model's only.
+    regions: dict | None = {} if model.calibration is not None else None
     with output_lock(f"-o {args.output}", out, args.launch.is_main):
-        done, todo = score_run.earlier_results(out, run, inputs, args.resume)
+        done, todo = score_run.earlier_results(out, run, inputs, args.resume, regions)
         if done:
             log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
         new = score_run.score_images(model, todo, names, out, skipped, args.resume, overlays,
-                                      args.save_maps, args.temp_dir, not args.quiet, run)
+                                      args.save_maps, args.temp_dir, not args.quiet, run,
+                                      args.save_masks, args.min_region_area, regions)
         scores = {**done, **new}
         if not scores:
             raise PatchCoreError("none of the input images could be read")
         written = outputs.write_scores(out, str(args.model), scores, inputs, threshold,
-                                       skipped, run, model.calibration, above
+                                       skipped, run, model.calibration, above, regions
                                        ) if args.launch.is_main else 0
     log(f"scored {len(new)} images -> {out}/scores.csv"
         + (f" ({written - len(new)} from the earlier run)" if args.resume else "")

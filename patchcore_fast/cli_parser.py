@@ -8,6 +8,7 @@ import math
 
 from ._version import __version__
 from .calibration import DEFAULT_FALSE_REJECT_RATE, MAX_FALSE_REJECT_RATE
+from .regions import DEFAULT_MIN_REGION_AREA
 from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
 from .serve_io import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAIT_MS, DEFAULT_QUEUE_SIZE,
                        DEFAULT_TIMEOUT_S, TOKEN_ENV)
@@ -76,6 +77,7 @@ _neighbours = _number(int, lambda v: v == 0 or v >= 2, "0 (off) or at least 2 (w
 _rate = _number(float, lambda v: 0.0 < v <= MAX_FALSE_REJECT_RATE,
                 f"a false-reject rate in (0, {MAX_FALSE_REJECT_RATE}], e.g. 0.01 for 1 %")
 _unit = _number(float, lambda v: 0.0 < v < 1.0, "a normalised score in (0, 1)")
+_area = _number(int, lambda v: v >= 0, "a whole number of pixels >= 0")
 # NaN would label every image good and is not JSON; inf labels all alike.
 _finite = _number(float, math.isfinite, "a finite number")
 # At most 30 days: datetime.timedelta (the process group's timeout) overflows near 1e14 s.
@@ -317,7 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalised-threshold", type=_unit, metavar="N", help="the same as a "
                    "normalised score in (0, 1) (0.5 is the model's calibrated threshold; "
                    "needs a calibrated model)")
+    p.add_argument("--min-region-area", type=_area, default=DEFAULT_MIN_REGION_AREA,
+                   metavar="PIXELS", help="leave out defect regions of fewer pixels (of the "
+                   f"photo; default {DEFAULT_MIN_REGION_AREA}: the maps are smooth)")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
+    p.add_argument("--save-masks", action="store_true", help="also write each image's "
+                   "defect regions as a mask, masks/<image>.png (255 in a region, 0 elsewhere; "
+                   "at the photo's size; needs a calibrated model)")
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     p.add_argument("--resume", action="store_true", help="skip the images already scored "
                    "in OUTDIR (by an earlier run, finished or killed)")

@@ -121,7 +121,8 @@ def select_coreset(features: Tensor, ratio: float, projection_dim: int = 128,
         return sc.select()
 
 
-def continue_coreset(chosen: Tensor, new: Tensor, k: int) -> Tensor:
+def continue_coreset(chosen: Tensor, new: Tensor, k: int, start: Tensor | None = None
+                     ) -> Tensor:
     """Greedy k-center selection continued over new points, the chosen rows kept.
 
     The rows of ``chosen`` are centres already selected (a fitted model's bank, in the
@@ -138,6 +139,10 @@ def continue_coreset(chosen: Tensor, new: Tensor, k: int) -> Tensor:
         chosen (Tensor[M, C]): the centres already selected (M >= 1).
         new (Tensor[N, C]): the new points, same width and device.
         k: number of new centres, 0 <= k <= N.
+        start (Tensor[N] | None): each new point's squared distance to its nearest chosen
+            centre, if already known (:func:`distance_to_chosen`): several continuations
+            over subsets of the same new points (the folds of an update's calibration)
+            then share that first pass.
 
     Returns:
         Tensor[k] int64: rows of ``new`` in selection order.
@@ -152,7 +157,8 @@ def continue_coreset(chosen: Tensor, new: Tensor, k: int) -> Tensor:
     indices = torch.empty(k, dtype=torch.int64, device=new.device)
     if k == 0:
         return indices
-    min_d = ops.knn(new, chosen.float(), 1)[0][:, 0].square().contiguous()
+    min_d = (distance_to_chosen(chosen, new) if start is None
+             else start.float().clone().contiguous())
     # The plain pass's state is each row's squared distance to its nearest centre
     # (ops.coreset_shard_state, lazy=False): start it at the chosen centres.
     state = ops.coreset_shard_state(new, k, lazy=False)
@@ -167,6 +173,12 @@ def continue_coreset(chosen: Tensor, new: Tensor, k: int) -> Tensor:
     for step in range(k):
         record = ops.coreset_shard_step(new, record.view(1, -1), 0, state, indices, step)
     return indices
+
+
+def distance_to_chosen(chosen: Tensor, new: Tensor) -> Tensor:
+    """Tensor[N]: each new point's squared distance to its nearest chosen centre (the
+    starting state of :func:`continue_coreset`)."""
+    return ops.knn(new.float().contiguous(), chosen.float(), 1)[0][:, 0].square().contiguous()
 
 
 class StreamingCoreset:

@@ -104,6 +104,16 @@ def launch_from_environment(environ=os.environ) -> Launch | None:
     return Launch(rank, world, local)
 
 
+#: The timeout of the process group joined by :func:`init` (seconds).
+_timeout_s = 1800.0
+
+
+def collective_timeout() -> float:
+    """Seconds a collective of this process's group waits (``--dist-timeout``): also the
+    bound of waits outside torch's collectives (:mod:`~patchcore_fast.local_exchange`)."""
+    return _timeout_s
+
+
 def init(launch: Launch, device: torch.device, timeout_s: float) -> None:
     """Join the process group: NCCL when the model runs on CUDA, gloo on the CPU.
 
@@ -112,6 +122,8 @@ def init(launch: Launch, device: torch.device, timeout_s: float) -> None:
     as a one-process run's. Every collective then fails after ``timeout_s`` instead of
     waiting forever for a rank that hangs.
     """
+    global _timeout_s
+    _timeout_s = float(timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(launch.local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

@@ -358,7 +358,7 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
                 write_map_files(out, spool, [(i.path, names[i.path]) for i in mine],
                                 model.preprocess, everything, overlays, save_maps,
                                 scale=cal and (cal.colour_min, cal.colour_max),
-                                outline_at=cal and cal.pixel_threshold)
+                                regions_at=cal and cal.pixel_threshold)
 
         launch.exchange(write_maps)  # every rank's files written, or the error
     if launch.is_main:

@@ -25,12 +25,14 @@ JOURNAL = ".scores.partial.csv"
 
 
 def run_record(model_sha256: str, weights_sha256: str | None, threshold: float | None,
-               overlays: bool, save_maps: bool) -> dict:
+               overlays: bool, save_maps: bool, save_masks: bool = False,
+               min_region_area: int = 0) -> dict:
     """What a score run's results depend on, kept with them for ``--resume`` to check
     (:data:`RESUME_KEYS`): the SHA-256 of the model file and of ``--weights``, and the
     options."""
     return {"model_sha256": model_sha256, "weights_sha256": weights_sha256,
-            "threshold": threshold, "overlays": overlays, "save_maps": save_maps}
+            "threshold": threshold, "overlays": overlays, "save_maps": save_maps,
+            "save_masks": save_masks, "min_region_area": min_region_area}
 
 
 #: First line of the journal, followed by the JSON of the run it belongs to.
@@ -41,7 +43,10 @@ JOURNAL_TAG = "# patchcore-fast score journal "
 #: written, so a resumed run labels old and new rows alike.
 RESUME_KEYS = {"model_sha256": "the model file's SHA-256", "weights_sha256":
                "the --weights file's SHA-256", "overlays": "overlays (--no-overlays)",
-               "save_maps": "--save-maps"}
+               "save_maps": "--save-maps", "save_masks": "--save-masks",
+               "min_region_area": "--min-region-area"}
+#: What a record written before a key existed meant by its absence.
+_BEFORE = {"save_masks": False, "min_region_area": 0}
 
 
 def _check_run(source: Path, earlier: object, run: dict) -> None:
@@ -50,13 +55,14 @@ def _check_run(source: Path, earlier: object, run: dict) -> None:
                              f"produced it (written by an older version?); score into another "
                              f"folder or without --resume")
     for key, what in RESUME_KEYS.items():
-        if earlier.get(key) != run.get(key):
+        then, now = earlier.get(key, _BEFORE.get(key)), run.get(key, _BEFORE.get(key))
+        if then != now:
             raise PatchCoreError(f"--resume: {source} was written with other settings "
-                                 f"({what}: {earlier.get(key)} then, {run.get(key)} now); "
+                                 f"({what}: {then} then, {now} now); "
                                  f"score into another folder or without --resume")
 
 
-def read_done(out: Path, run: dict) -> dict[str, float]:
+def read_done(out: Path, run: dict, regions: dict | None = None) -> dict[str, float]:
     """Scores already in ``out`` (a finished run's scores.json and/or the journal of a
     killed one), after checking that they come from the same model and options.
 
@@ -69,16 +75,20 @@ def read_done(out: Path, run: dict) -> dict[str, float]:
     Args:
         out: output folder.
         run: this run's record (:data:`RESUME_KEYS` and the threshold).
+        regions: if given, gets the defect regions of each returned file that the earlier
+            run recorded (a calibrated model's).
 
     Raises:
         PatchCoreError: the earlier results belong to another model or other options, or
             are not this tool's files; one line.
     """
     found: dict[str, tuple[float, Path]] = {}  # the last score of each file, and where
+    areas: dict[str, list | None] = {}
 
-    def keep(source: Path, file: str, score: float) -> None:
+    def keep(source: Path, file: str, score: float, where: list | None) -> None:
         found.pop(file, None)
         found[file] = score, source
+        areas[file] = where
 
     finished = out / "scores.json"
     if finished.is_file():
@@ -86,7 +96,7 @@ def read_done(out: Path, run: dict) -> dict[str, float]:
             data = json.loads(finished.read_text(encoding="utf-8"))
             _check_run(finished, data.get("run"), run)
             for r in data["images"]:
-                keep(finished, str(r["file"]), float(r["score"]))
+                keep(finished, str(r["file"]), float(r["score"]), r.get("regions"))
         except PatchCoreError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
@@ -111,15 +121,20 @@ def read_done(out: Path, run: dict) -> dict[str, float]:
             for row in csv.DictReader(io.StringIO(rest)):
                 try:
                     file, score = row["file"], float(row["score"])
+                    # A journal of a version before regions has no such column.
+                    where = json.loads(row["regions"]) if row.get("regions") else None
                 except (KeyError, TypeError, ValueError):
                     raise PatchCoreError(f"--resume: {journal} is damaged (row {row}); "
                                          f"delete it to score everything again") from None
-                keep(journal, file, score)
+                keep(journal, file, score, where)
     for file, (score, source) in found.items():
         if not math.isfinite(score):
             warnings.warn(f"--resume: {source} gives {file} the score {score}, not a finite "
                           f"number: it is scored again", InputWarning, stacklevel=2)
-    return {file: score for file, (score, _) in found.items() if math.isfinite(score)}
+    done = {file: score for file, (score, _) in found.items() if math.isfinite(score)}
+    if regions is not None:
+        regions.update((file, areas[file]) for file in done)
+    return done
 
 
 class Journal:
@@ -155,7 +170,7 @@ class Journal:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as fh:
                 fh.write((JOURNAL_TAG + json.dumps(self.run, sort_keys=True)
-                          + "\nfile,score\n").encode("utf-8"))
+                          + "\nfile,score,regions\n").encode("utf-8"))
                 fh.flush()
                 os.fsync(fh.fileno())
             fsync_folder(self.out)
@@ -163,15 +178,18 @@ class Journal:
             os.truncate(path, len(data))
         self._file = open(path, "ab")
 
-    def record(self, scores: Sequence[tuple[Path, float]]) -> None:
-        """Add (image, score) rows and make them durable (``fsync``)."""
+    def record(self, scores: Sequence[tuple]) -> None:
+        """Add (image, score) or (image, score, regions) rows and make them durable
+        (``fsync``); regions (a list of dicts, or None) are kept as compact JSON."""
         if not self.keep:
             return
         try:
             if self._file is None:
                 self._open()
-            self._file.write(csv_rows([[text_name(p), s] for p, s in scores]
-                                      ).encode("utf-8"))
+            self._file.write(csv_rows(
+                [[text_name(r[0]), r[1], "" if len(r) < 3 or r[2] is None
+                  else json.dumps(r[2], separators=(",", ":"))] for r in scores]
+            ).encode("utf-8"))
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:

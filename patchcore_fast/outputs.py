@@ -114,11 +114,12 @@ def image_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool
         ([out / "maps" / f"{n}.npy" for n in names] if save_maps else [])
 
 
-def score_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool
-                ) -> list[Path]:
+def score_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool,
+                save_masks: bool = False) -> list[Path]:
     """Every file score may write into ``out`` (checked before any work)."""
     return [out / "scores.csv", out / "scores.json", out / JOURNAL,
-            *image_files(out, names, overlays, save_maps)]
+            *image_files(out, names, overlays, save_maps),
+            *([out / "masks" / f"{n}.png" for n in names] if save_masks else [])]
 
 
 def evaluation_files(out: Path, items: Sequence, overlays: bool, save_maps: bool
@@ -161,7 +162,8 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def write_scores(out: Path, model_file: str, scores: dict[str, float],
                  inputs: Sequence[Path], threshold: float | None, skipped: list[str],
-                 run: dict | None = None, calibration=None, above: str = ">=") -> int:
+                 run: dict | None = None, calibration=None, above: str = ">=",
+                 regions: dict[str, list | None] | None = None) -> int:
     """score's ``scores.csv`` and ``scores.json``, in input order; then the resume
     journal, which they replace, is removed.
 
@@ -178,6 +180,8 @@ def write_scores(out: Path, model_file: str, scores: dict[str, float],
             score.
         above: ``>`` (defective above the threshold: the calibrated one) or ``>=`` (at or
             above: a threshold given on the command line).
+        regions: each image's defect regions by file name (a calibrated model's): listed
+            in scores.json; scores.csv gets their number and the largest one's area.
 
     Returns:
         the number of images written.
@@ -194,10 +198,16 @@ def write_scores(out: Path, model_file: str, scores: dict[str, float],
         if threshold is not None:
             bad = rec["score"] > threshold if above == ">" else rec["score"] >= threshold
             rec["label"] = LABELS[bool(bad)]
+        row = list(rec.values())
+        if regions is not None:
+            rec["regions"] = where = regions.get(path)
+            row += ["", ""] if where is None else \
+                [len(where), max((r["area"] for r in where), default=0)]
         records.append(rec)
-        rows.append([rec[k] for k in rec])
+        rows.append(row)
     header = ["file", "score"] + (["normalised"] if calibration is not None else []) \
-        + (["label"] if threshold is not None else [])
+        + (["label"] if threshold is not None else []) \
+        + (["regions", "largest_region_area"] if regions is not None else [])
     write_text(out / "scores.csv", csv_text(header, rows))
     write_text(out / "scores.json", json.dumps(
         {"model": text_name(model_file), "threshold": threshold,
@@ -205,6 +215,11 @@ def write_scores(out: Path, model_file: str, scores: dict[str, float],
          "calibration": None if calibration is None else {
              k: getattr(calibration, k) for k in ("image_threshold", "pixel_threshold",
                                                   "scale", "false_reject_rate")},
+         "regions": None if regions is None else {
+             "pixel_threshold": None if calibration is None else calibration.pixel_threshold,
+             "min_region_area": (run or {}).get("min_region_area", 0),
+             "fields": "area (pixels), bbox [x0, y0, x1, y1] (x1, y1 exclusive), centroid "
+                       "[x, y], peak and mean map value; largest peak first"},
          "run": run, "images": records,
          "skipped": skipped}, indent=2, allow_nan=False))
     with contextlib.suppress(FileNotFoundError):

@@ -1,5 +1,5 @@
-"""Overlays: each anomaly map drawn on its photo in matplotlib's jet colours, and the raw
-maps, written by a small pool of threads.
+"""Overlays: each anomaly map drawn on its photo in matplotlib's jet colours, the raw maps
+and the defect regions' masks, written by a small pool of threads.
 
 Maps reach this module parked in a temporary :class:`~patchcore_fast.files.MapSpool`
 (never all in memory); the colour scale comes from a histogram of all their pixels
@@ -22,6 +22,7 @@ from PIL import Image
 from .errors import PatchCoreError
 from .files import ArraySpool, MapSpool, atomic_path, text_name
 from .images import UnreadableImage, read_image
+from .regions import find_regions, outline, regions_json
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,15 +58,15 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np
 
 
 def write_overlay(path: Path, source: Path, amap: np.ndarray, preprocess, vmin: float,
-                  vmax: float, outline_at: float | None = None) -> None:
+                  vmax: float, regions: np.ndarray | None = None) -> None:
     """Write the overlay of ``amap`` on the image ``source`` as a PNG.
 
     A map at the photo's own size is laid on the photo itself; a crop-sized map
     (``maps_at="crop"``) on the model's input, without padding. The photo is read as it
     was for its map (:func:`~patchcore_fast.images.read_image`: the same decision on its
     orientation), so they fit; a photo changed on disk since is one line, not a traceback.
-    With ``outline_at`` the outlines of the defect regions above that pixel threshold are
-    drawn in white (:func:`~patchcore_fast.regions.outline`, 1 pixel per 300 of the
+    With ``regions`` (the bool mask of the defect regions, the map's shape) their outlines
+    are drawn in white (:func:`~patchcore_fast.regions.outline`, 1 pixel per 300 of the
     shorter side).
     """
     try:
@@ -85,12 +86,17 @@ def write_overlay(path: Path, source: Path, amap: np.ndarray, preprocess, vmin: 
         # zlib level 1: a third of the default level's encoding time for files about 10 %
         # larger (bench/RESULTS.md, "End to end"); PNG stays lossless.
         drawn = overlay(img, amap, vmin, vmax)
-        if outline_at is not None:
-            from .regions import find_regions, outline
-
-            width = max(1, min(amap.shape) // 300)
-            drawn[outline(find_regions(amap, outline_at)[1], width)] = 255
+        if regions is not None:
+            drawn[outline(regions, max(1, min(amap.shape) // 300))] = 255
         Image.fromarray(drawn).save(tmp, format="PNG", compress_level=1)
+
+
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    """Write a region mask as an 8-bit grey PNG: 255 in the regions, 0 elsewhere (the
+    convention of MVTec AD's ground-truth masks, so it can be compared with them)."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(mask, dtype=np.uint8) * np.uint8(255)).save(
+            tmp, format="PNG", compress_level=1)
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -118,7 +124,7 @@ def write_map_files(out: Path, spool: ArraySpool | MapSpool, images: Sequence[tu
                     preprocess, pixels, overlays: bool = True, save_maps: bool = False,
                     written: Callable[[Path], None] | None = None,
                     threads: int | None = None, scale: tuple[float, float] | None = None,
-                    outline_at: float | None = None) -> None:
+                    regions_at: float | None = None) -> None:
     """The second pass of score and evaluate: each parked map to its overlay and ``.npy``
     (:func:`write_maps_as_they_come` over the spool's maps).
 
@@ -131,32 +137,36 @@ def write_map_files(out: Path, spool: ArraySpool | MapSpool, images: Sequence[tu
             unless ``scale`` is given).
         overlays: write the overlay PNGs.
         save_maps: write the raw maps.
-        written: called with each source image once its files are written.
+        written: called with each source image and its regions (None without
+            ``regions_at``) once its files are written.
         threads: writer threads (default :func:`writer_threads`).
         scale: (coldest, hottest) map values: the model's fixed colour scale.
-        outline_at: draw the outlines of the regions above this pixel threshold.
+        regions_at: draw the outlines of the regions above this pixel threshold.
     """
     vmin, vmax = scale if scale is not None else map_range(pixels)
     write_maps_as_they_come(out, ((source, name, spool.read(i)[0])
                                   for i, (source, name) in enumerate(images)),
                             preprocess, vmin, vmax, overlays, save_maps, written, threads,
-                            outline_at)
+                            regions_at)
 
 
 def write_maps_as_they_come(out: Path, maps: Iterable[tuple[Path, str, np.ndarray]],
                             preprocess, vmin: float, vmax: float, overlays: bool = True,
                             save_maps: bool = False,
-                            written: Callable[[Path], None] | None = None,
-                            threads: int | None = None, outline_at: float | None = None
-                            ) -> None:
-    """Each map to its overlay and ``.npy`` as the maps come (one pass with scoring when
-    ``maps`` is a generator that scores: the colour scale is fixed beforehand).
+                            written: Callable[[Path, list | None], None] | None = None,
+                            threads: int | None = None, regions_at: float | None = None,
+                            min_area: int = 0, save_masks: bool = False) -> None:
+    """Each map to its defect regions, overlay, ``.npy`` and mask as the maps come (one
+    pass with scoring when ``maps`` is a generator that scores: the colour scale is fixed
+    beforehand).
 
     Images are written by a small pool of threads (each file atomically); ``maps`` is
     consumed and ``written`` is called in this thread, in order, so the resume journal
     lists a prefix of the images in order: an image is recorded only once its files and
     those of every image before it are on disk. At most ``2 * threads`` maps are in flight
-    (bounded memory). The first error stops the pool and is raised here.
+    (bounded memory). The first error stops the pool and is raised here. The regions are
+    found in the writer threads too (scipy's labelling releases the GIL), once per map:
+    the same mask gives the overlay's outlines, the mask file and the regions returned.
 
     Args:
         out: output folder (files go to ``overlays/<name>.png`` and ``maps/<name>.npy``).
@@ -165,26 +175,36 @@ def write_maps_as_they_come(out: Path, maps: Iterable[tuple[Path, str, np.ndarra
         vmin, vmax: map values drawn as the coldest and the hottest colour.
         overlays: write the overlay PNGs.
         save_maps: write the raw maps.
-        written: called with each source image once its files are written.
+        written: called with each source image and its regions (a list of
+            :func:`~patchcore_fast.regions.regions_json` dicts; None without
+            ``regions_at``) once its files are written.
         threads: writer threads (default :func:`writer_threads`).
-        outline_at: draw the outlines of the regions above this pixel threshold.
+        regions_at: the pixel threshold of the defect regions (their outlines are drawn on
+            the overlays), or None for no regions.
+        min_area: regions of fewer pixels are left out.
+        save_masks: write each map's region mask (``masks/<name>.png``; needs
+            ``regions_at``).
     """
-    def write_one(source: Path, name: str, amap: np.ndarray) -> Path:
+    def write_one(source: Path, name: str, amap: np.ndarray) -> tuple[Path, list | None]:
+        found, mask = find_regions(amap, regions_at, min_area) if regions_at is not None \
+            else (None, None)
         if overlays:
             write_overlay(out / "overlays" / f"{name}.png", source, amap, preprocess,
-                          vmin, vmax, outline_at)
+                          vmin, vmax, mask)
         if save_maps:
             write_npy(out / "maps" / f"{name}.npy", amap)
-        return source
+        if save_masks:
+            write_mask(out / "masks" / f"{name}.png", mask)
+        return source, None if found is None else regions_json(found)
 
     threads = threads or writer_threads()
     pending: collections.deque = collections.deque()
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="writer")
 
     def finish_one() -> None:
-        done = pending.popleft().result()
+        source, regions = pending.popleft().result()
         if written is not None:
-            written(done)
+            written(source, regions)
 
     try:
         for source, name, amap in maps:

@@ -2,9 +2,10 @@
 
 :func:`plan_score` checks every output and makes the run record before any work;
 :func:`earlier_results` says what an earlier run into the folder finished (``--resume``);
-:func:`score_images` runs the two passes (scores and a pixel histogram, then the files),
+:func:`score_images` scores, finds each image's defect regions and writes its files,
 journalled image by image, its images shared among torchrun's ranks (:func:`shares`,
-also the evaluation's split).
+also the evaluation's split): in one pass with a calibrated model (its colour scale is
+fixed), in two without one (scores and a pixel histogram, then the files).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ __all__ = ["earlier_results", "plan_score", "score_images", "shares"]
 def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], inputs: list[Path],
                out: Path, threshold: float | None, overlays: bool, save_maps: bool,
                weights: str | None, resume: bool,
-               launch: distributed.Launch = distributed.ONE_PROCESS
-               ) -> tuple[dict, dict]:
+               launch: distributed.Launch = distributed.ONE_PROCESS,
+               save_masks: bool = False, min_region_area: int = 0) -> tuple[dict, dict]:
     """What a score run writes and still has to do, checked before any work.
 
     ``option`` names the output folder in errors (``-o OUT``). Output names come from the
@@ -47,7 +48,8 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
         is done.
     """
     names = dict(zip(inputs, unique_names(inputs)))
-    check_outputs(option, out, score_files(out, list(names.values()), overlays, save_maps),
+    check_outputs(option, out, score_files(out, list(names.values()), overlays, save_maps,
+                                           save_masks),
                   [p for p in input_args if Path(p).is_dir()],
                   [*inputs, model_file, *([weights] if weights else [])])
     if resume and launch.world > 1:
@@ -57,27 +59,33 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
         raise PatchCoreError("--resume does not run under torchrun (the resume journal is "
                              "written by one process); resume the run as one process")
     run = run_record(file_sha256(model_file), weights and file_sha256(weights), threshold,
-                     overlays, save_maps)
+                     overlays, save_maps, save_masks, min_region_area)
     return names, run
 
 
-def earlier_results(out: Path, run: dict, inputs: Sequence[Path], resume: bool
-                    ) -> tuple[dict[str, float], list[Path]]:
+def earlier_results(out: Path, run: dict, inputs: Sequence[Path], resume: bool,
+                    regions: dict | None = None) -> tuple[dict[str, float], list[Path]]:
     """(score by file name of the images an earlier run into ``out`` finished, the inputs
     still to score): read under the output folder's lock, so that no other run is writing
-    them meanwhile."""
-    done = read_done(out, run) if resume else {}
+    them meanwhile. ``regions`` gets their regions (as :func:`score_images`)."""
+    done = read_done(out, run, regions) if resume else {}
     return done, [p for p in inputs if text_name(p) not in done]
 
 
 def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str], out: Path,
                  skipped: list[str], resume: bool = False, overlays: bool = True,
                  save_maps: bool = False, temp_dir: str | None = None,
-                 progress: bool = False, run: dict | None = None) -> dict[str, float]:
-    """Score images; write their overlays and maps and record each one in the journal.
+                 progress: bool = False, run: dict | None = None, save_masks: bool = False,
+                 min_region_area: int = 0, regions: dict | None = None) -> dict[str, float]:
+    """Score images; find their defect regions, write their overlays, maps and masks, and
+    record each one in the journal.
 
-    Pass 1 scores batch by batch; each batch's maps go to a temporary file and into a
-    histogram of their pixels that sets the colour scale. Pass 2 writes the images. An
+    With a calibrated model everything happens in one pass: each batch's maps go to the
+    writer threads as it is scored (:func:`~patchcore_fast.overlays.write_maps_as_they_come`:
+    the regions at the model's pixel threshold, the overlays in its fixed colour scale).
+    Without calibration (a model file from before it) there are no regions, and two passes:
+    pass 1 scores batch by batch, each batch's maps going to a temporary file and into a
+    histogram of their pixels that sets the colour scale; pass 2 writes the images. An
     image enters the journal (:class:`~patchcore_fast.journal.Journal`) once its files are
     written, so a killed run resumes exactly where its outputs stop.
 
@@ -95,10 +103,14 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
         out: output folder.
         skipped: list collecting unreadable files.
         resume: append to the journal of an earlier run.
-        overlays, save_maps: which image files to write.
+        overlays, save_maps, save_masks: which image files to write (masks: a calibrated
+            model's).
         temp_dir: folder of the temporary map file.
         progress: show a progress bar.
         run: the run's record for the journal (model hash, options).
+        min_region_area: regions of fewer pixels are left out.
+        regions: if given, gets each scored image's regions by file name (a list of
+            :func:`~patchcore_fast.regions.regions_json` dicts; a calibrated model's only).
 
     Returns:
         image score by file name (:func:`~patchcore_fast.files.text_name`), every rank's
@@ -109,29 +121,34 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
     images = overlays or save_maps
     order: list[Path] = []
     cal = model.calibration
-    one_pass = images and keeps and cal is not None
+    one_pass = keeps and cal is not None
     # The journal is one file that one process appends (plan_score refuses --resume under
     # torchrun): the ranks of a distributed run keep none.
     journal = Journal(out, resume, run, keep=launch.world == 1)
     with contextlib.closing(journal), MapSpool(np.float32, temp_dir, "map file") as spool:
         def first_pass():
-            new, pixels, missed = {}, PixelHistogram(), []
+            new, pixels, missed, found = {}, PixelHistogram(), [], {}
             batches = model.predict_batches(share, missed, progress and launch.is_main) \
                 if share else ()
             if one_pass:
-                # The model's colour scale is fixed: each batch's files are written as it
-                # is scored (writer threads), each image journalled once they are on disk.
+                # The model's colour scale is fixed: each batch's regions are found and its
+                # files written as it is scored (writer threads), each image journalled
+                # once they are on disk.
                 def as_they_come():
                     for batch, scores, maps in batches:
                         new.update(zip(map(text_name, batch), scores.tolist()))
                         order.extend(batch)
                         yield from ((p, names[p], m) for p, m in zip(batch, maps))
 
+                def written(p: Path, where: list) -> None:
+                    found[text_name(p)] = where
+                    journal.record([(p, new[text_name(p)], where)])
+
                 write_maps_as_they_come(out, as_they_come(), model.preprocess,
                                         cal.colour_min, cal.colour_max, overlays, save_maps,
-                                        lambda p: journal.record([(p, new[text_name(p)])]),
-                                        outline_at=cal.pixel_threshold)
-                return new, pixels, missed
+                                        written, regions_at=cal.pixel_threshold,
+                                        min_area=min_region_area, save_masks=save_masks)
+                return new, pixels, missed, found
             for batch, scores, maps in batches:
                 new.update(zip(map(text_name, batch), scores.tolist()))
                 order.extend(batch)
@@ -141,18 +158,20 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
                         pixels.add(amap)
                 elif not images:
                     journal.record([(p, new[text_name(p)]) for p in batch])
-            return (new, pixels, missed) if keeps else None
+            return (new, pixels, missed, found) if keeps else None
 
         parts = [p for p in launch.exchange(first_pass) if p is not None]
-        new = {k: v for scores, _, _ in parts for k, v in scores.items()}
-        skipped += [f for _, _, missed in parts for f in missed]
-        everything = PixelHistogram.combined([h for _, h, _ in parts])
+        new = {k: v for scores, _, _, _ in parts for k, v in scores.items()}
+        skipped += [f for _, _, missed, _ in parts for f in missed]
+        if regions is not None:
+            regions.update((k, v) for _, _, _, found in parts for k, v in found.items())
+        everything = PixelHistogram.combined([h for _, h, _, _ in parts])
 
         def second_pass():
             if images and keeps and order and not one_pass:
                 write_map_files(out, spool, [(p, names[p]) for p in order], model.preprocess,
                                 everything, overlays, save_maps,
-                                written=lambda p: journal.record([(p, new[text_name(p)])]))
+                                written=lambda p, _: journal.record([(p, new[text_name(p)])]))
 
         launch.exchange(second_pass)
     return new

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -154,22 +155,53 @@ class _Job:
     queued: float                       # time.perf_counter() when it joined the queue
 
 
+#: Batches between two :func:`release_memory` calls.
+TRIM_EVERY = 16
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl, Windows)
+        return None
+
+
+def release_memory() -> None:
+    """Return the heap's free memory to the system (glibc's ``malloc_trim``).
+
+    The service allocates and frees images, tensors and maps of many sizes on several
+    threads, each thread with its own glibc arena; freed memory stays in the arenas, and
+    the resident size creeps up over thousands of requests (bench/RESULTS.md, "Serving").
+    A trim every few batches keeps it flat for a few milliseconds. A no-op without glibc.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class Batcher:
     """Gathers queued inputs into batches and scores them on the model's thread.
 
     The queue itself is unbounded: admission (:class:`Service`) bounds it. A batch takes
     what is waiting, up to ``batch_size``; with ``max_wait`` > 0 it waits up to that long
     after taking its first job for more to arrive. Jobs whose request gave up (timeout,
-    client gone) are left out. A batch that raises fails its own jobs only.
+    client gone) are left out. A batch that raises fails its own jobs only. Every
+    ``trim_every`` batches (0: never) the model's thread calls :func:`release_memory`.
     """
 
     def __init__(self, score: Callable[[list[torch.Tensor]], tuple[np.ndarray, list]],
-                 batch_size: int, max_wait: float, metrics: Metrics):
+                 batch_size: int, max_wait: float, metrics: Metrics,
+                 trim_every: int = TRIM_EVERY):
         self.score, self.batch_size, self.max_wait = score, batch_size, max_wait
         self.metrics = metrics
         self.jobs: collections.deque[_Job] = collections.deque()
         self.arrived = asyncio.Event()
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.batches = 0
+        self.trim_every = trim_every
 
     def submit(self, x: torch.Tensor) -> asyncio.Future:
         job = _Job(x, asyncio.get_running_loop().create_future(), time.perf_counter())
@@ -224,6 +256,9 @@ class Batcher:
                     timing = {"queue_ms": 1e3 * (start - job.queued),
                               "model_ms": 1e3 * (end - start), "batch_size": len(batch)}
                     job.future.set_result((float(scores[i]), maps[i], timing))
+            self.batches += 1
+            if self.trim_every and self.batches % self.trim_every == 0:
+                self.thread.submit(release_memory)  # before the next batch, on its thread
 
     def close(self) -> None:
         self.thread.shutdown(wait=True, cancel_futures=True)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import calibration
 from .calibration import Calibration
 from .coreset import (StreamingCoreset, continue_coreset, coreset_size,
-                      coreset_start_and_projection, project_rows)
+                      coreset_start_and_projection, distance_to_chosen, project_rows)
 from .errors import PatchCoreError
 from .regions import DEFAULT_MIN_REGION_AREA, find_regions
 from .scoring import bank_neighbors, score_patches, update_neighbors
@@ -165,11 +165,15 @@ def update(model: "PatchCore", paths: list[Path], skipped: list[str] | None = No
             chosen = torch.cat([project_rows(old_bank[r:r + 8192], proj)
                                 for r in range(0, old_bank.shape[0], 8192)])
             new_proj = sc.projected()
+            # The one pass against the old bank, shared by every continuation below (the
+            # calibration's folds and the update itself): each new row's distance to its
+            # nearest old centre.
+            start = distance_to_chosen(chosen, new_proj)
 
             def extended(rows: Tensor) -> tuple[Tensor, Tensor | None, int]:
                 """The old bank plus the continuation over ``rows`` of the new ones."""
                 k = coreset_size(len(rows), c.coreset_ratio)
-                pick = continue_coreset(chosen, new_proj[rows], k)
+                pick = continue_coreset(chosen, new_proj[rows], k, start[rows])
                 bank = torch.cat([old_bank, sc.gather(rows[pick])])
                 hood = (update_neighbors(bank, old_hood, k, c.num_neighbors)
                         if old_hood is not None else None)

@@ -74,7 +74,8 @@ def test_evaluate_and_score_outputs(fitted, demo, tmp_path, capsys):
     assert main(["score", str(fitted), str(imgs), "-o", str(sc), "--threshold",
                  str(m["f1_threshold"]), "--save-maps", *SMALL[4:]]) == 0
     rows = list(csv.DictReader((sc / "scores.csv").open()))
-    assert len(rows) == 3 and set(rows[0]) == {"file", "score", "normalised", "label"}
+    assert len(rows) == 3 and set(rows[0]) == {"file", "score", "normalised", "label",
+                                                "regions", "largest_region_area"}
     js = json.loads((sc / "scores.json").read_text())
     assert len(js["images"]) == 3 and js["threshold"] == m["f1_threshold"]
     # Maps come back at the photo's own size (issue #15), not the 64 x 64 input.

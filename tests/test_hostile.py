@@ -24,6 +24,7 @@ from patchcore_fast.images import read_image
 from patchcore_fast.errors import LargeImageWarning, PatchCoreError, SkippedFileWarning
 from patchcore_fast.files import atomic_path, write_text
 from child import CHILD_CWD, CLI, child_env
+from model_files import read_model
 
 SMALL = ["--image-size", "64", "--crop", "64", "--device", "cpu", "--quiet"]
 
@@ -46,13 +47,6 @@ def _files(folder: Path) -> list[Path]:
 
 
 # ----- 1. model files that load but hold the wrong thing ---------------------------------
-
-def _read_model(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as fh:
-        return dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
-
 
 def _config(meta: dict, **changes) -> dict:
     config = json.loads(meta["config"])
@@ -103,7 +97,7 @@ def test_tampered_model_one_line(demo, case, tmp_path, capsys):
     from safetensors.torch import save_file
 
     root, model = demo
-    meta, tensors = _read_model(model)
+    meta, tensors = read_model(model)
     meta_changes, tensor_changes = TAMPERED[case][0](meta, tensors)
     meta.update(meta_changes)
     for k, v in tensor_changes.items():
@@ -134,7 +128,7 @@ def test_tampered_model_console_script(demo, tmp_path):
     from safetensors.torch import save_file
 
     root, model = demo
-    meta, tensors = _read_model(model)
+    meta, tensors = read_model(model)
     tensors["bank"] = tensors["bank"].to(torch.int32)
     bad = tmp_path / "int32.safetensors"
     save_file(tensors, str(bad), metadata=meta)

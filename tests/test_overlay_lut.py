@@ -47,7 +47,8 @@ def test_writer_pool_writes_all_and_records_in_order(tmp_path):
         for m in maps:
             hist.add(m)
         write_map_files(out, spool, [(p, p.stem) for p in sources], pre, hist,
-                        overlays=True, save_maps=True, written=recorded.append, threads=3)
+                        overlays=True, save_maps=True, threads=3,
+                        written=lambda p, regions: recorded.append(p))
     assert recorded == sources
     for i, p in enumerate(sources):
         assert Image.open(out / "overlays" / f"{p.stem}.png").size == (32, 32)

@@ -63,8 +63,10 @@ def options(service, **changes):
 def gated(service):
     """Hold every batch at the model until the yielded event is set."""
     gate, before = threading.Event(), service.score
+    gate.sizes = []  # the size of each batch that reached the model
 
     def held(inputs):
+        gate.sizes.append(len(inputs))
         gate.wait(60)
         return before(inputs)
 
@@ -196,15 +198,22 @@ def test_concurrent_requests_are_batched(server, demo):
         result: list = []
         t = threading.Thread(target=lambda: result.extend(asyncio.run(clients())))
         t.start()
-        # One request held at the model, the others queued behind it.
-        wait_for(lambda: len(service.batcher.jobs) == size)
+        # The first batch held at the model (the requests that arrived within its wait:
+        # one or a few), the others queued behind it.
+        wait_for(lambda: gate.sizes and gate.sizes[0] + len(service.batcher.jobs)
+                 == len(bodies))
+        first = gate.sizes[0]
         gate.set()
         t.join(120)
     assert [r.status_code for r in result] == [200] * len(bodies)
     answers = [r.json() for r in result]
     for i, a in enumerate(answers):
         assert a["score"] == pytest.approx(float(expected[i % len(files)]), rel=1e-4)
-    assert sorted(a["timing"]["batch_size"] for a in answers) == [1] + [size] * size
+    # The queued requests went to the model together, as one batch.
+    queued = len(bodies) - first
+    assert sorted(a["timing"]["batch_size"] for a in answers) == \
+        sorted([first] * first + [queued] * queued)
+    assert gate.sizes == [first, queued]
     text = httpx.get(f"{url}/metrics").text
     assert f'patchcore_batch_size_bucket{{le="{float(size)}"}}' in text
 

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from patchcore_fast import calibration
 from patchcore_fast.cli import main
 from patchcore_fast.model import PatchCore
+from model_files import without_calibration
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +97,8 @@ def test_threshold_overrides_raw_or_normalised(fitted, tmp_path, capsys):
 
 def test_old_model_file_scores_without_labels(fitted, tmp_path, capsys):
     root, model_file = fitted
-    with safetensors.safe_open(str(model_file), "pt") as fh:
-        meta = dict(fh.metadata())
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    del meta["calibration"]
     old = tmp_path / "old.safetensors"
-    safetensors.torch.save_file(tensors, str(old), metadata=meta)
+    meta, tensors = without_calibration(model_file, old)
     assert PatchCore.load(old, device="cpu").calibration is None
     assert main(["score", str(old), str(root / "widget" / "test" / "good"), "-o",
                  str(tmp_path / "o"), "--no-overlays"]) == 0
@@ -235,3 +232,6 @@ def test_score_killed_mid_run_with_overlays_resumes(fitted, tmp_path):
     assert pngs == sorted(p.relative_to(cut) for p in (cut / "overlays").rglob("*.png"))
     assert len(pngs) == len(a)
     assert all((full / p).read_bytes() == (cut / p).read_bytes() for p in pngs)
+    # The regions of the images scored before the kill come back from the journal.
+    regions = [json.loads((o / "scores.json").read_text())["images"] for o in (full, cut)]
+    assert [r["regions"] for r in regions[0]] == [r["regions"] for r in regions[1]]

@@ -1,0 +1,97 @@
+"""Adding good images to a fitted model against refitting it (issue #21, ``fit --update``).
+
+Workload: bottle (EfficientNet-Lite0, 10 %, default geometry, calibration on, CPU). A base
+model is fitted on train/good (209 images; the module fixture, not timed). Then, side by
+side in one run, each as the command a user types (process start, model load and save
+included: what the user waits for):
+
+    refit:  ``fit FOLDER -o refit.safetensors``, FOLDER holding train/good and the 20 new
+            images (229 images, from scratch)
+    update: ``fit --update base.safetensors 20 new images -o updated.safetensors``
+
+The 20 new images are the first 20 of test/good. The updated model's bank must start with
+the base model's bank, row for row (the benchmark asserts it). The commands' own times
+(fit_seconds of the refit, updates[-1].seconds of the update) are printed beside the wall
+clock.
+
+Run:  python -m pytest bench/bench_update.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common
+import pytest
+import torch
+from safetensors import safe_open
+
+NEW_IMAGES = 20
+FIT = ["--backbone", "efficientnet_lite0", "--coreset-ratio", "0.1", "--device", "cpu",
+       "--quiet"]
+
+
+def _cli(*argv: str) -> float:
+    """Run ``patchcore-fast argv`` (this interpreter, this package); its wall time."""
+    import patchcore_fast
+
+    env = {**os.environ, "PYTHONPATH": str(Path(patchcore_fast.__file__).resolve().parents[1])}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "patchcore_fast.cli", *argv], check=True, env=env,
+                   cwd=Path(os.environ.get("TMPDIR", "/tmp")))
+    return time.perf_counter() - t0
+
+
+def _stats(model: Path) -> dict:
+    with safe_open(str(model), "pt") as f:
+        return json.loads(f.metadata()["fit_stats"])
+
+
+def _bank(model: Path) -> torch.Tensor:
+    with safe_open(str(model), "pt") as f:
+        return f.get_tensor("bank")
+
+
+@pytest.fixture(scope="module")
+def bottle(tmp_path_factory):
+    root = _common.mvtec_root() / "bottle"
+    new = sorted((root / "test" / "good").glob("*.png"))[:NEW_IMAGES]
+    work = tmp_path_factory.mktemp("update")
+    # fit takes one folder: the refit's 229 images, copied together (outside the repository).
+    together = work / "train-and-new"
+    together.mkdir()
+    for p in [*sorted((root / "train" / "good").glob("*.png")), *new]:
+        shutil.copyfile(p, together / f"{p.parent.parent.name}-{p.name}")
+    base = work / "base.safetensors"
+    _cli("fit", str(root / "train" / "good"), "-o", str(base), *FIT)
+    return root, [str(p) for p in new], together, work, base
+
+
+@pytest.mark.parametrize("how", ["refit", "update"])
+def test_update_against_refit(benchmark, bottle, how):
+    root, new, together, work, base = bottle
+    benchmark.group = f"bottle-update-{NEW_IMAGES}-images"
+    out = work / f"{how}.safetensors"
+    if how == "refit":
+        argv = ["fit", str(together), "-o", str(out), *FIT]
+    else:
+        argv = ["fit", "--update", str(base), *new, "-o", str(out), "--device", "cpu",
+                "--quiet"]
+    wall = benchmark.pedantic(_cli, args=argv, rounds=1, iterations=1)
+    stats = _stats(out)
+    own = stats["fit_seconds"] if how == "refit" else stats["updates"][-1]["seconds"]
+    parts = {k: round(stats[k], 2) for k in ("feature_seconds", "calibration_seconds",
+                                             "coreset_seconds") if how == "refit"}
+    benchmark.extra_info.update(own_seconds=own, load=os.getloadavg()[0], **parts)
+    print(f"\n{how}: wall {wall:.1f} s, the command's own time {own:.1f} s {parts}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    if how == "update":
+        old, updated = _bank(base), _bank(out)
+        assert torch.equal(updated[:len(old)], old), "the update did not keep the old bank"
+        print(f"update: {len(old):,} rows kept, {len(updated) - len(old):,} added")
