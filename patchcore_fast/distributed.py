@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -150,9 +151,21 @@ def describe_failure(exc: BaseException) -> str:
     return f"the distributed run failed: {type(exc).__name__}: {text}"
 
 
-def finish() -> None:
-    """Leave the process group (when in one)."""
+def finish(together: bool = False) -> None:
+    """Leave the process group (when in one).
+
+    ``together``: every rank is known to be alive and at this same point (the command's
+    end, or a failure that an exchange reported to all): a barrier first, so that no rank
+    tears its side of the group down, and exits, while another still uses it. Without
+    it, a rank that failed fast could leave while rank 0 (which also serves the group's
+    store) was still closing, and rank 0 aborted at exit now and then ("terminate called
+    without an active exception", SIGABRT). After a collective failed (a rank died or
+    hung) no barrier is tried: it would wait for the dead.
+    """
     if dist.is_available() and dist.is_initialized():
+        if together:
+            with contextlib.suppress(*DistError):
+                dist.barrier()
         dist.destroy_process_group()
 
 
@@ -182,10 +195,16 @@ def run(launch: Launch, verb: str, device, timeout_s: float, call):
     if verb not in ("fit", "score", "evaluate"):
         raise PatchCoreError(f"{verb} does not run under torchrun yet; run it as one process")
     init(launch, device(), timeout_s)
+    together = False  # every rank is at the same point: the end, or a reported failure
     try:
-        return call()
+        result = call()
+        together = True
+        return result
+    except BaseException as exc:
+        together = getattr(exc, _EVERY_RANK_KNOWS, False)
+        raise
     finally:
-        finish()
+        finish(together)
 
 
 def current() -> Launch:
@@ -206,6 +225,17 @@ def _one_line(exc: BaseException) -> str:
     return "cannot use " + text.removeprefix("skipping ") if isinstance(exc, Warning) else text
 
 
+#: Set on an exception that every rank raises at the same point (a failure reported by an
+#: exchange): :func:`finish` may then synchronise the ranks before leaving.
+_EVERY_RANK_KNOWS = "_patchcore_fast_every_rank_knows"
+
+
+def _known(exc: BaseException) -> BaseException:
+    with contextlib.suppress(AttributeError, TypeError):  # an exception without a __dict__
+        setattr(exc, _EVERY_RANK_KNOWS, True)
+    return exc
+
+
 def _exchange_across(work) -> list:
     """:meth:`Launch.exchange` of a process group (one collective).
 
@@ -223,9 +253,10 @@ def _exchange_across(work) -> list:
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, (mine, None if error is None else _one_line(error)))
     if error is not None:
-        raise error
+        raise _known(error)
     failed = [(r, why) for r, (_, why) in enumerate(every) if why is not None]
     if failed:
         r, why = failed[0]
-        raise PatchCoreError(f"rank {r} of {len(every)} failed ({why}); nothing was merged")
+        raise _known(PatchCoreError(f"rank {r} of {len(every)} failed ({why}); nothing was "
+                                    f"merged"))
     return [answer for answer, _ in every]

@@ -35,6 +35,10 @@ def run_record(model_sha256: str, weights_sha256: str | None, threshold: float |
             "save_masks": save_masks, "min_region_area": min_region_area}
 
 
+#: The journal's column of each image's regions (compact JSON; empty without them): not
+#: scores.csv's ``regions``, which counts them.
+REGIONS = "region_list"
+
 #: First line of the journal, followed by the JSON of the run it belongs to.
 JOURNAL_TAG = "# patchcore-fast score journal "
 
@@ -96,7 +100,10 @@ def read_done(out: Path, run: dict, regions: dict | None = None) -> dict[str, fl
             data = json.loads(finished.read_text(encoding="utf-8"))
             _check_run(finished, data.get("run"), run)
             for r in data["images"]:
-                keep(finished, str(r["file"]), float(r["score"]), r.get("regions"))
+                where = r.get("regions")
+                if not (where is None or isinstance(where, list)):
+                    raise ValueError("regions should be a list")
+                keep(finished, str(r["file"]), float(r["score"]), where)
         except PatchCoreError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
@@ -122,7 +129,9 @@ def read_done(out: Path, run: dict, regions: dict | None = None) -> dict[str, fl
                 try:
                     file, score = row["file"], float(row["score"])
                     # A journal of a version before regions has no such column.
-                    where = json.loads(row["regions"]) if row.get("regions") else None
+                    where = json.loads(row[REGIONS]) if row.get(REGIONS) else None
+                    if not (where is None or isinstance(where, list)):
+                        raise ValueError(f"{REGIONS} should be a JSON list")
                 except (KeyError, TypeError, ValueError):
                     raise PatchCoreError(f"--resume: {journal} is damaged (row {row}); "
                                          f"delete it to score everything again") from None
@@ -170,7 +179,7 @@ class Journal:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as fh:
                 fh.write((JOURNAL_TAG + json.dumps(self.run, sort_keys=True)
-                          + "\nfile,score,regions\n").encode("utf-8"))
+                          + f"\nfile,score,{REGIONS}\n").encode("utf-8"))
                 fh.flush()
                 os.fsync(fh.fileno())
             fsync_folder(self.out)

@@ -117,3 +117,26 @@ def test_save_masks_needs_a_calibrated_model(fitted, tmp_path, capsys):
     meta = json.loads((out / "scores.json").read_text())
     assert meta["regions"] is None and all("regions" not in r for r in meta["images"])
     assert "regions" not in next(csv.DictReader((out / "scores.csv").open()))
+
+
+def test_resume_reads_the_regions_back_and_refuses_damaged_ones(fitted, tmp_path, capsys):
+    from patchcore_fast.journal import JOURNAL, JOURNAL_TAG, REGIONS
+
+    root, model_file = fitted
+    full = tmp_path / "full"
+    assert _score(model_file, root, full, "--no-overlays") == 0
+    meta = json.loads((full / "scores.json").read_text())
+    first = meta["images"][0]
+    head = JOURNAL_TAG + json.dumps(meta["run"]) + f"\nfile,score,{REGIONS}\n"
+    for text, code in ((json.dumps(first["regions"]), 0), ("5", 2), ('{"area": 3}', 2)):
+        out = tmp_path / f"o{code}{len(text)}"
+        out.mkdir()
+        (out / JOURNAL).write_text(head + f"{first['file']},{first['score']},"
+                                   + '"' + text.replace('"', '""') + '"\n')
+        assert _score(model_file, root, out, "--no-overlays", "--resume") == code
+        err = capsys.readouterr().err.strip().splitlines()
+        if code:
+            assert len(err) == 1 and "damaged" in err[0], err
+        else:
+            again = json.loads((out / "scores.json").read_text())["images"]
+            assert again == meta["images"]
