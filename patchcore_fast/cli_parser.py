@@ -194,10 +194,15 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
                         "before the run fails (default 1800)")
 
 
-def _loaded_model_options(p: argparse.ArgumentParser) -> None:
-    """Options of the verbs that run a fitted model (score, evaluate)."""
+def _moved_weights_option(p) -> None:
+    """``--weights`` of the verbs that load a fitted model (score, evaluate, export, serve)."""
     p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
                    "fitted with a local file that has moved")
+
+
+def _loaded_model_options(p: argparse.ArgumentParser) -> None:
+    """Options of the verbs that run a fitted model (score, evaluate)."""
+    _moved_weights_option(p)
     p.add_argument("--bank-shards", action="store_true", help="under torchrun: split the "
                    "memory bank across the processes (each holds 1/N of it on its device and "
                    "every process embeds every image; for banks that do not fit one device; "
@@ -270,8 +275,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
                    help="where to run (auto: CUDA when available)")
     g.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="the backbone's arithmetic (default: the model's saved setting)")
-    g.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
-                   "fitted with a local file that has moved")
+    _moved_weights_option(g)
     g.add_argument("--quiet", "-q", action="store_true", help="no messages but errors")
 
 
@@ -367,8 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file written by fit")
     p.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="ONNX file to "
                    "write (with FILE.onnx.data beside it when the constants pass 2 GB)")
-    p.add_argument("--weights", metavar="FILE", help="backbone weights, if the model was "
-                   "fitted with a local file that has moved")
+    _moved_weights_option(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no messages")
 
     p = sub.add_parser("serve", help="serve a model over HTTP (batching, limits, a web page)",

@@ -157,8 +157,8 @@ def continue_coreset(chosen: Tensor, new: Tensor, k: int, start: Tensor | None =
     indices = torch.empty(k, dtype=torch.int64, device=new.device)
     if k == 0:
         return indices
-    min_d = (distance_to_chosen(chosen, new) if start is None
-             else start.float().clone().contiguous())
+    # Read only (the state below gets a copy).
+    min_d = distance_to_chosen(chosen, new) if start is None else start.float().contiguous()
     # The plain pass's state is each row's squared distance to its nearest centre
     # (ops.coreset_shard_state, lazy=False): start it at the chosen centres.
     state = ops.coreset_shard_state(new, k, lazy=False)

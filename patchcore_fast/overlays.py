@@ -122,7 +122,7 @@ def writer_threads() -> int:
 
 def write_map_files(out: Path, spool: ArraySpool | MapSpool, images: Sequence[tuple[Path, str]],
                     preprocess, pixels, overlays: bool = True, save_maps: bool = False,
-                    written: Callable[[Path], None] | None = None,
+                    written: Callable[[Path, list | None], None] | None = None,
                     threads: int | None = None, scale: tuple[float, float] | None = None,
                     regions_at: float | None = None) -> None:
     """The second pass of score and evaluate: each parked map to its overlay and ``.npy``

@@ -64,6 +64,21 @@ class ImageRows:
             out.sizes += part.sizes
         return out
 
+    def scored(self, model: "PatchCore", sc: StreamingCoreset, held: Sequence[int],
+               bank: Tensor, hood: Tensor | None) -> Iterator[tuple]:
+        """The held-out images ``held`` scored against ``bank`` from their stored rows
+        (no features extracted again), batch by batch as
+        :func:`~patchcore_fast.calibration.out_of_sample` takes them: (image indices,
+        scores, maps at each photo's size as it was read)."""
+        c = model.config
+        for ids in self.batches(held, c.batch_size):
+            patches = sc.gather(calibration.rows_of_images(self.spans, ids)).view(
+                len(ids), -1, sc.dim)
+            grid, size = self.shapes[ids[0]]
+            scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
+            yield ids, scores.cpu().numpy(), model.maps_back(
+                [self.paths[i] for i in ids], maps.cpu(), sizes=[self.sizes[i] for i in ids])
+
     def batches(self, ids: Sequence[int], size: int) -> Iterator[list[int]]:
         """``ids`` in runs of at most ``size`` images of one shape."""
         run: list[int] = []
@@ -98,15 +113,9 @@ def calibrate(model: "PatchCore", sc: StreamingCoreset, layout: ImageRows, ratio
 
     def scored(held: np.ndarray, bank: Tensor):
         hood = bank_neighbors(bank, c.num_neighbors) if c.num_neighbors > 0 else None
-        for ids in layout.batches(held, c.batch_size):
-            rows = calibration.rows_of_images(layout.spans, ids)
-            patches = sc.gather(rows).view(len(ids), -1, sc.dim)
-            grid, size = layout.shapes[ids[0]]
-            scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
-            bar.update(len(ids))
-            yield ids, scores.cpu().numpy(), model.maps_back(
-                [layout.paths[i] for i in ids], maps.cpu(),
-                sizes=[layout.sizes[i] for i in ids])
+        for batch in layout.scored(model, sc, held, bank, hood):
+            bar.update(len(batch[0]))
+            yield batch
 
     with torch.inference_mode(), tqdm(total=n, desc="fit: calibration", unit="img",
                                       disable=not progress, leave=False) as bar:
@@ -206,14 +215,7 @@ def _update_calibration(model: "PatchCore", sc: StreamingCoreset, layout: ImageR
             bank, hood, _ = extended(calibration.rows_of_images(layout.spans, others))
         else:  # one new image: scored against the old bank
             bank, hood = model.bank, model.neighbors
-        for ids in layout.batches(held, c.batch_size):
-            patches = sc.gather(calibration.rows_of_images(layout.spans, ids)).view(
-                len(ids), -1, sc.dim)
-            grid, size = layout.shapes[ids[0]]
-            scores, maps = score_patches(patches, bank, hood, grid, size, c.blur_sigma)
-            yield ids, scores.cpu().numpy(), model.maps_back(
-                [layout.paths[i] for i in ids], maps.cpu(),
-                sizes=[layout.sizes[i] for i in ids])
+        return layout.scored(model, sc, held, bank, hood)
 
     oos = calibration.out_of_sample(n, ((h, scored(h)) for h in held_out))
     return calibration.calibrate(
