@@ -11,9 +11,11 @@
 //
 // A rank's state (coreset_shard_state makes it, coreset_shard_step updates it in place;
 // its layout is the kernel's own, the Python loop only carries it):
+// Both kinds start each row's min_d at the op's `start` (its squared distance to centres
+// chosen before the run; +inf without one), so a run continues an earlier selection.
 //   lazy (CPU, the default there: csrc/cpu/coreset_shard.cpp), 7 tensors:
-//     0 ub      float32[N_r]     upper bound of each row's min_d (min over the first seen[i]
-//                                centres; -1 once selected)
+//     0 ub      float32[N_r]     upper bound of each row's min_d (min of its start and of
+//                                the first seen[i] centres; -1 once selected)
 //     1 seen    int32[N_r]       centres each row has been compared with (or skipped by
 //                                the bound)
 //     2 heap    int64[N_r + 1]   [0] = h, [1 .. h] a 4-ary max-heap (key_heap.h) of the
@@ -27,13 +29,15 @@
 //                                (lazy_argmax.h), L = ceil(k/8)*8*8 + 24k (0 when D < 64)
 //   plain (CUDA always, csrc/cuda/greedy_coreset.cu; CPU with lazy=False: one pass over
 //   the shard per step, every distance computed, the oracle of the tests), 1 tensor:
-//     0 min_d   float32[N_r]     each row's min_d (+inf before the first step, -1 once
-//                                selected)
+//     0 min_d   float32[N_r]     each row's min_d (its start before the first step, -1
+//                                once selected)
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
+#include <optional>
 
 #include "common.h"
 
@@ -46,10 +50,25 @@ constexpr size_t kShardStatePlain = 1;
 // Args:
 //   shard: Tensor[N_r, D] float32, this rank's rows (global rows offset .. offset + N_r).
 //   k: centres to select, >= 1.
-inline void check_coreset_shard_state_args(const at::Tensor& shard, int64_t k) {
+//   start: Tensor[N_r] float32 on the shard's device, or undefined.
+inline void check_coreset_shard_state_args(const at::Tensor& shard, int64_t k,
+                                           const std::optional<at::Tensor>& start) {
   check_matrix(shard, "shard");
   TORCH_CHECK(shard.size(1) > 0, "shard has zero columns (shape ", shard.sizes(), ")");
   TORCH_CHECK(k >= 1, "k should be >= 1, got ", k);
+  if (start.has_value() && start->defined()) {
+    TORCH_CHECK(start->scalar_type() == at::kFloat && start->dim() == 1 &&
+                    start->size(0) == shard.size(0) && start->device() == shard.device(),
+                "start should be a float32 Tensor[", shard.size(0), "] on ", shard.device(),
+                " (one squared distance per row of the shard), got ", start->scalar_type(),
+                " with shape ", start->sizes(), " on ", start->device());
+  }
+}
+
+// The rows' starting min_d: a copy of `start`, or +inf for every row without one.
+inline at::Tensor shard_start(const at::Tensor& shard, const std::optional<at::Tensor>& start) {
+  if (start.has_value() && start->defined()) return start->contiguous().clone();
+  return at::full({shard.size(0)}, std::numeric_limits<float>::infinity(), shard.options());
 }
 
 // One state tensor: its dtype, its shape, contiguous, on the shard's device.

@@ -31,9 +31,13 @@ TORCH_LIBRARY(patchcore_fast, m) {
   // kernel's own: csrc/coreset_shard_step.h).
   //   shard: Tensor[N_r, D] float32; k >= 1, the centres the run will select;
   //   lazy: the CPU's lazy evaluation (the default) or the plain pass (every distance of
-  //     every step; CUDA has only the plain pass and ignores it).
+  //     every step; CUDA has only the plain pass and ignores it);
+  //   start: Tensor[N_r] float32 or None, each row's squared distance to centres chosen
+  //     before this run (a selection continued from a fitted bank), >= 0 or +inf, not NaN
+  //     (not checked: no value is read); None = +inf, a selection from scratch.
   //   returns the state tensors, to pass to every coreset_shard_step of the run.
-  m.def("coreset_shard_state(Tensor shard, int k, bool lazy=True) -> Tensor[]");
+  m.def("coreset_shard_state(Tensor shard, int k, bool lazy=True, Tensor? start=None) "
+        "-> Tensor[]");
   // One step of the exact distributed coreset on one rank's shard of the rows.
   //   shard: Tensor[N_r, D] float32, global rows offset .. offset + N_r - 1;
   //   candidates: Tensor[R, D + 2] int32, every rank's record from the previous step

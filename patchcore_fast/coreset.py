@@ -131,9 +131,12 @@ def continue_coreset(chosen: Tensor, new: Tensor, k: int, start: Tensor | None =
     been there all along with those centres chosen; the selection then goes on among the
     new points only: take the farthest, lower every new point's distance with it, k times.
     Each step is one :func:`patchcore_fast.ops.coreset_shard_step` over the new points
-    (the distributed coreset's step, here with one rank, its plain pass), so the cost is one k-NN pass of
-    the new points against the chosen rows plus k passes over the new points: it grows
-    with the new points, and only through that first pass with the bank.
+    (the distributed coreset's step, here with one rank), its state started at those
+    distances (``coreset_shard_state(start=)``): on the CPU its lazy evaluation, which
+    computes a point's distance to a new centre only when the point could be the farthest
+    (the plain pass, every distance of every step, on CUDA). So the cost is one k-NN pass
+    of the new points against the chosen rows plus the k steps over the new points: it
+    grows with the new points, and only through that first pass with the bank.
 
     Args:
         chosen (Tensor[M, C]): the centres already selected (M >= 1).
@@ -159,10 +162,7 @@ def continue_coreset(chosen: Tensor, new: Tensor, k: int, start: Tensor | None =
         return indices
     # Read only (the state below gets a copy).
     min_d = distance_to_chosen(chosen, new) if start is None else start.float().contiguous()
-    # The plain pass's state is each row's squared distance to its nearest centre
-    # (ops.coreset_shard_state, lazy=False): start it at the chosen centres.
-    state = ops.coreset_shard_state(new, k, lazy=False)
-    state[0].copy_(min_d)
+    state = ops.coreset_shard_state(new, k, start=min_d)
     # Step 0's record names the farthest new point (the lowest index on ties, as the
     # kernel's packed keys order them).
     first = int(torch.argmax(min_d))

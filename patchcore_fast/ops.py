@@ -146,7 +146,8 @@ def _check_shard(shard: Tensor) -> None:
                          f"{tuple(shard.shape)}")
 
 
-def coreset_shard_state(shard: Tensor, k: int, lazy: bool = True) -> list[Tensor]:
+def coreset_shard_state(shard: Tensor, k: int, lazy: bool = True,
+                        start: Tensor | None = None) -> list[Tensor]:
     """The state of this rank's shard for :func:`coreset_shard_step` (one per run).
 
     Its layout is the kernel's own (csrc/coreset_shard_step.h): with ``lazy`` on the CPU,
@@ -160,6 +161,10 @@ def coreset_shard_state(shard: Tensor, k: int, lazy: bool = True) -> list[Tensor
         k (int): the number of centres the run selects, >= 1.
         lazy (bool): the lazy evaluation (CPU); False: one plain pass per step (the
             tests' oracle; the only kind on CUDA, which ignores this).
+        start (Tensor[N_r] | None): float32, each row's squared distance to centres chosen
+            before this run (>= 0 or +inf; not NaN, unchecked: no value is read), so the
+            run continues that selection (:func:`patchcore_fast.coreset.continue_coreset`);
+            None: from scratch.
 
     Returns:
         list[Tensor]: the state, on the shard's device.
@@ -168,9 +173,16 @@ def coreset_shard_state(shard: Tensor, k: int, lazy: bool = True) -> list[Tensor
     k = int(k)
     if k < 1:
         raise ValueError(f"k should be >= 1, got {k}")
+    if start is not None and (not isinstance(start, Tensor) or start.dtype != torch.float32
+                              or tuple(start.shape) != (shard.shape[0],)
+                              or start.device != shard.device):
+        raise ValueError(f"start should be a float32 Tensor[{shard.shape[0]}] on "
+                         f"{shard.device} (one squared distance per row of the shard), got "
+                         f"{getattr(start, 'dtype', type(start).__name__)} with shape "
+                         f"{tuple(getattr(start, 'shape', ()))}")
     if _use_kernel(shard, "coreset_shard_state"):
-        return torch.ops.patchcore_fast.coreset_shard_state.default(shard, k, bool(lazy))
-    return reference.coreset_shard_state(shard, k, lazy)
+        return torch.ops.patchcore_fast.coreset_shard_state.default(shard, k, bool(lazy), start)
+    return reference.coreset_shard_state(shard, k, lazy, start)
 
 
 def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, state: list[Tensor],

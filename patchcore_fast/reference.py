@@ -73,10 +73,14 @@ def key_index(key: Tensor) -> Tensor:
     return 0xFFFFFFFF - (key & 0xFFFFFFFF)
 
 
-def coreset_shard_state(shard: Tensor, k: int, lazy: bool = True) -> list[Tensor]:
+def coreset_shard_state(shard: Tensor, k: int, lazy: bool = True,
+                        start: Tensor | None = None) -> list[Tensor]:
     """The state of one rank's shard (pure-torch twin of the op): ``[min_d]``, each row's
-    squared distance to its nearest centre, +inf before the first step (the plain pass's
-    state, whatever ``lazy`` asks: the twin has no lazy evaluation)."""
+    squared distance to its nearest centre, before the first step a copy of ``start`` (its
+    distance to centres chosen before the run) or +inf (the plain pass's state, whatever
+    ``lazy`` asks: the twin has no lazy evaluation)."""
+    if start is not None:
+        return [start.float().clone()]
     return [torch.full((shard.shape[0],), float("inf"), dtype=torch.float32,
                        device=shard.device)]
 

@@ -66,15 +66,18 @@ ArgmaxKey record_key(const int32_t* record) {
   return key;
 }
 
-std::vector<at::Tensor> coreset_shard_state_cpu(const at::Tensor& shard, int64_t k, bool lazy) {
-  check_coreset_shard_state_args(shard, k);
+std::vector<at::Tensor> coreset_shard_state_cpu(const at::Tensor& shard, int64_t k, bool lazy,
+                                                const std::optional<at::Tensor>& start) {
+  check_coreset_shard_state_args(shard, k, start);
   TORCH_CHECK(shard.device().is_cpu(), "shard should be on the CPU, got ", shard.device());
   const at::Tensor x = shard.contiguous();
   const int64_t n = x.size(0), d = x.size(1);
-  if (!lazy) return {at::full({n}, std::numeric_limits<float>::infinity(), x.options())};
+  if (!lazy) return {shard_start(x, start)};
   const bool bounded = d >= kBoundMinDim;
   const auto f32 = x.options(), f64 = x.options().dtype(at::kDouble);
-  at::Tensor ub = at::full({n}, std::numeric_limits<float>::infinity(), f32);
+  // A row's start is its exact min_d over the centres before the run, so it is an upper
+  // bound of its min_d at every step: the lazy loop's invariant holds from the start.
+  at::Tensor ub = shard_start(x, start);
   at::Tensor seen = at::zeros({n}, x.options().dtype(at::kInt));
   at::Tensor heap = at::zeros({n + 1}, x.options().dtype(at::kLong));
   at::Tensor coords = at::zeros({bounded ? n : 0, kBoundDims}, f32);
@@ -192,7 +195,8 @@ at::Tensor coreset_shard_step_cpu(const at::Tensor& shard, const at::Tensor& can
     }
   }
 
-  // 2. The heap: built from the first centre's distances, or given back this rank's offer.
+  // 2. The heap: built from the first centre's distances (each lowering the row's start),
+  //    or given back this rank's offer.
   KeyHeap heap(reinterpret_cast<ArgmaxKey*>(heap_store + 1), static_cast<size_t>(heap_store[0]));
   const int64_t mine = chosen - offset;  // the centre's local row, when in [0, n)
   if (step == 0) {
@@ -201,7 +205,7 @@ at::Tensor coreset_shard_step_cpu(const at::Tensor& shard, const at::Tensor& can
         ub[i] = -1.f;
         continue;
       }
-      ub[i] = sqdist(xp + i * d, crow, d);
+      ub[i] = std::min(ub[i], sqdist(xp + i * d, crow, d));
       seen[i] = 1;
       heap.append(pack_key(ub[i], static_cast<uint32_t>(i)));
     }

@@ -266,11 +266,12 @@ __global__ void coreset_shard_record_kernel(const float* __restrict__ x,
 }
 
 std::vector<at::Tensor> coreset_shard_state_cuda(const at::Tensor& shard, int64_t k,
-                                                 bool /*lazy: the plain pass only*/) {
-  check_coreset_shard_state_args(shard, k);
+                                                 bool /*lazy: the plain pass only*/,
+                                                 const std::optional<at::Tensor>& start) {
+  check_coreset_shard_state_args(shard, k, start);
   TORCH_CHECK(shard.is_cuda(), "shard should be a CUDA tensor, got ", shard.device());
   const c10::cuda::CUDAGuard guard(shard.device());
-  return {at::full({shard.size(0)}, std::numeric_limits<float>::infinity(), shard.options())};
+  return {shard_start(shard, start)};
 }
 
 at::Tensor coreset_shard_step_cuda(const at::Tensor& shard, const at::Tensor& candidates,
