@@ -60,6 +60,31 @@ def bank_neighbors(bank: Tensor, num_neighbors: int) -> Tensor:
     return ops.knn(bank, bank, b)[1]
 
 
+class NeighborsOnDemand:
+    """:func:`bank_neighbors` of a bank, each row's computed when it is read.
+
+    Scoring reads the neighbors of one bank row per image (m*, the nearest row of its
+    most anomalous patch), so for a bank that scores a few images and is dropped (a
+    calibration fold's), the rows read cost a k-NN pass of a few rows each instead of
+    the whole bank against itself (M^2 D). Indexing gives what indexing
+    :func:`bank_neighbors` gives: the same k-NN op per row, whose answer for a query row
+    does not depend on the other query rows.
+
+    Args:
+        bank (Tensor[M, D]): memory bank.
+        num_neighbors: b; clamped to M.
+    """
+
+    def __init__(self, bank: Tensor, num_neighbors: int):
+        self.bank = bank
+        self.shape = (bank.shape[0], min(int(num_neighbors), bank.shape[0]))
+
+    def __getitem__(self, rows: Tensor) -> Tensor:
+        """Tensor[len(rows), b] int64: the neighbors of bank rows ``rows`` (1-D)."""
+        rows = rows.to(self.bank.device)
+        return ops.knn(self.bank[rows].contiguous(), self.bank, self.shape[1])[1]
+
+
 def update_neighbors(bank: Tensor, neighbors: Tensor, added: int, num_neighbors: int) -> Tensor:
     """:func:`bank_neighbors` of a bank whose last ``added`` rows are new.
 
@@ -134,8 +159,9 @@ def image_scores(patches: Tensor, patch_dist: Tensor, patch_idx: Tensor, bank: T
         patch_dist (Tensor[B, P]): patch scores.
         patch_idx (Tensor[B, P]): nearest bank row of each patch.
         bank (Tensor[M, D]): memory bank (or a sharded one: indexing it gathers rows).
-        neighbors (Tensor[M, b] or None): from :func:`bank_neighbors`; None
-            turns the reweighting off (score = s*, as the official code).
+        neighbors (Tensor[M, b] or None): from :func:`bank_neighbors` (or a
+            :class:`NeighborsOnDemand`); None turns the reweighting off (score = s*, as
+            the official code).
 
     Returns:
         Tensor[B] float32.
@@ -228,6 +254,6 @@ def blur_kernel_size(sigma: float) -> int:
     return 2 * int(4.0 * sigma + 0.5) + 1 if sigma > 0 else 1
 
 
-__all__ = ["nearest_bank_rows", "bank_neighbors", "update_neighbors", "reweighting_factor",
-           "image_scores", "score_patches", "gaussian_blur", "anomaly_maps", "gaussian_kernel1d",
-           "blur_kernel_size"]
+__all__ = ["nearest_bank_rows", "bank_neighbors", "NeighborsOnDemand", "update_neighbors",
+           "reweighting_factor", "image_scores", "score_patches", "gaussian_blur",
+           "anomaly_maps", "gaussian_kernel1d", "blur_kernel_size"]

@@ -25,7 +25,7 @@ from .coreset import (StreamingCoreset, continue_coreset, coreset_size,
                       coreset_start_and_projection, distance_to_chosen, project_rows)
 from .errors import PatchCoreError
 from .regions import DEFAULT_MIN_REGION_AREA, find_regions
-from .scoring import bank_neighbors, score_patches, update_neighbors
+from .scoring import NeighborsOnDemand, score_patches, update_neighbors
 
 if TYPE_CHECKING:  # the model imports this module
     from .model import PatchCore
@@ -112,7 +112,9 @@ def calibrate(model: "PatchCore", sc: StreamingCoreset, layout: ImageRows, ratio
     held_out = calibration.split_images(n, scheme, folds, seed=c.seed)
 
     def scored(held: np.ndarray, bank: Tensor):
-        hood = bank_neighbors(bank, c.num_neighbors) if c.num_neighbors > 0 else None
+        # A fold's bank scores its held-out images and is dropped: the neighbors of the
+        # rows they read only (one per image), not the fold bank's whole table.
+        hood = NeighborsOnDemand(bank, c.num_neighbors) if c.num_neighbors > 0 else None
         for batch in layout.scored(model, sc, held, bank, hood):
             bar.update(len(batch[0]))
             yield batch
@@ -179,18 +181,22 @@ def update(model: "PatchCore", paths: list[Path], skipped: list[str] | None = No
             # nearest old centre.
             start = distance_to_chosen(chosen, new_proj)
 
-            def extended(rows: Tensor) -> tuple[Tensor, Tensor | None, int]:
-                """The old bank plus the continuation over ``rows`` of the new ones."""
+            def extended(rows: Tensor, kept: bool = False
+                         ) -> tuple[Tensor, Tensor | NeighborsOnDemand | None, int]:
+                """The old bank plus the continuation over ``rows`` of the new ones, with
+                its neighbors: the whole table for the bank ``kept`` (the model's), else
+                those of the rows read (a calibration fold's, dropped once scored)."""
                 k = coreset_size(len(rows), c.coreset_ratio)
                 pick = continue_coreset(chosen, new_proj[rows], k, start[rows])
                 bank = torch.cat([old_bank, sc.gather(rows[pick])])
-                hood = (update_neighbors(bank, old_hood, k, c.num_neighbors)
-                        if old_hood is not None else None)
-                return bank, hood, k
+                if old_hood is None:
+                    return bank, None, k
+                return bank, (update_neighbors(bank, old_hood, k, c.num_neighbors) if kept
+                              else NeighborsOnDemand(bank, c.num_neighbors)), k
 
             if model.calibration is not None:
                 model.calibration = _update_calibration(model, sc, layout, extended)
-            bank, hood, added = extended(torch.arange(sc.n))
+            bank, hood, added = extended(torch.arange(sc.n), kept=True)
     model.bank, model.neighbors = bank.contiguous(), hood
     model.fit_stats.setdefault("updates", []).append(
         {"images": len(layout.paths), "patches": sc.n, "rows_added": added,
