@@ -19,19 +19,26 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+
+# scikit-learn and scipy are imported by the functions that use them: importing
+# sklearn.metrics costs about 1.2 s (it loads scipy.stats), paid by every command's
+# start-up (fit, score, serve) when imported here, though only the evaluation's metrics
+# need it.
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     if labels.size == 0 or labels.min() == labels.max():
         return None  # one class only: undefined
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, scores))
 
 
 def image_roc_curve(labels: Sequence[int], scores: Sequence[float]
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) of the image scores, one point per distinct score (both classes needed)."""
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(np.asarray(labels), scores)
     return fpr, tpr
 
@@ -102,6 +109,8 @@ def region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
     Returns:
         (float64 array[H, W] weights, number of regions).
     """
+    from scipy import ndimage
+
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
     if n == 0:
         return np.zeros(mask.shape, dtype=np.float64), 0
@@ -395,6 +404,8 @@ def f1_max(labels: Sequence[int], scores: Sequence[float]) -> tuple[float | None
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size == 0 or labels.min() == labels.max():
         return None, None
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, thresholds = precision_recall_curve(labels, np.asarray(scores))
     # The last (precision 1, recall 0) point has no threshold.
     p, r = precision[:-1], recall[:-1]
