@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,18 @@ def test_fit_and_score_wide_resnet50_with_threads(demo, tmp_path, two_threads):
     assert stats["projected"] > 0, stats  # the path this test is about was taken
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert len(rows) == sum(len(_files(Path(t))) for t in tests)
+
+
+def test_the_command_line_starts_without_the_evaluation_libraries():
+    """Every command's start-up imports patchcore_fast.cli: scikit-learn (about 1.2 s of
+    imports, scipy.stats with it) is left to the evaluation that needs it."""
+    import subprocess
+
+    from child import CHILD_CWD, child_env
+
+    code = ("import sys, patchcore_fast.cli; "
+            "print(sorted(m for m in ('sklearn', 'scipy.stats', 'matplotlib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=CHILD_CWD, env=child_env(),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
