@@ -37,7 +37,9 @@ Every query image is held out of the bank.
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,56 @@ def test_kernel_files(benchmark, images_dir, device, batch, kind):
                 assert len(regions) == (0 if model.calibration is None else 2)
     finally:
         model.calibration = None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", FILE_BATCHES)
+def test_files_paired_with_tensors(benchmark, images_dir, device, batch):
+    """The files path with overlays (one pass, calibrated) against the tensors path on the
+    same images, round by round: each round scores the query images once preprocessed in
+    memory (batches of ``batch``: the embedder and ``score_embeddings``, as the tensors
+    groups) and once as files through the CLI's score path with overlays. This machine's
+    speed drifts by tens of percent between minutes, more than the gap measured, so the
+    two rates are compared within each round (``extra_info``: both rates' medians and the
+    median of the per-round ratios)."""
+    benchmark.group = f"files-{device}-b{batch}-paired"
+    model = ours(device, "fp32")
+    model.config.batch_size = batch
+    model.calibration = _MODELS[("calibration", device)]
+    paths = _query_paths(images_dir)[:FILES]
+    names = {p: p.stem for p in paths}
+    x = torch.cat([b for _, b, _ in iterate_images(paths, model.preprocess, batch)]).to(device)
+    rates: dict[str, list[float]] = {"tensors": [], "files": []}
+
+    def tensors():
+        with torch.inference_mode():
+            for i in range(0, len(x), batch):
+                model.score_embeddings(*model.embedder(x[i:i + batch]))
+
+    def files():
+        with tempfile.TemporaryDirectory() as out:
+            score_images(model, paths, names, Path(out), [], overlays=True, regions={})
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        rates[name].append(len(paths) / (time.perf_counter() - start))
+
+    def round_():
+        timed("tensors", tensors)
+        timed("files", files)
+
+    try:
+        round_()  # warm-up
+        rates = {k: [] for k in rates}
+        benchmark.pedantic(round_, rounds=max(3, ROUNDS), iterations=1)
+    finally:
+        model.calibration = None
+    ratios = [f / t for f, t in zip(rates["files"], rates["tensors"])]
+    info = {"tensors_images_per_s": round(statistics.median(rates["tensors"]), 2),
+            "files_overlays_images_per_s": round(statistics.median(rates["files"]), 2),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratios": [round(r, 3) for r in ratios]}
+    benchmark.extra_info.update(info)
+    print(f"\n{benchmark.name}: {info}")

@@ -82,6 +82,12 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, every thread."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -143,6 +149,19 @@ def tensors_rate(model: PatchCore, files: list[Path]) -> float:
     for i in range(0, len(inputs), size):
         frames.score_inputs(model, inputs[i:i + size])
     return len(inputs) / (time.perf_counter() - start)
+
+
+def score_for(model: PatchCore, files: list[Path], out: Path, seconds: float) -> dict:
+    """The score loop over ``files`` again and again for at least ``seconds``: images per
+    second, and this process's CPU milliseconds an image."""
+    images, cpu, start = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        score_images(model, files, dict(zip(files, unique_names(files))), out, [],
+                     overlays=False)
+        images += len(files)
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": images / elapsed,
+            "cpu_ms_per_image": 1e3 * (time.process_time() - cpu) / images}
 
 
 # ----- the server and its clients -----------------------------------------------------------
@@ -227,10 +246,15 @@ def clients(url: str, bodies: list[bytes], n: int, seconds: float | None = None,
     return asyncio.run(_clients(url, bodies, n, seconds, total))
 
 
-async def _overload(url: str, bodies: list[bytes], queue: int, seconds: float) -> dict:
-    """The queue kept full: ``queue + 8`` clients sending in a loop (after a 503 each waits
-    its Retry-After, as a well-behaved client does, here 0.1 s), while one more client sends
-    one request at a time and times the answers it gets. Then one request alone."""
+async def _overload(url: str, bodies: list[bytes], queue: int, seconds: float,
+                    retry_s: float | None = None, extra: int = 32) -> dict:
+    """The queue kept full: ``queue + extra`` clients sending in a loop (after a 503 each waits
+    the answer's Retry-After, as a well-behaved client does, or ``retry_s``), while one more
+    client sends one request at a time and times the answers it gets. Then one request
+    alone. The clients share this process and the server's 2 cores: with a short
+    ``retry_s`` (0.1 s: ten times the rate the server asks for) the refused clients' own
+    churn (hundreds of requests a second, each costing this process and the server CPU
+    time) delays the probe's answers in this process's event loop too."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as c:
         end = time.perf_counter() + seconds
         probe: list[tuple[int, float]] = []
@@ -241,8 +265,10 @@ async def _overload(url: str, bodies: list[bytes], queue: int, seconds: float) -
 
         async def background(k: int) -> None:
             while time.perf_counter() < end:
-                if (await post(k)).status_code == 503:
-                    await asyncio.sleep(0.1)
+                r = await post(k)
+                if r.status_code == 503:
+                    await asyncio.sleep(retry_s if retry_s is not None
+                                        else float(r.headers.get("Retry-After", "1")))
 
         async def prober() -> None:
             await asyncio.sleep(min(2.0, seconds / 4))  # the queue fills first
@@ -252,16 +278,38 @@ async def _overload(url: str, bodies: list[bytes], queue: int, seconds: float) -
                 probe.append((r.status_code, time.perf_counter() - t))
                 await asyncio.sleep(0.05)
 
-        await asyncio.gather(prober(), *(background(k) for k in range(queue + 8)))
+        await asyncio.gather(prober(), *(background(k) for k in range(queue + extra)))
         after = await post(0)
     refused = [t for code, t in probe if code == 503]
-    return {"queue": queue, "clients": queue + 8, "probes": len(probe),
+    return {"queue": queue, "clients": queue + extra, "retry_s": retry_s, "probes": len(probe),
             "refused_503": len(refused),
             "other": sorted({code for code, _ in probe} - {200, 503}),
             "503_p50_ms": 1e3 * (percentile(refused, 50) or 0),
             "503_p99_ms": 1e3 * (percentile(refused, 99) or 0),
             "503_max_ms": 1e3 * max(refused, default=0), "next_status": after.status_code,
             "load": load_average()}
+
+
+def paired_runs(model: PatchCore, server: "Server", files: list[Path], bodies: list[bytes],
+                clients_n: int, seconds: float, pairs: int, out: Path) -> dict:
+    """``pairs`` times: the score loop for ``seconds``, then ``clients_n`` clients against
+    the server for ``seconds``. This machine's speed drifts by tens of percent between
+    minutes, so each serve run is compared with the score loop just before it (the ratio
+    per pair; their median is the figure). CPU milliseconds an image: the score loop's
+    process, and the server's and the clients' processes during the serve run."""
+    runs = []
+    for k in range(pairs):
+        score = score_for(model, files, out / f"pair{k}", seconds)
+        server_cpu, client_cpu = cpu_seconds(server.proc.pid), time.process_time()
+        served = clients(server.url, bodies, clients_n, seconds)
+        n = max(1, served["answered"])
+        served["server_cpu_ms_per_image"] = 1e3 * (cpu_seconds(server.proc.pid)
+                                                   - server_cpu) / n
+        served["client_cpu_ms_per_image"] = 1e3 * (time.process_time() - client_cpu) / n
+        runs.append({"score": score, "serve": served,
+                     "ratio": served["images_per_s"] / score["images_per_s"]})
+    return {"clients": clients_n, "seconds": seconds, "runs": runs,
+            "median_ratio": statistics.median(r["ratio"] for r in runs)}
 
 
 def idle_pairs(model: PatchCore, url: str, file: Path, repeats: int) -> dict:
@@ -292,7 +340,7 @@ def idle_pairs(model: PatchCore, url: str, file: Path, repeats: int) -> dict:
 # ----- one model ----------------------------------------------------------------------------
 
 def run_model(kind: str, files_kind: str, seconds: float, rss_requests: int, repeats: int,
-              max_waits: list[float]) -> dict:
+              max_waits: list[float], pairs: int = 3) -> dict:
     result: dict = {"model": kind, "files": files_kind, "load_start": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -321,7 +369,11 @@ def run_model(kind: str, files_kind: str, seconds: float, rss_requests: int, rep
             result["rss_requests"] = rss_requests
             result["rss_errors"] = {**first["errors"], **rest["errors"]}
             result["runs"] = [clients(server.url, bodies, n, seconds) for n in (1, 4, 16)]
+            result["paired"] = paired_runs(model, server, queries, bodies, 16, seconds,
+                                           pairs, tmp)
             result["overload"] = asyncio.run(_overload(server.url, bodies, 64, seconds))
+            result["overload_fast_retry"] = asyncio.run(_overload(server.url, bodies, 64,
+                                                                  seconds, 0.1, 8))
             result["server_exit"] = server.stop()
         finally:
             if server.proc.poll() is None:
@@ -357,7 +409,7 @@ def report(r: dict) -> str:
                      f"{run['images_per_s']:.2f} | {run['images_per_s'] / score:.2f} | "
                      f"{run['p50_ms']:.0f} | {run['p99_ms']:.0f} | {run['errors'] or 0} | "
                      f"{run['load']} |")
-    o, idle = r["overload"], r["idle"]
+    idle = r["idle"]
     lines += ["", f"- idle, one client: {idle['server']:.1f} ms a request (median); "
               f"in-memory predict of the same image: {idle['bytes']:.1f} ms from its PNG "
               f"bytes, {idle['array']:.1f} ms from the decoded array (ratios "
@@ -367,12 +419,28 @@ def report(r: dict) -> str:
               f"MiB after 100 requests, {r['rss_1000_mib']:.0f} MiB after 1,000 "
               f"({100 * (r['rss_1000_mib'] / r['rss_100_mib'] - 1):+.1f} %); errors "
               f"{r['rss_errors'] or 0}",
-              f"- overload, the queue ({o['queue']}) kept full by {o['clients']} clients: "
-              f"{o['refused_503']} of {o['probes']} probe requests answered 503 in "
-              f"{o['503_p50_ms']:.0f} ms median, {o['503_p99_ms']:.0f} ms p99, "
-              f"{o['503_max_ms']:.0f} ms at most (load {o['load']}); other statuses "
-              f"{o['other'] or 'none'}; the next request alone: {o['next_status']}",
+              *(f"- overload, the queue ({o['queue']}) kept full by {o['clients']} clients "
+                f"retrying after {'Retry-After' if o['retry_s'] is None else o['retry_s']}"
+                f"{'' if o['retry_s'] is None else ' s'}: "
+                f"{o['refused_503']} of {o['probes']} probe requests answered 503 in "
+                f"{o['503_p50_ms']:.0f} ms median, {o['503_p99_ms']:.0f} ms p99, "
+                f"{o['503_max_ms']:.0f} ms at most (load {o['load']}); other statuses "
+                f"{o['other'] or 'none'}; the next request alone: {o['next_status']}"
+                for o in (r["overload"], r["overload_fast_retry"])),
               f"- server exit code after SIGTERM: {r['server_exit']}"]
+    pr = r["paired"]
+    lines += ["", f"Paired, {pr['clients']} clients against the score loop just before "
+              f"them ({pr['seconds']:g} s each; CPU ms an image: the score loop's process; "
+              f"the server's + the clients'):", "",
+              "| pair | score images/s | serve images/s | serve / score | p99 ms | errors "
+              "| CPU ms an image: score | serve + clients |", "|---|---|---|---|---|---|---|---|"]
+    for k, run in enumerate(pr["runs"]):
+        s, v = run["score"], run["serve"]
+        lines.append(f"| {k + 1} | {s['images_per_s']:.2f} | {v['images_per_s']:.2f} | "
+                     f"{run['ratio']:.2f} | {v['p99_ms']:.0f} | {v['errors'] or 0} | "
+                     f"{s['cpu_ms_per_image']:.0f} | {v['server_cpu_ms_per_image']:.0f} + "
+                     f"{v['client_cpu_ms_per_image']:.0f} |")
+    lines.append(f"| median | | | **{pr['median_ratio']:.2f}** | | | | |")
     for m in r.get("max_wait", []):
         a, b = m["runs"]
         lines.append(f"- --max-wait-ms {m['max_wait_ms']:g}: 1 client {a['images_per_s']:.2f} "
@@ -390,6 +458,8 @@ def main() -> None:
     p.add_argument("--rss-requests", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=10, help="of the one-image latencies")
     p.add_argument("--max-wait", type=float, nargs="*", default=[], metavar="MS")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="paired runs, score loop then 16 clients, each --seconds")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -398,7 +468,7 @@ def main() -> None:
     results = []
     for kind in args.model:
         r = run_model(kind, args.files, args.seconds, args.rss_requests, args.repeats,
-                      args.max_wait)
+                      args.max_wait, args.pairs)
         results.append(r)
         print("\n" + report(r) + "\n", flush=True)
         if args.json:

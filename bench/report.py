@@ -52,7 +52,9 @@ def report(arg: str) -> str:
             extra = b.get("extra_info", {})
             note = ", ".join(f"{k}={v}" for k, v in extra.items()
                              if k in ("max_rel_diff_vs_faiss", "images_per_s", "second_pass",
-                                      "exact_scans", "max_rel_err_vs_f64", "load"))
+                                      "exact_scans", "max_rel_err_vs_f64", "load",
+                                      "tensors_images_per_s",
+                                      "files_overlays_images_per_s", "ratio_median"))
             lines.append(f"| {_label(b['name'])}{' (' + note + ')' if note else ''} | "
                          f"{_fmt(med)} | {b['stats']['rounds']} | {ratio} |")
         lines.append("")

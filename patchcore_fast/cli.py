@@ -323,7 +323,8 @@ def cmd_serve(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     options = serve.ServeOptions(
         max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout,
         max_body_bytes=int(args.max_body_mb * 2 ** 20), token=token,
-        model_name=Path(args.model).name, local_hosts_only=loopback)
+        model_name=Path(args.model).name, local_hosts_only=loopback,
+        worker_nice=args.worker_nice)
     options.validate()
     model = PatchCore.load(args.model, device=args.device, weights=args.weights,
                            batch_size=args.batch_size, precision=args.precision)

@@ -11,7 +11,7 @@ from .calibration import DEFAULT_FALSE_REJECT_RATE, MAX_FALSE_REJECT_RATE
 from .regions import DEFAULT_MIN_REGION_AREA
 from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
 from .serve_io import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAIT_MS, DEFAULT_QUEUE_SIZE,
-                       DEFAULT_TIMEOUT_S, TOKEN_ENV)
+                       DEFAULT_TIMEOUT_S, DEFAULT_WORKER_NICE, TOKEN_ENV)
 
 PROG = "patchcore-fast"
 
@@ -270,6 +270,11 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
                    "of MiB in (0, 4096]"), default=DEFAULT_MAX_BODY_BYTES / 2 ** 20,
                    metavar="MB", help=f"largest request body (default "
                    f"{DEFAULT_MAX_BODY_BYTES / 2 ** 20:g} MiB)")
+    g.add_argument("--worker-nice", type=_number(int, lambda v: 0 <= v <= 19, "an integer "
+                   "from 0 to 19"), default=DEFAULT_WORKER_NICE, metavar="N",
+                   help=f"nice value of the model's and decoding threads, so that the "
+                   f"event loop answers (and refuses) at once on a busy machine; 0: "
+                   f"the process's own (default {DEFAULT_WORKER_NICE})")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (auto: CUDA when available)")

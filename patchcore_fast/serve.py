@@ -63,7 +63,8 @@ from .errors import first_line
 # The settings, limits and plumbing live in serve_io; the names the command line and
 # users import from here (``ServeOptions``, ``TOKEN_ENV``, ``bind``, ...) are re-exported.
 from .serve_io import (DEFAULT_MAX_WAIT_MS, IMAGE_TYPES, TOKEN_ENV, ApiError, Batcher, Body,
-                       Metrics, ServeOptions, _multipart_image, bind, is_loopback, read_token)
+                       Metrics, ServeOptions, _multipart_image, bind, is_loopback,
+                       lower_priority, process_threads, read_token)
 
 _WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -89,7 +90,11 @@ class Service:
         self.metrics = Metrics(lambda: len(self.batcher.jobs) if self.batcher else 0,
                                lambda: self.admitted)
         threads = options.decode_threads or min(4, os.cpu_count() or 1)
-        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="decode",
+            initializer=lower_priority if options.worker_nice else None,
+            initargs=(options.worker_nice,))
+        self._loop_thread: Optional[int] = None
         #: The batch step (``frames.score_inputs``); a seam for the fault-injection tests.
         self.score = lambda inputs: frames.score_inputs(self.model, inputs)
         self._tasks: list[asyncio.Task] = []
@@ -100,6 +105,7 @@ class Service:
 
     async def start(self) -> None:
         """Start the batcher and, in the background, build and warm up the model."""
+        self._loop_thread = threading.get_native_id()
         self.batcher = Batcher(lambda inputs: self.score(inputs), self.model.config.batch_size,
                                self.options.max_wait_ms / 1e3, self.metrics)
         self._tasks = [asyncio.create_task(self.batcher.run(), name="batcher"),
@@ -130,6 +136,11 @@ class Service:
         for _ in range(3):  # the first calls of a shape are slower (allocations)
             for n in (self.model.config.batch_size, 1):
                 self.score([x] * n)
+        if self.options.worker_nice:
+            # Every thread but the event loop's: the model's, torch's (made by now) and
+            # the decoders started so far (later ones lower themselves as they start).
+            lower_priority(self.options.worker_nice,
+                           [t for t in process_threads() if t != self._loop_thread])
 
     async def stop(self) -> None:
         """Stop the batcher (uvicorn has answered every request in flight by now)."""

@@ -30,6 +30,11 @@ DEFAULT_MAX_WAIT_MS = 0.0
 DEFAULT_QUEUE_SIZE = 64
 #: Seconds a request may take before 504.
 DEFAULT_TIMEOUT_S = 30.0
+#: Nice value of the serve command's worker threads (the model's, torch's and the
+#: decoders'), above its event loop's 0: on a busy machine the loop still accepts,
+#: refuses (503) and answers at once instead of waiting for a core behind the batch work
+#: (bench/RESULTS.md, "Serving": the 503s' p99 under overload).
+DEFAULT_WORKER_NICE = 10
 #: Largest request body: 20 MiB (a 20-megapixel PNG photo is about 15-30 MB).
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 #: Body types taken as an encoded image; the decoder reads the format from the bytes.
@@ -56,6 +61,11 @@ class ServeOptions:
         decode_threads: threads that decode and finish requests (default: up to 4).
         model_name: what ``/v1/model`` calls the model (the file's name).
         model_sha256: SHA-256 of the model file, or None.
+        worker_nice: raise the nice value of every thread of the process but the event
+            loop's to this once the model is warm, and of the decoding threads as they
+            start (0: leave priorities alone, the default for a service inside another
+            program; the serve command, which owns its process, uses
+            :data:`DEFAULT_WORKER_NICE`).
         local_hosts_only: answer only requests whose ``Host`` header names this machine
             (``127.0.0.1``, ``localhost``, ``[::1]``): set when listening on loopback, so
             that a web page elsewhere cannot reach the service through DNS rebinding.
@@ -70,9 +80,13 @@ class ServeOptions:
     model_name: str = "model"
     model_sha256: Optional[str] = None
     local_hosts_only: bool = False
+    worker_nice: int = 0
 
     def validate(self) -> None:
         """Raise :class:`PatchCoreError` naming the first bad setting."""
+        if not 0 <= self.worker_nice <= 19:
+            raise PatchCoreError(f"--worker-nice should be between 0 and 19, got "
+                                 f"{self.worker_nice}")
         if not 0.0 <= self.max_wait_ms <= 10_000:
             raise PatchCoreError(f"--max-wait-ms should be between 0 and 10,000, got "
                                  f"{self.max_wait_ms}")
@@ -167,6 +181,25 @@ def _libc():
         return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl, Windows)
         return None
+
+
+def lower_priority(nice: int, threads: list[int] | None = None) -> None:
+    """Raise the nice value of ``threads`` (Linux thread ids; None: the calling thread) to
+    at least ``nice`` (on Linux a thread's nice value is its own). Raising it needs no
+    privilege; a thread that has ended meanwhile, or a system without per-thread
+    priorities, is passed over."""
+    for tid in threads if threads is not None else [0]:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+
+
+def process_threads() -> list[int]:
+    """The Linux thread ids of this process (empty where /proc is missing)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return []
 
 
 def release_memory() -> None:

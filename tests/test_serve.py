@@ -15,6 +15,7 @@ import threading
 import time
 import types
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -520,3 +521,39 @@ def test_uncalibrated_model_answers_without_a_verdict(demo):
         assert frames.colour_scale(model, np.arange(10.0))[2] == "image"
     finally:
         model.calibration = saved
+
+
+def _nice_values(pid: int) -> dict[int, tuple[str, int]]:
+    """Thread id -> (name, nice value) of each thread of process ``pid`` (Linux /proc)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        out[int(task.name)] = (name, int(stat[stat.rindex(")") + 2:].split()[16]))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("nice", [None, "0", "5"])
+def test_serve_worker_threads_yield_to_the_event_loop(demo, nice):
+    """The serve command lowers the priority of its worker threads (model, torch, decoding)
+    once warm, the event loop's thread (the main thread) keeping the process's own, so that
+    it answers and refuses at once on a busy machine; --worker-nice sets the value, 0
+    leaves all alone."""
+    args = [] if nice is None else ["--worker-nice", nice]
+    want = 10 if nice is None else int(nice)
+    with ServeProcess(demo.model_file, *args) as proc:
+        wait_ready(proc.url)
+        assert post(proc.url, demo.files[0].read_bytes()).status_code == 200
+        threads = _nice_values(proc.proc.pid)
+    assert threads.pop(proc.proc.pid)[1] == 0
+    # At least the model's thread, a decoding thread (started by the request, after the
+    # warm-up) and torch's second intra-op thread or uvicorn's helpers.
+    assert len(threads) >= 3, threads
+    assert all(v == want for _, v in threads.values()), threads
+
+
+def test_serve_refuses_a_bad_worker_nice(demo, capsys):
+    assert main(["serve", str(demo.model_file), "--worker-nice", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "--worker-nice" in err and "0 to 19" in err and len(err.strip().splitlines()) == 1
