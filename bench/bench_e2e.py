@@ -240,6 +240,13 @@ def test_decode_only(benchmark, images_dir, device, batch):
     _run(benchmark, fn, device, len(paths))
 
 
+def _score_files(model: PatchCore, paths: list, overlays: bool) -> dict:
+    """The CLI's score path over ``paths`` into a temporary folder (regions found)."""
+    with tempfile.TemporaryDirectory() as out:
+        return score_images(model, paths, {p: p.stem for p in paths}, Path(out), [],
+                            overlays=overlays, regions={})
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", FILE_BATCHES)
 @pytest.mark.parametrize("kind", ["no-overlays", "overlays", "overlays-uncalibrated"])
@@ -253,20 +260,17 @@ def test_kernel_files(benchmark, images_dir, device, batch, kind):
     model.calibration = None if kind == "overlays-uncalibrated" \
         else _MODELS[("calibration", device)]
     paths = _query_paths(images_dir)[:FILES]
-    names = {p: p.stem for p in paths}
 
     def fn():
-        with tempfile.TemporaryDirectory() as out:
-            return score_images(model, paths, names, Path(out), [], overlays=overlays,
-                                regions={})
+        return _score_files(model, paths, overlays)
 
     try:
         _run(benchmark, fn, device, len(paths))
         if overlays:
             with tempfile.TemporaryDirectory() as out:
                 regions: dict = {}
-                score_images(model, paths[:2], names, Path(out), [], overlays=True,
-                             regions=regions)
+                score_images(model, paths[:2], {p: p.stem for p in paths}, Path(out), [],
+                             overlays=True, regions=regions)
                 assert len(list((Path(out) / "overlays").glob("*.png"))) == 2
                 assert len(regions) == (0 if model.calibration is None else 2)
     finally:
@@ -288,7 +292,6 @@ def test_files_paired_with_tensors(benchmark, images_dir, device, batch):
     model.config.batch_size = batch
     model.calibration = _MODELS[("calibration", device)]
     paths = _query_paths(images_dir)[:FILES]
-    names = {p: p.stem for p in paths}
     x = torch.cat([b for _, b, _ in iterate_images(paths, model.preprocess, batch)]).to(device)
     rates: dict[str, list[float]] = {"tensors": [], "files": []}
 
@@ -298,8 +301,7 @@ def test_files_paired_with_tensors(benchmark, images_dir, device, batch):
                 model.score_embeddings(*model.embedder(x[i:i + batch]))
 
     def files():
-        with tempfile.TemporaryDirectory() as out:
-            score_images(model, paths, names, Path(out), [], overlays=True, regions={})
+        _score_files(model, paths, overlays=True)
 
     def timed(name, fn):
         start = time.perf_counter()

@@ -123,12 +123,9 @@ def fit(kind: str, bank: Path, out: Path) -> Path:
 # ----- the baselines ------------------------------------------------------------------------
 
 def score_rate(model: PatchCore, files: list[Path], out: Path) -> float:
-    """Images per second of the score command's loop (no overlays), model warm."""
-    names = dict(zip(files, unique_names(files)))
-    start = time.perf_counter()
-    scored = score_images(model, files, names, out, [], overlays=False)
-    assert len(scored) == len(files)
-    return len(files) / (time.perf_counter() - start)
+    """Images per second of the score command's loop (no overlays) over ``files`` once,
+    model warm."""
+    return score_for(model, files, out, 0.0)["images_per_s"]
 
 
 def score_process_rate(model_file: Path, files: list[Path], out: Path) -> float:
@@ -152,12 +149,14 @@ def tensors_rate(model: PatchCore, files: list[Path]) -> float:
 
 
 def score_for(model: PatchCore, files: list[Path], out: Path, seconds: float) -> dict:
-    """The score loop over ``files`` again and again for at least ``seconds``: images per
-    second, and this process's CPU milliseconds an image."""
+    """The score command's loop (no overlays) over ``files``, once and then again until
+    ``seconds`` have passed: images per second, and this process's CPU milliseconds an
+    image."""
+    names = dict(zip(files, unique_names(files)))
     images, cpu, start = 0, time.process_time(), time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        score_images(model, files, dict(zip(files, unique_names(files))), out, [],
-                     overlays=False)
+    while images == 0 or time.perf_counter() - start < seconds:
+        scored = score_images(model, files, names, out, [], overlays=False)
+        assert len(scored) == len(files)
         images += len(files)
     elapsed = time.perf_counter() - start
     return {"images_per_s": images / elapsed,

@@ -523,14 +523,11 @@ def test_uncalibrated_model_answers_without_a_verdict(demo):
         model.calibration = saved
 
 
-def _nice_values(pid: int) -> dict[int, tuple[str, int]]:
-    """Thread id -> (name, nice value) of each thread of process ``pid`` (Linux /proc)."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        stat = (task / "stat").read_text()
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        out[int(task.name)] = (name, int(stat[stat.rindex(")") + 2:].split()[16]))
-    return out
+def _nice_values(pid: int) -> dict[int, int]:
+    """Thread id -> nice value of each thread of process ``pid`` (Linux /proc; the fields
+    after the parenthesised name, whose 17th is the nice value)."""
+    return {int(task.name): int((task / "stat").read_text().rpartition(")")[2].split()[16])
+            for task in Path(f"/proc/{pid}/task").iterdir()}
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
@@ -546,11 +543,11 @@ def test_serve_worker_threads_yield_to_the_event_loop(demo, nice):
         wait_ready(proc.url)
         assert post(proc.url, demo.files[0].read_bytes()).status_code == 200
         threads = _nice_values(proc.proc.pid)
-    assert threads.pop(proc.proc.pid)[1] == 0
+    assert threads.pop(proc.proc.pid) == 0
     # At least the model's thread, a decoding thread (started by the request, after the
     # warm-up) and torch's second intra-op thread or uvicorn's helpers.
     assert len(threads) >= 3, threads
-    assert all(v == want for _, v in threads.values()), threads
+    assert all(v == want for v in threads.values()), threads
 
 
 def test_serve_refuses_a_bad_worker_nice(demo, capsys):
