@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -128,39 +129,49 @@ class ImageFiles(Dataset):
     Args:
         paths: image files.
         preprocess: geometry and normalisation.
+        photos: each item also carries the photo's pixels as read (for overlays drawn
+            without reading the file again).
     """
 
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess):
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, photos: bool = False):
         self.paths = list(paths)
         self.preprocess = preprocess
+        self.photos = photos
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int
-                    ) -> tuple[int, Tensor | None, str | None, str | None, tuple[int, int]]:
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None, str | None,
+                                           tuple[int, int], np.ndarray | None]:
         """(index, Tensor[3, H_in, W_in] or None, why it was skipped, a note to warn, the
-        photo's (width, height) upright: the size its map is put back to)."""
+        photo's (width, height) upright: the size its map is put back to, and with
+        ``photos`` its pixels: uint8 array[H, W, 3] upright, else None).
+
+        The pixels are a numpy array, not a tensor: a CUDA run's loader pins its tensors
+        (``pin_memory``), and only the model's input goes to the device.
+        """
         try:
             img = read_image(self.paths[i])
             return (i, self.preprocess.image(img), None, self.preprocess.oversize(img.size),
-                    img.size)
+                    img.size, np.asarray(img) if self.photos else None)
         except UnreadableImage as exc:
-            return i, None, str(exc), None, (0, 0)
+            return i, None, str(exc), None, (0, 0), None
 
 
-def _collate(items: list) -> tuple[list[tuple[list[int], Tensor, list[tuple[int, int]]]],
+def _collate(items: list) -> tuple[list[tuple[list[int], Tensor, list[tuple[int, int]],
+                                               list[np.ndarray | None]]],
                                    list[tuple[int, str]], list[tuple[int, str]]]:
     """Readable images stacked by input shape (one group unless ``shorter`` without a crop
-    met photos of different aspect) with their sizes, unreadable ones, warnings."""
-    groups: dict[tuple[int, ...], list[tuple[int, Tensor, tuple[int, int]]]] = {}
-    for i, x, _, _, size in items:
+    met photos of different aspect) with their sizes and pixels (None without
+    ``photos``), unreadable ones, warnings."""
+    groups: dict[tuple[int, ...], list[tuple]] = {}
+    for i, x, _, _, size, photo in items:
         if x is not None:
-            groups.setdefault(tuple(x.shape), []).append((i, x, size))
-    bad = [(i, why) for i, x, why, _, _ in items if x is None]
-    notes = [(i, note) for i, _, _, note, _ in items if note]
-    stacks = [([i for i, _, _ in g], torch.stack([x for _, x, _ in g]), [s for _, _, s in g])
-              for g in groups.values()]
+            groups.setdefault(tuple(x.shape), []).append((i, x, size, photo))
+    bad = [(i, why) for i, x, why, _, _, _ in items if x is None]
+    notes = [(i, note) for i, _, _, note, _, _ in items if note]
+    stacks = [([i for i, _, _, _ in g], torch.stack([x for _, x, _, _ in g]),
+               [s for _, _, s, _ in g], [p for _, _, _, p in g]) for g in groups.values()]
     return stacks, bad, notes
 
 
@@ -179,8 +190,8 @@ def reader_processes(asked: int) -> int:
 
 def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: int = 8,
                    num_workers: int = 0, skipped: list[str] | None = None,
-                   progress: Callable[[int], None] | None = None, pin_memory: bool = False
-                   ) -> Iterator[tuple[list[int], Tensor, list[tuple[int, int]]]]:
+                   progress: Callable[[int], None] | None = None, pin_memory: bool = False,
+                   photos: bool = False) -> Iterator[tuple]:
     """Batches of preprocessed images; unreadable files are skipped with a warning.
 
     Each image is read once (:func:`~patchcore_fast.images.read_image`), and its upright
@@ -197,13 +208,15 @@ def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: in
         progress: called with the number of files handled after each batch.
         pin_memory: put batches in page-locked memory (for a CUDA model: the copy to the
             GPU is then asynchronous, ``non_blocking=True``).
+        photos: also yield each photo's pixels as read (uint8 array[H, W, 3] upright):
+            what an overlay is drawn on, without decoding the file a second time.
 
     Yields:
-        (indices into ``paths``, Tensor[B, 3, H_in, W_in], (width, height) of each photo)
-        for batches with readable images; a batch whose images differ in input shape comes
-        as one batch per shape.
+        (indices into ``paths``, Tensor[B, 3, H_in, W_in], (width, height) of each photo),
+        with ``photos`` and a list of their pixels, for batches with readable images; a
+        batch whose images differ in input shape comes as one batch per shape.
     """
-    loader = DataLoader(ImageFiles(paths, preprocess), batch_size=batch_size,
+    loader = DataLoader(ImageFiles(paths, preprocess, photos), batch_size=batch_size,
                         num_workers=reader_processes(num_workers), collate_fn=_collate,
                         shuffle=False, pin_memory=pin_memory)
     for stacks, bad, notes in loader:
@@ -213,8 +226,9 @@ def iterate_images(paths: Sequence[Path], preprocess: Preprocess, batch_size: in
         for i, why in bad:
             skip_file(paths[i], why, skipped)
         if progress is not None:
-            progress(sum(len(i) for i, _, _ in stacks) + len(bad))
-        yield from stacks
+            progress(sum(len(stack[0]) for stack in stacks) + len(bad))
+        for stack in stacks:
+            yield stack if photos else stack[:3]
 
 
 @dataclass(frozen=True)

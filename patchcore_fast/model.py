@@ -167,18 +167,19 @@ class PatchCore:
             yield (paths, patches, sizes) if with_sizes else (paths, patches)
 
     def _embed_paths(self, paths: list[Path], skipped: list[str] | None, progress: bool,
-                     desc: str) -> Iterator[tuple[list[Path], Tensor, list[tuple[int, int]]]]:
-        """:meth:`embed_batches` (with sizes) on image files already listed."""
+                     desc: str, photos: bool = False) -> Iterator[tuple]:
+        """:meth:`embed_batches` (with sizes) on image files already listed; with
+        ``photos`` each batch's pixels as read too (:func:`~patchcore_fast.datasets.iterate_images`)."""
         embedder = self.embedder
         with _progress(len(paths), desc, progress) as bar, torch.inference_mode():
             cuda = self.device.type == "cuda"
-            for idx, batch, sizes in iterate_images(
+            for idx, batch, sizes, *pixels in iterate_images(
                     paths, self.preprocess, self.config.batch_size, self.config.num_workers,
-                    skipped, bar.update, pin_memory=cuda):
+                    skipped, bar.update, pin_memory=cuda, photos=photos):
                 patches, grid = embedder(batch.to(self.device, non_blocking=cuda))
                 self.grid = grid
                 self.input_size = tuple(batch.shape[-2:])
-                yield [paths[i] for i in idx], patches, sizes
+                yield [paths[i] for i in idx], patches, sizes, *pixels
 
     # ----- steps 6-7: memory bank and coreset ---------------------------------------
 
@@ -338,20 +339,25 @@ class PatchCore:
 
     def predict_batches(self, images: Sequence[str | os.PathLike] | str | os.PathLike,
                         skipped: list[str] | None = None, progress: bool = False,
-                        maps_at: str = "original"
-                        ) -> Iterator[tuple[list[Path], np.ndarray, list[np.ndarray]]]:
+                        maps_at: str = "original", photos: bool = False
+                        ) -> Iterator[tuple]:
         """Scores and maps batch by batch (for large sets).
+
+        Args:
+            photos: also yield the photos' pixels as they were read for the maps (to draw
+                on without reading the files again).
 
         Yields:
             (paths, float32 array[B] scores, B float32 arrays[H, W]: the maps, see
-            :meth:`maps_back`).
+            :meth:`maps_back`), with ``photos`` and B uint8 arrays[H, W, 3] (upright).
         """
         self._check_fitted()
         with torch.inference_mode():
-            for paths, patches, sizes in self.embed_batches(images, skipped, progress, "score",
-                                                            with_sizes=True):
+            for paths, patches, sizes, *pixels in self._embed_paths(
+                    _list_inputs(images, skipped), skipped, progress, "score", photos):
                 scores, maps = self.score_embeddings(patches, self.grid, self.input_size)
-                yield paths, scores.numpy(), self.maps_back(paths, maps, maps_at, sizes)
+                yield paths, scores.numpy(), self.maps_back(paths, maps, maps_at, sizes), \
+                    *pixels
 
     def predict(self, images, progress: bool = False, maps_at: str = "original",
                 min_region_area: int = DEFAULT_MIN_REGION_AREA) -> Prediction:

@@ -128,17 +128,20 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
     with contextlib.closing(journal), MapSpool(np.float32, temp_dir, "map file") as spool:
         def first_pass():
             new, pixels, missed, found = {}, PixelHistogram(), [], {}
-            batches = model.predict_batches(share, missed, progress and launch.is_main) \
-                if share else ()
+            # The one pass draws each overlay on the pixels read for its map (no second
+            # decoding of the file).
+            batches = model.predict_batches(share, missed, progress and launch.is_main,
+                                            photos=one_pass and overlays) if share else ()
             if one_pass:
                 # The model's colour scale is fixed: each batch's regions are found and its
                 # files written as it is scored (writer threads), each image journalled
                 # once they are on disk.
                 def as_they_come():
-                    for batch, scores, maps in batches:
+                    for batch, scores, maps, *pixels in batches:
                         new.update(zip(map(text_name, batch), scores.tolist()))
                         order.extend(batch)
-                        yield from ((p, names[p], m) for p, m in zip(batch, maps))
+                        photos = pixels[0] if pixels else [None] * len(batch)
+                        yield from zip(batch, (names[p] for p in batch), maps, photos)
 
                 def written(p: Path, where: list) -> None:
                     found[text_name(p)] = where

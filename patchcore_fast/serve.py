@@ -278,12 +278,12 @@ class Service:
     def _overlay(self, photo, full: np.ndarray) -> tuple[str, dict]:
         from PIL import Image
 
-        from .overlays import overlay
+        from .overlays import PNG_OPTIONS, overlay
 
         vmin, vmax, source = frames.colour_scale(self.model, full)
-        img = overlay(np.asarray(photo).astype(np.float32), full, vmin, vmax)
+        img = overlay(np.asarray(photo), full, vmin, vmax)
         buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+        Image.fromarray(img).save(buf, format="PNG", **PNG_OPTIONS)
         return (base64.b64encode(buf.getvalue()).decode("ascii"),
                 {"min": vmin, "max": vmax, "from": source})
 

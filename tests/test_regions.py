@@ -43,6 +43,46 @@ def test_threshold_is_strict_and_min_area_drops_speckle():
         find_regions(np.zeros((2, 3, 3)), 0.0)
 
 
+def _regions_one_by_one(amap, threshold, min_area):
+    """Oracle: each 8-connected component's statistics from its own boolean mask."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(amap > threshold, structure=np.ones((3, 3), bool))
+    regions, mask = [], np.zeros(amap.shape, bool)
+    for lab in range(1, n + 1):
+        ys, xs = np.nonzero(labels == lab)
+        if ys.size < max(min_area, 1):
+            continue
+        mask[ys, xs] = True
+        vals = amap[ys, xs].astype(np.float64)
+        regions.append({"area": int(ys.size),
+                        "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1,
+                                 int(ys.max()) + 1],
+                        "centroid": [xs.mean(), ys.mean()], "peak": float(vals.max()),
+                        "mean": vals.mean()})
+    return sorted(regions, key=lambda r: -r["peak"]), mask
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_regions_equal_one_by_one_on_smooth_maps(seed):
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(size=(12, 16))
+    # A smooth map at a photo's size (bilinear-like: each coarse cell repeated, then
+    # averaged), with many regions of many sizes at these thresholds.
+    amap = np.kron(coarse, np.ones((15, 15)))
+    amap = (amap[:-2, :-2] + amap[1:-1, 2:] + amap[2:, 1:-1]) / 3
+    amap = (amap + rng.normal(scale=0.05, size=amap.shape)).astype(np.float32)
+    for threshold, min_area in ((0.5, 0), (1.0, 0), (1.0, 40), (2.5, 5), (9.0, 0)):
+        got, mask = find_regions(amap, threshold, min_area)
+        want, want_mask = _regions_one_by_one(amap, threshold, min_area)
+        np.testing.assert_array_equal(mask, want_mask)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert (g["area"], g["bbox"], g["peak"]) == (w["area"], w["bbox"], w["peak"])
+            assert g["centroid"] == pytest.approx(w["centroid"], rel=1e-12)
+            assert g["mean"] == pytest.approx(w["mean"], rel=1e-12)
+
+
 def test_regions_json_is_plain():
     out = regions_json(find_regions(two_blobs() * np.float32(1.0 / 3), 0.1)[0])
     assert out[0]["peak"] == 1.0 and isinstance(out[0]["area"], int)
@@ -63,6 +103,21 @@ def test_outline_is_the_border_inside():
     assert line.sum() == 12 and not line[3:5, 3:5].any() and (line <= mask).all()
     assert outline(mask, width=2).sum() == 16
     assert not outline(np.zeros((3, 3), dtype=bool)).any()
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_outline_equals_the_whole_masks_erosion(width):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(width)
+    for _ in range(5):
+        mask = np.zeros((60, 80), dtype=bool)
+        for _ in range(rng.integers(1, 4)):  # blobs inside and touching the edges
+            y, x = rng.integers(-5, 60), rng.integers(-5, 80)
+            mask[max(y, 0):y + rng.integers(2, 20), max(x, 0):x + rng.integers(2, 20)] = True
+        inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool),
+                                       iterations=width, border_value=0)
+        np.testing.assert_array_equal(outline(mask, width), mask & ~inner)
 
 
 def test_region_counts():
