@@ -205,6 +205,39 @@ def test_kernel_tensors(benchmark, device, batch, precision, inputs):
     _run(benchmark, fn, device, batch)
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("inputs", INPUTS)
+def test_tensors_bank_operands(benchmark, batch, inputs):
+    """Ours from tensors on the CPU (as ``test_kernel_tensors``) with the k-NN's bank
+    operands kept by the model (``ops.knn_bank``, made on the first call) against made on
+    every call, alternated call by call (this machine drifts between seconds);
+    ``extra_info``: both medians and the median of the per-pair ratios."""
+    benchmark.group = f"tensors-cpu-b{batch}-{inputs}-operands"
+    model = ours("cpu", "fp32")
+    x = _batch(batch, "cpu", inputs)
+    kept = model._knn_operands
+    times: dict[str, list[float]] = {"per_call": [], "kept": []}
+
+    def pair():
+        try:
+            for name in ("per_call", "kept"):
+                model._knn_operands = (lambda bank: None) if name == "per_call" else kept
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    model.score_embeddings(*model.embedder(x))
+                times[name].append(time.perf_counter() - start)
+        finally:
+            del model._knn_operands  # the class's method again
+
+    benchmark.pedantic(pair, rounds=max(5, 3 * ROUNDS), iterations=1, warmup_rounds=1)
+    ratios = [k / p for k, p in zip(times["kept"], times["per_call"])]
+    info = {"per_call_ms": round(1e3 * statistics.median(times["per_call"]), 1),
+            "kept_ms": round(1e3 * statistics.median(times["kept"]), 1),
+            "kept_over_per_call": round(statistics.median(ratios), 3)}
+    benchmark.extra_info.update(info)
+    print(f"\n{benchmark.group}: {info}")
+
+
 @pytest.mark.skipif(PatchcoreModel is None, reason="anomalib is not installed")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", BATCHES)

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import calibration, distributed, fitting, frames, model_file, verdict
+from . import calibration, distributed, fitting, frames, model_file, ops, verdict
 from .backbone import Backbone, BackboneInfo, load_backbone
 from .calibration import Calibration
 from .config import PatchCoreConfig, resolve_device
@@ -110,6 +111,8 @@ class PatchCore:
         self.calibration: Calibration | None = None
         self._embedder: PatchEmbedder | None = None
         self._projection: Tensor | None = None     # [D, C], set when loading
+        # (weak reference to the bank, ops.knn_bank of it): see _knn_operands
+        self._operands: tuple | None = None
 
     # ----- steps 1-5: images -> patch embeddings -------------------------------------
 
@@ -169,7 +172,8 @@ class PatchCore:
     def _embed_paths(self, paths: list[Path], skipped: list[str] | None, progress: bool,
                      desc: str, photos: bool = False) -> Iterator[tuple]:
         """:meth:`embed_batches` (with sizes) on image files already listed; with
-        ``photos`` each batch's pixels as read too (:func:`~patchcore_fast.datasets.iterate_images`)."""
+        ``photos`` each batch's pixels as read too
+        (:func:`~patchcore_fast.datasets.iterate_images`)."""
         embedder = self.embedder
         with _progress(len(paths), desc, progress) as bar, torch.inference_mode():
             cuda = self.device.type == "cuda"
@@ -275,6 +279,18 @@ class PatchCore:
         if self.bank is None:
             raise PatchCoreError("the model is not fitted: call fit() or PatchCore.load()")
 
+    def _knn_operands(self, bank) -> list[Tensor] | None:
+        """:func:`~patchcore_fast.ops.knn_bank` of the bank ``bank`` (the model's, on the
+        scoring device), made on first use and kept while the model's bank is the same
+        tensor: a bank is replaced (fit, update, load), never changed in place. None for a
+        sharded bank or one off the CPU."""
+        if not isinstance(bank, Tensor) or bank.device.type != "cpu":
+            return None
+        kept = self._operands
+        if kept is None or kept[0]() is not bank:
+            self._operands = kept = (weakref.ref(bank), ops.knn_bank(bank))
+        return kept[1]
+
     def score_embeddings(self, patches: Tensor, grid: tuple[int, int],
                          size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
         """Steps 8-10 on embeddings.
@@ -297,7 +313,8 @@ class PatchCore:
         if not size[0]:
             stride = self.backbone_info.strides[0] if self.backbone_info else 8
             size = (grid[0] * stride, grid[1] * stride)
-        scores, maps = score_patches(patches, bank, hood, grid, size, self.config.blur_sigma)
+        scores, maps = score_patches(patches, bank, hood, grid, size, self.config.blur_sigma,
+                                     self._knn_operands(bank))
         if maps.device.type != "cuda":
             return scores.cpu(), maps.cpu()
         # Maps are upsampled and blurred on the GPU; both results then go to page-locked

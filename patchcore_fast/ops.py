@@ -33,6 +33,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 _warned = False
 
 _OPS = ("greedy_coreset", "coreset_shard_state", "coreset_shard_step", "knn", "knn_stats")
+# Ops with a CPU kernel only: the bank's side of the CPU k-NN kernel, kept between calls.
+_CPU_OPS = ("knn_bank", "knn_prepared")
 
 
 def compiled() -> bool:
@@ -52,7 +54,7 @@ def build_info() -> dict:
     info = {"compiled": compiled(), "load_error": _LOAD_ERROR, "cpu": [], "cuda": [],
             "cuda_available": torch.cuda.is_available(), "torch": torch.__version__}
     if compiled():
-        for op in _OPS:
+        for op in (*_OPS, *_CPU_OPS):
             for key in ("cpu", "cuda"):
                 if has(f"patchcore_fast::{op}", key.upper()):
                     info[key].append(op)
@@ -244,7 +246,33 @@ def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, state: li
     return reference.coreset_shard_step(shard, candidates, offset, state, indices, step)
 
 
-def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+def knn_bank(bank: Tensor) -> list[Tensor] | None:
+    """The bank's side of the CPU k-NN kernel, for a bank that answers many queries.
+
+    :func:`knn` on the CPU computes, on every call, what depends on the bank alone: its
+    mean (the centre of the expansion), its centred norms, and for the projected pre-pass a
+    basis of its leading axes and the bank projected on it. Made once here and given back
+    (``knn(..., prepared=)``), they cost nothing per call; the answer and the statistics
+    are the same (the same values, the same rule deciding per call).
+
+    The operands belong to this bank's values: keep them with the bank and make them
+    again when the bank changes (the model does: :meth:`PatchCore.score_embeddings`).
+
+    Args:
+        bank (Tensor[M, D]): bank rows; converted to float32.
+
+    Returns:
+        the operands (a list of tensors, see csrc/ops.cpp), or None where there is nothing
+        to keep: a bank on another device than the CPU, or no compiled library.
+    """
+    bank = _float32(bank, "bank")
+    if bank.device.type != "cpu" or not compiled():
+        return None
+    return torch.ops.patchcore_fast.knn_bank.default(bank.contiguous())
+
+
+def knn(query: Tensor, bank: Tensor, k: int = 1, prepared: list[Tensor] | None = None
+        ) -> tuple[Tensor, Tensor]:
     """Exact k nearest bank rows of every query row, in bounded memory.
 
     What the result promises (CPU and CUDA kernels): the true k nearest neighbours, with
@@ -266,12 +294,16 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
         query (Tensor[Q, D]): query rows; converted to float32. Q may be 0.
         bank (Tensor[M, D]): bank rows, same device; converted to float32.
         k (int): neighbours per query, 1 <= k <= M.
+        prepared: :func:`knn_bank` of this bank (CPU): the same answer without the bank's
+            per-call cost; None computes it in the call.
 
     Returns:
         (Tensor[Q, k] float32, Tensor[Q, k] int64): Euclidean (not squared) distances in
         ascending order, and the bank row of each.
     """
     query, bank, k = _float32(query, "query"), _float32(bank, "bank"), int(k)
+    if prepared is not None and query.device.type == "cpu" and _use_kernel(query, "knn"):
+        return torch.ops.patchcore_fast.knn_prepared.default(query, bank, k, prepared)[:2]
     if _use_kernel(query, "knn"):
         return torch.ops.patchcore_fast.knn.default(query, bank, k)
     _check_knn(query, bank, k)
@@ -279,8 +311,8 @@ def knn(query: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
 
 
 def knn_stats(query: Tensor, bank: Tensor, k: int = 1, *, gemm: str = "auto",
-              project: str = "auto", project_bound_scale: float = 1.0
-              ) -> tuple[Tensor, Tensor, dict]:
+              project: str = "auto", project_bound_scale: float = 1.0,
+              prepared: list[Tensor] | None = None) -> tuple[Tensor, Tensor, dict]:
     """:func:`knn` plus how the kernel got there, with its variant chosen explicitly (a
     debugging, test and benchmark aid; :func:`knn` is ``knn_stats`` with the defaults).
 
@@ -296,6 +328,8 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1, *, gemm: str = "auto",
             no pilot); no effect on CUDA.
         project_bound_scale (float): multiplies the pre-pass's lower bound: 1 in use; a
             value > 1 makes the bound invalid (tests show that exactness then breaks).
+        prepared: :func:`knn_bank` of this bank (CPU only; with ``gemm`` "auto" and a
+            bound scale of 1).
 
     Returns:
         (Tensor[Q, k] float32, Tensor[Q, k] int64, dict): the result of :func:`knn`, and
@@ -311,7 +345,16 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1, *, gemm: str = "auto",
         count -1.
     """
     query, bank, k = _float32(query, "query"), _float32(bank, "bank"), int(k)
-    if _use_kernel(query, "knn_stats"):
+    if prepared is not None and (query.device.type != "cpu" or gemm != "auto"
+                                 or project_bound_scale != 1.0):
+        raise ValueError("prepared operands are the CPU kernel's, with gemm 'auto' and a "
+                         f"bound scale of 1; got {query.device}, gemm {gemm!r}, scale "
+                         f"{project_bound_scale}")
+    if prepared is not None and _use_kernel(query, "knn_prepared"):
+        d, i, s = torch.ops.patchcore_fast.knn_prepared.default(query, bank, k, prepared,
+                                                                 project)
+        s = s.tolist()
+    elif _use_kernel(query, "knn_stats"):
         d, i, s = torch.ops.patchcore_fast.knn_stats.default(
             query, bank, k, gemm, project, float(project_bound_scale))
         s = s.tolist()
@@ -379,3 +422,7 @@ if compiled():
     def _knn_stats_fake(query, bank, k, gemm="auto", project="auto", project_bound_scale=1.0):
         d, i = _knn_fake(query, bank, k)
         return d, i, query.new_empty((6,), dtype=torch.int64)
+
+    @torch.library.register_fake("patchcore_fast::knn_prepared")
+    def _knn_prepared_fake(query, bank, k, prepared, project="auto"):
+        return _knn_stats_fake(query, bank, k)

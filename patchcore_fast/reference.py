@@ -190,6 +190,21 @@ def covering_radii(features: Tensor, *selections: Tensor) -> list[Tensor]:
     return radii
 
 
+def knn_bank(bank: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The bank's side of the CPU k-NN kernel's expansion (csrc/cpu/knn.cpp, ``bank_side``;
+    the first three of ``ops.knn_bank``'s operands).
+
+    Returns:
+        (mean: Tensor[D] float32, accumulated in float64 and rounded once; norms:
+        Tensor[M] float32, each centred row's ``||fl(b - mu)||^2`` in float64 rounded once;
+        their largest value before rounding).
+    """
+    b = bank.float()
+    mean = b.double().mean(0).float()
+    sq = (b - mean).double().square().sum(1)  # fl(b - mu) in float32, squared in float64
+    return mean, sq.float(), float(sq.max())
+
+
 def knn(query: Tensor, bank: Tensor, k: int, chunk: int = 1024, exact: bool = True
         ) -> tuple[Tensor, Tensor]:
     """Exact k nearest bank rows of each query row.

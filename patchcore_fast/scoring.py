@@ -30,18 +30,21 @@ from torch import Tensor
 from . import ops
 
 
-def nearest_bank_rows(patches: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
+def nearest_bank_rows(patches: Tensor, bank: Tensor, prepared: list[Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor]:
     """Step 8: each patch's distance to, and index of, its nearest bank row.
 
     Args:
         patches (Tensor[Q, D]): test embeddings.
         bank (Tensor[M, D]): memory bank, or a
             :class:`~patchcore_fast.sharded.ShardedBank` (same answer, collective).
+        prepared: :func:`~patchcore_fast.ops.knn_bank` of ``bank`` (the same answer).
 
     Returns:
         (Tensor[Q] float32, Tensor[Q] int64): Euclidean distances and bank rows.
     """
-    dist, idx = ops.knn(patches, bank, 1) if isinstance(bank, Tensor) else bank.knn(patches, 1)
+    dist, idx = ops.knn(patches, bank, 1, prepared) if isinstance(bank, Tensor) \
+        else bank.knn(patches, 1)
     return dist[:, 0], idx[:, 0]
 
 
@@ -177,8 +180,8 @@ def image_scores(patches: Tensor, patch_dist: Tensor, patch_idx: Tensor, bank: T
 
 
 def score_patches(patches: Tensor, bank: Tensor, neighbors: Tensor | None,
-                  grid: tuple[int, int], size: tuple[int, int], sigma: float
-                  ) -> tuple[Tensor, Tensor]:
+                  grid: tuple[int, int], size: tuple[int, int], sigma: float,
+                  prepared: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Steps 8-10 on embeddings against a bank: image scores and input-sized maps.
 
     Args:
@@ -188,12 +191,13 @@ def score_patches(patches: Tensor, bank: Tensor, neighbors: Tensor | None,
         grid: (h, w).
         size: (H_in, W_in) of the input images.
         sigma: the maps' Gaussian blur.
+        prepared: :func:`~patchcore_fast.ops.knn_bank` of ``bank`` (the same answer).
 
     Returns:
         (Tensor[B] image scores, Tensor[B, H_in, W_in] maps), on the patches' device.
     """
     b, p, d = patches.shape
-    dist, idx = nearest_bank_rows(patches.reshape(-1, d), bank)
+    dist, idx = nearest_bank_rows(patches.reshape(-1, d), bank, prepared)
     dist, idx = dist.view(b, p), idx.view(b, p)
     scores = image_scores(patches, dist, idx, bank, neighbors)
     return scores, anomaly_maps(dist, grid, tuple(size), sigma)

@@ -473,3 +473,113 @@ def test_coreset_under_inference_mode(two_threads, wrn50_features, device):
     with torch.inference_mode():
         got = ops.greedy_coreset(x.clone(), 300, 0)
     assert torch.equal(got, want)
+
+
+# ----- the bank's operands kept between calls (ops.knn_bank) ------------------------------
+
+def _same_with_operands(q, b, k, project="auto"):
+    """knn_stats with the bank's operands made once equals it without: answer bit for bit,
+    the same statistics (the same rule took the same pre-pass)."""
+    prepared = ops.knn_bank(b)
+    d0, i0, s0 = ops.knn_stats(q, b, k, project=project)
+    d1, i1, s1 = ops.knn_stats(q, b, k, project=project, prepared=prepared)
+    assert torch.equal(d0, d1) and torch.equal(i0, i1)
+    assert s0 == s1, (s0, s1)
+    d2, i2 = ops.knn(q, b, k, prepared)
+    assert torch.equal(d0, d2) and torch.equal(i0, i2)
+    return s1
+
+
+@pytest.mark.parametrize("features", FEATURES)
+@pytest.mark.parametrize("k", [1, 9])
+@pytest.mark.parametrize("project", ["auto", "force", "off"])
+def test_bank_operands_give_the_same_answer(request, truths, features, k, project):
+    q, b = request.getfixturevalue(features)
+    if features not in truths:
+        truths[features] = oracle(q, b)
+    stats = _same_with_operands(q, b, k, project)
+    if project == "force" or (project == "auto" and features != "lite0_bottle_features"):
+        assert stats["projected"] == stats["rows"], stats  # the pre-pass ran on the operands
+    d, i = ops.knn(q, b, k, ops.knn_bank(b))
+    assert_exact(truths[features], k, d, i)
+
+
+def test_bank_operands_on_hard_cases(wrn50_features, wrn50_noise_queries):
+    # Queries off the bank (pilot kept), 120 copies of 4 rows (certificates fail), isotropic
+    # data (the rule leaves the pre-pass off), clusters (the pilot switches it off), one
+    # query row, none.
+    _, b = wrn50_features
+    assert _same_with_operands(wrn50_noise_queries, b, 3)["projected"] > 0
+    q, bd = _low_rank(2500, 200, 256, rank=6, noise=0.05, seed=22, copies=120)
+    stats = _same_with_operands(q, bd, 3, "force")
+    assert 0 < stats["projected_certified"] <= stats["rows"] - 40, stats
+    g = torch.Generator().manual_seed(21)
+    q, bg = torch.randn(600, 512, generator=g), torch.randn(3000, 512, generator=g)
+    assert _same_with_operands(q, bg, 3)["projected"] == 0
+    centres = 10 * torch.randn(50, 8, generator=g) @ torch.randn(8, 256, generator=g) + 30
+    bc = centres[torch.arange(3000) % 50] + 0.3 * torch.randn(3000, 256, generator=g)
+    qc = centres[torch.randint(50, (600,), generator=g)] + 0.3 * torch.randn(600, 256,
+                                                                              generator=g)
+    _same_with_operands(qc, bc, 1)
+    _same_with_operands(q[:1], bg, 3)
+    d, i = ops.knn(q[:0], bg, 3, ops.knn_bank(bg))
+    assert d.shape == (0, 3) and i.shape == (0, 3)
+
+
+def test_bank_operands_are_what_they_say(wrn50_features):
+    # The operands against their pure-torch twin (reference.knn_bank) and their meaning:
+    # the basis nearly orthonormal, the projected bank fl(b - mu) U, its squared norms.
+    from patchcore_fast import reference
+
+    _, b = wrn50_features
+    mean, norms, scalars, basis, projected, pnorms = ops.knn_bank(b)
+    r_mean, r_norms, r_max = reference.knn_bank(b)
+    torch.testing.assert_close(mean, r_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(norms, r_norms, rtol=1e-5, atol=1e-6)
+    assert scalars.dtype == torch.float64 and scalars[0].item() == pytest.approx(r_max,
+                                                                                  rel=1e-5)
+    assert scalars[1].item() == 1.0 and scalars[2].item() >= 0.9  # ok, captured share
+    assert basis.shape == (b.shape[1], 32) and projected.shape == (b.shape[0], 32)
+    gram = basis.double().T @ basis.double()
+    assert (gram - torch.eye(32, dtype=torch.float64)).norm() < 1e-3
+    assert scalars[3].item() >= 1.0  # 1 + delta
+    torch.testing.assert_close(projected, (b - mean) @ basis, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(pnorms, projected.double().square().sum(1).float())
+    assert scalars[4].item() >= pnorms.max().sqrt().item()  # max ||pb||, nudged up
+
+
+def test_bank_operands_of_another_bank_are_refused(wrn50_features):
+    q, b = wrn50_features
+    other = ops.knn_bank(b[:-1])
+    with pytest.raises(ValueError, match="knn_bank"):
+        ops.knn(q[:4], b, 1, other)
+    with pytest.raises(ValueError, match="knn_bank"):
+        ops.knn(q[:4], b, 1, ops.knn_bank(b)[:5])
+    with pytest.raises(ValueError, match="gemm"):
+        ops.knn_stats(q[:4], b, 1, gemm="fp32", prepared=ops.knn_bank(b))
+    with pytest.raises(ValueError, match="NaN"):
+        ops.knn_bank(torch.cat([b[:10], torch.full((1, b.shape[1]), float("nan"))]))
+    from torch.library import opcheck
+
+    opcheck(torch.ops.patchcore_fast.knn_prepared.default, (q[:40], b, 3, ops.knn_bank(b)))
+
+
+def test_model_keeps_the_operands_of_its_bank(wrn50_features):
+    # Scoring through the model uses the operands of its bank, made once; a new bank (an
+    # update, a refit) gets its own: the scores equal those without operands.
+    from patchcore_fast.model import PatchCore, PatchCoreConfig
+    from patchcore_fast.scoring import score_patches
+
+    q, b = wrn50_features
+    model = PatchCore(PatchCoreConfig(backbone="wide_resnet50_2", pretrained=False))
+    patches = q[:784 * 2].reshape(2, 784, -1)
+    for bank in (b, b[::2].contiguous()):
+        model.bank, model.neighbors = bank, None
+        scores, maps = model.score_embeddings(patches, (28, 28), (224, 224))
+        kept = model._operands[1]
+        assert model._operands[0]() is bank
+        ref_scores, ref_maps = score_patches(patches, bank, None, (28, 28), (224, 224),
+                                             model.config.blur_sigma)
+        assert torch.equal(scores, ref_scores) and torch.equal(maps, ref_maps)
+        model.score_embeddings(patches[:1], (28, 28), (224, 224))
+        assert model._operands[1] is kept  # made once for this bank

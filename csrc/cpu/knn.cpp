@@ -324,37 +324,24 @@ void run_rows(const Problem& P, const int64_t* rows, int64_t n, bool second,
   }
 }
 
-// knn with statistics: (distances [Q, k], indices [Q, k], stats [6] int64 = rows,
-// rows of the second pass, rows of the last-resort exact scan, candidates refined (all
-// passes), rows sent through the projected pre-pass (0 when it is off), rows it
-// certified; the others went through the first pass).
-//   project: when the projected pre-pass runs; project_bound_scale: multiplies its lower
-//   bound (1 in use; see knn_project.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_cpu_impl(const at::Tensor& query_in,
-                                                            const at::Tensor& bank_in, int64_t k,
-                                                            knn_project::Mode project,
-                                                            double project_bound_scale) {
-  check_knn_args(query_in, bank_in, k);
-  TORCH_CHECK_VALUE(query_in.device().is_cpu(), "query should be a CPU tensor, got ",
-                    query_in.device());
-  at::NoGradGuard no_grad;  // the GEMMs below write into buffers (out= ops)
-  const at::Tensor query = query_in.contiguous();
-  const at::Tensor bank = bank_in.contiguous();
-  const int64_t nq = query.size(0), m = bank.size(0), d = bank.size(1);
-  at::Tensor out_d = at::empty({nq, k}, query.options());
-  at::Tensor out_i = at::empty({nq, k}, query.options().dtype(at::kLong));
-  at::Tensor stats = at::zeros({6}, query.options().dtype(at::kLong));
-  if (nq == 0) {
-    check_finite_lowmem(bank, "bank");  // no pass over the bank below to fold it into
-    return {out_d, out_i, stats};
-  }
+// The bank's side of the expansion: its mean, its centred norms and their maximum.
+struct BankSide {
+  at::Tensor mean;      // [D] float32
+  at::Tensor bn;        // [M] float32: ||fl(b - mu)||^2 in double, rounded once
+  double bmax2 = 0.0;   // max ||fl(b - mu)||^2 (in double, before rounding)
+};
 
+BankSide bank_side(const at::Tensor& bank) {
+  const int64_t m = bank.size(0), d = bank.size(1);
+  BankSide S;
+  S.mean = at::empty({d}, bank.options());
+  S.bn = at::empty({m}, bank.options());
   // The centre: the bank's mean, accumulated in double and rounded once. Threads own
   // columns and add the rows in order, so the mean does not depend on the thread count.
   // Any centre gives exact distances; the mean makes the norms in the error bound the
   // bank's spread.
   const float* bp = bank.data_ptr<float>();
-  std::vector<float> mean(d);
+  float* mean = S.mean.data_ptr<float>();
   at::parallel_for(0, d, 64, [&](int64_t c0, int64_t c1) {
     std::vector<double> acc(c1 - c0, 0.0);
     for (int64_t j = 0; j < m; ++j) {
@@ -371,43 +358,147 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_cpu_impl(const at::Tensor& qu
   // Inf propagate into the mean and the norms, so all norms finite proves the bank finite;
   // otherwise (a bad value, or finite values whose centred difference overflows) the rows
   // are inspected.
-  std::vector<float> bn(m);
-  double bmax2 = 0.0;
-  {
-    const float* mu = mean.data();
-    std::vector<double> local_max(std::max(1, at::get_num_threads()), 0.0);
-    std::atomic<bool> all_finite{true};
-    at::parallel_for(0, m, 256, [&](int64_t a, int64_t e) {
-      double mx = 0.0;
-      bool finite = true;
-      for (int64_t j = a; j < e; ++j) {
-        const float* row = bp + j * d;
-        double s = 0.0;
+  float* bn = S.bn.data_ptr<float>();
+  const float* mu = mean;
+  std::vector<double> local_max(std::max(1, at::get_num_threads()), 0.0);
+  std::atomic<bool> all_finite{true};
+  at::parallel_for(0, m, 256, [&](int64_t a, int64_t e) {
+    double mx = 0.0;
+    bool finite = true;
+    for (int64_t j = a; j < e; ++j) {
+      const float* row = bp + j * d;
+      double s = 0.0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t t = 0; t < d; ++t) {
-          const double c = static_cast<double>(row[t] - mu[t]);
-          s += c * c;
-        }
-        bn[j] = static_cast<float>(s);
-        mx = std::max(mx, s);
-        finite = finite && std::isfinite(s);
+      for (int64_t t = 0; t < d; ++t) {
+        const double c = static_cast<double>(row[t] - mu[t]);
+        s += c * c;
       }
-      double& slot = local_max[at::get_thread_num() % local_max.size()];
-      slot = std::max(slot, mx);
-      if (!finite) all_finite.store(false, std::memory_order_relaxed);
-    });
-    for (double v : local_max) bmax2 = std::max(bmax2, v);
-    if (!all_finite.load()) check_finite_rows(bank, "bank");
+      bn[j] = static_cast<float>(s);
+      mx = std::max(mx, s);
+      finite = finite && std::isfinite(s);
+    }
+    double& slot = local_max[at::get_thread_num() % local_max.size()];
+    slot = std::max(slot, mx);
+    if (!finite) all_finite.store(false, std::memory_order_relaxed);
+  });
+  for (double v : local_max) S.bmax2 = std::max(S.bmax2, v);
+  if (!all_finite.load()) check_finite_rows(bank, "bank");
+  return S;
+}
+
+// What knn_bank returns, and knn_prepared takes back: the BankSide and the pre-pass's
+// Basis of one bank, as tensors.
+//   (mean [D] float32, norms [M] float32, scalars [5] float64 = (max ||fl(b - mu)||^2,
+//    basis ok (1 or 0), captured share, 1 + delta, max ||pb||), U [D, r] float32,
+//    pb [M, r] float32, pbn [M] float32); U, pb and pbn are empty when the basis is not ok.
+constexpr int64_t kPrepared = 6;
+
+std::vector<at::Tensor> knn_bank_cpu(const at::Tensor& bank_in) {
+  check_matrix_value(bank_in, "bank");
+  TORCH_CHECK_VALUE(bank_in.device().is_cpu(), "bank should be a CPU tensor, got ",
+                    bank_in.device());
+  TORCH_CHECK_VALUE(bank_in.size(0) > 0 && bank_in.size(1) > 0,
+                    "bank should have rows and columns, got shape ", bank_in.sizes());
+  at::NoGradGuard no_grad;
+  const at::Tensor bank = bank_in.contiguous();
+  const int64_t m = bank.size(0), d = bank.size(1);
+  BankSide S = bank_side(bank);
+  // The basis whatever its captured share: knn_prepared applies the rule per call, as knn.
+  knn_project::Basis B = knn_project::make_basis(bank.data_ptr<float>(),
+                                                 S.mean.data_ptr<float>(), m, d, 0.0);
+  const auto f32 = bank.options();
+  at::Tensor scalars = at::empty({5}, f32.dtype(at::kDouble));
+  double* sc = scalars.data_ptr<double>();
+  sc[0] = S.bmax2;
+  sc[1] = B.ok ? 1.0 : 0.0;
+  sc[2] = B.captured;
+  sc[3] = B.one_delta;
+  sc[4] = B.pbmax;
+  if (!B.ok) {
+    B.U = at::empty({0, 0}, f32);
+    B.pb = at::empty({0, 0}, f32);
+    B.pbn = at::empty({0}, f32);
   }
+  return {S.mean, S.bn, scalars, B.U, B.pb, B.pbn};
+}
+
+// The prepared operands back from tensors, checked against the bank's shape (they cannot
+// be checked against its values: the caller keeps them with the bank they were made from).
+void unpack_prepared(at::TensorList prepared, int64_t m, int64_t d, BankSide& S,
+                     knn_project::Basis& B) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(prepared.size()) == kPrepared,
+                    "prepared should be knn_bank's ", kPrepared, " tensors, got ",
+                    prepared.size());
+  const auto is = [](const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape) {
+    return t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == shape &&
+           t.is_contiguous();
+  };
+  TORCH_CHECK_VALUE(is(prepared[0], at::kFloat, {d}) && is(prepared[1], at::kFloat, {m}) &&
+                        is(prepared[2], at::kDouble, {5}),
+                    "prepared does not belong to a bank of shape [", m, ", ", d,
+                    "]: make it with knn_bank(bank) for this bank");
+  S.mean = prepared[0];
+  S.bn = prepared[1];
+  const double* sc = prepared[2].data_ptr<double>();
+  S.bmax2 = sc[0];
+  B.ok = sc[1] == 1.0;
+  B.captured = sc[2];
+  B.one_delta = sc[3];
+  B.pbmax = sc[4];
+  if (B.ok) {
+    const int64_t r = prepared[3].dim() == 2 ? prepared[3].size(1) : -1;
+    TORCH_CHECK_VALUE(r > 0 && is(prepared[3], at::kFloat, {d, r}) &&
+                          is(prepared[4], at::kFloat, {m, r}) &&
+                          is(prepared[5], at::kFloat, {m}),
+                      "prepared does not belong to a bank of shape [", m, ", ", d,
+                      "]: make it with knn_bank(bank) for this bank");
+    B.U = prepared[3];
+    B.pb = prepared[4];
+    B.pbn = prepared[5];
+  }
+}
+
+// knn with statistics: (distances [Q, k], indices [Q, k], stats [6] int64 = rows,
+// rows of the second pass, rows of the last-resort exact scan, candidates refined (all
+// passes), rows sent through the projected pre-pass (0 when it is off), rows it
+// certified; the others went through the first pass).
+//   project: when the projected pre-pass runs; project_bound_scale: multiplies its lower
+//   bound (1 in use; see knn_project.h).
+//   prepared: the bank's side and basis (knn_bank), or null: computed here. Both give the
+//   same answer and statistics (the same values, the same rule).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_cpu_impl(
+    const at::Tensor& query_in, const at::Tensor& bank_in, int64_t k,
+    knn_project::Mode project, double project_bound_scale,
+    const at::TensorList* prepared = nullptr) {
+  check_knn_args(query_in, bank_in, k);
+  TORCH_CHECK_VALUE(query_in.device().is_cpu(), "query should be a CPU tensor, got ",
+                    query_in.device());
+  at::NoGradGuard no_grad;  // the GEMMs below write into buffers (out= ops)
+  const at::Tensor query = query_in.contiguous();
+  const at::Tensor bank = bank_in.contiguous();
+  const int64_t nq = query.size(0), m = bank.size(0), d = bank.size(1);
+  BankSide S;
+  knn_project::Basis B;
+  if (prepared != nullptr) unpack_prepared(*prepared, m, d, S, B);
+  at::Tensor out_d = at::empty({nq, k}, query.options());
+  at::Tensor out_i = at::empty({nq, k}, query.options().dtype(at::kLong));
+  at::Tensor stats = at::zeros({6}, query.options().dtype(at::kLong));
+  if (nq == 0) {
+    // No pass over the bank below to fold its check into (a prepared bank was checked
+    // by knn_bank's pass).
+    if (prepared == nullptr) check_finite_lowmem(bank, "bank");
+    return {out_d, out_i, stats};
+  }
+  if (prepared == nullptr) S = bank_side(bank);
   std::atomic<int64_t> second_pass{0}, exact_scans{0}, refined{0};
   Problem P{query.data_ptr<float>(),
             bank.data_ptr<float>(),
-            mean.data(),
-            bn.data(),
+            S.mean.data_ptr<float>(),
+            S.bn.data_ptr<float>(),
             m,
             d,
             k,
-            std::sqrt(bmax2),
+            std::sqrt(S.bmax2),
             ExpansionBound(d, knn_detail::matmul_input_roundoff(/*cuda=*/false)),
             out_d.data_ptr<float>(),
             out_i.data_ptr<int64_t>(),
@@ -417,8 +508,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_cpu_impl(const at::Tensor& qu
 
   // Projected pre-pass (knn_project.h) when the mode and its rule take it: the rows it
   // certifies are done; the others go through the passes below, unchanged.
-  knn_project::Result pre = knn_project::prepass(P.query, P.bank, P.mean, nq, m, d, k, P.bmax,
-                                                 project, project_bound_scale, P.out_d, P.out_i);
+  knn_project::Result pre = knn_project::prepass(
+      P.query, P.bank, P.mean, nq, m, d, k, P.bmax, project, project_bound_scale, P.out_d,
+      P.out_i, prepared != nullptr ? &B : nullptr);
   refined += pre.refined;
   std::vector<int64_t>& all = pre.rest;
   std::vector<int64_t> failed;
@@ -446,6 +538,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cpu(
   return knn_cpu_impl(query, bank, k, knn_project::parse_mode(project), project_bound_scale);
 }
 
+// The knn_prepared op: knn_stats on the CPU with the bank's operands from knn_bank.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_prepared_cpu(
+    const at::Tensor& query, const at::Tensor& bank, int64_t k, at::TensorList prepared,
+    c10::string_view project) {
+  check_knn_variant("auto", project, 1.0);
+  return knn_cpu_impl(query, bank, k, knn_project::parse_mode(project), 1.0, &prepared);
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& bank,
                                            int64_t k) {
   auto r = knn_cpu_impl(query, bank, k, knn_project::Mode::kAuto, 1.0);
@@ -458,4 +558,6 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Te
 TORCH_LIBRARY_IMPL(patchcore_fast, CPU, m) {
   m.impl("knn", &patchcore_fast::knn_cpu);
   m.impl("knn_stats", &patchcore_fast::knn_stats_cpu);
+  m.impl("knn_bank", &patchcore_fast::knn_bank_cpu);
+  m.impl("knn_prepared", &patchcore_fast::knn_prepared_cpu);
 }

@@ -116,7 +116,7 @@ struct Projection {
   int64_t r = 0;
   at::Tensor U;             // [D, r] float32
   at::Tensor pb;            // [M, r] float32: fl(U^T fl(b - mu))
-  std::vector<float> pbn;   // [M] ||pb||^2, in double, rounded once
+  at::Tensor pbn;           // [M] float32 ||pb||^2, in double, rounded once
   double pbmax = 0.0;       // max ||pb||
   double one_delta = 1.0;   // 1 + delta >= sigma_max(U)
   double eps_rel = 0.0;     // eps(x) = eps_rel ||fl(x - mu)||
@@ -124,7 +124,6 @@ struct Projection {
   double out_factor = 1.0;  // (1 - u) sqrt(1 - gamma_{D+2}) (1 - 2^-20)
   double scale = 1.0;       // bound_scale of prepass (1 in use)
   knn_detail::ExpansionBound er{1, 0.0};
-  double captured = 0.0;    // share of the sample's squared norm on the r axes
   bool forced = false;      // Mode::kForce: no pilot
 
   // L(v) (1 - u) sqrt(1 - gamma): a lower bound of the returned distance of every bank row
@@ -135,21 +134,15 @@ struct Projection {
   }
 };
 
-// Decides whether to take the pre-pass and, if so, builds U and the projected bank.
-// Args:
-//   bank: [m, d] row-major float32 as given; mean: [d] the centre; bmax: max ||fl(b - mu)||.
-//   nq, k: queries and neighbours per query; mode, scale: prepass's.
-// Returns: the projection (on == false: use the existing path).
-Projection make_projection(const float* bank, const float* mean, int64_t m, int64_t d,
-                           double bmax, int64_t nq, int64_t k, Mode mode, double scale) {
-  Projection P;
-  if (mode == Mode::kOff || d < 32 || m <= candidates(k)) return P;
-  const bool forced = mode == Mode::kForce;
-  if (!forced && (d < kMinDim || m < 8 * candidates(k) ||
-                  static_cast<double>(nq) * m * d < kMinWork)) {
-    return P;
-  }
-  if (knn_detail::matmul_input_roundoff(/*cuda=*/false) != 0.0) return P;
+}  // namespace
+
+Basis make_basis(const float* bank, const float* mean, int64_t m, int64_t d,
+                 double min_captured) {
+  Basis B;
+  if (d < 32 || m < 1) return B;
+  // The bound assumes true fp32 GEMMs, here (the projected bank) and per call (the
+  // queries' projections: prepass checks again).
+  if (knn_detail::matmul_input_roundoff(/*cuda=*/false) != 0.0) return B;
   const int64_t r = kRank;
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor all = at::from_blob(const_cast<float*>(bank), {m, d}, opts);
@@ -165,41 +158,76 @@ Projection make_projection(const float* bank, const float* mean, int64_t m, int6
     const at::Tensor z = at::mm(s.t(), at::mm(s, g));
     u = std::get<0>(at::linalg_qr(z.to(at::kDouble))).to(at::kFloat).contiguous();
   } catch (const c10::Error&) {
-    return P;  // no LAPACK in this build: the existing path
+    return B;  // no LAPACK in this build: the existing path
   }
   const double total = s.square().sum().item<double>();
-  P.captured = total > 0.0 ? at::mm(s, u).square().sum().item<double>() / total : 0.0;
-  if (!forced && !(P.captured >= kMinCaptured)) return P;
-  P.forced = forced;
+  B.captured = total > 0.0 ? at::mm(s, u).square().sum().item<double>() / total : 0.0;
+  if (!(B.captured >= min_captured)) return B;
 
   // 1 + delta >= sigma_max(U), measured on the float32 U (see the header).
   const at::Tensor ud = u.to(at::kDouble);
   const double f = (at::mm(ud.t(), ud) - at::eye(r, ud.options())).norm().item<double>();
-  if (!(f < 1e-3)) return P;  // not near orthonormal (cannot happen with QR): stay off
-  P.one_delta = std::sqrt(1.0 + f + 1e-10);
+  if (!(f < 1e-3)) return B;  // not near orthonormal (cannot happen with QR): stay off
+  B.one_delta = std::sqrt(1.0 + f + 1e-10);
 
   // Projected bank, tile by tile: fl(b - mu) into a scratch tile (the rounding the bound
   // assumes), then one GEMM into pb's rows.
-  P.pb = at::empty({m, r}, opts);
-  P.pbn.resize(m);
+  B.pb = at::empty({m, r}, opts);
+  B.pbn = at::empty({m}, opts);
+  float* pbn = B.pbn.data_ptr<float>();
   parallel_for_tls(0, (m + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor tile = at::empty({kTile, d}, opts);
     float* tc = tile.data_ptr<float>();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j0 = t * kTile, nb = std::min(kTile, m - j0);
       for (int64_t j = 0; j < nb; ++j) centre_row(bank + (j0 + j) * d, mean, d, tc + j * d);
-      at::Tensor out = P.pb.narrow(0, j0, nb);
+      at::Tensor out = B.pb.narrow(0, j0, nb);
       at::mm_out(out, tile.narrow(0, 0, nb), u);
       const float* pp = out.data_ptr<float>();
       for (int64_t j = 0; j < nb; ++j) {
-        P.pbn[j0 + j] = static_cast<float>(sqnorm_double(pp + j * r, r));
+        pbn[j0 + j] = static_cast<float>(sqnorm_double(pp + j * r, r));
       }
     }
   });
   double mx = 0.0;
-  for (float v : P.pbn) mx = std::max(mx, static_cast<double>(v));
+  for (int64_t j = 0; j < m; ++j) mx = std::max(mx, static_cast<double>(pbn[j]));
   // pbn is rounded to float: max ||pb|| from it, nudged up by a relative 1e-6.
-  P.pbmax = std::sqrt(mx) * (1.0 + 1e-6);
+  B.pbmax = std::sqrt(mx) * (1.0 + 1e-6);
+  B.U = u;
+  B.ok = true;
+  return B;
+}
+
+namespace {
+
+// Decides whether to take the pre-pass and, if so, sets up the bound from the bank's basis
+// (`given`, built beforehand on this bank; null: built here, after the rules that do not
+// need it, and only when the captured share passes for kAuto).
+// Args:
+//   bank: [m, d] row-major float32 as given; mean: [d] the centre; bmax: max ||fl(b - mu)||.
+//   nq, k: queries and neighbours per query; mode, scale: prepass's.
+// Returns: the projection (on == false: use the existing path).
+Projection make_projection(const float* bank, const float* mean, int64_t m, int64_t d,
+                           double bmax, int64_t nq, int64_t k, Mode mode, double scale,
+                           const Basis* given) {
+  Projection P;
+  if (mode == Mode::kOff || d < 32 || m <= candidates(k)) return P;
+  const bool forced = mode == Mode::kForce;
+  if (!forced && (d < kMinDim || m < 8 * candidates(k) ||
+                  static_cast<double>(nq) * m * d < kMinWork)) {
+    return P;
+  }
+  if (knn_detail::matmul_input_roundoff(/*cuda=*/false) != 0.0) return P;
+  Basis local;
+  if (given == nullptr) local = make_basis(bank, mean, m, d, forced ? 0.0 : kMinCaptured);
+  const Basis& B = given != nullptr ? *given : local;
+  if (!B.ok || (!forced && !(B.captured >= kMinCaptured))) return P;
+  P.forced = forced;
+  const int64_t r = B.U.size(1);
+  P.one_delta = B.one_delta;
+  P.pb = B.pb;
+  P.pbn = B.pbn;
+  P.pbmax = B.pbmax;
 
   const double uu = std::ldexp(1.0, -24);
   const double nd = static_cast<double>(d + 2);
@@ -210,7 +238,7 @@ Projection make_projection(const float* bank, const float* mean, int64_t m, int6
   P.er = knn_detail::ExpansionBound(r, 0.0);
   P.scale = scale;
   P.r = r;
-  P.U = u;
+  P.U = B.U;
   P.on = true;
   return P;
 }
@@ -289,13 +317,14 @@ std::pair<int64_t, int64_t> prepass_chunk(
     top[t] = CandidatePool::make(store.data() + t * 2 * c, 2 * c, c, /*band=*/0.f);
   }
   at::Tensor buf = at::empty({tq * kTile}, opts);
+  const float* pbn = P.pbn.data_ptr<float>();
   for (int64_t j0 = 0; j0 < m; j0 += kTile) {
     const int64_t nb = std::min(kTile, m - j0);
     at::Tensor ip = buf.narrow(0, 0, tq * nb).view({tq, nb});
     at::mm_out(ip, pq, P.pb.narrow(0, j0, nb).t());  // ip[t, j] = pq_t . pb_j
     const float* ipp = ip.data_ptr<float>();
     for (int64_t t = 0; t < tq; ++t) {
-      select_tile_row(ipp + t * nb, P.pbn.data() + j0, j0, nb, top[t]);
+      select_tile_row(ipp + t * nb, pbn + j0, j0, nb, top[t]);
     }
   }
 
@@ -321,11 +350,12 @@ std::pair<int64_t, int64_t> prepass_chunk(
 
 Result prepass(const float* query, const float* bank, const float* mean, int64_t nq,
                int64_t m, int64_t d, int64_t k, double bmax, Mode mode, double bound_scale,
-               float* out_d, int64_t* out_i) {
+               float* out_d, int64_t* out_i, const Basis* basis) {
   Result res;
   res.rest.resize(static_cast<size_t>(nq));
   for (int64_t r = 0; r < nq; ++r) res.rest[r] = r;
-  const Projection proj = make_projection(bank, mean, m, d, bmax, nq, k, mode, bound_scale);
+  const Projection proj = make_projection(bank, mean, m, d, bmax, nq, k, mode, bound_scale,
+                                          basis);
   if (!proj.on) return res;
   std::vector<int64_t> all;
   all.swap(res.rest);
