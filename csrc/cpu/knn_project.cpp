@@ -110,15 +110,12 @@ constexpr int64_t kTile = 1024;           // projected bank rows per GEMM tile
 // Candidates kept per query row.
 inline int64_t candidates(int64_t k) { return k + kExtra; }
 
-// The projected bank and the constants of the bound.
+// The bank's basis (U, the projected bank and its norms, max ||pb||, 1 + delta) and the
+// per-call constants of the bound.
 struct Projection {
   bool on = false;
   int64_t r = 0;
-  at::Tensor U;             // [D, r] float32
-  at::Tensor pb;            // [M, r] float32: fl(U^T fl(b - mu))
-  at::Tensor pbn;           // [M] float32 ||pb||^2, in double, rounded once
-  double pbmax = 0.0;       // max ||pb||
-  double one_delta = 1.0;   // 1 + delta >= sigma_max(U)
+  Basis basis;
   double eps_rel = 0.0;     // eps(x) = eps_rel ||fl(x - mu)||
   double eps_b = 0.0;       // eps at max ||fl(b - mu)||
   double out_factor = 1.0;  // (1 - u) sqrt(1 - gamma_{D+2}) (1 - 2^-20)
@@ -130,7 +127,7 @@ struct Projection {
   // with projected value >= v, for a query with ||pq||^2 = pqn and eps_q.
   double bound(double v, double pqn, double eps_q, double e_r) const {
     const double s = std::sqrt(std::max(0.0, v + pqn - e_r)) - eps_q - eps_b;
-    return s <= 0.0 ? 0.0 : scale * s / one_delta * out_factor;
+    return s <= 0.0 ? 0.0 : scale * s / basis.one_delta * out_factor;
   }
 };
 
@@ -224,21 +221,17 @@ Projection make_projection(const float* bank, const float* mean, int64_t m, int6
   if (!B.ok || (!forced && !(B.captured >= kMinCaptured))) return P;
   P.forced = forced;
   const int64_t r = B.U.size(1);
-  P.one_delta = B.one_delta;
-  P.pb = B.pb;
-  P.pbn = B.pbn;
-  P.pbmax = B.pbmax;
+  P.basis = B;
 
   const double uu = std::ldexp(1.0, -24);
   const double nd = static_cast<double>(d + 2);
   const double gamma_d = nd * uu / (1.0 - nd * uu);
-  P.eps_rel = 1.01 * P.one_delta * (std::sqrt(static_cast<double>(r)) * gamma_d + 2.0 * uu);
+  P.eps_rel = 1.01 * B.one_delta * (std::sqrt(static_cast<double>(r)) * gamma_d + 2.0 * uu);
   P.eps_b = P.eps_rel * bmax * (1.0 + 1e-6);
   P.out_factor = (1.0 - uu) * std::sqrt(1.0 - gamma_d) * (1.0 - std::ldexp(1.0, -20));
   P.er = knn_detail::ExpansionBound(r, 0.0);
   P.scale = scale;
   P.r = r;
-  P.U = B.U;
   P.on = true;
   return P;
 }
@@ -303,11 +296,11 @@ std::pair<int64_t, int64_t> prepass_chunk(
     centre_row(query + rows[t] * d, mean, d, dst);
     eps_q[t] = P.eps_rel * std::sqrt(sqnorm_double(dst, d)) * (1.0 + 1e-6);
   }
-  const at::Tensor pq = at::mm(qblock, P.U);  // [tq, r]
+  const at::Tensor pq = at::mm(qblock, P.basis.U);  // [tq, r]
   const float* pqp = pq.data_ptr<float>();
   for (int64_t t = 0; t < tq; ++t) {
     pqn[t] = sqnorm_double(pqp + t * r, r);
-    e_r[t] = P.er(std::sqrt(pqn[t]) * (1.0 + 1e-6), P.pbmax);
+    e_r[t] = P.er(std::sqrt(pqn[t]) * (1.0 + 1e-6), P.basis.pbmax);
   }
 
   // Candidates: the c smallest projected values per row, tile by tile of the bank.
@@ -317,11 +310,11 @@ std::pair<int64_t, int64_t> prepass_chunk(
     top[t] = CandidatePool::make(store.data() + t * 2 * c, 2 * c, c, /*band=*/0.f);
   }
   at::Tensor buf = at::empty({tq * kTile}, opts);
-  const float* pbn = P.pbn.data_ptr<float>();
+  const float* pbn = P.basis.pbn.data_ptr<float>();
   for (int64_t j0 = 0; j0 < m; j0 += kTile) {
     const int64_t nb = std::min(kTile, m - j0);
     at::Tensor ip = buf.narrow(0, 0, tq * nb).view({tq, nb});
-    at::mm_out(ip, pq, P.pb.narrow(0, j0, nb).t());  // ip[t, j] = pq_t . pb_j
+    at::mm_out(ip, pq, P.basis.pb.narrow(0, j0, nb).t());  // ip[t, j] = pq_t . pb_j
     const float* ipp = ip.data_ptr<float>();
     for (int64_t t = 0; t < tq; ++t) {
       select_tile_row(ipp + t * nb, pbn + j0, j0, nb, top[t]);
