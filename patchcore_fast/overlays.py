@@ -56,8 +56,8 @@ def _jet_lut() -> np.ndarray:
 def jet_levels(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """The map's colour level t in [0, 1], float32: ``vmin`` -> 0, ``vmax`` -> 1, clipped."""
     t = np.subtract(amap, np.float32(vmin), dtype=np.float32)
-    t *= np.float32(1.0 / max(vmax - vmin, 1e-12))
-    return np.clip(t, 0.0, 1.0, out=t)
+    t /= np.float32(max(vmax - vmin, 1e-12))  # a division, as ever: not its reciprocal's
+    return np.clip(t, 0.0, 1.0, out=t)        # product, which moves t by an ulp
 
 
 def jet_colours(t: np.ndarray) -> np.ndarray:

@@ -32,9 +32,13 @@ def _blend_float64(image, amap, vmin, vmax):
 
 def test_table_colours_equal_matplotlib():
     amap = _map_with_edges(np.random.default_rng(0))
-    for vmin, vmax in ((-1.0, 1.0), (0.0, 1.0), (0.3, 0.3)):
+    for vmin, vmax in ((-1.0, 1.0), (0.0, 1.0), (0.3, 0.3), (0.1, 0.7), (1 / 3, 2 / 3)):
         t = jet_levels(amap, vmin, vmax)
         assert t.dtype == np.float32 and t.min() >= 0 and t.max() <= 1
+        # The levels of the first implementation, bit for bit (a range whose reciprocal is
+        # inexact too: multiplying by it would move some levels across a colour's edge).
+        np.testing.assert_array_equal(
+            t, np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0))
         np.testing.assert_array_equal(
             jet_colours(t), (matplotlib.colormaps["jet"](t)[..., :3] * 255.0).astype(np.float32))
 
@@ -44,7 +48,7 @@ def test_float32_blend_is_the_float64_blend_within_a_level():
     image = rng.integers(0, 256, (64, 300, 3), dtype=np.uint8)
     image[0, :4] = [[0, 0, 0], [255, 255, 255], [255, 0, 255], [0, 255, 0]]
     amap = _map_with_edges(rng)
-    for vmin, vmax in ((-1.0, 1.0), (0.0, 1.0), (0.3, 0.3)):
+    for vmin, vmax in ((-1.0, 1.0), (0.0, 1.0), (0.3, 0.3), (0.1, 0.7), (1 / 3, 2 / 3)):
         ours = overlay(image, amap, vmin, vmax)
         assert ours.dtype == np.uint8 and ours.shape == image.shape
         # The same whether the photo comes as uint8 or as floats.
