@@ -36,7 +36,7 @@ def main() -> int:
             os.fstat(fd)
         except OSError:
             os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
-    from patchcore_fast.cli import main as command
+    from patchcore_fast.cli import process_main as command
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

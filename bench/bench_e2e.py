@@ -27,7 +27,9 @@ Groups, side by side in one run (each entry's ``extra_info`` has ``images_per_s`
 
 Small sizes by default (CI runs this on 2 CPU cores in a few minutes); full sizes with
 ``PATCHCORE_FAST_BENCH_FULL=1`` (batch 64 too, and 512 files instead of 16);
-``PATCHCORE_FAST_BENCH_FILES`` and ``PATCHCORE_FAST_BENCH_ROUNDS`` set those two alone.
+``PATCHCORE_FAST_BENCH_FILES`` and ``PATCHCORE_FAST_BENCH_ROUNDS`` set those two alone;
+``PATCHCORE_FAST_BENCH_WORKERS`` the files path's reader processes (default: one per CPU,
+at most 8; 0 reads in the scoring process, the CLI's default).
 Every query image is held out of the bank.
 
     .venv/bin/pytest bench/bench_e2e.py --benchmark-only --benchmark-json=/tmp/e2e.json -s
@@ -66,7 +68,7 @@ HELD_OUT = max(FILES, max(BATCHES))  # query images, none of them in the bank
 ROUNDS = int(os.environ.get("PATCHCORE_FAST_BENCH_ROUNDS", 3 if FULL else 2))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU"))]
-WORKERS = min(8, os.cpu_count() or 1)
+WORKERS = int(os.environ.get("PATCHCORE_FAST_BENCH_WORKERS", min(8, os.cpu_count() or 1)))
 
 
 def _sync(device: str) -> None:
@@ -406,3 +408,55 @@ def test_overlay_of_a_bottle_photo(benchmark, photo):
     benchmark.extra_info.update(photos=len(files), ms_per_photo=round(
         benchmark.stats.stats.median / len(files) * 1e3, 1),
         overlay_kb=round(size / len(files) / 1024))
+
+
+def _overlays_of(files: list, size: int) -> list:
+    """The overlays (uint8 [size, size, 3]) of ``files``' photos under smooth maps."""
+    from patchcore_fast.images import read_image
+    from patchcore_fast.overlays import overlay
+
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for f in files:
+        photo = np.asarray(read_image(f).resize((size, size)))
+        amap = torch.nn.functional.interpolate(1 + 0.3 * torch.randn(1, 1, 28, 28, generator=gen),
+                                               size=(size, size), mode="bilinear")[0, 0].numpy()
+        out.append(overlay(photo, amap, 0.5, 2.0))
+    return out
+
+
+@pytest.mark.parametrize("size", [256, 900])
+@pytest.mark.parametrize("encoder", ["png_bytes", "pillow"])
+def test_png_encoder(benchmark, size, encoder):
+    """Encoding overlays as PNG: ours (:func:`~patchcore_fast.overlays.png_bytes`: the Up
+    filter on every row, zlib level 1 run-length) against Pillow at the same zlib settings
+    (which tries all five filters on every row), on overlays of bottle's photos at the
+    bench's photo size (256) and the real one (900). Time per overlay and size."""
+    import io
+
+    import _common
+    from PIL import Image
+
+    from patchcore_fast.overlays import ZLIB_LEVEL, ZLIB_STRATEGY, png_bytes
+
+    files = sorted((_common.mvtec_root() / "bottle" / "test" / "broken_large").glob("*.png"))
+    if not files:
+        pytest.skip("MVTec AD bottle not found")
+    images = _overlays_of(files[:10], size)
+    benchmark.group = f"png-overlay-{size}"
+
+    def pillow(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG", compress_level=ZLIB_LEVEL,
+                                compress_type=ZLIB_STRATEGY)
+        return buf.getvalue()
+
+    encode = png_bytes if encoder == "png_bytes" else pillow
+    for a in images:  # lossless either way
+        with Image.open(io.BytesIO(encode(a))) as img:
+            assert np.array_equal(np.asarray(img), a)
+    sizes = benchmark.pedantic(lambda: [len(encode(a)) for a in images],
+                               rounds=max(5, ROUNDS), iterations=1)
+    benchmark.extra_info.update(ms_per_overlay=round(
+        benchmark.stats.stats.median / len(images) * 1e3, 2),
+        kb_per_overlay=round(sum(sizes) / len(sizes) / 1024))

@@ -43,7 +43,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hmac
-import io
 import os
 import signal
 import socket
@@ -276,15 +275,11 @@ class Service:
         return answer
 
     def _overlay(self, photo, full: np.ndarray) -> tuple[str, dict]:
-        from PIL import Image
-
-        from .overlays import PNG_OPTIONS, overlay
+        from .overlays import overlay, png_bytes
 
         vmin, vmax, source = frames.colour_scale(self.model, full)
         img = overlay(np.asarray(photo), full, vmin, vmax)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG", **PNG_OPTIONS)
-        return (base64.b64encode(buf.getvalue()).decode("ascii"),
+        return (base64.b64encode(png_bytes(img)).decode("ascii"),
                 {"min": vmin, "max": vmax, "from": source})
 
     # --- model summary

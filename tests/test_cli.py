@@ -357,3 +357,23 @@ def test_the_command_line_starts_without_the_evaluation_libraries():
     out = subprocess.run([sys.executable, "-c", code], cwd=CHILD_CWD, env=child_env(),
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_process_ends_without_the_collector_passes(tmp_path):
+    """process_main (the console script's and ``python -m``'s) returns main's exit code,
+    with the live objects frozen out of the collector's passes at exit; a --quiet fit with
+    a calibration does not import scipy.special for the summary nobody sees."""
+    import subprocess
+
+    from child import CHILD_CWD, child_env
+
+    write_demo_data(tmp_path / "d", seed=0, n_train=4, n_test_good=0, n_test_defect=0)
+    train = tmp_path / "d" / "widget" / "train" / "good"
+    code = ("import gc, sys; from patchcore_fast.cli import process_main; "
+            f"c = process_main(['fit', {str(train)!r}, '-o', {str(tmp_path / 'm.safetensors')!r}, "
+            "'--backbone', 'resnet18', '--pretrained', 'false', '--quiet']); "
+            "print(c, gc.get_freeze_count() > 0, 'scipy.special' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=CHILD_CWD, env=child_env(),
+                         capture_output=True, text=True)
+    assert out.stdout.split() == ["0", "True", "False"], out.stdout + out.stderr
+    assert (tmp_path / "m.safetensors").is_file()
