@@ -21,9 +21,14 @@ Groups, side by side in one run (each entry's ``extra_info`` has ``images_per_s`
   model is calibrated as a fit calibrates (one pass: regions found and overlays written
   in the model's colour scale as each batch is scored), its calibration taken from the
   query images' own scores at a 1 % rate (the speed does not depend on where the
-  threshold sits, beyond the few regions drawn); ``no-overlays`` still finds the regions
+  threshold sits, beyond the few regions drawn); ``overlays-jpg`` writes them as JPEG
+  (``--overlay-format jpg``); ``no-overlays`` still finds the regions
   (scores.json's); ``overlays-uncalibrated`` is a model file from before calibration (no
   regions; overlays in a second pass, after a histogram of every map).
+- ``files-<device>-b<B>-paired``: the files path with overlays against the tensors path,
+  round by round (:func:`test_files_paired_with_tensors`).
+- ``overlay-bottle-photo`` and ``overlay-file-<size>``: one overlay's work at a real
+  photo's size, and the overlay file's encoders.
 
 Small sizes by default (CI runs this on 2 CPU cores in a few minutes); full sizes with
 ``PATCHCORE_FAST_BENCH_FULL=1`` (batch 64 too, and 512 files instead of 16);
@@ -276,16 +281,18 @@ def test_decode_only(benchmark, images_dir, device, batch):
     _run(benchmark, fn, device, len(paths))
 
 
-def _score_files(model: PatchCore, paths: list, overlays: bool) -> dict:
+def _score_files(model: PatchCore, paths: list, overlays: bool,
+                 overlay_format: str = "png") -> dict:
     """The CLI's score path over ``paths`` into a temporary folder (regions found)."""
     with tempfile.TemporaryDirectory() as out:
         return score_images(model, paths, {p: p.stem for p in paths}, Path(out), [],
-                            overlays=overlays, regions={})
+                            overlays=overlays, regions={}, overlay_format=overlay_format)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", FILE_BATCHES)
-@pytest.mark.parametrize("kind", ["no-overlays", "overlays", "overlays-uncalibrated"])
+@pytest.mark.parametrize("kind", ["no-overlays", "overlays", "overlays-jpg",
+                                  "overlays-uncalibrated"])
 def test_kernel_files(benchmark, images_dir, device, batch, kind):
     """Ours through the CLI's score path: files -> scores.csv inputs and regions (+ overlay
     PNGs)."""
@@ -296,9 +303,10 @@ def test_kernel_files(benchmark, images_dir, device, batch, kind):
     model.calibration = None if kind == "overlays-uncalibrated" \
         else _MODELS[("calibration", device)]
     paths = _query_paths(images_dir)[:FILES]
+    fmt = "jpg" if kind == "overlays-jpg" else "png"
 
     def fn():
-        return _score_files(model, paths, overlays)
+        return _score_files(model, paths, overlays, fmt)
 
     try:
         _run(benchmark, fn, device, len(paths))
@@ -306,8 +314,8 @@ def test_kernel_files(benchmark, images_dir, device, batch, kind):
             with tempfile.TemporaryDirectory() as out:
                 regions: dict = {}
                 score_images(model, paths[:2], {p: p.stem for p in paths}, Path(out), [],
-                             overlays=True, regions=regions)
-                assert len(list((Path(out) / "overlays").glob("*.png"))) == 2
+                             overlays=True, regions=regions, overlay_format=fmt)
+                assert len(list((Path(out) / "overlays").glob(f"*.{fmt}"))) == 2
                 assert len(regions) == (0 if model.calibration is None else 2)
     finally:
         model.calibration = None
@@ -426,24 +434,26 @@ def _overlays_of(files: list, size: int) -> list:
 
 
 @pytest.mark.parametrize("size", [256, 900])
-@pytest.mark.parametrize("encoder", ["png_bytes", "pillow"])
-def test_png_encoder(benchmark, size, encoder):
-    """Encoding overlays as PNG: ours (:func:`~patchcore_fast.overlays.png_bytes`: the Up
-    filter on every row, zlib level 1 run-length) against Pillow at the same zlib settings
-    (which tries all five filters on every row), on overlays of bottle's photos at the
-    bench's photo size (256) and the real one (900). Time per overlay and size."""
+@pytest.mark.parametrize("encoder", ["png_bytes", "pillow-png", "jpg"])
+def test_overlay_file_encoder(benchmark, size, encoder):
+    """Encoding overlays: ours as PNG (:func:`~patchcore_fast.overlays.png_bytes`: the Up
+    filter on every row, zlib level 1 run-length) against Pillow's PNG at the same zlib
+    settings (which tries all five filters on every row), and ``--overlay-format jpg``
+    (:func:`~patchcore_fast.overlays.encode_overlay`: Pillow's JPEG at quality 90), on
+    overlays of bottle's photos at the bench's photo size (256) and the real one (900).
+    Time per overlay and size."""
     import io
 
     import _common
     from PIL import Image
 
-    from patchcore_fast.overlays import ZLIB_LEVEL, ZLIB_STRATEGY, png_bytes
+    from patchcore_fast.overlays import ZLIB_LEVEL, ZLIB_STRATEGY, encode_overlay, png_bytes
 
     files = sorted((_common.mvtec_root() / "bottle" / "test" / "broken_large").glob("*.png"))
     if not files:
         pytest.skip("MVTec AD bottle not found")
     images = _overlays_of(files[:10], size)
-    benchmark.group = f"png-overlay-{size}"
+    benchmark.group = f"overlay-file-{size}"
 
     def pillow(a):
         buf = io.BytesIO()
@@ -451,10 +461,15 @@ def test_png_encoder(benchmark, size, encoder):
                                 compress_type=ZLIB_STRATEGY)
         return buf.getvalue()
 
-    encode = png_bytes if encoder == "png_bytes" else pillow
-    for a in images:  # lossless either way
+    encode = {"png_bytes": png_bytes, "pillow-png": pillow,
+              "jpg": lambda a: encode_overlay(a, "jpg")}[encoder]
+    for a in images:  # PNG is lossless; the JPEG is the same picture up to its loss
         with Image.open(io.BytesIO(encode(a))) as img:
-            assert np.array_equal(np.asarray(img), a)
+            got = np.asarray(img, dtype=np.int16)
+            if encoder == "jpg":
+                assert np.abs(got - a).mean() < 4
+            else:
+                assert np.array_equal(got, a)
     sizes = benchmark.pedantic(lambda: [len(encode(a)) for a in images],
                                rounds=max(5, ROUNDS), iterations=1)
     benchmark.extra_info.update(ms_per_overlay=round(

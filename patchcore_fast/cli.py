@@ -216,7 +216,7 @@ def cmd_score(args: argparse.Namespace, log: Log) -> int:
     names, run = score_run.plan_score(
         f"-o {args.output}", args.model, args.inputs, inputs, out, threshold, overlays,
         args.save_maps, args.weights, args.resume, args.launch, args.save_masks,
-        args.min_region_area)
+        args.min_region_area, args.overlay_format)
     # Regions need the model's pixel threshold: a calibrated model's only.
     regions: dict | None = {} if model.calibration is not None else None
     with output_lock(f"-o {args.output}", out, args.launch.is_main):
@@ -225,7 +225,8 @@ def cmd_score(args: argparse.Namespace, log: Log) -> int:
             log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} images already scored")
         new = score_run.score_images(model, todo, names, out, skipped, args.resume, overlays,
                                       args.save_maps, args.temp_dir, not args.quiet, run,
-                                      args.save_masks, args.min_region_area, regions)
+                                      args.save_masks, args.min_region_area, regions,
+                                      args.overlay_format)
         scores = {**done, **new}
         if not scores:
             raise PatchCoreError("none of the input images could be read")
@@ -243,7 +244,7 @@ def cmd_evaluate(args: argparse.Namespace, log: Log) -> int:
                                 args.defective, args.masks)
     out = Path(args.output)
     evaluation.check_evaluation_outputs(f"-o {args.output}", out, sets, not args.no_overlays,
-                                        args.save_maps, args.weights)
+                                        args.save_maps, args.weights, args.overlay_format)
     results = []
     with output_lock(f"-o {args.output}", out, args.launch.is_main):
         for name, file, items, skipped, _ in sets:
@@ -251,7 +252,8 @@ def cmd_evaluate(args: argparse.Namespace, log: Log) -> int:
             sub = out / name if len(sets) > 1 else out
             r = evaluation.evaluate_category(name, model, items, skipped, sub, args.model,
                                              not args.no_overlays, args.save_maps,
-                                             args.temp_dir, not args.quiet, args.maps_at)
+                                             args.temp_dir, not args.quiet, args.maps_at,
+                                             args.overlay_format)
             m = {k: outputs.fmt_metric(r[k])
                  for k in ("image_auroc", "pixel_auroc", "pro", "f1_max")}
             log(f"{name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, "

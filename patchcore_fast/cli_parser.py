@@ -8,6 +8,7 @@ import math
 
 from ._version import __version__
 from .calibration import DEFAULT_FALSE_REJECT_RATE, MAX_FALSE_REJECT_RATE
+from .overlays import JPEG_QUALITY, OVERLAY_FORMATS
 from .regions import DEFAULT_MIN_REGION_AREA
 from .geometry import DEFAULT_CROP, DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, MAPS_AT, RESIZE_MODES
 from .serve_io import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAIT_MS, DEFAULT_QUEUE_SIZE,
@@ -120,6 +121,13 @@ def add_maps_at_option(group) -> None:
                        help="original (default): maps and pixel metrics at each photo's own "
                             "size, every pixel of its mask; crop: at the model's input, "
                             "padding left out (the paper's protocol)")
+
+
+def _overlay_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overlay-format", choices=OVERLAY_FORMATS, default="png",
+                   help="the overlays' format: png (lossless, default) or jpg (JPEG quality "
+                        f"{JPEG_QUALITY}: about 10 times cheaper to write and 8 times smaller, "
+                        "for keeping an overlay of every photo)")
 
 
 def add_geometry_options(group, maps_at: bool = False) -> None:
@@ -335,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-masks", action="store_true", help="also write each image's "
                    "defect regions as a mask, masks/<image>.png (255 in a region, 0 elsewhere; "
                    "at the photo's size; needs a calibrated model)")
-    p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlays")
+    _overlay_format(p)
     p.add_argument("--resume", action="store_true", help="skip the images already scored "
                    "in OUTDIR (by an earlier run, finished or killed)")
     _loaded_model_options(p)
@@ -352,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "of one sub-folder per defect type")
     p.add_argument("--masks", metavar="DIR", help="ground-truth masks named like the images")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
-    p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlays")
+    _overlay_format(p)
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as "
                    "maps/<defect>/<image>.npy (float32, as --maps-at)")
     add_maps_at_option(p)

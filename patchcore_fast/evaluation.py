@@ -81,7 +81,8 @@ def evaluation_sets(model: str | Path, data: str | Path | None, categories: Sequ
 
 
 def check_evaluation_outputs(option: str, out: Path, sets: Sequence, overlays: bool,
-                             save_maps: bool, weights: str | None = None) -> None:
+                             save_maps: bool, weights: str | None = None,
+                             overlay_format: str = "png") -> None:
     """Check evaluate's model files and every output path before any work.
 
     Args:
@@ -90,6 +91,7 @@ def check_evaluation_outputs(option: str, out: Path, sets: Sequence, overlays: b
         sets: :func:`evaluation_sets`' answer.
         overlays, save_maps: which image files will be written.
         weights: the ``--weights`` file, if any (read, so never overwritten).
+        overlay_format: ``png`` or ``jpg``.
     """
     for name, file, items, _, listed in sets:
         why = file_problem(file)
@@ -97,7 +99,7 @@ def check_evaluation_outputs(option: str, out: Path, sets: Sequence, overlays: b
             raise PatchCoreError(f"model file {file} {why}")
         many = len(sets) > 1
         check_outputs(option, out, evaluation_files(out / name if many else out, items,
-                                                    overlays, save_maps)
+                                                    overlays, save_maps, overlay_format)
                       + (summary_files(out) if many else []),
                       {*listed, *(p.parent for i in items for p in (i.path, i.mask)
                                   if p is not None)},
@@ -310,7 +312,7 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
                       skipped: list[str], out: Path, model_file: str,
                       overlays: bool = True, save_maps: bool = False,
                       temp_dir: str | None = None, progress: bool = False,
-                      maps_at: str = "original") -> dict:
+                      maps_at: str = "original", overlay_format: str = "png") -> dict:
     """Metrics of one labelled test set; writes metrics.json, roc.png, scores.csv, overlays.
 
     Under torchrun each rank scores its share of the images and writes their overlays
@@ -330,6 +332,7 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
         maps_at: ``original``: maps and pixel metrics at each photo's own size (every
             pixel of the original mask); ``crop``: at the model's input, padding left out
             (the paper's protocol). metrics.json says which (``maps_at``).
+        overlay_format: ``png`` or ``jpg``.
 
     Returns:
         the contents of metrics.json.
@@ -358,7 +361,8 @@ def evaluate_category(name: str, model: PatchCore, items: Sequence[TestImage],
                 write_map_files(out, spool, [(i.path, names[i.path]) for i in mine],
                                 model.preprocess, everything, overlays, save_maps,
                                 scale=cal and (cal.colour_min, cal.colour_max),
-                                regions_at=cal and cal.pixel_threshold)
+                                regions_at=cal and cal.pixel_threshold,
+                                overlay_format=overlay_format)
 
         launch.exchange(write_maps)  # every rank's files written, or the error
     if launch.is_main:

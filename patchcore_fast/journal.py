@@ -26,13 +26,14 @@ JOURNAL = ".scores.partial.csv"
 
 def run_record(model_sha256: str, weights_sha256: str | None, threshold: float | None,
                overlays: bool, save_maps: bool, save_masks: bool = False,
-               min_region_area: int = 0) -> dict:
+               min_region_area: int = 0, overlay_format: str = "png") -> dict:
     """What a score run's results depend on, kept with them for ``--resume`` to check
     (:data:`RESUME_KEYS`): the SHA-256 of the model file and of ``--weights``, and the
     options."""
     return {"model_sha256": model_sha256, "weights_sha256": weights_sha256,
             "threshold": threshold, "overlays": overlays, "save_maps": save_maps,
-            "save_masks": save_masks, "min_region_area": min_region_area}
+            "save_masks": save_masks, "min_region_area": min_region_area,
+            "overlay_format": overlay_format}
 
 
 #: The journal's column of each image's regions (compact JSON; empty without them): not
@@ -48,9 +49,9 @@ JOURNAL_TAG = "# patchcore-fast score journal "
 RESUME_KEYS = {"model_sha256": "the model file's SHA-256", "weights_sha256":
                "the --weights file's SHA-256", "overlays": "overlays (--no-overlays)",
                "save_maps": "--save-maps", "save_masks": "--save-masks",
-               "min_region_area": "--min-region-area"}
+               "min_region_area": "--min-region-area", "overlay_format": "--overlay-format"}
 #: What a record written before a key existed meant by its absence.
-_BEFORE = {"save_masks": False, "min_region_area": 0}
+_BEFORE = {"save_masks": False, "min_region_area": 0, "overlay_format": "png"}
 
 
 def _check_run(source: Path, earlier: object, run: dict) -> None:

@@ -107,26 +107,27 @@ def evaluation_names(items: Sequence) -> list[str]:
     return names
 
 
-def image_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool
-                ) -> list[Path]:
+def image_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool,
+                overlay_format: str = "png") -> list[Path]:
     """The overlay and map files that :func:`write_map_files` writes for ``names``."""
-    return ([out / "overlays" / f"{n}.png" for n in names] if overlays else []) + \
+    return ([out / "overlays" / f"{n}.{overlay_format}" for n in names] if overlays
+            else []) + \
         ([out / "maps" / f"{n}.npy" for n in names] if save_maps else [])
 
 
 def score_files(out: Path, names: Sequence[str], overlays: bool, save_maps: bool,
-                save_masks: bool = False) -> list[Path]:
+                save_masks: bool = False, overlay_format: str = "png") -> list[Path]:
     """Every file score may write into ``out`` (checked before any work)."""
     return [out / "scores.csv", out / "scores.json", out / JOURNAL,
-            *image_files(out, names, overlays, save_maps),
+            *image_files(out, names, overlays, save_maps, overlay_format),
             *([out / "masks" / f"{n}.png" for n in names] if save_masks else [])]
 
 
-def evaluation_files(out: Path, items: Sequence, overlays: bool, save_maps: bool
-                     ) -> list[Path]:
+def evaluation_files(out: Path, items: Sequence, overlays: bool, save_maps: bool,
+                     overlay_format: str = "png") -> list[Path]:
     """Every file evaluate may write into ``out`` for one category."""
     return [out / "scores.csv", out / "roc.png", out / "metrics.json",
-            *image_files(out, evaluation_names(items), overlays, save_maps)]
+            *image_files(out, evaluation_names(items), overlays, save_maps, overlay_format)]
 
 
 def summary_files(out: Path) -> list[Path]:

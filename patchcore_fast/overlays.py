@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import io
 import os
 import struct
 import zlib
@@ -30,6 +31,14 @@ from .images import UnreadableImage, read_image
 from .regions import find_regions, outline, regions_json
 
 
+#: The formats an overlay can be written in (``--overlay-format``), which are also the
+#: files' extensions: lossless PNG (:func:`png_bytes`, the default) or JPEG at
+#: :data:`JPEG_QUALITY` (Pillow; about 10 times cheaper to write than the PNG and 8 times
+#: smaller, for lines that keep an overlay of every photo: bench/RESULTS.md, "Overlays,
+#: fifth session").
+OVERLAY_FORMATS = ("png", "jpg")
+JPEG_QUALITY = 90
+
 #: zlib's settings for overlays and masks: level 1 with its run-length strategy, the
 #: fastest of the levels and strategies measured on PNG's filtered rows, and the smallest
 #: files too (bench/RESULTS.md, "Overlays, fourth session").
@@ -42,11 +51,10 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     Each row is stored with PNG's Up filter (the byte above subtracted, modulo 256) and
     deflated by zlib (:data:`ZLIB_LEVEL`, :data:`ZLIB_STRATEGY`). Pillow, the usual writer,
     picks a filter for every row by trying all five and has no option to do otherwise;
-    those trials are 60 % of its time at level 1, and on an overlay (a photo under a
-    smooth colour layer) Up gives files 10-25 % larger than the best per row. Measured:
-    a 256 x 256 overlay in 2.9 ms against Pillow's 8.4 ms, a 900 x 900 one in 36 ms against
-    72 ms (bench/RESULTS.md, "Overlays, fifth session"). Any PNG reader decodes it
-    (tests: Pillow and libpng give the pixels back).
+    those trials are most of its time at level 1. Up alone writes an overlay (a photo
+    under a smooth colour layer) about twice as fast, in a file 15-25 % larger than the
+    best filter per row (bench/RESULTS.md, "Overlays, fifth session"). Any PNG reader
+    decodes it (tests: Pillow and libpng give the pixels back).
 
     Args:
         pixels: uint8 array[H, W] or [H, W, 3], H and W >= 1.
@@ -139,10 +147,29 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np
     return drawn.astype(np.uint8)
 
 
+def encode_overlay(pixels: np.ndarray, overlay_format: str = "png") -> bytes:
+    """An overlay's file: :func:`png_bytes`, or a JPEG at :data:`JPEG_QUALITY` (Pillow).
+
+    Args:
+        pixels: uint8 array[H, W, 3].
+        overlay_format: one of :data:`OVERLAY_FORMATS`.
+    """
+    if overlay_format == "png":
+        return png_bytes(pixels)
+    if overlay_format != "jpg":
+        raise ValueError(f"overlay_format should be one of {OVERLAY_FORMATS}, got "
+                         f"{overlay_format!r}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="JPEG",
+                                                       quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
 def write_overlay(path: Path, source: Path, amap: np.ndarray, preprocess, vmin: float,
                   vmax: float, regions: np.ndarray | None = None,
-                  photo: np.ndarray | None = None) -> None:
-    """Write the overlay of ``amap`` on the image ``source`` as a PNG.
+                  photo: np.ndarray | None = None, overlay_format: str = "png") -> None:
+    """Write the overlay of ``amap`` on the image ``source`` as a PNG (or a JPEG:
+    ``overlay_format`` is one of :data:`OVERLAY_FORMATS`).
 
     A map at the photo's own size is laid on the photo itself; a crop-sized map
     (``maps_at="crop"``) on the model's input, without padding. The photo is the pixels
@@ -173,7 +200,7 @@ def write_overlay(path: Path, source: Path, amap: np.ndarray, preprocess, vmin: 
         drawn = overlay(img, amap, vmin, vmax)
         if regions is not None:
             drawn[outline(regions, max(1, min(amap.shape) // 300))] = 255
-        tmp.write_bytes(png_bytes(drawn))
+        tmp.write_bytes(encode_overlay(drawn, overlay_format))
 
 
 def write_mask(path: Path, mask: np.ndarray) -> None:
@@ -208,7 +235,7 @@ def write_map_files(out: Path, spool: ArraySpool | MapSpool, images: Sequence[tu
                     preprocess, pixels, overlays: bool = True, save_maps: bool = False,
                     written: Callable[[Path, list | None], None] | None = None,
                     threads: int | None = None, scale: tuple[float, float] | None = None,
-                    regions_at: float | None = None) -> None:
+                    regions_at: float | None = None, overlay_format: str = "png") -> None:
     """The second pass of score and evaluate: each parked map to its overlay and ``.npy``
     (:func:`write_maps_as_they_come` over the spool's maps).
 
@@ -226,12 +253,13 @@ def write_map_files(out: Path, spool: ArraySpool | MapSpool, images: Sequence[tu
         threads: writer threads (default :func:`writer_threads`).
         scale: (coldest, hottest) map values: the model's fixed colour scale.
         regions_at: draw the outlines of the regions above this pixel threshold.
+        overlay_format: ``png`` or ``jpg`` (the overlays' format and extension).
     """
     vmin, vmax = scale if scale is not None else map_range(pixels)
     write_maps_as_they_come(out, ((source, name, spool.read(i)[0], None)
                                   for i, (source, name) in enumerate(images)),
                             preprocess, vmin, vmax, overlays, save_maps, written, threads,
-                            regions_at)
+                            regions_at, overlay_format=overlay_format)
 
 
 def write_maps_as_they_come(out: Path,
@@ -240,7 +268,8 @@ def write_maps_as_they_come(out: Path,
                             save_maps: bool = False,
                             written: Callable[[Path, list | None], None] | None = None,
                             threads: int | None = None, regions_at: float | None = None,
-                            min_area: int = 0, save_masks: bool = False) -> None:
+                            min_area: int = 0, save_masks: bool = False,
+                            overlay_format: str = "png") -> None:
     """Each map to its defect regions, overlay, ``.npy`` and mask as the maps come (one
     pass with scoring when ``maps`` is a generator that scores: the colour scale is fixed
     beforehand).
@@ -270,14 +299,16 @@ def write_maps_as_they_come(out: Path,
         min_area: regions of fewer pixels are left out.
         save_masks: write each map's region mask (``masks/<name>.png``; needs
             ``regions_at``).
+        overlay_format: ``png`` or ``jpg`` (the overlays' format and extension:
+            ``overlays/<name>.jpg``).
     """
     def write_one(source: Path, name: str, amap: np.ndarray, photo: np.ndarray | None
                   ) -> tuple[Path, list | None]:
         found, mask = find_regions(amap, regions_at, min_area) if regions_at is not None \
             else (None, None)
         if overlays:
-            write_overlay(out / "overlays" / f"{name}.png", source, amap, preprocess,
-                          vmin, vmax, mask, photo)
+            write_overlay(out / "overlays" / f"{name}.{overlay_format}", source, amap,
+                          preprocess, vmin, vmax, mask, photo, overlay_format)
         if save_maps:
             write_npy(out / "maps" / f"{name}.npy", amap)
         if save_masks:

@@ -33,7 +33,8 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
                out: Path, threshold: float | None, overlays: bool, save_maps: bool,
                weights: str | None, resume: bool,
                launch: distributed.Launch = distributed.ONE_PROCESS,
-               save_masks: bool = False, min_region_area: int = 0) -> tuple[dict, dict]:
+               save_masks: bool = False, min_region_area: int = 0,
+               overlay_format: str = "png") -> tuple[dict, dict]:
     """What a score run writes and still has to do, checked before any work.
 
     ``option`` names the output folder in errors (``-o OUT``). Output names come from the
@@ -49,7 +50,7 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
     """
     names = dict(zip(inputs, unique_names(inputs)))
     check_outputs(option, out, score_files(out, list(names.values()), overlays, save_maps,
-                                           save_masks),
+                                           save_masks, overlay_format),
                   [p for p in input_args if Path(p).is_dir()],
                   [*inputs, model_file, *([weights] if weights else [])])
     if resume and launch.world > 1:
@@ -59,7 +60,7 @@ def plan_score(option: str, model_file: str | Path, input_args: Sequence[str], i
         raise PatchCoreError("--resume does not run under torchrun (the resume journal is "
                              "written by one process); resume the run as one process")
     run = run_record(file_sha256(model_file), weights and file_sha256(weights), threshold,
-                     overlays, save_maps, save_masks, min_region_area)
+                     overlays, save_maps, save_masks, min_region_area, overlay_format)
     return names, run
 
 
@@ -76,7 +77,8 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
                  skipped: list[str], resume: bool = False, overlays: bool = True,
                  save_maps: bool = False, temp_dir: str | None = None,
                  progress: bool = False, run: dict | None = None, save_masks: bool = False,
-                 min_region_area: int = 0, regions: dict | None = None) -> dict[str, float]:
+                 min_region_area: int = 0, regions: dict | None = None,
+                 overlay_format: str = "png") -> dict[str, float]:
     """Score images; find their defect regions, write their overlays, maps and masks, and
     record each one in the journal.
 
@@ -111,6 +113,7 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
         min_region_area: regions of fewer pixels are left out.
         regions: if given, gets each scored image's regions by file name (a list of
             :func:`~patchcore_fast.regions.regions_json` dicts; a calibrated model's only).
+        overlay_format: ``png`` or ``jpg`` (:data:`~patchcore_fast.overlays.OVERLAY_FORMATS`).
 
     Returns:
         image score by file name (:func:`~patchcore_fast.files.text_name`), every rank's
@@ -150,7 +153,8 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
                 write_maps_as_they_come(out, as_they_come(), model.preprocess,
                                         cal.colour_min, cal.colour_max, overlays, save_maps,
                                         written, regions_at=cal.pixel_threshold,
-                                        min_area=min_region_area, save_masks=save_masks)
+                                        min_area=min_region_area, save_masks=save_masks,
+                                        overlay_format=overlay_format)
                 return new, pixels, missed, found
             for batch, scores, maps in batches:
                 new.update(zip(map(text_name, batch), scores.tolist()))
@@ -174,7 +178,8 @@ def score_images(model: PatchCore, paths: Sequence[Path], names: dict[Path, str]
             if images and keeps and order and not one_pass:
                 write_map_files(out, spool, [(p, names[p]) for p in order], model.preprocess,
                                 everything, overlays, save_maps,
-                                written=lambda p, _: journal.record([(p, new[text_name(p)])]))
+                                written=lambda p, _: journal.record([(p, new[text_name(p)])]),
+                                overlay_format=overlay_format)
 
         launch.exchange(second_pass)
     return new

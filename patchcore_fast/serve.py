@@ -6,7 +6,8 @@ FastAPI on uvicorn, the Python ecosystem's convention. One process holds one mod
 * ``POST /v1/predict``: one image (PNG, JPEG, BMP or TIFF) as the request body or as the
   file of a multipart form; answers JSON with the score, the normalised score and label
   (when the model is calibrated), the defect regions, the photo's size and the timing;
-  ``?overlay=png`` (or a form field ``overlay=png``) adds the overlay as a base64 PNG.
+  ``?overlay=png`` (or a form field ``overlay=png``) adds the overlay as a base64 PNG,
+  ``overlay=jpg`` as a base64 JPEG (``overlays.encode_overlay``).
 * ``GET /v1/health``: 200 once the model is loaded and warmed up, 503 before (and while
   stopping); ``GET /v1/model``: settings, calibration, version; ``GET /metrics``:
   Prometheus text (requests by outcome, latency, batch sizes, queue depth).
@@ -225,8 +226,9 @@ class Service:
         if media == "multipart/form-data":
             data, fields = _multipart_image(data, ctype)
         overlay = request.query_params.get("overlay", fields.get("overlay", ""))
-        if overlay not in ("", "png", "none"):
-            raise ApiError(400, f"overlay should be png (or none), got {overlay[:20]!r}")
+        if overlay not in ("", "png", "jpg", "none"):
+            raise ApiError(400, f"overlay should be png or jpg (or none), got "
+                                f"{overlay[:20]!r}")
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         photo, x, note = await loop.run_in_executor(self.pool, self._decode, data)
@@ -235,7 +237,7 @@ class Service:
         score, amap, timing = await self.batcher.submit(x)
         t2 = time.perf_counter()
         answer = await loop.run_in_executor(self.pool, self._finish, photo, score, amap,
-                                            overlay == "png")
+                                            overlay if overlay in ("png", "jpg") else None)
         t3 = time.perf_counter()
         timing.update(read_ms=1e3 * (t0 - arrived), decode_ms=1e3 * (t1 - t0),
                       finish_ms=1e3 * (t3 - t2))
@@ -260,9 +262,9 @@ class Service:
             raise ApiError(413, f"the image: {exc}", "too_large") from None
         return photo, x, pre.oversize(photo.size)
 
-    def _finish(self, photo, score: float, amap: torch.Tensor, overlay: bool) -> dict:
+    def _finish(self, photo, score: float, amap: torch.Tensor, overlay: str | None) -> dict:
         """The answer of one scored image: map at the photo's size, verdict, regions and,
-        when asked for, the overlay."""
+        when asked for, the overlay (``overlay``: ``png``, ``jpg`` or None)."""
         full = frames.map_back(self.model, photo.size, amap)
         verdict = frames.decide(self.model, np.array([score], dtype=np.float32), [full])
         answer = {"score": score, "normalised": verdict.normalised[0],
@@ -271,15 +273,16 @@ class Service:
                   "width": photo.size[0], "height": photo.size[1],
                   "map_max": float(full.max()) if full.size else None}
         if overlay:
-            answer["overlay_png"], answer["colour_scale"] = self._overlay(photo, full)
+            answer[f"overlay_{overlay}"], answer["colour_scale"] = self._overlay(
+                photo, full, overlay)
         return answer
 
-    def _overlay(self, photo, full: np.ndarray) -> tuple[str, dict]:
-        from .overlays import overlay, png_bytes
+    def _overlay(self, photo, full: np.ndarray, overlay_format: str) -> tuple[str, dict]:
+        from .overlays import encode_overlay, overlay
 
         vmin, vmax, source = frames.colour_scale(self.model, full)
         img = overlay(np.asarray(photo), full, vmin, vmax)
-        return (base64.b64encode(png_bytes(img)).decode("ascii"),
+        return (base64.b64encode(encode_overlay(img, overlay_format)).decode("ascii"),
                 {"min": vmin, "max": vmax, "from": source})
 
     # --- model summary

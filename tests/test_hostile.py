@@ -341,7 +341,7 @@ def test_score_disk_full_one_line(demo, where, tmp_path, monkeypatch, capsys):
     root, model = demo
     out = tmp_path / "out"
     if where == "overlay":
-        _enospc_after_half(monkeypatch, Image.Image, "save")
+        _enospc_after_half(monkeypatch, Path, "write_bytes")  # overlays.png_bytes' file
     else:
         _enospc_after_half(monkeypatch, Path, "write_text")
     capsys.readouterr()

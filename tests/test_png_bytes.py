@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from patchcore_fast.overlays import png_bytes
+from patchcore_fast.overlays import encode_overlay, png_bytes
 
 SHAPES = [(1, 1), (1, 7), (9, 1), (5, 3), (64, 97), (300, 257)]
 
@@ -66,3 +66,12 @@ def test_smooth_images_compress():
 def test_refuses_other_arrays(bad):
     with pytest.raises(ValueError, match="png_bytes takes uint8"):
         png_bytes(bad)
+
+
+def test_encode_overlay_formats():
+    pixels = _pixels((30, 40), True, seed=5)
+    assert encode_overlay(pixels) == png_bytes(pixels)
+    with Image.open(io.BytesIO(encode_overlay(pixels, "jpg"))) as img:
+        assert img.format == "JPEG" and img.size == (40, 30)
+    with pytest.raises(ValueError, match="overlay_format should be one of"):
+        encode_overlay(pixels, "gif")

@@ -178,6 +178,12 @@ def test_multipart_and_overlay(server, demo):
     assert plain["score"] == a["score"] and "overlay_png" not in plain
     q = post(url + "", data, params={"overlay": "png"})
     assert "overlay_png" in q.json()
+    j = post(url, data, params={"overlay": "jpg"}).json()
+    assert "overlay_png" not in j and j["score"] == a["score"]
+    jpeg = Image.open(io.BytesIO(base64.b64decode(j["overlay_jpg"])))
+    assert jpeg.format == "JPEG" and jpeg.size == overlay.size
+    diff = np.abs(np.asarray(jpeg, dtype=np.int16) - np.asarray(overlay, dtype=np.int16))
+    assert diff.mean() < 4  # the same picture, up to JPEG's loss at quality 90
 
 
 def test_concurrent_requests_are_batched(server, demo):
