@@ -376,6 +376,12 @@ def test_files_paired_with_tensors(benchmark, images_dir, device, batch):
     print(f"\n{benchmark.name}: {info}")
 
 
+def _smooth_map(gen: torch.Generator, size: int) -> np.ndarray:
+    """A map as the model's are: 28 x 28 noise around 1 brought up to ``size`` x ``size``."""
+    return torch.nn.functional.interpolate(1 + 0.3 * torch.randn(1, 1, 28, 28, generator=gen),
+                                           size=(size, size), mode="bilinear")[0, 0].numpy()
+
+
 @pytest.mark.parametrize("photo", ["pixels-of-the-map", "read-again"])
 def test_overlay_of_a_bottle_photo(benchmark, photo):
     """One overlay's work at a real photo's size, as a score run's writer thread does it:
@@ -397,9 +403,7 @@ def test_overlay_of_a_bottle_photo(benchmark, photo):
         pytest.skip("MVTec AD bottle not found")
     benchmark.group = "overlay-bottle-photo"
     gen = torch.Generator().manual_seed(0)
-    maps = [torch.nn.functional.interpolate(1 + 0.3 * torch.randn(1, 1, 28, 28, generator=gen),
-                                            size=(900, 900), mode="bilinear")[0, 0].numpy()
-            for _ in files]
+    maps = [_smooth_map(gen, 900) for _ in files]
     pixels = [np.asarray(read_image(f)) if photo == "pixels-of-the-map" else None
               for f in files]
     pre = Preprocess(256, 224)
@@ -427,9 +431,7 @@ def _overlays_of(files: list, size: int) -> list:
     out = []
     for f in files:
         photo = np.asarray(read_image(f).resize((size, size)))
-        amap = torch.nn.functional.interpolate(1 + 0.3 * torch.randn(1, 1, 28, 28, generator=gen),
-                                               size=(size, size), mode="bilinear")[0, 0].numpy()
-        out.append(overlay(photo, amap, 0.5, 2.0))
+        out.append(overlay(photo, _smooth_map(gen, size), 0.5, 2.0))
     return out
 
 

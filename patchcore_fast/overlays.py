@@ -240,13 +240,14 @@ def write_map_files(out: Path, spool: ArraySpool | MapSpool, images: Sequence[tu
     (:func:`write_maps_as_they_come` over the spool's maps).
 
     Args:
-        out: output folder (files go to ``overlays/<name>.png`` and ``maps/<name>.npy``).
+        out: output folder (files go to ``overlays/<name>.<overlay_format>`` and
+            ``maps/<name>.npy``).
         spool: the maps, item i belonging to ``images[i]``.
         images: (source image, name relative to ``overlays/`` and ``maps/``) per map.
         preprocess (geometry.Preprocess): the model's image geometry.
         pixels (metrics.PixelHistogram): every pixel of the maps (sets the colour scale
             unless ``scale`` is given).
-        overlays: write the overlay PNGs.
+        overlays: write the overlays (``overlay_format``).
         save_maps: write the raw maps.
         written: called with each source image and its regions (None without
             ``regions_at``) once its files are written.
@@ -283,12 +284,13 @@ def write_maps_as_they_come(out: Path,
     the same mask gives the overlay's outlines, the mask file and the regions returned.
 
     Args:
-        out: output folder (files go to ``overlays/<name>.png`` and ``maps/<name>.npy``).
+        out: output folder (files go to ``overlays/<name>.<overlay_format>`` and
+            ``maps/<name>.npy``).
         maps: (source image, name relative to ``overlays/`` and ``maps/``, map, the
             photo's pixels as read for the map, or None to read the file again).
         preprocess (geometry.Preprocess): the model's image geometry.
         vmin, vmax: map values drawn as the coldest and the hottest colour.
-        overlays: write the overlay PNGs.
+        overlays: write the overlays (``overlay_format``).
         save_maps: write the raw maps.
         written: called with each source image and its regions (a list of
             :func:`~patchcore_fast.regions.regions_json` dicts; None without

@@ -57,7 +57,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import frames
+from . import frames, overlays
 from ._version import __version__
 from .errors import first_line
 # The settings, limits and plumbing live in serve_io; the names the command line and
@@ -226,7 +226,7 @@ class Service:
         if media == "multipart/form-data":
             data, fields = _multipart_image(data, ctype)
         overlay = request.query_params.get("overlay", fields.get("overlay", ""))
-        if overlay not in ("", "png", "jpg", "none"):
+        if overlay not in ("", "none", *overlays.OVERLAY_FORMATS):
             raise ApiError(400, f"overlay should be png or jpg (or none), got "
                                 f"{overlay[:20]!r}")
         loop = asyncio.get_running_loop()
@@ -236,8 +236,9 @@ class Service:
         del data
         score, amap, timing = await self.batcher.submit(x)
         t2 = time.perf_counter()
-        answer = await loop.run_in_executor(self.pool, self._finish, photo, score, amap,
-                                            overlay if overlay in ("png", "jpg") else None)
+        answer = await loop.run_in_executor(
+            self.pool, self._finish, photo, score, amap,
+            overlay if overlay in overlays.OVERLAY_FORMATS else None)
         t3 = time.perf_counter()
         timing.update(read_ms=1e3 * (t0 - arrived), decode_ms=1e3 * (t1 - t0),
                       finish_ms=1e3 * (t3 - t2))
@@ -278,11 +279,9 @@ class Service:
         return answer
 
     def _overlay(self, photo, full: np.ndarray, overlay_format: str) -> tuple[str, dict]:
-        from .overlays import encode_overlay, overlay
-
         vmin, vmax, source = frames.colour_scale(self.model, full)
-        img = overlay(np.asarray(photo), full, vmin, vmax)
-        return (base64.b64encode(encode_overlay(img, overlay_format)).decode("ascii"),
+        img = overlays.overlay(np.asarray(photo), full, vmin, vmax)
+        return (base64.b64encode(overlays.encode_overlay(img, overlay_format)).decode("ascii"),
                 {"min": vmin, "max": vmax, "from": source})
 
     # --- model summary
