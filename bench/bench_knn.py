@@ -288,20 +288,35 @@ def test_knn_features(benchmark, group, fset, nq, k, impl):
         timed(_bf16_linear_topk, q, b, k)
 
 
-@pytest.mark.parametrize("nimg", [1, 8])
-def test_knn_bank_operands(benchmark, nimg):
+OPERAND_CASES = [("cpu", 1), ("cpu", 8), ("cuda", 1), ("cuda", 10), ("cuda", 64)]
+
+
+@pytest.mark.parametrize("device,nimg", OPERAND_CASES,
+                         ids=[f"features-{d}-{n}img" for d, n in OPERAND_CASES])
+def test_knn_bank_operands(benchmark, device, nimg):
     """Scoring's k-NN (k = 1) with the bank's operands made once (``ops.knn_bank``, as the
     model keeps them) against made on every call (``ops.knn`` alone): WideResNet-50
-    features, the 16,386-row bank, the patches of 1 and 8 images. The two alternate call by
-    call (this machine's speed drifts between seconds); ``extra_info``: the medians of both,
-    the median of the per-pair ratios, and the time to make the operands."""
+    features, the 16,386-row bank, the patches of 1 and 8 images (CPU), 1, 10 and 64
+    (CUDA: the centred bank split for the tensor cores and the bound's scalar, a host
+    synchronisation, made once). The two alternate call by call (this machine's speed
+    drifts between seconds); ``extra_info``: the medians of both, the median of the
+    per-pair ratios, and the time to make the operands."""
     import statistics
     import time
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
     q, b = _features("wrn50")
-    q = q[:nimg * 784].contiguous()
+    q, b = q[:nimg * 784].contiguous().to(device), b.to(device)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
     t0 = time.perf_counter()
     prepared = patchcore_fast.ops.knn_bank(b)
+    sync()
     made = time.perf_counter() - t0
     d0, i0 = patchcore_fast.knn(q, b, 1)
     d1, i1 = patchcore_fast.ops.knn(q, b, 1, prepared)
@@ -310,15 +325,20 @@ def test_knn_bank_operands(benchmark, nimg):
 
     def pair():
         for name, operands in (("per_call", None), ("kept", prepared)):
+            sync()
             start = time.perf_counter()
             patchcore_fast.ops.knn(q, b, 1, operands)
+            sync()
             times[name].append(time.perf_counter() - start)
 
-    benchmark.group = f"features-wrn50-{nimg}img-k1-operands"
-    benchmark.pedantic(pair, rounds=15 if nimg == 1 else 7, iterations=1, warmup_rounds=1)
+    suffix = "-cuda" if device == "cuda" else ""
+    benchmark.group = f"features-wrn50-{nimg}img-k1-operands{suffix}"
+    rounds = 15 if nimg == 1 else 7
+    benchmark.pedantic(pair, rounds=rounds * (4 if device == "cuda" else 1), iterations=1,
+                       warmup_rounds=2 if device == "cuda" else 1)
     ratios = [k / p for k, p in zip(times["kept"], times["per_call"])]
-    info = {"per_call_ms": round(1e3 * statistics.median(times["per_call"]), 1),
-            "kept_ms": round(1e3 * statistics.median(times["kept"]), 1),
+    info = {"per_call_ms": round(1e3 * statistics.median(times["per_call"]), 3),
+            "kept_ms": round(1e3 * statistics.median(times["kept"]), 3),
             "kept_over_per_call": round(statistics.median(ratios), 3),
             "knn_bank_ms": round(1e3 * made, 1)}
     benchmark.extra_info.update(info)

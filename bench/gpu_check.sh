@@ -92,7 +92,7 @@ run_stage "k-NN benchmark on CUDA (WRN-50 features and Gaussian: kernel, kernel-
   python3 -m pytest "$REPO/bench/bench_knn.py" -q \
   -p no:cacheprovider -k "features and cuda" --benchmark-only --benchmark-group-by=group \
   --benchmark-json="$OUT/bench_knn_gpu.json" --benchmark-columns=min,median,rounds -s \
-  2>&1 | tee "$OUT/bench_knn.log" | grep -E "cuda (kernel|gaussian)|oracle|passed|failed|Error" | tail -40
+  2>&1 | tee "$OUT/bench_knn.log" | grep -E "cuda (kernel|gaussian)|operands-cuda|oracle|passed|failed|Error" | tail -40
 python3 "$REPO/bench/report.py" "$OUT/bench_knn_gpu.json" > "$OUT/bench_knn_gpu.md" 2>&1
 if [ -n "${KNN_ONLY:-}" ]; then stamp "done (KNN_ONLY)"; exit 0; fi
 

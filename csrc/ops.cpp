@@ -66,15 +66,18 @@ TORCH_LIBRARY(patchcore_fast, m) {
   //   always 0 on CUDA), rows that pre-pass certified).
   m.def("knn_stats(Tensor query, Tensor bank, int k, str gemm=\"auto\", str project=\"auto\", "
         "float project_bound_scale=1.0) -> (Tensor, Tensor, Tensor)");
-  // The bank's side of the CPU kernel, for a bank that answers many queries (the model's):
-  // its mean, centred norms and the projected pre-pass's basis and projected rows, which
-  // knn and knn_stats otherwise compute on every call (CPU only).
-  //   returns Tensor[6] = (mean [D] float32, norms [M] float32, scalars [5] float64, basis
-  //   [D, r] float32, projected bank [M, r] float32, its norms [M] float32); the last three
-  //   empty when the pre-pass cannot run on this bank. See knn_bank_cpu in cpu/knn.cpp.
+  // The bank's side of the kernel, for a bank that answers many queries (the model's):
+  // what knn and knn_stats otherwise compute from the bank on every call.
+  //   returns Tensor[6]. CPU: (mean [D] float32, centred norms [M] float32, scalars [5]
+  //   float64, the projected pre-pass's basis [D, r] float32, projected bank [M, r]
+  //   float32 and its norms [M] float32; the last three empty when the pre-pass cannot
+  //   run on this bank); see knn_bank_cpu in cpu/knn.cpp. CUDA: (mean, centred norms,
+  //   scalars [5] float64 on the CPU, the ranking GEMM's operand: the centred bank split
+  //   in bf16 [M, 2D] or centred [M, D] float32, two empty tensors); see knn_bank_cuda in
+  //   cuda/knn.cu.
   m.def("knn_bank(Tensor bank) -> Tensor[]");
   // knn_stats (gemm "auto", project_bound_scale 1) with knn_bank's operands of this bank:
-  // the same answer and statistics, without their per-call cost (CPU only).
+  // the same answer and statistics, without their per-call cost.
   m.def("knn_prepared(Tensor query, Tensor bank, int k, Tensor[] prepared, "
         "str project=\"auto\") -> (Tensor, Tensor, Tensor)");
 }

@@ -283,8 +283,8 @@ class PatchCore:
         """:func:`~patchcore_fast.ops.knn_bank` of the bank ``bank`` (the model's, on the
         scoring device), made on first use and kept while the model's bank is the same
         tensor: a bank is replaced (fit, update, load), never changed in place. None for a
-        sharded bank or one off the CPU."""
-        if not isinstance(bank, Tensor) or bank.device.type != "cpu":
+        sharded bank."""
+        if not isinstance(bank, Tensor):
             return None
         kept = self._operands
         if kept is None or kept[0]() is not bank:

@@ -32,9 +32,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 _warned = False
 
-_OPS = ("greedy_coreset", "coreset_shard_state", "coreset_shard_step", "knn", "knn_stats")
-# Ops with a CPU kernel only: the bank's side of the CPU k-NN kernel, kept between calls.
-_CPU_OPS = ("knn_bank", "knn_prepared")
+_OPS = ("greedy_coreset", "coreset_shard_state", "coreset_shard_step", "knn", "knn_stats",
+        "knn_bank", "knn_prepared")
 
 
 def compiled() -> bool:
@@ -54,7 +53,7 @@ def build_info() -> dict:
     info = {"compiled": compiled(), "load_error": _LOAD_ERROR, "cpu": [], "cuda": [],
             "cuda_available": torch.cuda.is_available(), "torch": torch.__version__}
     if compiled():
-        for op in (*_OPS, *_CPU_OPS):
+        for op in _OPS:
             for key in ("cpu", "cuda"):
                 if has(f"patchcore_fast::{op}", key.upper()):
                     info[key].append(op)
@@ -247,13 +246,15 @@ def coreset_shard_step(shard: Tensor, candidates: Tensor, offset: int, state: li
 
 
 def knn_bank(bank: Tensor) -> list[Tensor] | None:
-    """The bank's side of the CPU k-NN kernel, for a bank that answers many queries.
+    """The bank's side of the k-NN kernel, for a bank that answers many queries.
 
-    :func:`knn` on the CPU computes, on every call, what depends on the bank alone: its
-    mean (the centre of the expansion), its centred norms, and for the projected pre-pass a
-    basis of its leading axes and the bank projected on it. Made once here and given back
-    (``knn(..., prepared=)``), they cost nothing per call; the answer and the statistics
-    are the same (the same values, the same rule deciding per call).
+    :func:`knn` computes, on every call, what depends on the bank alone: its mean (the
+    centre of the expansion) and centred norms; on the CPU a basis of the bank's leading
+    axes and the bank projected on it, for the projected pre-pass; on CUDA the centred bank
+    split into bf16 parts for the tensor cores and the error bound's scalar (a host
+    synchronisation). Made once here and given back (``knn(..., prepared=)``), they cost
+    nothing per call; the answer and the statistics are the same (the same values, the
+    same rule deciding per call).
 
     The operands belong to this bank's values: keep them with the bank and make them
     again when the bank changes (the model does: :meth:`PatchCore.score_embeddings`).
@@ -262,12 +263,14 @@ def knn_bank(bank: Tensor) -> list[Tensor] | None:
         bank (Tensor[M, D]): bank rows; converted to float32.
 
     Returns:
-        the operands (a list of tensors, see csrc/ops.cpp), or None where there is nothing
-        to keep: a bank on another device than the CPU, or no compiled library.
+        the operands (a list of tensors on the bank's device, the CUDA kernel's scalars on
+        the CPU; see csrc/ops.cpp), or None where there is nothing to keep: a bank on
+        another device than the CPU or CUDA, or no compiled library.
     """
     bank = _float32(bank, "bank")
-    if bank.device.type != "cpu" or not compiled():
+    if bank.device.type not in ("cpu", "cuda") or not compiled():
         return None
+    _use_kernel(bank, "knn_bank")  # a build without CUDA kernels says so
     return torch.ops.patchcore_fast.knn_bank.default(bank.contiguous())
 
 
@@ -294,7 +297,7 @@ def knn(query: Tensor, bank: Tensor, k: int = 1, prepared: list[Tensor] | None =
         query (Tensor[Q, D]): query rows; converted to float32. Q may be 0.
         bank (Tensor[M, D]): bank rows, same device; converted to float32.
         k (int): neighbours per query, 1 <= k <= M.
-        prepared: :func:`knn_bank` of this bank (CPU): the same answer without the bank's
+        prepared: :func:`knn_bank` of this bank: the same answer without the bank's
             per-call cost; None computes it in the call.
 
     Returns:
@@ -302,7 +305,8 @@ def knn(query: Tensor, bank: Tensor, k: int = 1, prepared: list[Tensor] | None =
         ascending order, and the bank row of each.
     """
     query, bank, k = _float32(query, "query"), _float32(bank, "bank"), int(k)
-    if prepared is not None and query.device.type == "cpu" and _use_kernel(query, "knn"):
+    if prepared is not None and _use_kernel(query, "knn_prepared"):
+        _check_prepared(prepared, query)
         return torch.ops.patchcore_fast.knn_prepared.default(query, bank, k, prepared)[:2]
     if _use_kernel(query, "knn"):
         return torch.ops.patchcore_fast.knn.default(query, bank, k)
@@ -328,8 +332,8 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1, *, gemm: str = "auto",
             no pilot); no effect on CUDA.
         project_bound_scale (float): multiplies the pre-pass's lower bound: 1 in use; a
             value > 1 makes the bound invalid (tests show that exactness then breaks).
-        prepared: :func:`knn_bank` of this bank (CPU only; with ``gemm`` "auto" and a
-            bound scale of 1).
+        prepared: :func:`knn_bank` of this bank (with ``gemm`` "auto" and a bound scale
+            of 1).
 
     Returns:
         (Tensor[Q, k] float32, Tensor[Q, k] int64, dict): the result of :func:`knn`, and
@@ -345,12 +349,11 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1, *, gemm: str = "auto",
         count -1.
     """
     query, bank, k = _float32(query, "query"), _float32(bank, "bank"), int(k)
-    if prepared is not None and (query.device.type != "cpu" or gemm != "auto"
-                                 or project_bound_scale != 1.0):
-        raise ValueError("prepared operands are the CPU kernel's, with gemm 'auto' and a "
-                         f"bound scale of 1; got {query.device}, gemm {gemm!r}, scale "
-                         f"{project_bound_scale}")
+    if prepared is not None and (gemm != "auto" or project_bound_scale != 1.0):
+        raise ValueError("prepared operands are the kernel's with gemm 'auto' and a bound "
+                         f"scale of 1; got gemm {gemm!r}, scale {project_bound_scale}")
     if prepared is not None and _use_kernel(query, "knn_prepared"):
+        _check_prepared(prepared, query)
         d, i, s = torch.ops.patchcore_fast.knn_prepared.default(query, bank, k, prepared,
                                                                  project)
         s = s.tolist()
@@ -365,6 +368,15 @@ def knn_stats(query: Tensor, bank: Tensor, k: int = 1, *, gemm: str = "auto",
     keys = ("rows", "second_pass", "exact_scans", "refined", "projected",
             "projected_certified")
     return d, i, dict(zip(keys, s))
+
+
+def _check_prepared(prepared: list[Tensor], query: Tensor) -> None:
+    # Operands made on another device than the query's would reach the other device's
+    # kernel (the dispatcher picks CUDA if any tensor is there): say what is wrong instead.
+    if prepared and isinstance(prepared[0], Tensor) and prepared[0].device != query.device:
+        raise ValueError(f"prepared operands were made for a bank on {prepared[0].device}, "
+                         f"the query is on {query.device}: make them with knn_bank(bank) "
+                         f"for the bank on the query's device")
 
 
 def _check_knn(query: Tensor, bank: Tensor, k: int) -> None:

@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -211,6 +213,15 @@ def gaussian_kernel1d(sigma: float) -> Tensor:
     return (k / k.sum()).float()
 
 
+@functools.lru_cache(maxsize=16)
+def _blur_kernel(sigma: float, device: torch.device) -> Tensor:
+    """:func:`gaussian_kernel1d` on ``device``, made once per (sigma, device): a copy to a
+    GPU on every batch would wait for the device (a host synchronisation). Made outside
+    inference mode, so that a later call with autograd on may use it too."""
+    with torch.inference_mode(False):
+        return gaussian_kernel1d(sigma).to(device)
+
+
 def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     """Blur maps with a separable Gaussian (a 2-D Gaussian is the product of two 1-D ones).
 
@@ -225,7 +236,7 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     """
     if sigma <= 0:
         return maps
-    k = gaussian_kernel1d(sigma).to(maps.device)
+    k = _blur_kernel(float(sigma), maps.device)
     r = k.numel() // 2
     x = maps[:, None].float()
     mode = "reflect" if r < min(x.shape[-2:]) else "replicate"

@@ -38,8 +38,10 @@
 // max(64, k + 31) candidates (k + max(k, 15) with the fp32 GEMM); rows whose certificate
 // fails are rescored by the same tiled machinery with 8x the candidates, until certified
 // (at kc == M the whole bank is refined, which certifies by definition): never a per-row
-// full-bank cdist plus sort. Host synchronisations: max ||b - mu|| (the bound's scalar)
-// and, per round, the number of rows left (both are sizes or scalars the host needs).
+// full-bank cdist plus sort. Host synchronisations: the query's NaN / Inf check (its sum,
+// csrc/common.h), max ||b - mu|| (the bound's scalar: once per bank when the bank's side
+// is made by knn_bank and given back to knn_prepared) and, per round, the number of rows
+// left (scalars or sizes the host needs).
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -572,13 +574,95 @@ inline int64_t first_candidates(int64_t k, int64_t m, Gemm gemm) {
   return std::min<int64_t>(m, kc);
 }
 
+// The bank's side of the kernel, made on every call or once per bank (knn_bank): the
+// mean of the expansion, the ranking operand and norms of the centred rows, and the
+// error bound's scalar.
+struct BankSide {
+  at::Tensor mean;  // [D] float32
+  Operands ops;
+  double bmax = 0.0;  // max ||b - mu|| as computed in fp32, before its widening
+};
+
+// Centre the bank on its mean (knn_bound.h, step 0) and build the ranking operand (split
+// when the scheme is bf16x3; the refinement uses the rows as given). Host sync: max
+// ||b - mu||, the bound's scalar. The bank's NaN / Inf check rides on this sync
+// (check_knn_args leaves it here): NaN and Inf propagate into the mean and the norms, so a
+// finite max proves the bank finite; otherwise (a bad value, or finite values whose
+// centred difference overflows) the rows are inspected.
+BankSide bank_side(const at::Tensor& bank, Gemm gemm) {
+  const int64_t m = bank.size(0);
+  BankSide S;
+  S.mean = bank.sum(0, /*keepdim=*/false, at::kDouble).div_(m).to(at::kFloat);
+  S.ops = Operands{gemm, bank - S.mean, at::Tensor()};
+  at::Tensor bnorm =
+      at::linalg_vector_norm(S.ops.bank, 2, at::IntArrayRef{1}, false, std::nullopt);
+  S.ops.bn = bnorm.square();  // [M] ||b - mu||^2
+  if (gemm == Gemm::kBf16x3) S.ops.bank = split_bf16(S.ops.bank, /*lo_first=*/true);
+  S.bmax = bnorm.max().item<double>();
+  if (!std::isfinite(S.bmax)) check_finite_rows(bank, "bank");
+  return S;
+}
+
+// What knn_bank returns on CUDA, and knn_prepared takes back (the CPU kernel's layout,
+// csrc/cpu/knn.cpp, with the ranking operand where the CPU keeps its pre-pass's basis):
+//   (mean [D] float32, norms [M] float32 ||b - mu||^2, scalars [5] float64 on the CPU =
+//    (max ||b - mu||^2, then zeros: no pre-pass), the ranking operand: [M, 2D] bf16
+//    [lo | hi] (bf16x3) or [M, D] float32 (fp32 GEMM), and two empty tensors).
+// The scalars live on the host, so a prepared call needs no synchronisation for them.
+// max ||b - mu|| is a float32 value: its square is exact in float64, and so is the square
+// root taken back, so the prepared bound is the unprepared one bit for bit.
+constexpr int64_t kPrepared = 6;
+
+std::vector<at::Tensor> knn_bank_cuda(const at::Tensor& bank_in) {
+  check_matrix_value(bank_in, "bank");
+  TORCH_CHECK_VALUE(bank_in.is_cuda(), "bank should be a CUDA tensor, got ", bank_in.device());
+  TORCH_CHECK_VALUE(bank_in.size(0) > 0 && bank_in.size(1) > 0,
+                    "bank should have rows and columns, got shape ", bank_in.sizes());
+  c10::cuda::CUDAGuard guard(bank_in.device());
+  at::NoGradGuard no_grad;
+  const BankSide S = bank_side(bank_in.contiguous(), gemm_scheme("auto"));
+  at::Tensor scalars = at::zeros({5}, at::TensorOptions().dtype(at::kDouble));
+  scalars.data_ptr<double>()[0] = S.bmax * S.bmax;
+  const auto f32 = bank_in.options().dtype(at::kFloat);
+  return {S.mean, S.ops.bn, scalars, S.ops.bank, at::empty({0, 0}, f32), at::empty({0}, f32)};
+}
+
+// The prepared operands back, checked against the bank's shape and device (they cannot
+// be checked against its values: the caller keeps them with the bank they were made
+// from) and against this torch's ranking scheme.
+BankSide unpack_prepared(at::TensorList prepared, const at::Tensor& bank) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(prepared.size()) == kPrepared,
+                    "prepared should be knn_bank's ", kPrepared, " tensors, got ",
+                    prepared.size());
+  const int64_t m = bank.size(0), d = bank.size(1);
+  const Gemm gemm = gemm_scheme("auto");
+  const auto on = [](const at::Tensor& t, const at::Device& dev, at::ScalarType dtype,
+                     at::IntArrayRef shape) {
+    return t.device() == dev && t.scalar_type() == dtype && t.sizes() == shape &&
+           t.is_contiguous();
+  };
+  const at::Device dev = bank.device(), cpu(at::kCPU);
+  const bool ok =
+      on(prepared[0], dev, at::kFloat, {d}) && on(prepared[1], dev, at::kFloat, {m}) &&
+      on(prepared[2], cpu, at::kDouble, {5}) &&
+      (gemm == Gemm::kBf16x3 ? on(prepared[3], dev, at::kBFloat16, {m, 2 * d})
+                             : on(prepared[3], dev, at::kFloat, {m, d}));
+  TORCH_CHECK_VALUE(ok, "prepared does not belong to a bank of shape [", m, ", ", d, "] on ",
+                    dev, ": make it with knn_bank(bank) for this bank");
+  BankSide S;
+  S.mean = prepared[0];
+  S.ops = Operands{gemm, prepared[3], prepared[1]};
+  S.bmax = std::sqrt(prepared[2].data_ptr<double>()[0]);
+  return S;
+}
+
 // knn with statistics (see the schema in csrc/ops.cpp).
-//   project, project_bound_scale: the CPU kernel's pre-pass (checked, no effect here).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(
-    const at::Tensor& query_in, const at::Tensor& bank_in, int64_t k, c10::string_view gemm_arg,
-    c10::string_view project, double project_bound_scale) {
+//   prepared: the bank's side (knn_bank), or null: made here. Both give the same answer
+//   and statistics (the same values).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_cuda_impl(
+    const at::Tensor& query_in, const at::Tensor& bank_in, int64_t k, Gemm gemm,
+    const at::TensorList* prepared = nullptr) {
   check_knn_args(query_in, bank_in, k);
-  check_knn_variant(gemm_arg, project, project_bound_scale);
   TORCH_CHECK_VALUE(query_in.is_cuda(), "query should be a CUDA tensor, got ",
                     query_in.device());
   c10::cuda::CUDAGuard guard(query_in.device());
@@ -594,41 +678,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(
   int64_t stats[6] = {nq, 0, 0, 0, 0, 0};
   at::Tensor refined = at::zeros({1}, out_i.options());
   auto stats_tensor = [&] {
-    at::Tensor s = at::tensor(at::IntArrayRef(stats, 6), at::kLong).to(query.device());
+    // From pinned memory, non-blocking: no stream synchronisation (torch's host allocator
+    // keeps the block until the copy has run).
+    at::Tensor h = at::empty({6}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::copy(stats, stats + 6, h.data_ptr<int64_t>());
+    at::Tensor s = h.to(query.device(), /*non_blocking=*/true);
     s.narrow(0, 3, 1).add_(refined);
     return s;
   };
+  // A prepared bank was checked by knn_bank's pass.
+  const BankSide S = prepared != nullptr ? unpack_prepared(*prepared, bank)
+                     : nq == 0           ? BankSide{}
+                                         : bank_side(bank, gemm);
   if (nq == 0) {
-    check_finite_lowmem(bank, "bank");  // no pass over the bank below to fold it into
+    // No pass over the bank to fold its check into.
+    if (prepared == nullptr) check_finite_lowmem(bank, "bank");
     return {out_d, out_i, stats_tensor()};
   }
-
-  const Gemm gemm = gemm_scheme(gemm_arg);
-  // Centre on the bank's mean (knn_bound.h, step 0); the refinement uses the rows as given.
-  const at::Tensor mean = bank.sum(0, /*keepdim=*/false, at::kDouble).div_(m).to(at::kFloat);
-  Operands ops{gemm, bank - mean, at::Tensor()};
-  at::Tensor bnorm =
-      at::linalg_vector_norm(ops.bank, 2, at::IntArrayRef{1}, false, std::nullopt);
-  ops.bn = bnorm.square();  // [M] ||b - mu||^2
-  if (gemm == Gemm::kBf16x3) ops.bank = split_bf16(ops.bank, /*lo_first=*/true);
-  // max ||b - mu|| for the error bound, widened for its own fp32 rounding. Host sync 1 of
-  // 2 + rounds: the bound is a host scalar.
-  // The bank's NaN / Inf check rides on this sync (check_knn_args leaves it here): NaN
-  // and Inf propagate into the mean and the norms, so a finite max proves the bank finite;
-  // otherwise (a bad value, or finite values whose centred difference overflows) the rows
-  // are inspected.
-  const double bmax_raw = bnorm.max().item<double>();
-  if (!std::isfinite(bmax_raw)) check_finite_rows(bank, "bank");
-  const double bmax = bmax_raw * (1.0 + 1e-5);
+  const Gemm scheme = S.ops.gemm;
+  const at::Tensor& mean = S.mean;
+  const Operands& ops = S.ops;
+  // max ||b - mu|| for the error bound, widened for its own fp32 rounding.
+  const double bmax = S.bmax * (1.0 + 1e-5);
   const knn_detail::ExpansionBound bound =
-      gemm == Gemm::kBf16x3
+      scheme == Gemm::kBf16x3
           ? knn_detail::ExpansionBound::bf16x3(d)
           : knn_detail::ExpansionBound(d, knn_detail::matmul_input_roundoff(/*cuda=*/true));
 
   // Rows still to settle: all, then those whose certificate failed, with 8x the candidates
   // each round; at kc == M the whole bank is refined, which certifies by definition.
   at::Tensor todo;  // undefined: every row
-  int64_t kc = first_candidates(k, m, gemm);
+  int64_t kc = first_candidates(k, m, scheme);
   for (int round = 0;; ++round) {
     const int64_t n = todo.defined() ? todo.numel() : nq;
     // Rows per chunk so that the [rows, kc] candidate lists stay within the budget.
@@ -640,7 +720,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(
       at::Tensor q = rows.defined() ? query.index_select(0, rows) : query.narrow(0, s, c);
       at::Tensor q_c = q - mean;
       at::Tensor qn = q_c.to(at::kDouble).square().sum(1);
-      if (gemm == Gemm::kBf16x3) q_c = split_bf16(q_c, /*lo_first=*/false);
+      if (scheme == Gemm::kBf16x3) q_c = split_bf16(q_c, /*lo_first=*/false);
       auto sel = select_candidates(q_c, ops, kc);
       q_c = at::Tensor();
       at::Tensor od = rows.defined() ? at::empty({c, k}, out_d.options()) : out_d.narrow(0, s, c);
@@ -664,9 +744,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(
   return {out_d, out_i, stats_tensor()};
 }
 
+// The knn_stats op; project and project_bound_scale are the CPU kernel's pre-pass
+// (checked, no effect here).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_stats_cuda(
+    const at::Tensor& query, const at::Tensor& bank, int64_t k, c10::string_view gemm,
+    c10::string_view project, double project_bound_scale) {
+  check_knn_variant(gemm, project, project_bound_scale);
+  return knn_cuda_impl(query, bank, k, gemm_scheme(gemm));
+}
+
+// The knn_prepared op: knn_stats (gemm "auto") with knn_bank's operands of this bank.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_prepared_cuda(
+    const at::Tensor& query, const at::Tensor& bank, int64_t k, at::TensorList prepared,
+    c10::string_view project) {
+  check_knn_variant("auto", project, 1.0);
+  return knn_cuda_impl(query, bank, k, gemm_scheme("auto"), &prepared);
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::Tensor& bank,
                                             int64_t k) {
-  auto r = knn_stats_cuda(query, bank, k, "auto", "auto", 1.0);
+  auto r = knn_cuda_impl(query, bank, k, gemm_scheme("auto"));
   return {std::get<0>(r), std::get<1>(r)};
 }
 
@@ -676,4 +773,6 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::T
 TORCH_LIBRARY_IMPL(patchcore_fast, CUDA, m) {
   m.impl("knn", &patchcore_fast::knn_cuda);
   m.impl("knn_stats", &patchcore_fast::knn_stats_cuda);
+  m.impl("knn_bank", &patchcore_fast::knn_bank_cuda);
+  m.impl("knn_prepared", &patchcore_fast::knn_prepared_cuda);
 }
