@@ -374,6 +374,16 @@ void tile_gemm(const Operands& ops, const at::Tensor& qtile, const at::Tensor& b
   }
 }
 
+// Bank rows per tile, from the budget's tb: the bank in tiles of equal size (a multiple of
+// 128), one tile when the bank exceeds tb by at most 1/16 (the budget is a soft limit: a
+// bank of 16,386 rows against a budget of 16,384 took a second GEMM and a merge round for
+// its last 2 rows); never fewer than tb_min rows.
+inline int64_t bank_tile_rows(int64_t m, int64_t tb, int64_t tb_min) {
+  const int64_t tiles = std::max<int64_t>(1, (16 * m + 17 * tb - 1) / (17 * tb));
+  const int64_t even = ((m + tiles - 1) / tiles + 127) / 128 * 128;
+  return std::min(m, std::max(even, tb_min));
+}
+
 // Candidate selection for query rows qrows (GEMM operand of the centred rows) over the
 // bank, in tiles: returns (values [n, kc] sorted ascending, bank rows [n, kc], the
 // certificate's threshold T [n]: every bank row that is not a candidate has value >= T).
@@ -392,8 +402,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_candidates(const at::Tenso
   // split GEMM's two outputs): each bank tile costs every row a merge of kc rounds.
   const int64_t tq = std::max<int64_t>(
       1, std::min<int64_t>({nq, 4096, kBudgetBytes / (bytes_per_entry * tb_min)}));
-  int64_t tb = kBudgetBytes / (bytes_per_entry * tq) / 128 * 128;
-  tb = std::min(m, std::max(tb, tb_min));
+  int64_t tb = std::max(kBudgetBytes / (bytes_per_entry * tq) / 128 * 128, tb_min);
+  tb = bank_tile_rows(m, tb, tb_min);
   at::Tensor buf = at::empty({tq * tb}, fopts);
   at::Tensor buf2 = two ? at::empty({tq * tb}, fopts) : at::Tensor();
   at::Tensor best_v = at::empty({nq, kc}, fopts);
