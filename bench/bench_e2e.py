@@ -25,6 +25,8 @@ Groups, side by side in one run (each entry's ``extra_info`` has ``images_per_s`
   (``--overlay-format jpg``); ``no-overlays`` still finds the regions
   (scores.json's); ``overlays-uncalibrated`` is a model file from before calibration (no
   regions; overlays in a second pass, after a histogram of every map).
+- ``files-jpeg900-<device>-b<B>``: 900 x 900 JPEG files (issue #24's workload) to scores
+  and JPEG (or PNG) overlays at the photo's size, beside decoding alone.
 - ``files-<device>-b<B>-paired``: the files path with overlays against the tensors path,
   round by round (:func:`test_files_paired_with_tensors`).
 - ``overlay-bottle-photo`` and ``overlay-file-<size>``: one overlay's work at a real
@@ -317,6 +319,63 @@ def test_kernel_files(benchmark, images_dir, device, batch, kind):
                              overlays=True, regions=regions, overlay_format=fmt)
                 assert len(list((Path(out) / "overlays").glob(f"*.{fmt}"))) == 2
                 assert len(regions) == (0 if model.calibration is None else 2)
+    finally:
+        model.calibration = None
+
+
+JPEG_SIZE = 900
+
+
+@pytest.fixture(scope="module")
+def jpeg_dir(images_dir):
+    """The query photos as 900 x 900 JPEG files at quality 95 (the generated photos
+    upscaled: a line camera's size and format, issue #24's workload; the MVTec data does
+    not travel to the GPU machine)."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in _query_paths(images_dir)[:FILES]:
+            with Image.open(p) as im:
+                im.convert("RGB").resize((JPEG_SIZE, JPEG_SIZE), Image.BICUBIC).save(
+                    Path(tmp) / f"{p.stem}.jpg", quality=95)
+        yield Path(tmp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", FILE_BATCHES)
+@pytest.mark.parametrize("kind", ["decode-only", "overlays-jpg", "overlays"])
+def test_jpeg_files(benchmark, jpeg_dir, device, batch, kind):
+    """900 x 900 JPEG files, side by side in one run (issue #24: files to scores and JPEG
+    overlays at least 80 % of the decoding rate): ``decode-only`` (files -> normalised
+    tensors on the device, the same reader and workers as scoring), ``overlays-jpg``
+    (the CLI's score path, regions found and JPEG overlays at the photo's size written as
+    each batch is scored) and ``overlays`` (the same with PNG overlays)."""
+    benchmark.group = f"files-jpeg{JPEG_SIZE}-{device}-b{batch}"
+    model = ours(device, "fp32")
+    model.config.batch_size = batch
+    paths = list_images([jpeg_dir])
+    assert len(paths) == FILES and all(p.suffix == ".jpg" for p in paths)
+    if kind == "decode-only":
+        def fn():
+            for _, x, _ in iterate_images(paths, model.preprocess, batch, WORKERS):
+                x.to(device)
+    else:
+        fmt = "jpg" if kind == "overlays-jpg" else "png"
+        model.calibration = _MODELS[("calibration", device)]
+
+        def fn():
+            return _score_files(model, paths, True, fmt)
+
+    try:
+        _run(benchmark, fn, device, len(paths))
+        if kind != "decode-only":
+            with tempfile.TemporaryDirectory() as out:
+                score_images(model, paths[:1], {p: p.stem for p in paths}, Path(out), [],
+                             overlays=True, regions={}, overlay_format=fmt)
+                from PIL import Image
+
+                with Image.open(Path(out) / "overlays" / f"{paths[0].stem}.{fmt}") as im:
+                    assert im.size == (JPEG_SIZE, JPEG_SIZE)
     finally:
         model.calibration = None
 

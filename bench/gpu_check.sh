@@ -99,9 +99,17 @@ if [ -n "${KNN_ONLY:-}" ]; then stamp "done (KNN_ONLY)"; exit 0; fi
 # Issue #12's figures: images/s from tensors (target 2,000 at batch 64), one image's
 # latency (target 5 ms), files vs decoding alone. anomalib's entries run if it is installed.
 run_stage "end to end on CUDA (bench_e2e)" 150 env PATCHCORE_FAST_BENCH_FULL=1 python3 -m pytest \
-  "$REPO/bench/bench_e2e.py" -q -p no:cacheprovider -k cuda --benchmark-only \
+  "$REPO/bench/bench_e2e.py" -q -p no:cacheprovider -k "cuda and not jpeg" --benchmark-only \
   --benchmark-json="$OUT/bench_e2e_gpu.json" --benchmark-columns=median,rounds -s \
   2>&1 | tee "$OUT/e2e.log" | grep -E "images/s|passed|failed|Error" | tail -30
+
+# Issue #24's files figure: 900 x 900 JPEG files to scores and JPEG overlays against
+# decoding alone (the same reader processes), batches of 8 and 64.
+run_stage "JPEG files on CUDA (bench_e2e files-jpeg900)" 90 env PATCHCORE_FAST_BENCH_FULL=1 \
+  PATCHCORE_FAST_BENCH_FILES=256 python3 -m pytest "$REPO/bench/bench_e2e.py" -q \
+  -p no:cacheprovider -k "cuda and jpeg" --benchmark-only \
+  --benchmark-json="$OUT/bench_jpeg_gpu.json" --benchmark-columns=median,rounds -s \
+  2>&1 | tee "$OUT/jpeg.log" | grep -E "images/s|passed|failed|Error" | tail -12
 
 run_stage "tests: pipeline on CUDA" 120 python3 -m pytest "$REPO/tests" -q -ra -p no:cacheprovider \
   -k "cuda and not knn and not greedy_coreset and not peak_rss" $extra \
