@@ -15,6 +15,8 @@ Groups, side by side in one run (each entry's ``extra_info`` has ``images_per_s`
   product photos held out of the bank (what a line scores: mostly good parts); ``noise``:
   Gaussian noise in the normalised input space, every patch far from the bank (further
   than a defect's), the hard case for the k-NN's exactness certificate.
+- ``tensors-cuda-b<B>-photos-graphs-<precision>``: the same from tensors on CUDA with the
+  embedder run as it is against replayed from CUDA graphs (``model.cuda_graphs``).
 - ``files-<device>-b<B>``: PNG files -> scores (and overlays) through the CLI's score path
   (:func:`patchcore_fast.score_run.score_images`), beside decoding alone (files ->
   normalised tensors with the same workers: the limit the files path can reach). The
@@ -208,10 +210,60 @@ def test_kernel_tensors(benchmark, device, batch, precision, inputs):
 
     def fn():
         with torch.inference_mode():
-            patches, grid = model.embedder(x)
+            patches, grid = model.embed(x)
             return model.score_embeddings(patches, grid)
 
     _run(benchmark, fn, device, batch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tensors_cuda_graphs(benchmark, batch, precision):
+    """From tensors on CUDA to scores and maps (as ``test_kernel_tensors``, photos), the
+    embedder run as it is against replayed from CUDA graphs (``model.cuda_graphs``,
+    issue #24 item 4), alternated call by call; ``extra_info``: both medians, the median of
+    the per-pair ratios, and the median of 100 graphed calls after the pairs (the issue's
+    one-image figure at batch 1)."""
+    benchmark.group = f"tensors-cuda-b{batch}-photos-graphs-{precision}"
+    model = ours("cuda", precision)
+    x = _batch(batch, "cuda", "photos")
+
+    def once(graphs: bool):
+        model.cuda_graphs = graphs
+        with torch.inference_mode():
+            out = model.score_embeddings(*model.embed(x))
+        torch.cuda.synchronize()
+        return out
+
+    times: dict[str, list[float]] = {"eager": [], "graphs": []}
+
+    def pair():
+        for name in ("eager", "graphs"):
+            start = time.perf_counter()
+            once(name == "graphs")
+            times[name].append(time.perf_counter() - start)
+
+    try:
+        eager, graphed = once(False), once(True)  # the second captures the graph
+        torch.testing.assert_close(graphed[0], eager[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graphed[1], eager[1], rtol=1e-5, atol=1e-5)
+        benchmark.pedantic(pair, rounds=max(20, 5 * ROUNDS), iterations=1, warmup_rounds=2)
+        hundred = []
+        for _ in range(100):
+            start = time.perf_counter()
+            once(True)
+            hundred.append(time.perf_counter() - start)
+    finally:
+        model.cuda_graphs = False
+    ratios = [g / e for g, e in zip(times["graphs"], times["eager"])]
+    info = {"eager_ms": round(1e3 * statistics.median(times["eager"]), 3),
+            "graphs_ms": round(1e3 * statistics.median(times["graphs"]), 3),
+            "graphs_over_eager": round(statistics.median(ratios), 3),
+            "graphs_median_of_100_ms": round(1e3 * statistics.median(hundred), 3),
+            "graphs_images_per_s": round(batch / statistics.median(hundred), 1)}
+    benchmark.extra_info.update(info)
+    print(f"\n{benchmark.group}: {info}")
 
 
 @pytest.mark.parametrize("batch", BATCHES)

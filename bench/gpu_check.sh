@@ -101,7 +101,7 @@ if [ -n "${KNN_ONLY:-}" ]; then stamp "done (KNN_ONLY)"; exit 0; fi
 run_stage "end to end on CUDA (bench_e2e)" 150 env PATCHCORE_FAST_BENCH_FULL=1 python3 -m pytest \
   "$REPO/bench/bench_e2e.py" -q -p no:cacheprovider -k "cuda and not jpeg" --benchmark-only \
   --benchmark-json="$OUT/bench_e2e_gpu.json" --benchmark-columns=median,rounds -s \
-  2>&1 | tee "$OUT/e2e.log" | grep -E "images/s|passed|failed|Error" | tail -30
+  2>&1 | tee "$OUT/e2e.log" | grep -E "images/s|graphs-|passed|failed|Error" | tail -30
 
 # Issue #24's files figure: 900 x 900 JPEG files to scores and JPEG overlays against
 # decoding alone (the same reader processes), batches of 8 and 64.

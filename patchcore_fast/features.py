@@ -170,8 +170,10 @@ class PatchEmbedder(nn.Module):
             (Tensor[B, h * w, D], (h, w)): embeddings in row-major grid order and the grid.
         """
         images = images.contiguous(memory_format=torch.channels_last)
+        # No weight-cast cache: each weight is read once per forward, and a cache would
+        # outlive a CUDA graph's capture (patchcore_fast.graphs).
         with torch.autocast(images.device.type, dtype=torch.bfloat16,
-                            enabled=self.precision == "bf16"):
+                            enabled=self.precision == "bf16", cache_enabled=False):
             maps = self.backbone(images)
         x = aggregate([m.float() for m in maps], self.patch_size)  # [B, C, h, w]
         b, c, h, w = x.shape

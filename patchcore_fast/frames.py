@@ -288,7 +288,7 @@ def score_inputs(model, inputs: Sequence[Tensor]) -> tuple[np.ndarray, list[Tens
             batch = torch.stack([inputs[i] for i in idx])
             if cuda:
                 batch = batch.pin_memory()
-            patches, grid = model.embedder(batch.to(model.device, non_blocking=cuda))
+            patches, grid = model.embed(batch.to(model.device, non_blocking=cuda))
             s, m = model.score_embeddings(patches, grid, tuple(batch.shape[-2:]))
             scores[idx] = s.numpy()
             for j, i in enumerate(idx):

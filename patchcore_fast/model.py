@@ -32,6 +32,7 @@ from .fitting import synchronize
 from .errors import PatchCoreError
 from .features import PatchEmbedder
 from .geometry import MAPS_AT, Preprocess
+from .graphs import GraphedForward
 from .images import read_size_again
 from .model_file import ModelFile
 from .regions import DEFAULT_MIN_REGION_AREA, check_min_area
@@ -113,6 +114,10 @@ class PatchCore:
         self._projection: Tensor | None = None     # [D, C], set when loading
         # (weak reference to the bank, ops.knn_bank of it): see _knn_operands
         self._operands: tuple | None = None
+        #: replay the embedder from CUDA graphs on a CUDA device (:meth:`embed`; off until
+        #: measured on a GPU, issue #24)
+        self.cuda_graphs = False
+        self._graphed: GraphedForward | None = None
 
     # ----- steps 1-5: images -> patch embeddings -------------------------------------
 
@@ -169,18 +174,34 @@ class PatchCore:
                                                        skipped, progress, desc):
             yield (paths, patches, sizes) if with_sizes else (paths, patches)
 
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Steps 2-5 on a batch of preprocessed images on the model's device: the
+        embedder's forward, replayed from a CUDA graph per input shape when
+        :attr:`cuda_graphs` is on and the device is CUDA
+        (:class:`~patchcore_fast.graphs.GraphedForward`; the same result).
+
+        Returns:
+            (Tensor[B, h * w, D], (h, w)): embeddings in row-major grid order, the grid.
+        """
+        embedder = self.embedder
+        if not (self.cuda_graphs and images.device.type == "cuda"):
+            return embedder(images)
+        if self._graphed is None:
+            self._graphed = GraphedForward(embedder)
+        return self._graphed(images)
+
     def _embed_paths(self, paths: list[Path], skipped: list[str] | None, progress: bool,
                      desc: str, photos: bool = False) -> Iterator[tuple]:
         """:meth:`embed_batches` (with sizes) on image files already listed; with
         ``photos`` each batch's pixels as read too
         (:func:`~patchcore_fast.datasets.iterate_images`)."""
-        embedder = self.embedder
+        self.embedder  # built (and checked against the model file) before reading
         with _progress(len(paths), desc, progress) as bar, torch.inference_mode():
             cuda = self.device.type == "cuda"
             for idx, batch, sizes, *pixels in iterate_images(
                     paths, self.preprocess, self.config.batch_size, self.config.num_workers,
                     skipped, bar.update, pin_memory=cuda, photos=photos):
-                patches, grid = embedder(batch.to(self.device, non_blocking=cuda))
+                patches, grid = self.embed(batch.to(self.device, non_blocking=cuda))
                 self.grid = grid
                 self.input_size = tuple(batch.shape[-2:])
                 yield [paths[i] for i in idx], patches, sizes, *pixels
