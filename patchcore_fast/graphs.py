@@ -93,6 +93,9 @@ class GraphedForward:
                 self.fn(static_in)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the capture forbids this thread's unsafe CUDA calls only; the
+        # reader's pin-memory thread keeps allocating page-locked buffers meanwhile (under
+        # the default "global" mode its allocation would fail in that thread).
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out, extra = self.fn(static_in)
         return graph, static_in, static_out, extra

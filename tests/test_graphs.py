@@ -93,6 +93,9 @@ def test_scores_with_graphs_equal_scores_without_cuda(tmp_path):
     write_demo_data(tmp_path, seed=0, n_train=6, n_test_good=2, n_test_defect=2)
     root = tmp_path / "widget"
     model = _model("cuda").fit(root / "train" / "good", false_reject_rate=None)
+    # Reader processes: the loader's pin-memory thread allocates page-locked memory while
+    # the graph is captured (graphs.py: thread_local capture).
+    model.config.num_workers = 2
     tests = sorted((root / "test").rglob("*.png"))
     plain = model.predict(tests)
     model.cuda_graphs = True
