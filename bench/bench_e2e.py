@@ -327,12 +327,14 @@ def test_decode_only(benchmark, images_dir, device, batch):
     benchmark.group = f"files-{device}-b{batch}"
     model = ours(device, "fp32")
     paths = _query_paths(images_dir)[:FILES]
+    _run(benchmark, lambda: _decode_files(model, paths, batch, device), device, len(paths))
 
-    def fn():
-        for _, x, _ in iterate_images(paths, model.preprocess, batch, WORKERS):
-            x.to(device)
 
-    _run(benchmark, fn, device, len(paths))
+def _decode_files(model: PatchCore, paths: list, batch: int, device: str) -> None:
+    """Files -> normalised tensors on the device, with the score path's reader and workers
+    (the decode-only entries)."""
+    for _, x, _ in iterate_images(paths, model.preprocess, batch, WORKERS):
+        x.to(device)
 
 
 def _score_files(model: PatchCore, paths: list, overlays: bool,
@@ -409,8 +411,7 @@ def test_jpeg_files(benchmark, jpeg_dir, device, batch, kind):
     assert len(paths) == FILES and all(p.suffix == ".jpg" for p in paths)
     if kind == "decode-only":
         def fn():
-            for _, x, _ in iterate_images(paths, model.preprocess, batch, WORKERS):
-                x.to(device)
+            _decode_files(model, paths, batch, device)
     else:
         fmt = "jpg" if kind == "overlays-jpg" else "png"
         model.calibration = _MODELS[("calibration", device)]

@@ -107,6 +107,15 @@ inline void check_knn_args(const at::Tensor& query, const at::Tensor& bank, int6
   check_finite_lowmem(query, "query");
 }
 
+// Arguments of knn_bank, shared by the CPU and CUDA kernels (each checks its device):
+//   bank: Tensor[M, D] float32 with M, D >= 1; its NaN / Inf check rides on the kernel's
+//   own pass over it.
+inline void check_knn_bank_args(const at::Tensor& bank) {
+  check_matrix_value(bank, "bank");
+  TORCH_CHECK_VALUE(bank.size(0) > 0 && bank.size(1) > 0,
+                    "bank should have rows and columns, got shape ", bank.sizes());
+}
+
 // The variant arguments of knn_stats (schema in csrc/ops.cpp), checked by both kernels so
 // that one call is valid on either device:
 //   gemm: the CUDA kernel's ranking GEMM, "auto" (the tensor-core split bf16x3 where this

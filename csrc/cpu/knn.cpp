@@ -394,11 +394,9 @@ BankSide bank_side(const at::Tensor& bank) {
 constexpr int64_t kPrepared = 6;
 
 std::vector<at::Tensor> knn_bank_cpu(const at::Tensor& bank_in) {
-  check_matrix_value(bank_in, "bank");
+  check_knn_bank_args(bank_in);
   TORCH_CHECK_VALUE(bank_in.device().is_cpu(), "bank should be a CPU tensor, got ",
                     bank_in.device());
-  TORCH_CHECK_VALUE(bank_in.size(0) > 0 && bank_in.size(1) > 0,
-                    "bank should have rows and columns, got shape ", bank_in.sizes());
   at::NoGradGuard no_grad;
   const at::Tensor bank = bank_in.contiguous();
   const int64_t m = bank.size(0), d = bank.size(1);

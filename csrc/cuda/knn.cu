@@ -624,10 +624,8 @@ BankSide bank_side(const at::Tensor& bank, Gemm gemm) {
 constexpr int64_t kPrepared = 6;
 
 std::vector<at::Tensor> knn_bank_cuda(const at::Tensor& bank_in) {
-  check_matrix_value(bank_in, "bank");
+  check_knn_bank_args(bank_in);
   TORCH_CHECK_VALUE(bank_in.is_cuda(), "bank should be a CUDA tensor, got ", bank_in.device());
-  TORCH_CHECK_VALUE(bank_in.size(0) > 0 && bank_in.size(1) > 0,
-                    "bank should have rows and columns, got shape ", bank_in.sizes());
   c10::cuda::CUDAGuard guard(bank_in.device());
   at::NoGradGuard no_grad;
   const BankSide S = bank_side(bank_in.contiguous(), gemm_scheme("auto"));
