@@ -184,6 +184,40 @@ def test_right_backbone_weights_accepted(tmp_path):
         load_backbone("wide_resnet50_2", None, str(_torchvision_weights(tmp_path, "resnet50")))
 
 
+def test_weights_taken_into_a_skeleton_give_the_loaded_network(tmp_path):
+    """The network is built on the meta device and takes the file's tensors (no random
+    initialisation): its maps are those of a network initialised, loaded by copy and
+    folded the plain way, for a half-precision file without head or batch-norm counters;
+    nothing is left on the meta device."""
+    import torchvision.models as tvm
+    from patchcore_fast.backbone import _fold_batch_norms, load_backbone
+
+    torch.manual_seed(1)
+    net = tvm.resnet18(weights=None)
+    with torch.no_grad():  # batch-norm statistics other than the defaults
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()
+             if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))}
+    torch.save(state, tmp_path / "half.pth")
+    backbone = load_backbone("resnet18", ("layer1", "layer3"), str(tmp_path / "half.pth"))
+    tensors = [*backbone.parameters(), *backbone.buffers()]
+    assert not any(t.is_meta for t in tensors) and {t.dtype for t in tensors} == {torch.float32}
+    plain = tvm.resnet18(weights=None)
+    plain.load_state_dict(state, strict=False)  # copied in, converted to float32
+    _fold_batch_norms(plain)
+    plain.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        y = plain.maxpool(plain.relu(plain.bn1(plain.conv1(x))))
+        want = [plain.layer1(y)]
+        want.append(plain.layer3(plain.layer2(want[0])))
+        got = backbone(x)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 # ----- 3. images -------------------------------------------------------------------------
 
 def test_elongated_image_bounded_and_warned(tmp_path):
