@@ -37,8 +37,10 @@ Groups, side by side in one run (each entry's ``extra_info`` has ``images_per_s`
 Small sizes by default (CI runs this on 2 CPU cores in a few minutes); full sizes with
 ``PATCHCORE_FAST_BENCH_FULL=1`` (batch 64 too, and 512 files instead of 16);
 ``PATCHCORE_FAST_BENCH_FILES`` and ``PATCHCORE_FAST_BENCH_ROUNDS`` set those two alone;
-``PATCHCORE_FAST_BENCH_WORKERS`` the files path's reader processes (default: one per CPU,
-at most 8; 0 reads in the scoring process, the CLI's default).
+``PATCHCORE_FAST_BENCH_WORKERS`` the files path's reader processes (default: on the CPU
+0, reading in the scoring process as the CLI does by default: reader processes would
+compete with the backbone for the same cores (bench/RESULTS.md, "Seventh session");
+with CUDA one per CPU, at most 8, to keep the device fed).
 Every query image is held out of the bank.
 
     .venv/bin/pytest bench/bench_e2e.py --benchmark-only --benchmark-json=/tmp/e2e.json -s
@@ -77,7 +79,14 @@ HELD_OUT = max(FILES, max(BATCHES))  # query images, none of them in the bank
 ROUNDS = int(os.environ.get("PATCHCORE_FAST_BENCH_ROUNDS", 3 if FULL else 2))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU"))]
-WORKERS = int(os.environ.get("PATCHCORE_FAST_BENCH_WORKERS", min(8, os.cpu_count() or 1)))
+_WORKERS = os.environ.get("PATCHCORE_FAST_BENCH_WORKERS")
+
+
+def workers(device: str) -> int:
+    """Reader processes of the files path on ``device`` (module docstring)."""
+    if _WORKERS is not None:
+        return int(_WORKERS)
+    return 0 if device == "cpu" else min(8, os.cpu_count() or 1)
 
 
 def _sync(device: str) -> None:
@@ -119,7 +128,7 @@ def ours(device: str, precision: str) -> PatchCore:
     if key not in _MODELS:
         model = PatchCore(PatchCoreConfig(backbone="wide_resnet50_2", pretrained=False,
                                           device=device, seed=0, precision=precision,
-                                          num_workers=WORKERS))
+                                          num_workers=workers(device)))
         base = _MODELS.get(("bank", device))
         if base is None and precision != "fp32":
             ours(device, "fp32")  # the bank is always the fp32 embeddings
@@ -333,7 +342,7 @@ def test_decode_only(benchmark, images_dir, device, batch):
 def _decode_files(model: PatchCore, paths: list, batch: int, device: str) -> None:
     """Files -> normalised tensors on the device, with the score path's reader and workers
     (the decode-only entries)."""
-    for _, x, _ in iterate_images(paths, model.preprocess, batch, WORKERS):
+    for _, x, _ in iterate_images(paths, model.preprocess, batch, workers(device)):
         x.to(device)
 
 
